@@ -1,0 +1,139 @@
+"""`Image`: a CCD-sized image with mask, variance, WCS and metadata, and its FITS form.
+
+Used for calibrations (bias, flat), templates, calibrated and difference images. The FITS
+form is one file with three image HDUs ``IMAGE`` (float32), ``MASK`` (int32 bit mask, see
+:class:`MaskBits`) and ``VARIANCE`` (float32); the WCS is written in the ``IMAGE`` header and
+``metadata`` as header cards in the primary HDU (keys upper-cased, at most 8 characters, or
+as HIERARCH cards). Files are written to a temporary name and renamed, so a reader never sees
+half a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.wcs import WCS
+
+__all__ = ["Image", "MaskBits", "read_image", "write_image"]
+
+
+class MaskBits(enum.IntFlag):
+    """Mask plane bits (names as in LSST's afw mask planes)."""
+
+    BAD = 1
+    SAT = 2
+    INTRP = 4
+    CR = 8
+    EDGE = 16
+    DETECTED = 32
+    DETECTED_NEGATIVE = 64
+    SUSPECT = 128
+    NO_DATA = 256
+
+
+@dataclasses.dataclass
+class Image:
+    """A 2-d image with its planes and sky WCS.
+
+    Not thread-safe for writes; arrays are shared, not copied, by the constructor.
+    Array axis 0 is y (rows), axis 1 is x (columns); pixel (x, y) is ``image[y, x]`` and
+    the WCS takes 0-based (x, y).
+    """
+
+    image: np.ndarray
+    variance: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    wcs: WCS | None = None
+    metadata: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        self.image = np.asarray(self.image, dtype=np.float32)
+        if self.variance is None:
+            self.variance = np.zeros_like(self.image)
+        if self.mask is None:
+            self.mask = np.zeros(self.image.shape, dtype=np.int32)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(ny, nx)."""
+        return self.image.shape
+
+    def cutout(self, x: float, y: float, size: int) -> Image:
+        """A ``size`` x ``size`` cutout centred on pixel (x, y), padded with NaN/NO_DATA at edges."""
+        half = size // 2
+        x0, y0 = int(round(x)) - half, int(round(y)) - half
+        ny, nx = self.image.shape
+        out_img = np.full((size, size), np.nan, np.float32)
+        out_var = np.full((size, size), np.nan, np.float32)
+        out_msk = np.full((size, size), int(MaskBits.NO_DATA), np.int32)
+        sx0, sy0 = max(x0, 0), max(y0, 0)
+        sx1, sy1 = min(x0 + size, nx), min(y0 + size, ny)
+        if sx1 > sx0 and sy1 > sy0:
+            dst = (slice(sy0 - y0, sy1 - y0), slice(sx0 - x0, sx1 - x0))
+            src = (slice(sy0, sy1), slice(sx0, sx1))
+            out_img[dst] = self.image[src]
+            out_var[dst] = self.variance[src]
+            out_msk[dst] = self.mask[src]
+        wcs = self.wcs.slice((slice(y0, y0 + size), slice(x0, x0 + size))) if self.wcs is not None else None
+        return Image(out_img, out_var, out_msk, wcs, {"CUTX0": x0, "CUTY0": y0})
+
+
+def _meta_cards(metadata: dict) -> list:
+    cards = []
+    for key, value in metadata.items():
+        if value is None or isinstance(value, dict | list | tuple):
+            continue
+        k = str(key).upper()
+        if len(k) > 8 or not k.replace("-", "").replace("_", "").isalnum():
+            k = f"HIERARCH {k}"
+        if isinstance(value, np.generic):
+            value = value.item()
+        cards.append((k, value))
+    return cards
+
+
+def write_image(img: Image, path: str | Path) -> None:
+    """Write ``img`` to ``path`` atomically (temporary file in the same directory, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    primary = fits.PrimaryHDU()
+    for k, v in _meta_cards(img.metadata):
+        primary.header[k] = v
+    hdr = img.wcs.to_header(relax=True) if img.wcs is not None else fits.Header()
+    hdus = fits.HDUList([
+        primary,
+        fits.ImageHDU(img.image.astype(np.float32, copy=False), header=hdr, name="IMAGE"),
+        fits.ImageHDU(img.mask.astype(np.int32, copy=False), name="MASK"),
+        fits.ImageHDU(img.variance.astype(np.float32, copy=False), name="VARIANCE"),
+    ])
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        hdus.writeto(tmp, overwrite=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_image(path: str | Path) -> Image:
+    """Read an image written by :func:`write_image`."""
+    with fits.open(path, memmap=False) as hdul:
+        meta = {k: v for k, v in hdul[0].header.items() if k not in ("SIMPLE", "BITPIX", "NAXIS", "EXTEND", "")}
+        ihdr = hdul["IMAGE"].header
+        wcs = WCS(ihdr) if "CTYPE1" in ihdr else None
+        if wcs is not None:
+            wcs.pixel_shape = (ihdr["NAXIS1"], ihdr["NAXIS2"])
+        return Image(
+            np.asarray(hdul["IMAGE"].data, dtype=np.float32),
+            np.asarray(hdul["VARIANCE"].data, dtype=np.float32),
+            np.asarray(hdul["MASK"].data, dtype=np.int32),
+            wcs,
+            meta,
+        )

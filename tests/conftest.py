@@ -1,0 +1,26 @@
+"""Shared test set-up.
+
+Real-service tests (Slurm, Kafka) start the services through the project's own scripts in
+``scripts/``. On a developer's machine where a service cannot start they skip; under
+``CI=true`` a skip of a real-service test is turned into a failure (pattern from dramatiq's
+conftest), so CI cannot go green without having exercised them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Service fixtures live in their own modules (tests/fixtures_<service>.py).
+pytest_plugins = [p for p in ("fixtures_slurm", "fixtures_kafka") if (Path(__file__).parent / f"{p}.py").exists()]
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def service_unavailable(service: str, why: str) -> None:
+    """Skip (developer machine) or fail (CI) a test whose real service could not start."""
+    if IN_CI:
+        pytest.fail(f"{service} is required under CI=true but could not be started: {why}")
+    pytest.skip(f"{service} unavailable: {why}")

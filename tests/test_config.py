@@ -1,0 +1,68 @@
+"""Tests for apbatch.config: defaults, YAML, environment overrides and bad values."""
+
+import pytest
+
+from apbatch.config import HTCondorBackendConfig, SlurmBackendConfig, load_config
+from apbatch.errors import BadInputError
+
+
+def test_defaults_are_the_embedded_setup():
+    cfg = load_config(environ={})
+    assert cfg.backend.kind == "local"
+    assert cfg.ledger.url.startswith("sqlite:///")
+    assert cfg.alerts.sink == "file"
+    assert cfg.job.raw_timeout == 120.0
+
+
+def test_yaml_then_env_then_overrides(tmp_path):
+    f = tmp_path / "site.yaml"
+    f.write_text("backend:\n  kind: slurm\n  partition: ap\nevents:\n  max_age: 30\n")
+    cfg = load_config(f, environ={"APBATCH_BACKEND__TIME_LIMIT": "00:05:00", "APBATCH_ROOT": "/srv/ap"},
+                      overrides={"events": {"mode": "batch"}})
+    assert isinstance(cfg.backend, SlurmBackendConfig)
+    assert cfg.backend.partition == "ap" and cfg.backend.time_limit == "00:05:00"
+    assert cfg.events.max_age == 30 and cfg.events.mode == "batch"
+    assert cfg.root == "/srv/ap"
+    assert cfg.path("ledger.db").as_posix() == "/srv/ap/ledger.db"
+
+
+def test_config_from_environment_variable(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("backend: {kind: htcondor, max_retries: 5}\n")
+    cfg = load_config(environ={"APBATCH_CONFIG": str(f)})
+    assert isinstance(cfg.backend, HTCondorBackendConfig) and cfg.backend.max_retries == 5
+
+
+def test_secrets_in_env_are_not_config_fields():
+    cfg = load_config(environ={"APBATCH_KAFKA_PASSWORD": "hunter2"})
+    assert "hunter2" not in cfg.model_dump_json()
+
+
+def test_sqlite_urls_resolve_against_root(tmp_path):
+    cfg = load_config(environ={"APBATCH_ROOT": str(tmp_path)})
+    assert cfg.sqlalchemy_url("sqlite:///x.db") == f"sqlite:///{tmp_path}/x.db"
+    assert cfg.sqlalchemy_url("postgresql://u@localhost/db") == "postgresql://u@localhost/db"
+
+
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("backend: {kind: pbs}\n", "config backend"),
+        ("events: {max_age: -1}\n", "config events.max_age"),
+        ("ledger: {nope: 1}\n", "config ledger.nope"),
+        ("- a\n- b\n", "--config"),
+        ("backend: [unclosed\n", "--config"),
+    ],
+)
+def test_bad_config_names_the_field(tmp_path, text, field):
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(BadInputError) as info:
+        load_config(f, environ={})
+    assert str(info.value).startswith(field)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(BadInputError, match="--config: no such file"):
+        load_config(tmp_path / "absent.yaml", environ={})

@@ -1,0 +1,59 @@
+"""Tests for apbatch.image: FITS round trip, atomic writes and cutouts."""
+
+import numpy as np
+import pytest
+
+from apbatch.image import Image, MaskBits, read_image, write_image
+from apbatch.instruments import get_instrument
+
+
+def _image(ny=60, nx=80):
+    rng = np.random.default_rng(3)
+    wcs = get_instrument("LSSTComCam").sky_wcs(4, 53.0, -28.0, 10.0)
+    img = Image(rng.normal(size=(ny, nx)), np.full((ny, nx), 2.0), np.zeros((ny, nx), np.int32), wcs,
+                {"FILTER": "r_03", "exposure_time": 30.0})
+    img.mask[5, 7] = MaskBits.SAT | MaskBits.BAD
+    return img
+
+
+def test_round_trip(tmp_path):
+    img = _image()
+    write_image(img, tmp_path / "a.fits")
+    back = read_image(tmp_path / "a.fits")
+    np.testing.assert_array_equal(back.image, img.image)
+    np.testing.assert_array_equal(back.variance, img.variance)
+    assert back.mask[5, 7] == MaskBits.SAT | MaskBits.BAD
+    assert back.metadata["FILTER"] == "r_03" and back.metadata["EXPOSURE_TIME"] == 30.0
+    ra, dec = img.wcs.pixel_to_world_values(10.0, 20.0)
+    ra2, dec2 = back.wcs.pixel_to_world_values(10.0, 20.0)
+    assert abs(ra - ra2) < 1e-9 and abs(dec - dec2) < 1e-9
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    from astropy.io import fits
+
+    def half_write(self, name, **kw):
+        with open(name, "wb") as fh:
+            fh.write(b"SIMPLE  =                    T")
+        raise OSError("disk full")
+
+    write_image(_image(), tmp_path / "b.fits")
+    before = (tmp_path / "b.fits").read_bytes()
+    monkeypatch.setattr(fits.HDUList, "writeto", half_write)
+    with pytest.raises(OSError, match="disk full"):
+        write_image(_image(), tmp_path / "b.fits")
+    assert [p.name for p in tmp_path.iterdir()] == ["b.fits"]
+    assert (tmp_path / "b.fits").read_bytes() == before
+
+
+def test_cutout_inside_and_at_edge():
+    img = _image()
+    c = img.cutout(40, 30, 11)
+    np.testing.assert_array_equal(c.image, img.image[25:36, 35:46])
+    ra, dec = img.wcs.pixel_to_world_values(40, 30)
+    ra2, dec2 = c.wcs.pixel_to_world_values(5, 5)
+    assert abs(ra - ra2) < 1e-9 and abs(dec - dec2) < 1e-9
+    edge = img.cutout(1, 1, 11)
+    assert np.isnan(edge.image[0, 0]) and edge.mask[0, 0] & MaskBits.NO_DATA
+    np.testing.assert_array_equal(edge.image[4:, 4:], img.image[0:7, 0:7])
