@@ -120,6 +120,7 @@ class EventsConfig(_Model):
     process_calibrations: bool = True
     detectors: dict[str, list[int]] = Field(
         default_factory=dict, description="per instrument: only these detector ids (partial focal plane)")
+    max_attempts: int = Field(3, ge=1, description="submissions per CCD, retries of exit codes 3/4 included")
 
 
 class KafkaConfig(_Model):
@@ -142,6 +143,7 @@ class AlertsConfig(_Model):
     spool_dir: str = "alerts/spool"
     history_days: float = 365.0
     cutout_size: int = Field(30, ge=8)
+    send_timeout: float = Field(30.0, ge=0, description="s a job waits for delivery before leaving alerts spooled")
 
 
 class ApdbConfig(_Model):

@@ -10,6 +10,19 @@ Public API (used by the dispatcher, ``apbatch status``/``cancel``/``render-job``
   the queue are looked up in history, never assumed done;
 * ``Backend.cancel(job_ids)``.
 
+Shared machinery for subclasses (STYLE.md section 2):
+
+* :func:`run_command`, the one seam through which scheduler commands run (an argument list,
+  never a shell); it raises `SchedulerError` carrying the command, exit code, stdout and
+  stderr. Backends take it as the ``runner`` constructor argument so tests can fake it;
+* ``id_pattern`` + :meth:`Backend.parse_job_id`;
+* ``state_table`` + :meth:`Backend.map_state` (unknown code -> UNKNOWN with a warning,
+  COMPLETED with a non-zero exit code -> FAILED);
+* :meth:`Backend.status` as a template: ``_query_queue`` in batches, then ``_query_history``
+  for what left the queue, then UNKNOWN for what neither knows;
+* :meth:`Backend.job_argv` / :meth:`Backend.job_env` (the per-CCD command line and the only
+  environment a backend passes on) and :func:`render_shell_script`.
+
 Constructors do no I/O.
 """
 
@@ -18,11 +31,33 @@ from __future__ import annotations
 import abc
 import dataclasses
 import enum
-from collections.abc import Sequence
+import logging
+import re
+import shlex
+import subprocess
+from collections.abc import Callable, Iterable, Sequence
+from typing import ClassVar
 
+from ..config import ApbatchConfig
+from ..errors import BadInputError, SchedulerError
 from ..work import CcdWork
 
-__all__ = ["Backend", "JobState", "JobStatus", "SubmittedJob"]
+__all__ = [
+    "Backend",
+    "CommandResult",
+    "JobState",
+    "JobStatus",
+    "Runner",
+    "SubmittedJob",
+    "check_visit",
+    "compress_ids",
+    "render_shell_script",
+    "run_command",
+]
+
+_log = logging.getLogger(__name__)
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class JobState(enum.Enum):
@@ -61,11 +96,212 @@ class JobStatus:
     reason: str = ""
 
 
+@dataclasses.dataclass(frozen=True)
+class CommandResult:
+    """What a successful scheduler command printed."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+Runner = Callable[..., CommandResult]
+"""Signature of :func:`run_command`: ``(argv, timeout, input=None, check=True) -> CommandResult``."""
+
+
+def run_command(argv: Sequence[str], timeout: float, input: str | None = None,
+                check: bool = True) -> CommandResult:
+    """Run one scheduler command (never through a shell).
+
+    Parameters
+    ----------
+    argv : `list` [`str`]
+        The command and its arguments.
+    timeout : `float`
+        Seconds before the command is killed.
+    input : `str`, optional
+        Text fed to its standard input (e.g. a job script for ``sbatch``).
+    check : `bool`
+        If `False`, a non-zero exit is returned rather than raised (the caller inspects it).
+
+    Raises
+    ------
+    SchedulerError
+        Raised if the command cannot be started (exit code 127), times out (exit code -1)
+        or, with ``check``, exits non-zero.
+    """
+    argv = [str(a) for a in argv]
+    try:
+        proc = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout,
+                              stdin=None if input is not None else subprocess.DEVNULL)
+    except FileNotFoundError as exc:
+        raise SchedulerError(argv, 127, "", f"command not found: {exc.filename or argv[0]}") from None
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        raise SchedulerError(argv, -1, out, f"timed out after {timeout:g} s") from None
+    if check and proc.returncode != 0:
+        raise SchedulerError(argv, proc.returncode, proc.stdout, proc.stderr)
+    return CommandResult(tuple(argv), proc.returncode, proc.stdout, proc.stderr)
+
+
+def check_visit(works: Sequence[CcdWork]) -> None:
+    """Check that ``works`` is one non-empty visit (one group) of distinct detectors.
+
+    Raises
+    ------
+    BadInputError
+        Raised if ``works`` is empty, mixes groups or instruments, or repeats a detector.
+    """
+    if not works:
+        raise BadInputError("works", "no CCDs to submit", "fan out an event first")
+    first = works[0]
+    seen: set[int] = set()
+    for w in works:
+        if (w.instrument, w.group_id, w.visit) != (first.instrument, first.group_id, first.visit):
+            raise BadInputError("works", f"mixes visits ({first.label} and {w.label})",
+                                "submit one visit at a time")
+        if w.detector in seen:
+            raise BadInputError("works", f"detector {w.detector} appears twice", "de-duplicate the works")
+        seen.add(w.detector)
+
+
+def render_shell_script(env: dict[str, str], lines: Iterable[str], header: Iterable[str] = ()) -> str:
+    """A bash script: shebang, ``header`` lines, strict mode, quoted exports, then ``lines``.
+
+    Every value is `shlex.quote`-d here; ``lines`` must already be quoted by the caller.
+    """
+    out = ["#!/bin/bash", *header, "set -euo pipefail"]
+    out += [f"export {name}={shlex.quote(value)}" for name, value in env.items()]
+    out += list(lines)
+    return "\n".join(out) + "\n"
+
+
+def compress_ids(ids: Iterable[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2,5,7-8"`` (Slurm's ``--array`` syntax, readable by ops)."""
+    ranges: list[list[int]] = []
+    for i in sorted(set(ids)):
+        if ranges and i == ranges[-1][1] + 1:
+            ranges[-1][1] = i
+        else:
+            ranges.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
+
+
 class Backend(abc.ABC):
-    """Base of the batch backends. Subclasses: ``LocalBackend``, ``SlurmBackend``, ``HTCondorBackend``."""
+    """Base of the batch backends. Subclasses: ``LocalBackend``, ``SlurmBackend``, ``HTCondorBackend``.
 
-    kind: str = ""
+    Parameters
+    ----------
+    config : `ApbatchConfig`
+        The whole configuration (``config.backend`` is this backend's section).
+    runner : callable, optional
+        Replaces :func:`run_command` (tests pass a fake that records calls).
+    config_file : `str`, optional
+        Config file the jobs should read; exported to them as ``APBATCH_CONFIG``.
 
+    Notes
+    -----
+    One instance per process; methods are not meant to be called from several threads at once.
+    """
+
+    kind: ClassVar[str] = ""
+    id_pattern: ClassVar[re.Pattern[str]] = re.compile(r"^(?P<id>\S+)$")
+    state_table: ClassVar[dict[str, JobState]] = {}
+    batch_size: ClassVar[int] = 200
+    """Job ids per status query (keeps command lines short)."""
+
+    def __init__(self, config: ApbatchConfig, *, runner: Runner | None = None,
+                 config_file: str | None = None):
+        if config.backend.kind != self.kind:
+            raise BadInputError("backend.kind", f"is {config.backend.kind!r}, not {self.kind!r}",
+                                "use make_backend(config)")
+        self.config = config
+        self.settings = config.backend
+        self.runner: Runner = runner or run_command
+        self.config_file = config_file
+
+    # ------------------------------------------------------------- shared helpers
+    def job_argv(self, work: CcdWork) -> list[str]:
+        """The per-CCD command line: ``job.command`` followed by the work's arguments."""
+        return [*self.config.job.command, *work.job_args()]
+
+    def job_env(self) -> dict[str, str]:
+        """The only environment a backend writes into a job: ``job.env`` (+ ``APBATCH_CONFIG``).
+
+        Secrets are never in it: jobs read them from their own environment or from files.
+
+        Raises
+        ------
+        BadInputError
+            Raised if a variable name is not a valid shell identifier.
+        """
+        env = dict(self.config.job.env)
+        if self.config_file:
+            env["APBATCH_CONFIG"] = str(self.config_file)
+        for name in env:
+            if not _ENV_NAME.match(name):
+                raise BadInputError(f"config job.env.{name}", "is not a valid environment variable name",
+                                    "use letters, digits and underscores")
+        return env
+
+    def run(self, argv: Sequence[str], input: str | None = None, check: bool = True) -> CommandResult:
+        """Run a scheduler command through the injected runner with the configured timeout."""
+        timeout = float(getattr(self.settings, "command_timeout", 30.0))
+        return self.runner(list(argv), timeout, input=input, check=check)
+
+    @classmethod
+    def parse_job_id(cls, argv: Sequence[str], output: str) -> str:
+        """The job id in a submit command's output, by ``id_pattern``.
+
+        Raises
+        ------
+        SchedulerError
+            Raised if the output holds no job id (the command "succeeded" but said nothing usable).
+        """
+        for line in output.strip().splitlines():
+            match = cls.id_pattern.match(line.strip())
+            if match:
+                return match.group("id")
+        raise SchedulerError(list(argv), 0, output, f"no job id in the output of {argv[0]}")
+
+    def map_state(self, job_id: str, code: str, exit_code: int | None = None, reason: str = "") -> JobStatus:
+        """Translate a scheduler state code through ``state_table``.
+
+        An unknown code gives UNKNOWN (with a warning), never success; COMPLETED with a
+        non-zero exit code gives FAILED.
+        """
+        state = self.state_table.get(code)
+        if state is None:
+            _log.warning("%s job %s: unknown scheduler state %r, reported as UNKNOWN",
+                         self.kind, job_id, code)
+            return JobStatus(job_id, JobState.UNKNOWN, exit_code, reason or f"unknown state code {code!r}")
+        if state is JobState.COMPLETED and exit_code not in (None, 0):
+            return JobStatus(job_id, JobState.FAILED, exit_code, reason or f"exit code {exit_code}")
+        return JobStatus(job_id, state, exit_code, reason)
+
+    # ------------------------------------------------------------- status template
+    def status(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
+        """States of the given jobs: queue first, then history; UNKNOWN if neither knows them."""
+        wanted = list(dict.fromkeys(job_ids))
+        found: dict[str, JobStatus] = {}
+        for start in range(0, len(wanted), self.batch_size):
+            found.update(self._query_queue(wanted[start:start + self.batch_size]))
+        missing = [j for j in wanted if j not in found]
+        for start in range(0, len(missing), self.batch_size):
+            found.update(self._query_history(missing[start:start + self.batch_size]))
+        return {j: found.get(j) or JobStatus(j, JobState.UNKNOWN, None, "not in the queue nor in history")
+                for j in wanted}
+
+    def _query_queue(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
+        """States of those jobs the scheduler still lists (batch of at most ``batch_size``)."""
+        return {}
+
+    def _query_history(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
+        """States of jobs that left the queue, from the scheduler's history."""
+        return {}
+
+    # ------------------------------------------------------------- what a backend declares
     @abc.abstractmethod
     def render(self, works: Sequence[CcdWork]) -> str:
         """The exact script or submit description that :meth:`submit` would use."""
@@ -73,10 +309,6 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def submit(self, works: Sequence[CcdWork]) -> list[SubmittedJob]:
         """Submit one visit's CCDs as one batch; one `SubmittedJob` per work item, same order."""
-
-    @abc.abstractmethod
-    def status(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
-        """States of the given jobs (history looked up for jobs no longer queued)."""
 
     @abc.abstractmethod
     def cancel(self, job_ids: Sequence[str]) -> None:

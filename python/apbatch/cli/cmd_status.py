@@ -1,0 +1,32 @@
+"""``apbatch status``: job states per visit and per CCD."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .cmd_submit import load_cli_config
+from .opt import config_option, json_option
+
+__all__ = ["status"]
+
+
+@click.command()
+@click.option("--visit", type=int, default=None, help="Show this visit's CCDs.")
+@click.option("--group", default=None, help="Show this group's CCDs.")
+@click.option("--instrument", default=None, help="Only this instrument.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Most recent visits shown.")
+@click.option("--no-live", is_flag=True, help="Do not ask the scheduler; show the ledger only.")
+@config_option
+@json_option
+def status(visit: int | None, group: str | None, instrument: str | None, limit: int, no_live: bool,
+           config_paths: tuple[str, ...], as_json: bool) -> None:
+    """Per-visit counts of job states (and per-CCD rows with --visit/--group)."""
+    from ..script.status import collect_status, format_status
+
+    config, _ = load_cli_config(config_paths)
+    report = collect_status(config, visit=visit, group=group, instrument=instrument, live=not no_live,
+                            limit=limit)
+    click.echo(json.dumps(report, indent=2, default=str) if as_json else format_status(report))

@@ -1,0 +1,334 @@
+"""The daemon loop: events in, one batch job per CCD out, job states polled back.
+
+For each raw event from the source: parse (a bad event is dead-lettered -- ledger table
+and ``events.dead_letter`` JSON-lines file -- logged, and the loop goes on) -> policy
+(`apbatch.events.rejection_reason`) -> fan-out -> `Ledger.claim` (a CCD is submitted once,
+ever) -> ``backend.submit`` (one batch per visit) -> `Ledger.record_submitted`. Every
+``status_interval`` seconds the states of unfinished jobs are polled and stored, and CCDs
+that failed with a retriable exit code (3 raw timeout, 4 retriable) are resubmitted until
+``events.max_attempts`` submissions.
+
+When jobs are submitted: in ``dynamic`` mode at nextVisit (ahead of the exposure; the job
+waits for its raws); in ``batch`` mode at the first startIntegration of the group, using the
+group's nextVisit (remembered here and in the ledger's event table) for the pointing and
+filter. Calibrations (bias, dark, flat, CBP) have no nextVisit and are always submitted at
+startIntegration. A nextVisitCanceled cancels the group's jobs that have not started and
+stops retries of the others (a running job may already have images to process).
+
+A `Dispatcher` is used from one thread; :meth:`Dispatcher.run` stops on its ``stop_event``
+(set by SIGTERM/SIGINT in ``apbatch daemon``), after finishing the event at hand.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .backends.base import Backend, SubmittedJob
+from .config import ApbatchConfig
+from .errors import BadInputError
+from .events import Event, NextVisit, NextVisitCanceled, StartIntegration, parse_event, rejection_reason
+from .fanout import fan_out
+from .ledger import NOT_STARTED, Ledger
+from .sources.base import EventSource, RawEvent
+from .work import CcdWork
+
+__all__ = ["Dispatcher", "Outcome", "cancel_rows"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What became of one event.
+
+    ``action`` is one of ``submitted``, ``duplicate`` (every CCD already claimed),
+    ``deferred`` (nextVisit in batch mode), ``cancelled``, ``rejected`` (policy),
+    ``bad`` (invalid; dead-lettered), ``submit-failed`` (the scheduler refused; retried later).
+    """
+
+    action: str
+    reason: str = ""
+    jobs: list[SubmittedJob] = dataclasses.field(default_factory=list)
+    event: Event | None = None
+
+
+def cancel_rows(ledger: Ledger, backend: Backend, rows: Sequence[dict], reason: str) -> list[dict]:
+    """Cancel the jobs of ledger rows (those with a job id at this backend) and mark them CANCELLED.
+
+    Raises
+    ------
+    SchedulerError
+        Raised if the scheduler refuses; the ledger is then left unchanged.
+    """
+    kind = backend.kind or type(backend).__name__
+    ids = [r["job_id"] for r in rows if r["job_id"] and r["backend"] == kind]
+    other = [r for r in rows if r["job_id"] and r["backend"] != kind]
+    for r in other:
+        _log.warning("job %s of %s was submitted with backend %r, not %r: not cancelled there",
+                     r["job_id"], r["detector_name"], r["backend"], kind)
+    if ids:
+        backend.cancel(ids)
+    done = [r for r in rows if r not in other]
+    ledger.mark_cancelled([r["id"] for r in done], reason)
+    return done
+
+
+def _group_batches(works: Sequence[CcdWork]) -> list[list[CcdWork]]:
+    batches: dict[tuple[str, str], list[CcdWork]] = {}
+    for w in works:
+        batches.setdefault((w.instrument, w.group_id), []).append(w)
+    return list(batches.values())
+
+
+class Dispatcher:
+    """Turns events into submissions; see the module docstring.
+
+    Parameters
+    ----------
+    config : `ApbatchConfig`
+        ``events`` (mode, max_age, max_attempts, ...) and ``job`` sections are used.
+    ledger : `Ledger`
+        Where events, submissions and states are recorded.
+    backend : `Backend`
+        Where jobs are submitted.
+    source : `EventSource`, optional
+        Needed only by :meth:`run`.
+    clock : callable, optional
+        UTC unix time; injectable for tests.
+    mode : `str`, optional
+        Overrides ``events.mode`` (``apbatch submit`` uses ``dynamic``: submit now).
+    check_age : `bool`
+        Reject events older than ``events.max_age``.
+    status_interval : `float`
+        Seconds between polls of the scheduler.
+    claim_timeout : `float`
+        A CCD claimed this long ago but never submitted (daemon died in between) is submitted again.
+    """
+
+    def __init__(self, config: ApbatchConfig, ledger: Ledger, backend: Backend,
+                 source: EventSource | None = None, *, clock: Callable[[], float] = time.time,
+                 mode: str | None = None, check_age: bool = True, status_interval: float = 5.0,
+                 claim_timeout: float = 300.0):
+        self.config = config
+        self.ledger = ledger
+        self.backend = backend
+        self.source = source
+        self.clock = clock
+        self.mode = mode or config.events.mode
+        self.check_age = check_age
+        self.status_interval = status_interval
+        self.claim_timeout = claim_timeout
+        self.kind = backend.kind or type(backend).__name__
+        self.dead_letter_path = Path(config.path(config.events.dead_letter))
+        self._visits: collections.OrderedDict[tuple[str, str], NextVisit] = collections.OrderedDict()
+
+    # ----------------------------------------------------------------- one event
+    def handle_raw(self, raw: RawEvent) -> Outcome:
+        """Parse and handle one raw event; a bad one is dead-lettered, never raised."""
+        received = self.clock()
+        try:
+            event = parse_event(raw.payload, topic=raw.topic)
+        except BadInputError as exc:
+            self.dead_letter(raw.payload, str(exc), raw.origin, received)
+            return Outcome("bad", str(exc))
+        return self.handle(event, raw.payload, raw.origin, received)
+
+    def handle(self, event: Event, payload: Any = None, origin: str = "",
+               received_at: float | None = None) -> Outcome:
+        """Judge, fan out, claim and submit one parsed event."""
+        received_at = self.clock() if received_at is None else received_at
+        if payload is None:
+            payload = {"kind": event.kind, **dataclasses.asdict(event)}
+        group = event.groupId or ""
+        reason = rejection_reason(event, self.config.events.max_age if self.check_age else None, self.clock(),
+                                  self.config.events.process_calibrations)
+        if reason is None:
+            try:
+                works = self._works(event)
+            except BadInputError as exc:
+                self.dead_letter(payload, str(exc), origin, received_at)
+                self.ledger.record_event(event.kind, payload, instrument=event.instrument, group_id=group,
+                                         source=origin, accepted=False, reason=str(exc),
+                                         received_at=received_at)
+                return Outcome("bad", str(exc), event=event)
+        self.ledger.record_event(event.kind, payload, instrument=event.instrument, group_id=group,
+                                 source=origin, accepted=reason is None, reason=reason or "",
+                                 received_at=received_at)
+        if reason is not None:
+            _log.info("ignored %s %s (%s): %s", event.kind, group, origin, reason)
+            return Outcome("rejected", reason, event=event)
+        if isinstance(event, NextVisitCanceled):
+            n = self.cancel_group(event.instrument, event.groupId, f"nextVisitCanceled for {event.groupId}")
+            return Outcome("cancelled", f"{n} job(s) cancelled", event=event)
+        if works is None:
+            _log.info("deferred %s %s until startIntegration (batch mode)", event.kind, group)
+            return Outcome("deferred", "batch mode: submitted at startIntegration", event=event)
+        outcome = self.submit(works, received_at)
+        outcome.event = event
+        return outcome
+
+    def _works(self, event: Event) -> list[CcdWork] | None:
+        """Work items to submit now (`None`: nothing to submit for this event yet)."""
+        if isinstance(event, NextVisitCanceled):
+            return None
+        if isinstance(event, NextVisit):
+            self._visits[(event.instrument, event.groupId)] = event
+            while len(self._visits) > 1000:
+                self._visits.popitem(last=False)
+            return fan_out(event, self.config) if self.mode == "dynamic" else None
+        visit = self._next_visit(event) if not event.is_calibration else None
+        return fan_out(event, self.config, next_visit=visit)
+
+    def _next_visit(self, event: StartIntegration) -> NextVisit | None:
+        if not event.groupId:
+            return None
+        key = (event.instrument, event.groupId)
+        if key in self._visits:
+            return self._visits[key]
+        stored = self.ledger.find_event("nextVisit", *key)
+        if stored is None:
+            return None
+        try:
+            visit = parse_event(stored)
+        except BadInputError:
+            return None
+        return visit if isinstance(visit, NextVisit) else None
+
+    def submit(self, works: Sequence[CcdWork], received_at: float | None = None) -> Outcome:
+        """Claim the CCDs and submit the newly claimed ones, one batch per visit."""
+        claimed = self.ledger.claim(works, received_at=received_at, now=self.clock())
+        if not claimed:
+            return Outcome("duplicate", f"all {len(works)} CCD(s) already submitted")
+        if len(claimed) < len(works):
+            _log.info("%d of %d CCD(s) were already submitted", len(works) - len(claimed), len(works))
+        jobs, errors = self._submit_batches(claimed)
+        if errors:
+            return Outcome("submit-failed", "; ".join(errors), jobs)
+        return Outcome("submitted", f"{len(jobs)} job(s)", jobs)
+
+    def _submit_batches(self, works: Sequence[CcdWork]) -> tuple[list[SubmittedJob], list[str]]:
+        jobs: list[SubmittedJob] = []
+        errors: list[str] = []
+        for batch in _group_batches(works):
+            try:
+                submitted = self.backend.submit(batch)
+            except Exception as exc:  # the daemon must outlive any scheduler or backend failure
+                _log.error("submission of %s (%d CCDs) failed: %s", batch[0].label, len(batch), exc,
+                           exc_info=not isinstance(exc, BadInputError))
+                self.ledger.record_submit_failed(batch, f"{type(exc).__name__}: {exc}", now=self.clock())
+                errors.append(str(exc))
+                continue
+            self.ledger.record_submitted(submitted, self.kind, now=self.clock())
+            _log.info("submitted %s: %d job(s) %s..%s", batch[0].label, len(submitted),
+                      submitted[0].job_id if submitted else "-", submitted[-1].job_id if submitted else "-")
+            jobs += submitted
+        return jobs, errors
+
+    def cancel_group(self, instrument: str, group_id: str, reason: str) -> int:
+        """Cancel a group's not-yet-started jobs; never retry any of its CCDs. Returns the count."""
+        rows = self.ledger.rows(instrument=instrument or None, group_id=group_id, states=NOT_STARTED)
+        self.ledger.disable_retry(group_id, instrument or None)
+        try:
+            return len(cancel_rows(self.ledger, self.backend, rows, reason))
+        except Exception as exc:
+            _log.error("could not cancel jobs of group %s: %s", group_id, exc)
+            return 0
+
+    def dead_letter(self, payload: Any, error: str, origin: str, received_at: float) -> None:
+        """Record a bad event in the ledger and append it to the dead-letter file."""
+        _log.warning("bad event from %s: %s", origin or "?", error)
+        try:
+            self.ledger.record_dead_letter(payload, error, origin, received_at)
+        except Exception as exc:
+            _log.error("could not store dead letter in the ledger: %s", exc)
+        if isinstance(payload, bytes | bytearray):
+            payload = payload.decode("utf-8", errors="replace")
+        line = json.dumps({"received_at": received_at, "origin": origin, "error": error, "payload": payload},
+                          default=str)
+        try:
+            self.dead_letter_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.dead_letter_path, "a", encoding="utf-8") as fh:
+                fh.write(line + "\n")
+        except OSError as exc:
+            _log.error("could not append to %s: %s", self.dead_letter_path, exc)
+
+    # ----------------------------------------------------------------- polling
+    def poll_jobs(self) -> dict[str, int]:
+        """Store the scheduler's view of unfinished jobs, then resubmit retriable failures."""
+        ids = self.ledger.unfinished_job_ids(self.kind)
+        updated = 0
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            try:
+                statuses = self.backend.status(chunk)
+            except Exception as exc:
+                _log.warning("status query of %d job(s) failed: %s", len(chunk), exc)
+                continue
+            updated += self.ledger.update_states(statuses, self.kind, now=self.clock())
+        retried = self.retry_failed()
+        return {"polled": len(ids), "updated": updated, "resubmitted": len(retried)}
+
+    def retry_failed(self) -> list[SubmittedJob]:
+        """Resubmit CCDs that failed retriably (or were never submitted), up to ``max_attempts``."""
+        works = self.ledger.retriable(self.config.events.max_attempts, self.claim_timeout, now=self.clock())
+        if not works:
+            return []
+        _log.info("resubmitting %d CCD(s) that failed retriably", len(works))
+        jobs, _ = self._submit_batches(works)
+        return jobs
+
+    # ----------------------------------------------------------------- the loop
+    def run(self, max_events: int | None = None, max_seconds: float | None = None,
+            stop_event: threading.Event | None = None) -> dict[str, int]:
+        """Handle events until stopped; returns the count of each outcome.
+
+        Stops when ``stop_event`` is set, after ``max_events`` events or ``max_seconds``
+        seconds, or when the source is exhausted (end of stdin). Polls the scheduler every
+        ``status_interval`` seconds and once more before returning.
+        """
+        if self.source is None:
+            raise BadInputError("source", "the dispatcher has no event source")
+        stop_event = stop_event or threading.Event()
+        counts: collections.Counter[str] = collections.Counter()
+        start = last_poll = time.monotonic()
+        interval = self.config.source.poll_interval
+        handled = 0
+
+        def done() -> bool:
+            return (stop_event.is_set() or (max_events is not None and handled >= max_events)
+                    or (max_seconds is not None and time.monotonic() - start >= max_seconds))
+
+        while not done() and not self.source.exhausted:
+            timeout = interval if max_seconds is None else max(0.0, min(interval, start + max_seconds
+                                                                         - time.monotonic()))
+            for raw in self.source.poll(timeout):
+                try:
+                    outcome = self.handle_raw(raw)
+                except Exception:  # e.g. the database is unreachable: keep the event for a restart
+                    _log.exception("could not handle event from %s; it stays unacknowledged", raw.origin)
+                    counts["error"] += 1
+                else:
+                    self.source.ack([raw], ok=outcome.action != "bad")
+                    counts[outcome.action] += 1
+                handled += 1
+                if done():
+                    break
+            if time.monotonic() - last_poll >= self.status_interval:
+                self._safe_poll()
+                last_poll = time.monotonic()
+        self._safe_poll()
+        return dict(counts)
+
+    def _safe_poll(self) -> None:
+        try:
+            self.poll_jobs()
+        except Exception:
+            _log.exception("polling job states failed")

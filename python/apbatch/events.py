@@ -1,0 +1,454 @@
+"""Observatory events that trigger AP jobs, their validation, and the accept/reject policy.
+
+Three events matter (field lists from lsst-ts/ts_xml, see ``shared/data/events/README.md``):
+
+* `NextVisit` (``ScriptQueue logevent_nextVisit``): a script is about to take images of a
+  group; carries the boresight, rotation, acceptable filters, predicted number of images,
+  but no exposure time;
+* `NextVisitCanceled`: that group id will not be used;
+* `StartIntegration` (``MTCamera``/``CCCamera``/``ATCamera logevent_startIntegration``): one
+  image is being exposed; ``additionalKeys``/``additionalValues`` carry its ``groupId`` and
+  ``imageType``, from which the *intent* (science, bias, dark, flat, ...) follows.
+
+:func:`parse_event` turns a JSON text or a decoded mapping into one of these, raising
+`BadInputError` naming the offending field. The input is either the bare topic fields, or an
+envelope holding them under ``"value"``, with the kind given by ``"kind"`` (``nextVisit``,
+``nextVisitCanceled``, ``startIntegration``) or by the Kafka ``"topic"``
+(``lsst.sal.MTCamera.logevent_startIntegration``); failing both, the kind is guessed from the
+fields present. The camera of a startIntegration comes from ``"instrument"``, else from the
+topic's component, else from ``imageSource`` (``MC``/``CC``/``AT``).
+
+:func:`rejection_reason` is the pure accept/reject policy, as Rubin's fan-out applies it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import enum
+import json
+import math
+import re
+from typing import Any, ClassVar
+
+from .errors import BadInputError
+from .instruments import instrument_names, normalize_instrument
+
+__all__ = [
+    "CALIBRATION_INTENTS",
+    "TAI_MINUS_UTC",
+    "CoordSys",
+    "Dome",
+    "Event",
+    "NextVisit",
+    "NextVisitCanceled",
+    "RotSys",
+    "StartIntegration",
+    "intent_of",
+    "parse_event",
+    "rejection_reason",
+    "tai_datetime",
+]
+
+# TAI - UTC in seconds since 2017-01-01 (no leap second announced since).
+TAI_MINUS_UTC = 37.0
+
+CALIBRATION_INTENTS = frozenset({"bias", "dark", "flat", "cbp"})
+# imageType (IMGTYPE) -> intent; anything else is its lower-case self ("cwfs", "acq", "unknown"...).
+_INTENTS = {"OBJECT": "science", "SKYEXP": "science", "ENGTEST": "science", "BIAS": "bias",
+            "DARK": "dark", "FLAT": "flat", "CBP": "cbp"}
+_CAMERAS = {"MTCamera": "LSSTCam", "CCCamera": "LSSTComCam", "ATCamera": "LATISS"}
+_CAMCODES = {"MC": "LSSTCam", "CC": "LSSTComCam", "AT": "LATISS"}
+_KINDS = {"logevent_nextVisit": "nextVisit", "logevent_nextVisitCanceled": "nextVisitCanceled",
+          "logevent_startIntegration": "startIntegration"}
+# Pieces of an ISO time that a ':'-split cut apart: "2025-06-10T07", "31", "26.692#1".
+_ISO_HEAD = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}$")
+_ISO_MIN = re.compile(r"^\d{2}$")
+_ISO_SEC = re.compile(r"^\d{2}(\.\d+)?([#+]\d{1,4})?$")
+
+
+class CoordSys(enum.IntEnum):
+    """``MetadataCoordSys`` of ts_xml: the system of ``nextVisit.position``."""
+
+    NONE = 1
+    ICRS = 2
+    OBSERVED = 3
+    MOUNT = 4
+
+
+class RotSys(enum.IntEnum):
+    """``MetadataRotSys`` of ts_xml: the system of ``nextVisit.cameraAngle``."""
+
+    NONE = 1
+    SKY = 2
+    HORIZON = 3
+    MOUNT = 4
+
+
+class Dome(enum.IntEnum):
+    """``MetadataDome`` of ts_xml: the desired dome state."""
+
+    CLOSED = 1
+    OPEN = 2
+    EITHER = 3
+
+
+def tai_datetime(tai_seconds: float) -> datetime.datetime:
+    """Naive datetime of a TAI unix time (the scale ``ids.day_obs_of`` expects)."""
+    return datetime.datetime(1970, 1, 1) + datetime.timedelta(seconds=tai_seconds)
+
+
+@dataclasses.dataclass(frozen=True)
+class NextVisit:
+    """``ScriptQueue logevent_nextVisit``: the next script's group, pointing and filters."""
+
+    kind: ClassVar[str] = "nextVisit"
+    salIndex: int
+    scriptSalIndex: int
+    groupId: str
+    coordinateSystem: CoordSys
+    position: tuple[float, float]
+    startTime: float
+    rotationSystem: RotSys
+    cameraAngle: float
+    filters: str
+    dome: Dome
+    duration: float
+    nimages: int
+    instrument: str
+    survey: str
+    totalCheckpoints: int
+    private_sndStamp: float | None = None
+
+    @property
+    def filter_list(self) -> list[str]:
+        """The acceptable physical filters (empty: any)."""
+        return [f.strip() for f in self.filters.split(",") if f.strip()]
+
+    @property
+    def start_datetime(self) -> datetime.datetime:
+        """``startTime`` as a naive TAI datetime."""
+        return tai_datetime(self.startTime)
+
+
+@dataclasses.dataclass(frozen=True)
+class NextVisitCanceled:
+    """``ScriptQueue logevent_nextVisitCanceled``: ``groupId`` will not be used."""
+
+    kind: ClassVar[str] = "nextVisitCanceled"
+    salIndex: int
+    scriptSalIndex: int
+    groupId: str
+    private_sndStamp: float | None = None
+    instrument: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class StartIntegration:
+    """``<Camera> logevent_startIntegration`` for one image, with its parsed key/value list.
+
+    ``instrument`` is the butler name of the camera that sent it; ``groupId``,
+    ``imageType``, ``reason`` and ``program`` come from ``additionalKeys``/``additionalValues``
+    (`None` when absent); ``intent`` follows from ``imageType`` (see :func:`intent_of`).
+    """
+
+    kind: ClassVar[str] = "startIntegration"
+    instrument: str
+    imageName: str
+    imageIndex: int
+    imagesInSequence: int
+    exposureTime: float
+    mode: str
+    timeout: float
+    imageSource: str
+    imageController: str
+    imageDate: str
+    imageNumber: int
+    timestampAcquisitionStart: float
+    additionalKeys: str
+    additionalValues: str
+    private_sndStamp: float | None = None
+    groupId: str | None = None
+    imageType: str | None = None
+    reason: str | None = None
+    program: str | None = None
+    additional: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def intent(self) -> str:
+        """What the image is for: ``science``, ``bias``, ``dark``, ``flat``, ``cbp``, ``cwfs``..."""
+        return intent_of(self.imageType)
+
+    @property
+    def is_calibration(self) -> bool:
+        """`True` for bias, dark, flat and CBP images (no nextVisit; submitted at startIntegration)."""
+        return self.intent in CALIBRATION_INTENTS
+
+
+Event = NextVisit | NextVisitCanceled | StartIntegration
+
+
+def intent_of(image_type: str | None) -> str:
+    """Intent of an ``imageType``: ``OBJECT``/``SKYEXP``/``ENGTEST`` -> ``science``, ``BIAS`` ->
+    ``bias``, ...; missing -> ``unknown``; any other type -> its lower-case name."""
+    if not image_type or not image_type.strip():
+        return "unknown"
+    key = image_type.strip().upper()
+    return _INTENTS.get(key, key.lower())
+
+
+# ------------------------------------------------------------------------------------- parsing
+_REQUIRED = object()
+
+
+class _Fields:
+    """Typed access to a mapping; every failure names ``event.<field>``."""
+
+    def __init__(self, data: dict[str, Any]):
+        self.data = data
+
+    def get(self, name: str, kind: type, default: Any = _REQUIRED, lo: float | None = None,
+            nonblank: bool = False) -> Any:
+        raw = self.data.get(name)
+        fld = f"event.{name}"
+        if raw is None:
+            if default is _REQUIRED:
+                raise BadInputError(fld, "missing", "every event of this kind must carry it")
+            return default
+        value = raw
+        if kind is int:
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise BadInputError(fld, f"expected an integer, got {raw!r}")
+        elif kind is float:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise BadInputError(fld, f"expected a finite number, got {raw!r}")
+            value = float(value)
+        elif not isinstance(value, str):
+            raise BadInputError(fld, f"expected a string, got {raw!r}")
+        elif nonblank and not value.strip():
+            raise BadInputError(fld, "is blank")
+        elif "\x00" in value:
+            raise BadInputError(fld, "contains a NUL character")
+        if lo is not None and value < lo:
+            raise BadInputError(fld, f"{raw} is out of range", f"must be >= {lo}")
+        return value
+
+    def enum(self, name: str, cls: type[enum.IntEnum]) -> Any:
+        value = self.get(name, int)
+        try:
+            return cls(value)
+        except ValueError:
+            allowed = ", ".join(f"{m.value}={m.name}" for m in cls)
+            raise BadInputError(f"event.{name}", f"{value} is not a {cls.__name__}",
+                                f"use one of {allowed}") from None
+
+    def position(self) -> tuple[float, float]:
+        value = self.data.get("position")
+        if value is None:
+            raise BadInputError("event.position", "missing", "every event of this kind must carry it")
+        fix = "expected [ra, dec] in degrees, 0 <= ra < 360, -90 <= dec <= 90"
+        if (not isinstance(value, list | tuple) or len(value) != 2
+                or any(isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
+                       for v in value)):
+            raise BadInputError("event.position", f"expected [ra, dec], got {value!r}", fix)
+        ra, dec = float(value[0]), float(value[1])
+        if not (0.0 <= ra < 360.0 and -90.0 <= dec <= 90.0):
+            raise BadInputError("event.position", f"[{ra}, {dec}] is out of range", fix)
+        return ra, dec
+
+
+def _split_key_values(keys: str, values: str) -> tuple[tuple[str, str], ...]:
+    """Pair ``additionalKeys`` with ``additionalValues`` (both ':'-separated).
+
+    ``\\:`` is read as a literal colon (assumed: ts_xml cites CAP-572 but does not spell it
+    out). An unescaped ISO time such as ``2025-06-10T07:31:26.692`` in the values is put back
+    together when the split would otherwise leave more values than keys: group ids are ISO
+    times and are sent that way.
+    """
+    def split(text: str) -> list[str]:
+        return [part.replace("\\:", ":") for part in re.split(r"(?<!\\):", text)]
+
+    key_list = [k.strip() for k in split(keys)] if keys.strip() else []
+    raw = split(values) if values.strip() or key_list else []
+    if len(raw) > len(key_list):
+        merged: list[str] = []
+        i = 0
+        while i < len(raw):
+            if (i + 2 < len(raw) and _ISO_HEAD.match(raw[i]) and _ISO_MIN.match(raw[i + 1])
+                    and _ISO_SEC.match(raw[i + 2])):
+                merged.append(":".join(raw[i:i + 3]))
+                i += 3
+            else:
+                merged.append(raw[i])
+                i += 1
+        raw = merged
+    if len(raw) != len(key_list):
+        raise BadInputError("event.additionalValues", f"{len(raw)} values for {len(key_list)} keys",
+                            "additionalKeys and additionalValues must be ':'-separated lists of equal length")
+    return tuple(zip(key_list, (v.strip() for v in raw), strict=True))
+
+
+def _instrument_of_start(data: dict, topic: str | None) -> str:
+    """Camera of a startIntegration: explicit field, else topic component, else imageSource."""
+    name = data.get("instrument")
+    if name is not None:
+        if not isinstance(name, str):
+            raise BadInputError("event.instrument", f"expected a string, got {name!r}")
+        return _known_or_verbatim(name)
+    if topic:
+        parts = topic.split(".")
+        if len(parts) >= 3:
+            if parts[-2] in _CAMERAS:
+                return _CAMERAS[parts[-2]]
+            return parts[-2]  # an unknown camera: the policy rejects it with a reason
+    source = data.get("imageSource")
+    if isinstance(source, str) and source in _CAMCODES:
+        return _CAMCODES[source]
+    raise BadInputError("event.instrument", "cannot tell which camera sent this startIntegration",
+                        "give \"instrument\" or the Kafka \"topic\" in the event envelope")
+
+
+def _known_or_verbatim(name: str) -> str:
+    try:
+        return normalize_instrument(name)
+    except BadInputError:
+        return name.strip()
+
+
+def _kind_of(data: dict, topic: str | None) -> str:
+    kind = data.get("kind")
+    if kind is not None:
+        if kind not in _KINDS.values():
+            raise BadInputError("event.kind", f"unknown kind {kind!r}",
+                                f"use one of {', '.join(_KINDS.values())}")
+        return kind
+    if topic:
+        for suffix, name in _KINDS.items():
+            if topic.endswith("." + suffix):
+                return name
+        raise BadInputError("event.topic", f"{topic!r} is not an event apbatch handles",
+                            "expected a ScriptQueue nextVisit(Canceled) or a camera startIntegration topic")
+    if "imageName" in data:
+        return "startIntegration"
+    if "position" in data or "coordinateSystem" in data:
+        return "nextVisit"
+    if "groupId" in data:
+        return "nextVisitCanceled"
+    raise BadInputError("event", "cannot tell the kind of event", "add \"kind\" or \"topic\" to the envelope")
+
+
+def parse_event(obj: Any, topic: str | None = None) -> Event:
+    """Validate and convert one event.
+
+    Parameters
+    ----------
+    obj : `str`, `bytes` or `dict`
+        The event as JSON text or as a decoded mapping (bare fields or an envelope).
+    topic : `str`, optional
+        Kafka topic it came from, when not in the envelope.
+
+    Raises
+    ------
+    BadInputError
+        Raised if the JSON is malformed, a field is missing, of the wrong type or out of
+        range; the message names the field.
+    """
+    if isinstance(obj, bytes | bytearray):
+        try:
+            obj = obj.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadInputError("event", f"not UTF-8 text: {exc}") from None
+    if isinstance(obj, str):
+        try:
+            obj = json.loads(obj)
+        except json.JSONDecodeError as exc:
+            raise BadInputError("event", f"malformed JSON: {exc}", "send one JSON object per event") from None
+    if not isinstance(obj, dict):
+        raise BadInputError("event", f"expected a JSON object, got {type(obj).__name__}")
+    data = obj
+    topic = obj.get("topic", topic)
+    if topic is not None and not isinstance(topic, str):
+        raise BadInputError("event.topic", f"expected a string, got {topic!r}")
+    if isinstance(obj.get("value"), dict):
+        data = {**obj["value"], **{k: v for k, v in obj.items() if k in ("kind", "instrument")}}
+    kind = _kind_of(data, topic)
+    f = _Fields(data)
+    snd = f.get("private_sndStamp", float, None, lo=0.0)
+    if kind == "nextVisitCanceled":
+        return NextVisitCanceled(salIndex=f.get("salIndex", int, 0), scriptSalIndex=f.get("scriptSalIndex",
+                                                                                          int, 0),
+                                 groupId=f.get("groupId", str, nonblank=True), private_sndStamp=snd,
+                                 instrument=_known_or_verbatim(f.get("instrument", str, "")))
+    if kind == "nextVisit":
+        return NextVisit(
+            salIndex=f.get("salIndex", int, lo=0), scriptSalIndex=f.get("scriptSalIndex", int),
+            groupId=f.get("groupId", str, nonblank=True),
+            coordinateSystem=f.enum("coordinateSystem", CoordSys), position=f.position(),
+            startTime=f.get("startTime", float, lo=0.0), rotationSystem=f.enum("rotationSystem", RotSys),
+            cameraAngle=f.get("cameraAngle", float), filters=f.get("filters", str),
+            dome=f.enum("dome", Dome), duration=f.get("duration", float, lo=0.0),
+            nimages=f.get("nimages", int, lo=0), instrument=_known_or_verbatim(f.get("instrument", str)),
+            survey=f.get("survey", str), totalCheckpoints=f.get("totalCheckpoints", int, lo=0),
+            private_sndStamp=snd,
+        )
+    keys, values = f.get("additionalKeys", str, ""), f.get("additionalValues", str, "")
+    pairs = _split_key_values(keys, values)
+    extra = dict(pairs)
+    image_date = f.get("imageDate", str)
+    if not re.fullmatch(r"\d{8}", image_date):
+        raise BadInputError("event.imageDate", f"{image_date!r} is not YYYYMMDD")
+    group = extra.get("groupId") or None
+    return StartIntegration(
+        instrument=_instrument_of_start(data, topic),
+        imageName=f.get("imageName", str, nonblank=True), imageIndex=f.get("imageIndex", int, lo=1),
+        imagesInSequence=f.get("imagesInSequence", int, lo=1),
+        exposureTime=f.get("exposureTime", float, lo=0.0), mode=f.get("mode", str, ""),
+        timeout=f.get("timeout", float, 0.0, lo=0.0), imageSource=f.get("imageSource", str, ""),
+        imageController=f.get("imageController", str, ""), imageDate=image_date,
+        imageNumber=f.get("imageNumber", int, lo=0),
+        timestampAcquisitionStart=f.get("timestampAcquisitionStart", float, 0.0, lo=0.0),
+        additionalKeys=keys, additionalValues=values, private_sndStamp=snd, groupId=group,
+        imageType=extra.get("imageType") or None, reason=extra.get("reason") or None,
+        program=extra.get("program") or None, additional=pairs,
+    )
+
+
+# -------------------------------------------------------------------------------------- policy
+def rejection_reason(event: Event, max_age: float | None, now_utc: float,
+                     process_calibrations: bool = True) -> str | None:
+    """Why an event must be ignored, or `None` to accept it (pure; no I/O).
+
+    Parameters
+    ----------
+    event : `Event`
+        A parsed event.
+    max_age : `float` or `None`
+        Events whose ``private_sndStamp`` (TAI) is older than this many seconds are stale;
+        `None` skips the check (``apbatch submit`` of an old event on purpose).
+    now_utc : `float`
+        Current UTC unix time.
+    process_calibrations : `bool`
+        Whether bias/dark/flat/CBP images get jobs.
+    """
+    if max_age is not None and event.private_sndStamp is not None:
+        age = now_utc + TAI_MINUS_UTC - event.private_sndStamp
+        if age > max_age:
+            return f"stale: sent {age:.0f} s ago (events.max_age = {max_age:g} s)"
+    if isinstance(event, NextVisitCanceled):
+        return None
+    if event.instrument not in instrument_names():
+        return f"unknown instrument {event.instrument!r} (known: {', '.join(instrument_names())})"
+    if isinstance(event, NextVisit):
+        if event.coordinateSystem != CoordSys.ICRS:
+            return f"coordinateSystem is {event.coordinateSystem.name}, not ICRS: no sky position to process"
+        if event.dome == Dome.CLOSED:
+            return "dome CLOSED: no sky images"
+        return None
+    intent = event.intent
+    if intent in CALIBRATION_INTENTS:
+        return None if process_calibrations else f"{intent} image and events.process_calibrations is off"
+    if intent != "science":
+        return f"imageType {event.imageType!r} (intent {intent!r}) is not processed"
+    return None

@@ -1,0 +1,134 @@
+"""``apbatch status``: per-visit and per-CCD job states, from the ledger and the scheduler.
+
+The ledger holds the states the daemon last polled; unless ``live=False`` the scheduler is
+asked again for every unfinished job shown, and its answer is what is reported (the
+ledger itself is not written: the daemon owns it).
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+from typing import Any
+
+from ..backends.base import Backend, JobState
+from ..config import ApbatchConfig
+from ..ledger import UNFINISHED, Ledger
+
+__all__ = ["collect_status", "format_status"]
+
+_CCD_FIELDS = ("instrument", "group_id", "visit", "detector", "detector_name", "intent", "backend", "job_id",
+               "state", "exit_code", "attempts", "reason", "claimed_at", "submitted_at", "started_at",
+               "finished_at", "last_polled_at")
+
+
+def collect_status(config: ApbatchConfig, *, visit: int | None = None, group: str | None = None,
+                   instrument: str | None = None, live: bool = True, limit: int = 50,
+                   backend: Backend | None = None, ledger: Ledger | None = None) -> dict[str, Any]:
+    """Gather the report that :func:`format_status` prints (and ``--json`` dumps).
+
+    Returns
+    -------
+    report : `dict`
+        ``{"visits": [...], "ccds": [...] (only with visit/group), "live": bool, "live_error": str}``;
+        each visit has ``instrument, group_id, visit, intent, ccds, states`` (count per state),
+        ``claimed_at`` and ``last_finished_at``.
+    """
+    own_ledger = ledger is None
+    ledger = ledger or Ledger.from_config(config)
+    try:
+        if visit is not None or group is not None:
+            rows = ledger.rows(instrument=instrument, visit=visit, group_id=group)
+        else:
+            rows = []
+            for v in ledger.visits(instrument=instrument, limit=limit):
+                rows += ledger.rows(instrument=v["instrument"], group_id=v["group_id"])
+        report: dict[str, Any] = {"live": False, "live_error": ""}
+        if live and any(r["state"] in UNFINISHED and r["job_id"] for r in rows):
+            try:
+                _apply_live(config, rows, backend)
+                report["live"] = True
+            except Exception as exc:  # status must still show the ledger when the scheduler is down
+                report["live_error"] = f"{type(exc).__name__}: {exc}"
+        report["visits"] = _summarize(rows)
+        if visit is not None or group is not None:
+            report["ccds"] = [{k: r[k] for k in _CCD_FIELDS} for r in rows]
+        return report
+    finally:
+        if own_ledger:
+            ledger.close()
+
+
+def _apply_live(config: ApbatchConfig, rows: list[dict], backend: Backend | None) -> None:
+    if backend is None:
+        from ..backends import make_backend
+
+        backend = make_backend(config)
+    kind = backend.kind or type(backend).__name__
+    ids = [r["job_id"] for r in rows if r["state"] in UNFINISHED and r["job_id"] and r["backend"] == kind]
+    statuses = backend.status(ids) if ids else {}
+    for r in rows:
+        st = statuses.get(r["job_id"]) if r["backend"] == kind else None
+        if st is not None and r["state"] in UNFINISHED:
+            state = st.state
+            if state == JobState.COMPLETED and st.exit_code not in (None, 0):
+                state = JobState.FAILED
+            r.update(state=state.value, exit_code=st.exit_code, reason=st.reason or r["reason"])
+
+
+def _summarize(rows: list[dict]) -> list[dict[str, Any]]:
+    visits: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        key = (r["instrument"], r["group_id"])
+        v = visits.setdefault(key, {"instrument": r["instrument"], "group_id": r["group_id"],
+                                    "visit": r["visit"],
+                                        "intent": r["intent"], "ccds": 0, "states": collections.Counter(),
+                                        "claimed_at": r["claimed_at"], "last_finished_at": None})
+        v["ccds"] += 1
+        v["states"][r["state"]] += 1
+        v["claimed_at"] = min(v["claimed_at"], r["claimed_at"])
+        if r["finished_at"] is not None:
+            v["last_finished_at"] = max(v["last_finished_at"] or 0.0, r["finished_at"])
+    out = sorted(visits.values(), key=lambda v: v["claimed_at"], reverse=True)
+    for v in out:
+        v["states"] = dict(sorted(v["states"].items()))
+    return out
+
+
+def _when(t: float | None) -> str:
+    if t is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return [fmt.format(*header).rstrip()] + [fmt.format(*r).rstrip() for r in rows]
+
+
+def format_status(report: dict[str, Any]) -> str:
+    """Readable tables: one line per visit (counts per state), then one per CCD if selected."""
+    lines: list[str] = []
+    if not report["visits"]:
+        return "no submissions recorded"
+    lines += _table(["INSTRUMENT", "VISIT", "GROUP", "INTENT", "CCDS", "STATES", "CLAIMED (UTC)"],
+                    [[v["instrument"], str(v["visit"]), v["group_id"], v["intent"], str(v["ccds"]),
+                      " ".join(f"{s}={n}" for s, n in v["states"].items()), _when(v["claimed_at"])]
+                     for v in report["visits"]])
+    total = collections.Counter()
+    for v in report["visits"]:
+        total.update(v["states"])
+    lines.append(f"total: {len(report['visits'])} visit(s), {sum(total.values())} CCD(s): "
+                 + " ".join(f"{s}={n}" for s, n in sorted(total.items())))
+    if "ccds" in report:
+        lines.append("")
+        lines += _table(["DETECTOR", "NAME", "JOB", "STATE", "EXIT", "ATTEMPTS", "SUBMITTED", "FINISHED",
+                         "REASON"],
+                        [[str(c["detector"]), c["detector_name"], c["job_id"] or "-", c["state"],
+                          "-" if c["exit_code"] is None else str(c["exit_code"]), str(c["attempts"]),
+                          _when(c["submitted_at"]), _when(c["finished_at"]), (c["reason"] or "")[:60]]
+                         for c in report["ccds"]])
+    if report.get("live_error"):
+        lines.append(f"warning: scheduler not queried ({report['live_error']}); states are from the ledger")
+    return "\n".join(lines)

@@ -1,0 +1,226 @@
+"""Tests of apbatch.ledger: idempotent claims, submissions, states, events, dead letters."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import multiprocessing
+
+import apbatch.ledger as ledger_mod
+import pytest
+import sqlalchemy as sa
+from apbatch.backends.base import JobState, JobStatus, SubmittedJob
+from apbatch.errors import BadInputError
+from apbatch.ledger import CLAIMED, SUBMIT_FAILED, Ledger
+from apbatch.work import CcdWork
+from sqlalchemy.dialects import postgresql
+
+GROUP = "2025-06-10T07:31:26.692"
+
+
+def works(n: int = 5, group: str = GROUP, instrument: str = "LSSTCam", visit: int = 3294702866920000):
+    return [CcdWork(instrument=instrument, detector=d, detector_name=f"D{d:03d}", group_id=group, visit=visit,
+                    day_obs=20250609, intent="science", exposure_time=30.0, nimages=1, distributor="/d",
+                    ra=1.0, dec=2.0, rotation=3.0, physical_filter="r_57") for d in range(n)]
+
+
+@pytest.fixture
+def url(tmp_path):
+    return f"sqlite:///{tmp_path}/sub/ledger.sqlite3"
+
+
+@pytest.fixture
+def ledger(url):
+    led = Ledger.open(url)
+    yield led
+    led.close()
+
+
+def submit(ledger, ws, backend="fake", prefix="j", now=100.0):
+    jobs = [SubmittedJob(w, f"{prefix}{w.detector}") for w in ws]
+    ledger.record_submitted(jobs, backend, now=now)
+    return jobs
+
+
+def test_claim_once(ledger):
+    ws = works(5)
+    assert ledger.claim(ws, received_at=1.0, now=2.0) == ws
+    assert ledger.claim(ws) == []
+    more = works(8)
+    assert [w.detector for w in ledger.claim(more)] == [5, 6, 7]
+    rows = ledger.rows(group_id=GROUP)
+    assert len(rows) == 8 and all(r["state"] == CLAIMED and r["attempts"] == 0 for r in rows)
+    assert rows[0]["event_received_at"] == 1.0 and rows[0]["claimed_at"] == 2.0
+    assert CcdWork.from_dict(json.loads(rows[0]["work"])) == ws[0]
+
+
+def test_claim_survives_restart(url):
+    first = Ledger.open(url)
+    assert len(first.claim(works(3))) == 3
+    first.close()
+    second = Ledger.open(url)
+    assert second.claim(works(3)) == []
+    assert len(second.claim(works(3, group="2025-06-10T07:32:00.000"))) == 3
+    second.close()
+
+
+def _claim_in_process(url: str) -> int:
+    led = Ledger.open(url)
+    try:
+        return len(led.claim(works(189)))
+    finally:
+        led.close()
+
+
+def test_concurrent_claims_across_processes(url):
+    Ledger.open(url).close()
+    ctx = multiprocessing.get_context("fork")  # the parent holds no open connection
+    with concurrent.futures.ProcessPoolExecutor(4, mp_context=ctx) as pool:
+        counts = list(pool.map(_claim_in_process, [url] * 4))
+    assert sum(counts) == 189 and sorted(counts)[-1] == 189
+
+
+def test_sqlite_wal_and_busy_timeout(ledger):
+    with ledger.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+
+
+def test_bad_url():
+    with pytest.raises(BadInputError, match="ledger.url"):
+        Ledger.open("not a url")
+
+
+def test_unsupported_database():
+    engine = sa.create_engine("sqlite://")
+    engine.dialect.name = "oracle"
+    with pytest.raises(BadInputError, match="ledger.url: database 'oracle' is not supported"):
+        Ledger(engine)
+
+
+def test_record_submitted_and_states(ledger):
+    ws = works(3)
+    ledger.claim(ws)
+    submit(ledger, ws, now=100.0)
+    rows = ledger.rows(group_id=GROUP)
+    assert [r["job_id"] for r in rows] == ["j0", "j1", "j2"]
+    assert all(r["state"] == "PENDING" and r["attempts"] == 1 and r["backend"] == "fake"
+               and r["submitted_at"] == 100.0 for r in rows)
+    assert ledger.unfinished_job_ids("fake") == ["j0", "j1", "j2"]
+    assert ledger.unfinished_job_ids("slurm") == []
+
+    ledger.update_states({"j0": JobStatus("j0", JobState.RUNNING), "j1": JobStatus("j1", JobState.RUNNING)},
+                         "fake", now=110.0)
+    ledger.update_states({"j0": JobStatus("j0", JobState.COMPLETED, 0),
+                          "j1": JobStatus("j1", JobState.COMPLETED, 4, "exit 4"),
+                          "j2": JobStatus("j2", JobState.HELD, None, "held by admin")}, "fake", now=120.0)
+    by = {r["job_id"]: r for r in ledger.rows(group_id=GROUP)}
+    assert (by["j0"]["state"], by["j0"]["started_at"], by["j0"]["finished_at"]) == ("COMPLETED", 110.0, 120.0)
+    assert by["j1"]["state"] == "FAILED" and by["j1"]["exit_code"] == 4  # COMPLETED + non-zero exit = FAILED
+    assert by["j2"]["state"] == "HELD" and by["j2"]["reason"] == "held by admin"
+    assert by["j2"]["started_at"] is None and by["j2"]["last_polled_at"] == 120.0
+    # a finished row is not changed by a later report, and another backend's job ids are not touched
+    assert ledger.update_states({"j0": JobStatus("j0", JobState.RUNNING)}, "fake", now=130.0) == 0
+    assert ledger.update_states({"j2": JobStatus("j2", JobState.RUNNING)}, "slurm", now=130.0) == 0
+    assert ledger.unfinished_job_ids("fake") == ["j2"]
+
+
+def test_retriable(ledger):
+    ws = works(6)
+    ledger.claim(ws, now=1000.0)
+    submit(ledger, ws[:4])
+    ledger.update_states({
+        "j0": JobStatus("j0", JobState.FAILED, 4), "j1": JobStatus("j1", JobState.FAILED, 3),
+        "j2": JobStatus("j2", JobState.FAILED, 5), "j3": JobStatus("j3", JobState.COMPLETED, 0)}, "fake")
+    ledger.record_submit_failed([ws[4]], "sbatch: error: queue full")
+    # ws[5] is still CLAIMED: retried only once its claim is older than the claim timeout
+    assert [w.detector for w in ledger.retriable(3, claim_timeout=300, now=1100.0)] == [0, 1, 4]
+    assert [w.detector for w in ledger.retriable(3, claim_timeout=300, now=1400.0)] == [0, 1, 4, 5]
+    assert ledger.rows(detector=4)[0]["state"] == SUBMIT_FAILED
+    assert "queue full" in ledger.rows(detector=4)[0]["reason"]
+    # attempts count: one submission each so far -> none left with max_attempts=1
+    assert [w.detector for w in ledger.retriable(1, now=1100.0)] == []
+    ledger.disable_retry(GROUP)
+    assert ledger.retriable(3, now=1400.0) == []
+
+
+def test_resubmission_keeps_history(ledger):
+    ws = works(1)
+    ledger.claim(ws)
+    submit(ledger, ws, prefix="a")
+    ledger.update_states({"a0": JobStatus("a0", JobState.FAILED, 3)}, "fake")
+    submit(ledger, ws, prefix="b", now=200.0)
+    row = ledger.rows(detector=0)[0]
+    assert row["job_id"] == "b0" and row["attempts"] == 2 and row["state"] == "PENDING"
+    assert row["exit_code"] is None and row["finished_at"] is None
+    assert json.loads(row["job_history"]) == ["a0"]
+
+
+def test_mark_cancelled_and_visits(ledger):
+    ws = works(4)
+    other = works(2, group="2025-06-10T07:40:00.000", visit=3294703200000000)
+    ledger.claim(ws, now=10.0)
+    ledger.claim(other, now=20.0)
+    submit(ledger, ws)
+    ids = [r["id"] for r in ledger.rows(group_id=GROUP, detector=1)]
+    ledger.mark_cancelled(ids, "by test", now=50.0)
+    row = ledger.rows(detector=1, group_id=GROUP)[0]
+    assert row["state"] == "CANCELLED" and not row["retry"] and row["finished_at"] == 50.0
+    summary = ledger.visits()
+    assert [v["group_id"] for v in summary] == ["2025-06-10T07:40:00.000", GROUP]  # newest first
+    assert summary[1]["states"] == {"CANCELLED": 1, "PENDING": 3} and summary[1]["ccds"] == 4
+    assert summary[0]["states"] == {CLAIMED: 2}
+    assert ledger.rows(visit=3294703200000000, states=[CLAIMED])[0]["detector"] == 0
+    assert ledger.visits(instrument="LATISS") == []
+
+
+def test_group_id_with_shell_metacharacters_stored_verbatim(ledger):
+    nasty = "x'; DROP TABLE submissions; -- $(touch /tmp/p) `id` \"|&> é"
+    ws = works(2, group=nasty)
+    assert ledger.claim(ws) == ws
+    assert ledger.claim(ws) == []
+    assert {r["group_id"] for r in ledger.rows(group_id=nasty)} == {nasty}
+    assert len(ledger.rows()) == 2  # the table is still there
+
+
+def test_events_and_dead_letters(ledger):
+    payload = {"kind": "nextVisit", "groupId": GROUP, "position": [1, 2]}
+    ledger.record_event("nextVisit", payload, instrument="LSSTCam", group_id=GROUP, accepted=False,
+                        reason="dome")
+    assert ledger.find_event("nextVisit", "LSSTCam", GROUP) is None  # rejected events are not used
+    ledger.record_event("nextVisit", payload, instrument="LSSTCam", group_id=GROUP, accepted=True, source="s")
+    ledger.record_event("nextVisit", {**payload, "nimages": 2}, instrument="LSSTCam", group_id=GROUP,
+                        accepted=True)
+    assert json.loads(ledger.find_event("nextVisit", "LSSTCam", GROUP))["nimages"] == 2  # latest wins
+    assert ledger.find_event("nextVisit", "LATISS", GROUP) is None
+    assert [e["accepted"] for e in ledger.event_rows("nextVisit")] == [False, True, True]
+    ledger.record_dead_letter(b'{"broken', "event: malformed JSON", "spool:x.json#0", received_at=5.0)
+    dead = ledger.dead_letter_rows()
+    assert dead == [{"id": 1, "received_at": 5.0, "source": "spool:x.json#0",
+                     "error": "event: malformed JSON",
+                         "payload": '{"broken'}]
+
+
+def test_claim_of_nothing(ledger):
+    assert ledger.claim([]) == []
+    ledger.record_submitted([], "fake")
+    ledger.record_submit_failed([], "x")
+    assert ledger.update_states({}, "fake") == 0
+
+
+def test_postgresql_schema_and_claim_statement_compile():
+    """No PostgreSQL driver/server here: check the DDL and the claim's ON CONFLICT for that dialect."""
+    ddl = []
+    engine = sa.create_mock_engine("postgresql+psycopg2://", lambda sql, *a, **k: ddl.append(
+        str(sql.compile(dialect=engine.dialect))))
+    ledger_mod._md.create_all(engine, checkfirst=False)
+    text = "\n".join(ddl)
+    assert "CONSTRAINT uq_submissions_ccd UNIQUE (instrument, group_id, detector)" in text
+    assert "visit BIGINT NOT NULL" in text
+    c = ledger_mod.submissions.c
+    stmt = (postgresql.insert(ledger_mod.submissions)
+            .on_conflict_do_nothing(index_elements=["instrument", "group_id", "detector"])
+            .returning(c.instrument, c.group_id, c.detector))
+    sql = str(stmt.compile(dialect=postgresql.dialect()))
+    assert "ON CONFLICT (instrument, group_id, detector) DO NOTHING RETURNING" in sql
+    assert Ledger(engine)._insert is postgresql.insert

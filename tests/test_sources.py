@@ -1,0 +1,245 @@
+"""Tests of apbatch.sources: spool directory, stdin, Kafka (fake consumer and a real broker)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+import uuid
+
+import pytest
+from apbatch.config import load_config
+from apbatch.errors import BadInputError
+from apbatch.events import parse_event
+from apbatch.sources import make_source
+from apbatch.sources.kafka import KafkaSource, consumer_config
+from apbatch.sources.spool import SpoolSource, split_events
+from apbatch.sources.stdin import StdinSource
+
+
+def drop(directory, name, text, mtime=None):
+    """Write like a producer: temp name, then rename."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{name}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, directory / name)
+    if mtime is not None:
+        os.utime(directory / name, (mtime, mtime))
+
+
+# ---------------------------------------------------------------------------------- spool
+def test_split_events_formats():
+    assert split_events(b'{"a": 1}', ".json") == [{"a": 1}]
+    assert split_events(b'[{"a": 1}, {"b": 2}]', ".json") == [{"a": 1}, {"b": 2}]
+    assert split_events(b'{"a": 1}\n\n{"b": 2}\n', ".jsonl") == [{"a": 1}, {"b": 2}]
+    assert split_events(b'{"a": 1}\n{"b": 2}\n', ".json") == [{"a": 1}, {"b": 2}]  # JSON lines in .json
+    assert split_events(b'{"a": 1}\n{"b": \n', ".jsonl") == [{"a": 1}, '{"b": ']
+    assert split_events(b'{"a": ', ".json") == ['{"a": ']
+    assert split_events(b"", ".json") == [""]
+    assert split_events(b"\xff\xfe", ".json") == [b"\xff\xfe"]
+
+
+def test_spool_reads_oldest_first_and_moves_files(tmp_path):
+    spool = tmp_path / "incoming"
+    drop(spool, "b.json", '{"n": 2}', mtime=2000)
+    drop(spool, "a.jsonl", '{"n": 0}\n{"n": 1}\n', mtime=1000)
+    (spool / "c.json.tmp").write_text('{"n": 9}')  # being written: ignored
+    (spool / ".d.json").write_text('{"n": 9}')
+    (spool / "notes.txt").write_text("x")
+    src = SpoolSource(spool)
+    events = src.poll(0.0)
+    assert [e.payload for e in events] == [{"n": 0}, {"n": 1}, {"n": 2}]
+    assert [e.origin for e in events] == ["spool:a.jsonl#0", "spool:a.jsonl#1", "spool:b.json#0"]
+    assert src.poll(0.0) == []  # in flight: not delivered twice
+    src.ack(events[:1])
+    assert (spool / "a.jsonl").exists()  # one event of it still unacknowledged
+    src.ack(events[1:2])
+    src.ack(events[2:], ok=False)
+    assert (spool / "done" / "a.jsonl").exists() and (spool / "failed" / "b.json").exists()
+    assert sorted(p.name for p in spool.iterdir() if p.is_file()) == [".d.json", "c.json.tmp", "notes.txt"]
+
+
+def test_spool_restart_resumes_unacknowledged(tmp_path):
+    drop(tmp_path, "e.json", '[{"n": 1}, {"n": 2}]')
+    first = SpoolSource(tmp_path)
+    got = first.poll(0.0)
+    first.ack(got[:1])
+    first.close()  # "crash" before the second event was handled
+    second = SpoolSource(tmp_path)
+    again = second.poll(0.0)
+    assert [e.payload for e in again] == [{"n": 1}, {"n": 2}]  # the ledger makes the repeat harmless
+    second.ack(again)
+    assert (tmp_path / "done" / "e.json").exists()
+
+
+def test_spool_name_reused_by_producer(tmp_path):
+    src = SpoolSource(tmp_path)
+    for n in range(2):
+        drop(tmp_path, "same.json", json.dumps({"n": n}))
+        src.ack(src.poll(0.0))
+    assert sorted(json.loads(p.read_text())["n"] for p in (tmp_path / "done").iterdir()) == [0, 1]
+
+
+def test_spool_poll_waits_then_returns_empty(tmp_path):
+    src = SpoolSource(tmp_path / "new")
+    t0 = time.monotonic()
+    assert src.poll(0.3) == []
+    assert 0.25 <= time.monotonic() - t0 < 2.0
+    assert (tmp_path / "new").is_dir() and not src.exhausted
+
+
+def test_spool_max_batch(tmp_path):
+    for i in range(5):
+        drop(tmp_path, f"{i}.json", "{}", mtime=1000 + i)
+    src = SpoolSource(tmp_path, max_batch=2)
+    assert [e.origin for e in src.poll(0)] == ["spool:0.json#0", "spool:1.json#0"]
+    assert len(src.poll(0)) == 2 and len(src.poll(0)) == 1
+
+
+# ---------------------------------------------------------------------------------- stdin
+def test_stdin_lines_and_eof():
+    src = StdinSource(io.StringIO('{"n": 1}\n\n  \n{"n": 2}\nnot json\n'))
+    got = []
+    deadline = time.monotonic() + 5
+    while not src.exhausted and time.monotonic() < deadline:
+        got += src.poll(0.1)
+    assert [e.payload for e in got] == ['{"n": 1}', '{"n": 2}', "not json"]
+    assert [e.origin for e in got] == ["stdin:1", "stdin:4", "stdin:5"]
+    assert src.exhausted and src.poll(0.1) == []
+
+
+# ---------------------------------------------------------------------------------- kafka
+class FakeError:
+    def __init__(self, code):
+        self._code = code
+
+    def code(self):
+        return self._code
+
+    def __str__(self):
+        return f"error {self._code}"
+
+
+class FakeMessage:
+    def __init__(self, topic, partition, offset, value, error=None):
+        self._t, self._p, self._o, self._v, self._e = topic, partition, offset, value, error
+
+    def topic(self):
+        return self._t
+
+    def partition(self):
+        return self._p
+
+    def offset(self):
+        return self._o
+
+    def value(self):
+        return self._v
+
+    def error(self):
+        return self._e
+
+
+class FakeConsumer:
+    def __init__(self, batches):
+        self.batches = list(batches)
+        self.subscribed = None
+        self.commits = []
+        self.closed = False
+
+    def subscribe(self, topics):
+        self.subscribed = list(topics)
+
+    def consume(self, num_messages, timeout):
+        return self.batches.pop(0) if self.batches else []
+
+    def commit(self, offsets, asynchronous):
+        assert asynchronous is False
+        self.commits.append(sorted((o.topic, o.partition, o.offset) for o in offsets))
+
+    def close(self):
+        self.closed = True
+
+
+def test_kafka_source_with_fake_consumer():
+    from confluent_kafka import KafkaError
+
+    t = "lsst.sal.MTCamera.logevent_startIntegration"
+    consumer = FakeConsumer([[
+        FakeMessage(t, 0, 5, b'{"a": 1}'), FakeMessage(t, 1, 7, b'{"b": 2}'),
+        FakeMessage(t, 0, 6, b"oops"), FakeMessage(t, 0, -1, None, FakeError(KafkaError._PARTITION_EOF)),
+        FakeMessage(t, 0, -1, None, FakeError(KafkaError._TRANSPORT)),
+    ]])
+    cfg = load_config(environ={})
+    src = KafkaSource.from_config(cfg, consumer=consumer)
+    assert consumer.subscribed is None  # no I/O before the first poll
+    events = src.poll(0.1)
+    assert consumer.subscribed == cfg.source.kafka_topics
+    assert [e.payload for e in events] == [b'{"a": 1}', b'{"b": 2}', b"oops"]
+    assert events[0].topic == t and events[0].origin == f"kafka:{t}[0]@5"
+    src.ack(events[:2])
+    src.ack(events[2:], ok=False)  # bad events are handled (dead-lettered) too: committed
+    assert consumer.commits == [[(t, 0, 6), (t, 1, 8)], [(t, 0, 7)]]
+    src.close()
+    assert consumer.closed
+
+
+def test_kafka_consumer_config_secrets_from_env_and_file(tmp_path):
+    (tmp_path / "pw").write_text("s3cret\n")
+    cfg = load_config(environ={}, overrides={"root": str(tmp_path), "kafka": {
+        "bootstrap_servers": "b:9092", "security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
+        "password_file": "pw"}})
+    conf = consumer_config(cfg, environ={"APBATCH_KAFKA_USERNAME": "ap"})
+    assert conf["sasl.username"] == "ap" and conf["sasl.password"] == "s3cret"
+    assert conf["enable.auto.commit"] is False and conf["group.id"] == "apbatch-daemon"
+    env_pw = consumer_config(cfg, environ={"APBATCH_KAFKA_PASSWORD": "fromenv"})
+    assert env_pw["sasl.password"] == "fromenv"
+    plain = consumer_config(load_config(environ={}), environ={"APBATCH_KAFKA_PASSWORD": "x"})
+    assert "sasl.password" not in plain
+
+
+def test_make_source(tmp_path):
+    cfg = load_config(environ={}, overrides={"root": str(tmp_path)})
+    assert isinstance(make_source(cfg), SpoolSource)
+    assert make_source(cfg).directory == tmp_path / "events" / "incoming"
+    assert isinstance(make_source(cfg, "stdin", stream=io.StringIO("")), StdinSource)
+    assert isinstance(make_source(cfg, "kafka", consumer=FakeConsumer([])), KafkaSource)
+    with pytest.raises(BadInputError, match="source.kind"):
+        make_source(cfg, "carrier-pigeon")
+
+
+@pytest.mark.kafka
+def test_kafka_source_real_broker_commit_and_resume(kafka_broker):
+    from confluent_kafka import Producer
+
+    topic = f"lsst.sal.CCCamera.logevent_startIntegration.t{uuid.uuid4().hex[:8]}"
+    body = json.dumps({"imageName": "CC_O_20241108_000100", "imageIndex": 1, "imagesInSequence": 1,
+                       "exposureTime": 15.0, "imageDate": "20241108", "imageNumber": 100, "imageSource": "CC",
+                       "additionalKeys": "imageType", "additionalValues": "FLAT"})
+    producer = Producer({"bootstrap.servers": kafka_broker})
+    for _ in range(3):
+        producer.produce(topic, body.encode())
+    producer.flush(10)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    cfg = load_config(environ={}, overrides={"kafka": {"bootstrap_servers": kafka_broker}, "source": {
+        "kafka_topics": [topic], "kafka_group_id": group}})
+    extra = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000, "fetch.wait.max.ms": 10}
+
+    def read(n, deadline_s=30):
+        src = KafkaSource.from_config(cfg, extra=extra)
+        got, deadline = [], time.monotonic() + deadline_s
+        while len(got) < n and time.monotonic() < deadline:
+            got += src.poll(0.5)
+        return src, got
+
+    src, got = read(3)
+    assert len(got) == 3 and got[0].topic == topic
+    src.ack(got[:2])  # the third was "not handled" before the crash
+    src.close()
+    src2, again = read(1)
+    try:
+        assert [e.token[2] for e in again] == [got[2].token[2]]  # resumes after the last commit
+    finally:
+        src2.close()
+    assert parse_event(got[0].payload, topic=None).imageName == "CC_O_20241108_000100"  # bytes decode
