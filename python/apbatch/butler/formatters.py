@@ -1,0 +1,80 @@
+"""Butler formatters for apbatch's own Python types, and the repository config that names them.
+
+The classes are referred to by their full names in the repository's ``butler.yaml``
+(:data:`REPO_CONFIG`, written by :func:`apbatch.butler.repo.create_repo`), so they must be
+importable in every process that opens the repository; they import nothing heavy.
+
+* :class:`ImageFormatter`: `apbatch.image.Image` <-> FITS (``IMAGE``/``MASK``/``VARIANCE``).
+* :class:`RawFormatter`: camera raw FITS -> `apbatch.raw.RawExposure` (read; write for tests).
+* Metrics dicts use the butler's own ``JsonFormatter``; DataFrames its ``ParquetFormatter``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lsst.daf.butler import FormatterV2
+from lsst.resources import ResourcePath
+
+from .datasets import IMAGE_STORAGE_CLASS, METRICS_STORAGE_CLASS, RAW_STORAGE_CLASS
+
+__all__ = ["REPO_CONFIG", "ImageFormatter", "RawFormatter"]
+
+
+class ImageFormatter(FormatterV2):
+    """Reads and writes `apbatch.image.Image` as a FITS file (see `apbatch.image`)."""
+
+    default_extension = ".fits"
+    supported_extensions = frozenset({".fits"})
+    can_read_from_local_file = True
+    unsupported_parameters = None
+
+    def read_from_local_file(self, path: str, component: str | None = None, expected_size: int = -1) -> Any:
+        from ..image import read_image  # noqa: PLC0415 (astropy only when reading)
+
+        return read_image(path)
+
+    def write_local_file(self, in_memory_dataset: Any, uri: ResourcePath) -> None:
+        from ..image import write_image  # noqa: PLC0415
+
+        write_image(in_memory_dataset, uri.ospath)
+
+
+class RawFormatter(FormatterV2):
+    """Reads a camera raw (multi-extension FITS, one HDU per amplifier) as a `RawExposure`.
+
+    The instrument comes from the dataset's data ID, so simulated cameras read with the
+    geometry of the camera they simulate.
+    """
+
+    default_extension = ".fits"
+    supported_extensions = frozenset({".fits", ".fz", ".fits.fz"})
+    can_read_from_local_file = True
+    unsupported_parameters = None
+
+    def read_from_local_file(self, path: str, component: str | None = None, expected_size: int = -1) -> Any:
+        from ..raw import read_raw  # noqa: PLC0415
+
+        return read_raw(path, instrument=self.data_id["instrument"])
+
+    def write_local_file(self, in_memory_dataset: Any, uri: ResourcePath) -> None:
+        from ..raw import write_raw  # noqa: PLC0415
+
+        write_raw(in_memory_dataset, uri.ospath)
+
+
+REPO_CONFIG: dict[str, Any] = {
+    "storageClasses": {
+        IMAGE_STORAGE_CLASS: {"pytype": "apbatch.image.Image"},
+        RAW_STORAGE_CLASS: {"pytype": "apbatch.raw.RawExposure"},
+        METRICS_STORAGE_CLASS: {"pytype": "dict"},
+    },
+    "datastore": {
+        "formatters": {
+            IMAGE_STORAGE_CLASS: f"{__name__}.ImageFormatter",
+            RAW_STORAGE_CLASS: f"{__name__}.RawFormatter",
+            METRICS_STORAGE_CLASS: "lsst.daf.butler.formatters.json.JsonFormatter",
+        },
+    },
+}
+"""Overrides written into a new repository's ``butler.yaml``."""

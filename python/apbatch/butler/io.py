@@ -1,0 +1,354 @@
+"""`ButlerIO`: everything a per-CCD job reads from and writes to the butler.
+
+The raw read is the *distributor-backed butler get*: wait at the distributor until the
+CCD's raw file(s) are complete, ingest them (``transfer="direct"`` by default: the
+repository points at the distributor's file, nothing is copied), registering the
+exposure's dimension records if the night's registration did not, then ``butler.get``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from astropy.time import Time
+from lsst.daf.butler import (
+    Butler,
+    DatasetIdGenEnum,
+    DatasetRef,
+    FileDataset,
+    MissingCollectionError,
+    Timespan,
+)
+from lsst.daf.butler.registry import ConflictingDefinitionError
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from ..errors import BadInputError, RetriableError
+from ..instruments import get_instrument
+from ..raw import RawExposure, camera_name, read_raw_header, translate_header
+from . import datasets as ds
+from .repo import exposure_records, visit_records
+
+__all__ = ["ButlerIO"]
+
+log = logging.getLogger(__name__)
+
+_DB_ERRORS = (IntegrityError, OperationalError, ConflictingDefinitionError)
+
+
+def _retry_once(what: str, fn, *args, **kwargs):
+    """Run ``fn``; on a concurrent-insert database error wait a moment and run it once more."""
+    try:
+        return fn(*args, **kwargs)
+    except _DB_ERRORS as exc:
+        log.info("%s: %s; retrying once", what, type(exc).__name__)
+        time.sleep(0.05)
+        try:
+            return fn(*args, **kwargs)
+        except _DB_ERRORS as exc2:
+            raise RetriableError(f"{what} failed twice: {exc2}") from exc2
+
+
+def _as_time(when: Any) -> Time:
+    if isinstance(when, Time):
+        return when.tai
+    if isinstance(when, int | float):
+        return Time(float(when), format="mjd", scale="tai")
+    return Time(when, scale="tai")
+
+
+class ButlerIO:
+    """Butler reads and writes of one per-CCD job.
+
+    Lifetime: one per job process; not thread-safe (the butler it wraps is not).
+
+    Parameters
+    ----------
+    butler : `Butler`
+        Writeable butler on the repository (injected, so tests pass their own).
+    instrument : `str`
+        Butler instrument name.
+    collections : `str` or `list` [`str`], optional
+        Where inputs are searched; default ``<instrument>/defaults``.
+    transfer : `str`
+        Ingest mode for raws: ``"direct"`` (keep the distributor's file) or ``"copy"``.
+    skymap : `str`, optional
+        Sky-map name of the templates; default: the only ``skyMap`` in ``collections``.
+    """
+
+    def __init__(
+        self,
+        butler: Butler,
+        instrument: str,
+        *,
+        collections: str | Sequence[str] | None = None,
+        transfer: str = "direct",
+        skymap: str | None = None,
+    ):
+        if transfer not in ("direct", "copy", "move", "link", "symlink", "hardlink", "auto"):
+            raise BadInputError("transfer", f"unknown ingest mode {transfer!r}", "use direct or copy")
+        self.butler = butler
+        self.instrument = instrument
+        self.camera = get_instrument(camera_name(instrument))
+        self.collections = (
+            [collections]
+            if isinstance(collections, str)
+            else list(collections or [ds.defaults_collection(instrument)])
+        )
+        self.transfer = transfer
+        self._skymap_name = skymap
+        self._skymap: Any = None
+
+    # ------------------------------------------------------------------ raws
+    def get_raw_blocking(
+        self,
+        group_or_obs_ids: str | Sequence[str],
+        detector: int | str,
+        nimages: int,
+        distributor_client: Any,
+        timeout: float,
+        *,
+        group_id: str | None = None,
+        allow_partial: bool = False,
+    ) -> list[RawExposure]:
+        """Wait for a CCD's raw(s) at the distributor, ingest them, and read them back.
+
+        Parameters
+        ----------
+        group_or_obs_ids : `str` or `list` [`str`]
+            The group id (dynamic mode: image names not yet known), or the image names.
+        detector : `int` or `str`
+            Detector id or name.
+        nimages : `int`
+            Number of snaps to wait for when only the group is known.
+        distributor_client : `apbatch.distributor.client.DistributorClient`
+            Where the raws arrive.
+        timeout : `float`
+            Seconds to wait in all.
+        group_id : `str`, optional
+            The group, when ``group_or_obs_ids`` are image names.
+        allow_partial : `bool`
+            Return what arrived by the deadline (at least one raw).
+
+        Returns
+        -------
+        raws : `list` [`RawExposure`]
+            In snap order.
+
+        Raises
+        ------
+        RawTimeoutError
+            Raised if the raw(s) did not arrive in time; nothing was written.
+        BadInputError
+            Raised if a raw's header belongs to another instrument or detector.
+        RetriableError
+            Raised if registering the exposure failed twice on concurrent inserts.
+        """
+        det = self.camera.detector(detector)
+        if isinstance(group_or_obs_ids, str):
+            group, names = group_or_obs_ids, ()
+        else:
+            names = tuple(group_or_obs_ids)
+            group = group_id or ""
+        if not group:
+            raise BadInputError("group", "needed to find raws at the distributor", "pass group_id=")
+        paths = distributor_client.wait_for_raws(
+            self.instrument,
+            group,
+            det.name,
+            nimages,
+            image_names=names,
+            timeout=timeout,
+            allow_partial=allow_partial,
+        )
+        return [self.butler.get(self.ingest_raw(p, det.id)) for p in paths]
+
+    def ingest_raw(self, path: str | Path, detector: int | None = None) -> DatasetRef:
+        """Ingest one raw file (registering its exposure if needed); returns its ref.
+
+        Re-ingesting a raw already in the repository returns the existing ref.
+        """
+        meta = translate_header(read_raw_header(path), self.instrument)
+        if meta.instrument != self.instrument or (detector is not None and meta.detector != detector):
+            raise BadInputError(
+                str(path),
+                f"is {meta.instrument} detector {meta.detector}, "
+                f"expected {self.instrument} detector {detector}",
+                "check the distributor",
+            )
+        data_id = {"instrument": meta.instrument, "detector": meta.detector, "exposure": meta.exposure_id}
+        run = ds.raw_run(self.instrument)
+        existing = self.butler.find_dataset(ds.RAW, data_id, collections=run)
+        if existing is not None:
+            return existing
+        self.ensure_exposure(meta)
+        ref = DatasetRef(
+            self.butler.get_dataset_type(ds.RAW),
+            self.butler.registry.expandDataId(data_id),
+            run=run,
+            id_generation_mode=DatasetIdGenEnum.DATAID_TYPE_RUN,
+        )
+        try:
+            self.butler.ingest(FileDataset(str(Path(path).absolute()), ref), transfer=self.transfer)
+        except _DB_ERRORS:  # a rerun of this job ingested it at the same moment
+            found = self.butler.find_dataset(ds.RAW, data_id, collections=run)
+            if found is None:
+                raise
+            return found
+        return ref
+
+    def ensure_exposure(self, meta: Any) -> bool:
+        """Insert the exposure's (and its visit's) records if missing; `True` if anything was added.
+
+        Existing records are left as they are (the night's registration may have predicted
+        slightly different times); concurrent inserts of the same records are retried once.
+        """
+        registry = self.butler.registry
+        if list(
+            registry.queryDimensionRecords("exposure", instrument=meta.instrument, exposure=meta.exposure_id)
+        ):
+            return False
+        recs = exposure_records(meta)
+        visits, definitions, members = visit_records([meta])
+
+        def insert():
+            with registry.transaction():
+                for element in ("day_obs", "group", "exposure"):
+                    registry.insertDimensionData(element, recs[element], skip_existing=True)
+                registry.insertDimensionData("visit", *visits, skip_existing=True)
+                registry.insertDimensionData("visit_definition", *definitions, skip_existing=True)
+                registry.insertDimensionData("visit_system_membership", *members, skip_existing=True)
+
+        _retry_once(f"registering exposure {meta.obs_id}", insert)
+        return True
+
+    # ------------------------------------------------------------------ calibrations, templates
+    def get_calib(self, kind: str, detector: int | str, when: Any, physical_filter: str | None = None) -> Any:
+        """The ``bias`` or ``flat`` of a detector valid at ``when``, or `None` if there is none.
+
+        Parameters
+        ----------
+        kind : `str`
+            ``"bias"`` or ``"flat"``.
+        detector : `int` or `str`
+            Detector id or name.
+        when : `float`, `astropy.time.Time` or `str`
+            Time of the exposure: MJD (TAI), a `Time`, or an ISO string (TAI).
+        physical_filter : `str`, optional
+            Needed for ``flat`` (flats are per filter).
+
+        Raises
+        ------
+        BadInputError
+            Raised if ``kind`` is not a calibration, or a flat is asked for without a filter.
+        """
+        if kind not in ds.CALIBRATIONS:
+            raise BadInputError("kind", f"{kind!r} is not a calibration", f"use one of {ds.CALIBRATIONS}")
+        data_id = {"instrument": self.instrument, "detector": self.camera.detector(detector).id}
+        if kind == ds.FLAT:
+            if not physical_filter:
+                raise BadInputError(
+                    "physical_filter", "needed to find a flat", "pass the raw's physical_filter"
+                )
+            data_id["physical_filter"] = physical_filter
+        ref = self.butler.find_dataset(
+            kind, data_id, collections=self.collections, timespan=Timespan.fromInstant(_as_time(when))
+        )
+        return None if ref is None else self.butler.get(ref)
+
+    def skymap(self) -> Any:
+        """The `apbatch.skymap.SkyMap` the templates are defined on (read once)."""
+        if self._skymap is None:
+            from ..skymap import SkyMap  # noqa: PLC0415
+
+            if self._skymap_name is None:
+                refs = self.butler.query_datasets(ds.SKYMAP, collections=self.collections, explain=False)
+                if len(refs) != 1:
+                    raise BadInputError(
+                        "skymap",
+                        f"{len(refs)} sky maps in {self.collections}",
+                        "ingest templates with their sky map, or name the sky map",
+                    )
+                ref = refs[0]
+                self._skymap_name = ref.dataId["skymap"]
+            else:
+                ref = self.butler.find_dataset(
+                    ds.SKYMAP, skymap=self._skymap_name, collections=self.collections
+                )
+                if ref is None:
+                    raise BadInputError("skymap", f"no sky map {self._skymap_name!r} in {self.collections}")
+            self._skymap = SkyMap.from_dict(self.butler.get(ref))
+        return self._skymap
+
+    def get_templates(self, corners: Any, band: str) -> list[Any]:
+        """Template patches of ``band`` overlapping the sky polygon ``corners`` ((N, 2) RA/Dec deg).
+
+        Returns an empty list when there is no sky map or no template there.
+        """
+        try:
+            skymap = self.skymap()
+        except BadInputError as exc:
+            log.warning("no templates: %s", exc)
+            return []
+        out = []
+        for info in skymap.patches_overlapping(corners):
+            tract, patch = info.tract, info.patch
+            ref = self.butler.find_dataset(
+                ds.TEMPLATE,
+                skymap=self._skymap_name,
+                tract=tract,
+                patch=patch,
+                band=band,
+                collections=self.collections,
+            )
+            if ref is not None:
+                out.append(self.butler.get(ref))
+        return out
+
+    # ------------------------------------------------------------------ outputs
+    def put_outputs(
+        self,
+        visit: int,
+        detector: int | str,
+        calexp: Any = None,
+        diffim: Any = None,
+        dia_sources: Any = None,
+        metrics: dict | None = None,
+        run: str | None = None,
+    ) -> list[DatasetRef]:
+        """Store a CCD's outputs (``None`` ones are skipped), replacing those of an earlier attempt.
+
+        ``run`` defaults to ``<instrument>/prompt/<day_obs of the visit>``; it is created if
+        missing (it should have been, by ``apbatch repo register``).
+        """
+        det = self.camera.detector(detector)
+        data_id = {"instrument": self.instrument, "visit": int(visit), "detector": det.id}
+        if run is None:
+            rec = next(iter(self.butler.registry.queryDimensionRecords("visit", dataId=data_id)), None)
+            if rec is None:
+                raise BadInputError("visit", f"{visit} is not registered", "register the night first")
+            run = ds.output_run(self.instrument, rec.day_obs)
+        refs = []
+        for name, obj in (
+            (ds.CALEXP, calexp),
+            (ds.DIFFIM, diffim),
+            (ds.DIA_SOURCES, dia_sources),
+            (ds.METRICS, metrics),
+        ):
+            if obj is not None:
+                refs.append(self._put(obj, name, data_id, run))
+        return refs
+
+    def _put(self, obj: Any, name: str, data_id: dict, run: str) -> DatasetRef:
+        old = None
+        try:
+            old = self.butler.find_dataset(name, data_id, collections=run)
+        except MissingCollectionError:
+            log.warning("output run %s missing: creating it (register runs before jobs start)", run)
+            _retry_once(f"creating run {run}", self.butler.collections.register, run)
+        if old is not None:
+            self.butler.pruneDatasets([old], disassociate=True, unstore=True, purge=True)
+        return self.butler.put(obj, name, data_id, run=run)
