@@ -1,0 +1,537 @@
+"""Association with the Alert Production Database (APDB, ``lsst-dax-apdb``).
+
+The per-CCD job loads the DiaObjects of the CCD's padded sky region, associates its new
+DiaSources with them (nearest neighbour, one-to-one, within a radius), creates DiaObjects for
+the rest, recomputes the summaries of every touched object from its recent history, measures
+forced photometry of every object on the difference and science images, and stores all of it
+with ``Apdb.store`` in one transaction, in DPDD form (``lsst-sdm-schemas`` ``apdb.yaml``).
+Nothing is written before :meth:`Association.store`; a retry first asks
+``containsVisitDetector`` (see :mod:`apbatch.job.alerts` for the whole sequence).
+
+Identifiers
+-----------
+``diaSourceId``, ``diaForcedSourceId`` and new ``diaObjectId`` values are packed from visit,
+detector and a per-CCD index (:func:`pack_id`); a new DiaObject takes the id of the DiaSource
+that created it. Bit layout of the positive int64 (most significant first)::
+
+    bit  63      0 (sign)
+    bit  62      visit form: 0 = group-time visit id, 1 = exposure-style visit id
+    bits 61..29  visit key, 33 bits
+    bits 28..21  detector, 8 bits (0-255; LSSTCam uses 0-204, its 189 science CCDs 0-188)
+    bit  20      kind: 0 = DiaSource (and the DiaObject it creates), 1 = DiaForcedSource
+    bits 19..0   index of the source on this CCD and visit, 20 bits (0-1,048,575)
+
+Visit key: a group-time visit id (:func:`apbatch.ids.visit_id_from_group`, ``SSSSSSSSSmmmNNNN``:
+seconds since 2015-01-01 TAI, milliseconds, ``#N`` suffix) packs as ``seconds << 2 | N``
+(seconds < 2**31, i.e. until 2083; N < 4); an exposure-style id ``YYYYMMDDnnnnn`` packs as
+``days_since_2015 * 100000 + n`` (< 2**33, i.e. 235 years). Two visits of one instrument never
+start in the same second with the same suffix (a visit takes >= 15 s + 2 s readout), so
+distinct visits have distinct keys; detector and index have their own fields, and forced and
+direct sources their own kind bit: ids of one instrument cannot collide. One APDB per
+instrument, as in Rubin operations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import astropy.time
+import numpy as np
+import pandas as pd
+from lsst import sphgeom
+from scipy.spatial import cKDTree
+
+from ..errors import BadInputError, NonRetriableError, RetriableError
+from ..image import Image, MaskBits
+
+__all__ = [
+    "Association",
+    "AssociationResult",
+    "BANDS",
+    "CcdVisit",
+    "create_apdb",
+    "forced_photometry",
+    "open_apdb",
+    "pack_id",
+    "unpack_id",
+]
+
+_LOG = logging.getLogger(__name__)
+BANDS = ("u", "g", "r", "i", "z", "y")
+_EPOCH_DAY = datetime.date(2015, 1, 1)
+_REQUIRED = ("x", "y", "ra", "dec", "psfFlux", "psfFluxErr")
+_BAD_PIXELS = int(MaskBits.BAD | MaskBits.NO_DATA | MaskBits.SAT)
+
+
+# ------------------------------------------------------------------ database creation
+def create_apdb(url: str, config_path: str | Path):
+    """Create an APDB with the ``lsst-sdm-schemas`` schema and write its config file.
+
+    Parameters
+    ----------
+    url : `str`
+        SQLAlchemy URL: ``sqlite:////abs/path.sqlite3`` or ``postgresql+psycopg2://...``
+        (a plain ``postgresql://`` is taken as psycopg2).
+    config_path : `str` or `Path`
+        Where to write the dax_apdb config (YAML); must not exist yet.
+
+    Returns
+    -------
+    config : `lsst.dax.apdb.ApdbSqlConfig`
+        The configuration that was written.
+
+    Raises
+    ------
+    BadInputError
+        Raised if the URL scheme is not supported or the config file already exists.
+    """
+    from lsst.dax.apdb import ApdbSql
+
+    config_path = Path(config_path)
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme == "postgresql":
+        url = "postgresql+psycopg2://" + url.split("://", 1)[1]
+    elif scheme not in ("sqlite", "postgresql+psycopg2"):
+        raise BadInputError("apdb.url", f"unsupported database URL scheme {scheme or url!r}",
+                            "use sqlite:///PATH or postgresql+psycopg2://USER@HOST/DB")
+    if config_path.exists():
+        raise BadInputError("apdb.config_file", f"{config_path} already exists",
+                            "remove it or choose another --config-file")
+    if scheme == "sqlite":
+        db_file = url[len("sqlite:///"):]
+        if db_file and ":memory:" not in db_file:
+            Path(db_file).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        config = ApdbSql.init_database(db_url=url, dia_object_index="last_object_table")
+    except Exception as exc:  # a database the user pointed us at refused: one line, their fix
+        raise BadInputError("apdb.url", f"cannot create the APDB: {str(exc).splitlines()[0]}",
+                            "check the URL, credentials and that the server is running") from None
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{config_path.name}.", suffix=".tmp", dir=config_path.parent)
+    os.close(fd)
+    try:
+        config.save(tmp)
+        os.replace(tmp, config_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return config
+
+
+def open_apdb(config_path: str | Path):
+    """Open the APDB described by a config file written by :func:`create_apdb`.
+
+    Raises
+    ------
+    BadInputError
+        Raised if the file does not exist.
+    """
+    from lsst.dax.apdb import Apdb
+
+    if not Path(config_path).is_file():
+        raise BadInputError("apdb.config_file", f"no APDB config {str(config_path)!r}",
+                            "create one with: apbatch apdb create")
+    return Apdb.from_uri(str(config_path))
+
+
+# ------------------------------------------------------------------ identifiers
+def _visit_key(visit: int) -> tuple[int, int]:
+    if visit >= 10**14:  # group-time form: seconds, milliseconds (3 digits), suffix (4 digits)
+        seconds, suffix = visit // 10**7, visit % 10**4
+        if seconds >= 2**31 or suffix >= 4:
+            raise BadInputError("visit", f"{visit} cannot be packed into a source id",
+                                "group-id suffix must be 0-3 and the time before 2083")
+        return 0, (seconds << 2) | suffix
+    try:
+        day = datetime.datetime.strptime(str(visit // 100_000), "%Y%m%d").date()
+    except ValueError:
+        day = None
+    if day is None or day < _EPOCH_DAY:
+        raise BadInputError("visit", f"{visit} is neither a group-time nor an exposure-style visit id",
+                            "expected e.g. 3702781866920000 or 2025060900578")
+    return 1, (day - _EPOCH_DAY).days * 100_000 + visit % 100_000
+
+
+def pack_id(visit: int, detector: int, index, forced: bool = False):
+    """Deterministic 63-bit id of a source (see the module docstring for the layout).
+
+    Parameters
+    ----------
+    visit, detector : `int`
+        The CCD-visit.
+    index : `int` or `numpy.ndarray`
+        Index (or indices) of the source in this CCD-visit, 0 to 2**20 - 1.
+    forced : `bool`
+        `True` for DiaForcedSource ids.
+
+    Raises
+    ------
+    BadInputError
+        Raised if a field does not fit.
+    """
+    form, key = _visit_key(int(visit))
+    if not 0 <= detector < 256:
+        raise BadInputError("detector", f"{detector} does not fit in 8 bits")
+    idx = np.asarray(index, dtype=np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= 2**20):
+        raise BadInputError("dia_sources", "more than 1,048,576 sources on one CCD", "check detection")
+    base = (form << 62) | (key << 29) | (int(detector) << 21) | (int(forced) << 20)
+    out = np.int64(base) + idx
+    return int(out) if out.ndim == 0 else out
+
+
+def unpack_id(value: int) -> dict[str, int]:
+    """Inverse of :func:`pack_id`: form, visit key, detector, forced, index."""
+    return {"form": value >> 62 & 1, "visit_key": value >> 29 & (2**33 - 1), "detector": value >> 21 & 255,
+            "forced": value >> 20 & 1, "index": value & (2**20 - 1)}
+
+
+# ------------------------------------------------------------------ the CCD-visit
+@dataclasses.dataclass(frozen=True)
+class CcdVisit:
+    """What association needs to know about one CCD of one visit.
+
+    ``corners`` are the CCD's padded sky corners, (4, 2) degrees, e.g. from
+    ``get_instrument(i).footprint(det, ra, dec, rot, pad_arcsec)``.
+    """
+
+    instrument: str
+    visit: int
+    detector: int
+    band: str
+    midpoint_mjd_tai: float
+    corners: tuple[tuple[float, float], ...]
+    exposure_time: float | None = None
+
+    @property
+    def region(self) -> sphgeom.ConvexPolygon:
+        """The padded CCD region as a sphgeom polygon."""
+        return sphgeom.ConvexPolygon([sphgeom.UnitVector3d(sphgeom.LonLat.fromDegrees(float(r), float(d)))
+                                      for r, d in self.corners])
+
+    @property
+    def visit_time(self) -> astropy.time.Time:
+        """Visit midpoint as an astropy time (TAI)."""
+        return astropy.time.Time(self.midpoint_mjd_tai, format="mjd", scale="tai")
+
+    @property
+    def name(self) -> str:
+        """``<instrument>/<visit>/<detector:03d>``: names spool and alert files."""
+        return f"{self.instrument}/{self.visit}/{self.detector:03d}"
+
+
+@dataclasses.dataclass
+class AssociationResult:
+    """Everything one CCD-visit contributes to the APDB, plus the history alerts need.
+
+    ``objects`` holds one updated (or new) DiaObject per DiaSource's object, ``sources`` the
+    new DiaSources (``diaObjectId`` set), ``forced`` this visit's DiaForcedSources,
+    ``prv_sources``/``prv_forced`` the earlier history of the touched objects.
+    """
+
+    ccd: CcdVisit
+    objects: pd.DataFrame
+    sources: pd.DataFrame
+    forced: pd.DataFrame
+    prv_sources: pd.DataFrame
+    prv_forced: pd.DataFrame
+    n_new_objects: int = 0
+
+
+def _now_mjd_tai() -> float:
+    return float(astropy.time.Time.now().tai.mjd)
+
+
+def forced_photometry(image: Image, x: np.ndarray, y: np.ndarray, fwhm_pix: float
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """PSF-weighted flux of a Gaussian PSF at (x, y), all positions at once.
+
+    flux = sum(P D / V) / sum(P^2 / V), err = 1 / sqrt(sum(P^2 / V)), with P the unit-sum
+    Gaussian centred at the sub-pixel position; pixels that are masked BAD/SAT/NO_DATA or have
+    no positive variance get zero weight. Units are those of the image (nJy for apbatch).
+    """
+    n = len(x)
+    if n == 0:
+        return np.zeros(0), np.zeros(0)
+    sigma = fwhm_pix / 2.3548
+    half = max(2, int(np.ceil(3 * sigma)))
+    offs = np.arange(-half, half + 1)
+    xc, yc = np.rint(x).astype(np.int64), np.rint(y).astype(np.int64)
+    ny, nx = image.shape
+    xs = xc[:, None, None] + offs[None, None, :]
+    ys = yc[:, None, None] + offs[None, :, None]
+    inside = (xs >= 0) & (xs < nx) & (ys >= 0) & (ys < ny)
+    xi, yi = np.clip(xs, 0, nx - 1), np.clip(ys, 0, ny - 1)
+    data = image.image[yi, xi].astype(np.float64)
+    var = image.variance[yi, xi].astype(np.float64)
+    good = inside & np.isfinite(data) & (var > 0) & ((image.mask[yi, xi] & _BAD_PIXELS) == 0)
+    dx, dy = xs - x[:, None, None], ys - y[:, None, None]
+    psf = np.exp(-0.5 * (dx * dx + dy * dy) / sigma**2)
+    psf /= psf.sum(axis=(1, 2), keepdims=True)
+    w = np.where(good, psf / np.where(good, var, 1.0), 0.0)
+    denom = (w * psf).sum(axis=(1, 2))
+    num = (w * np.where(good, data, 0.0)).sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, num / denom, np.nan), np.where(denom > 0, 1.0 / np.sqrt(denom), np.nan)
+
+
+def _wmean(values: pd.Series, errors: pd.Series, keys: list) -> pd.DataFrame:
+    """Inverse-variance weighted mean and its error per group (NaN where no valid point)."""
+    w = 1.0 / errors.astype(float) ** 2
+    ok = np.isfinite(w) & np.isfinite(values.astype(float)) & (w > 0)
+    frame = pd.DataFrame({"w": w.where(ok, 0.0), "wv": (w * values).where(ok, 0.0)})
+    sums = frame.groupby(keys).sum()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return pd.DataFrame({"mean": sums["wv"] / sums["w"], "err": 1.0 / np.sqrt(sums["w"])}).replace(
+            [np.inf, -np.inf], np.nan)
+
+
+def _empty_like(df: pd.DataFrame | None) -> pd.DataFrame:
+    return pd.DataFrame() if df is None else df.iloc[:0]
+
+
+class Association:
+    """Loads, associates and stores one CCD-visit at a time in an injected APDB.
+
+    Parameters
+    ----------
+    apdb : `lsst.dax.apdb.Apdb`
+        An open APDB (``last_object_table`` index mode).
+    history_days : `float`
+        How far back DiaSource/DiaForcedSource history is read (summaries and alerts).
+    radius_arcsec : `float`
+        Default association radius.
+
+    Notes
+    -----
+    Holds no per-visit state; safe to reuse across visits, not across threads (the APDB's
+    engine is shared).
+    """
+
+    def __init__(self, apdb, *, history_days: float = 365.0, radius_arcsec: float = 1.0):
+        self.apdb = apdb
+        self.history_days = float(history_days)
+        self.radius_arcsec = float(radius_arcsec)
+
+    # ---------------------------------------------------------------- reading
+    def load_objects(self, region: sphgeom.Region) -> pd.DataFrame:
+        """Latest DiaObjects inside ``region`` (the APDB may return a superset; trimmed here)."""
+        objects = self.apdb.getDiaObjects(region)
+        if len(objects):
+            keep = region.contains(np.radians(objects["ra"].to_numpy(float)),
+                                   np.radians(objects["dec"].to_numpy(float)))
+            objects = objects[np.asarray(keep, bool)]
+        return objects.reset_index(drop=True)
+
+    def load_history(self, object_ids, visit_time: astropy.time.Time, region: sphgeom.Region | None = None
+                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Recent DiaSources and DiaForcedSources of the given objects (``history_days`` back)."""
+        start = visit_time - astropy.time.TimeDelta(self.history_days, format="jd")
+        ids = [int(i) for i in object_ids]
+        region = region if region is not None else sphgeom.Box.full()
+        sources = self.apdb.getDiaSources(region, ids, visit_time, start_time=start)
+        forced = self.apdb.getDiaForcedSources(region, ids, visit_time, start_time=start)
+        return sources.reset_index(drop=True), forced.reset_index(drop=True)
+
+    def load(self, region: sphgeom.Region, visit_time: astropy.time.Time
+             ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+        """DiaObjects in ``region`` and their recent DiaSources and DiaForcedSources."""
+        objects = self.load_objects(region)
+        sources, forced = self.load_history(objects["diaObjectId"], visit_time, region)
+        return objects, sources, forced
+
+    # ---------------------------------------------------------------- matching
+    @staticmethod
+    def associate(dia_sources: pd.DataFrame, objects: pd.DataFrame, radius_arcsec: float) -> np.ndarray:
+        """One-to-one nearest-neighbour match of sources to objects within ``radius_arcsec``.
+
+        Candidate pairs are taken closest first, each source and object at most once.
+
+        Returns
+        -------
+        match : `numpy.ndarray`
+            For each source, the row of ``objects`` it belongs to, or -1 if none.
+        """
+        match = np.full(len(dia_sources), -1, dtype=np.int64)
+        if len(dia_sources) == 0 or len(objects) == 0:
+            return match
+
+        def unit(df):
+            ra, dec = np.radians(df["ra"].to_numpy(float)), np.radians(df["dec"].to_numpy(float))
+            return np.column_stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)])
+
+        chord = 2.0 * np.sin(np.radians(radius_arcsec / 3600.0) / 2.0)
+        pairs = cKDTree(unit(dia_sources)).sparse_distance_matrix(
+            cKDTree(unit(objects)), chord, output_type="ndarray")
+        used = np.zeros(len(objects), dtype=bool)
+        for k in np.argsort(pairs["v"], kind="stable"):
+            i, j = pairs["i"][k], pairs["j"][k]
+            if match[i] < 0 and not used[j]:
+                match[i], used[j] = j, True
+        return match
+
+    # ---------------------------------------------------------------- the whole CCD
+    def run(self, ccd: CcdVisit, dia_sources: pd.DataFrame, difference: Image, science: Image,
+            psf_fwhm_pix: float, radius_arcsec: float | None = None) -> AssociationResult:
+        """Load, associate, summarise and measure one CCD-visit; stores nothing.
+
+        Raises
+        ------
+        BadInputError
+            Raised if ``dia_sources`` lacks a required column or ``psf_fwhm_pix`` is not positive.
+        RetriableError
+            Raised if the APDB cannot be read.
+        """
+        missing = [c for c in _REQUIRED if c not in dia_sources.columns]
+        if missing:
+            raise BadInputError(f"dia_sources.{missing[0]}", "column missing", "measure it in the DIA step")
+        if not psf_fwhm_pix or psf_fwhm_pix <= 0:
+            raise BadInputError("psf_fwhm_pix", f"{psf_fwhm_pix!r} is not a positive PSF FWHM")
+        radius = self.radius_arcsec if radius_arcsec is None else radius_arcsec
+        region, visit_time = ccd.region, ccd.visit_time
+        try:
+            objects = self.load_objects(region)
+            match = self.associate(dia_sources, objects, radius)
+            matched_ids = objects["diaObjectId"].to_numpy(np.int64)[match[match >= 0]]
+            prv_sources, prv_forced = self.load_history(matched_ids, visit_time, region)
+        except BadInputError:
+            raise
+        except Exception as exc:
+            raise RetriableError(f"APDB read failed: {exc}") from exc
+        now = _now_mjd_tai()
+        sources = self._dpdd_sources(ccd, dia_sources, now)
+        obj_ids = sources["diaSourceId"].to_numpy(np.int64).copy()
+        obj_ids[match >= 0] = matched_ids
+        sources["diaObjectId"] = obj_ids
+        prev = objects.set_index("diaObjectId")
+        new_objects = pd.DataFrame({"diaObjectId": sources["diaObjectId"][match < 0],
+                                    "ra": sources["ra"][match < 0], "dec": sources["dec"][match < 0]})
+        on_ccd = pd.concat([objects[["diaObjectId", "ra", "dec"]], new_objects], ignore_index=True)
+        forced = self._forced(ccd, on_ccd, difference, science, psf_fwhm_pix, now)
+        summaries = self._summaries(ccd, sources, prv_sources, prv_forced, forced, prev)
+        return AssociationResult(ccd, summaries, sources, forced, prv_sources, prv_forced,
+                                 int((match < 0).sum()))
+
+    def _dpdd_sources(self, ccd: CcdVisit, cat: pd.DataFrame, now: float) -> pd.DataFrame:
+        from lsst.dax.apdb import ApdbTables
+
+        columns = [c.name for c in self.apdb.tableDef(ApdbTables.DiaSource).columns]
+        out = cat[[c for c in cat.columns if c in columns]].reset_index(drop=True).copy()
+        n = len(out)
+        out["diaSourceId"] = pack_id(ccd.visit, ccd.detector, np.arange(n))
+        out["visit"], out["detector"] = ccd.visit, ccd.detector
+        out["band"], out["midpointMjdTai"], out["timeProcessedMjdTai"] = ccd.band, ccd.midpoint_mjd_tai, now
+        if ccd.exposure_time is not None:
+            out["exposureTime"] = ccd.exposure_time
+        for col in ("psfNdata", "trailNdata", "dipoleNdata", "bboxSize"):
+            out[col] = out[col].fillna(0).astype(np.int64) if col in out else 0
+        flags = [c for c in out.columns if c.startswith("pixelFlags_")]
+        if flags:
+            out["pixelFlags"] = out[flags].fillna(False).astype(bool).any(axis=1)
+        return out
+
+    def _forced(self, ccd, objects, difference, science, fwhm, now) -> pd.DataFrame:
+        objects = objects.sort_values("diaObjectId", kind="stable").reset_index(drop=True)
+        if len(objects):
+            x, y = difference.wcs.world_to_pixel_values(objects["ra"].to_numpy(float),
+                                                        objects["dec"].to_numpy(float))
+            ny, nx = difference.shape
+            on = (x >= -0.5) & (x < nx - 0.5) & (y >= -0.5) & (y < ny - 0.5)
+            objects, x, y = objects[on].reset_index(drop=True), x[on], y[on]
+        else:
+            x = y = np.zeros(0)
+        flux, err = forced_photometry(difference, x, y, fwhm)
+        sflux, serr = forced_photometry(science, x, y, fwhm)
+        return pd.DataFrame({
+            "diaForcedSourceId": pack_id(ccd.visit, ccd.detector, np.arange(len(objects)), forced=True),
+            "diaObjectId": objects["diaObjectId"].to_numpy(np.int64),
+            "ra": objects["ra"].to_numpy(float), "dec": objects["dec"].to_numpy(float),
+            "visit": ccd.visit, "detector": ccd.detector, "psfFlux": flux, "psfFluxErr": err,
+            "midpointMjdTai": ccd.midpoint_mjd_tai, "scienceFlux": sflux, "scienceFluxErr": serr,
+            "band": ccd.band, "timeProcessedMjdTai": now,
+        })
+
+    def _summaries(self, ccd, sources, prv_sources, prv_forced, forced, prev) -> pd.DataFrame:
+        """DiaObject rows for every object with a source in this visit, from its history."""
+        ids = sources["diaObjectId"].to_numpy(np.int64)
+        hist = pd.concat([prv_sources[prv_sources["diaObjectId"].isin(ids)], sources], ignore_index=True)
+        hist = hist.sort_values(["diaObjectId", "midpointMjdTai"], kind="stable")
+        g = hist.groupby("diaObjectId")
+        out = pd.DataFrame(index=pd.Index(ids, name="diaObjectId"))
+        # position: weighted mean about the first source (RA wrap-safe)
+        ra0 = g["ra"].transform("first")
+        dra = (hist["ra"] - ra0 + 180.0) % 360.0 - 180.0
+        ra_m, dec_m = _wmean(dra, hist["raErr"], hist["diaObjectId"]), _wmean(
+            hist["dec"], hist["decErr"], hist["diaObjectId"])
+        plain = pd.DataFrame({"dra": dra, "dec": hist["dec"], "id": hist["diaObjectId"]}).groupby("id").mean()
+        ra_first = g["ra"].first()
+        out["ra"] = ((ra_first + ra_m["mean"].fillna(plain["dra"])) % 360.0).reindex(ids).to_numpy()
+        out["dec"] = dec_m["mean"].fillna(plain["dec"]).reindex(ids).to_numpy()
+        out["raErr"], out["decErr"] = ra_m["err"].reindex(ids).to_numpy(), dec_m["err"].reindex(ids).to_numpy()
+        if "ra_dec_Cov" in hist:
+            w_ra, w_dec = 1.0 / hist["raErr"].astype(float) ** 2, 1.0 / hist["decErr"].astype(float) ** 2
+            num = (w_ra * w_dec * hist["ra_dec_Cov"].astype(float)).groupby(hist["diaObjectId"]).sum(min_count=1)
+            den = w_ra.groupby(hist["diaObjectId"]).sum() * w_dec.groupby(hist["diaObjectId"]).sum()
+            out["ra_dec_Cov"] = (num / den).reindex(ids).to_numpy()
+        else:
+            out["ra_dec_Cov"] = np.nan
+        fhist = pd.concat([prv_forced[prv_forced["diaObjectId"].isin(ids)],
+                           forced[forced["diaObjectId"].isin(ids)]], ignore_index=True)
+        for band in BANDS:
+            self._band_stats(out, band, hist[hist["band"] == band], fhist[fhist["band"] == band], ids)
+        prev_n = prev["nDiaSources"].reindex(ids) if len(prev) else pd.Series(np.nan, index=ids)
+        out["nDiaSources"] = (prev_n.fillna(0).astype(np.int64) + 1).to_numpy()
+        prev_first = prev["firstDiaSourceMjdTai"].reindex(ids) if len(prev) else pd.Series(np.nan, index=ids)
+        out["firstDiaSourceMjdTai"] = prev_first.fillna(g["midpointMjdTai"].min().reindex(ids)).to_numpy()
+        out["lastDiaSourceMjdTai"] = ccd.midpoint_mjd_tai
+        out["validityStartMjdTai"] = ccd.midpoint_mjd_tai
+        return out.reset_index()
+
+    @staticmethod
+    def _band_stats(out, band, hist, fhist, ids) -> None:
+        key = hist["diaObjectId"]
+        flux = hist["psfFlux"].astype(float)
+        g = flux.groupby(key)
+        psf = _wmean(flux, hist["psfFluxErr"], key)
+        sci = _wmean(hist["scienceFlux"], hist["scienceFluxErr"], key) if "scienceFlux" in hist else None
+        fp = _wmean(fhist["psfFlux"], fhist["psfFluxErr"], fhist["diaObjectId"])
+        dt = hist["midpointMjdTai"].groupby(key).diff()
+        slope = (flux.groupby(key).diff() / dt).where(dt > 0).abs().groupby(key).max()
+        cols = {
+            "psfFluxMean": psf["mean"], "psfFluxMeanErr": psf["err"], "psfFluxSigma": g.std(ddof=1),
+            "psfFluxMin": g.min(), "psfFluxMax": g.max(), "psfFluxMaxSlope": slope,
+            "psfFluxErrMean": hist["psfFluxErr"].astype(float).groupby(key).mean(),
+            "fpFluxMean": fp["mean"], "fpFluxMeanErr": fp["err"],
+            "scienceFluxMean": sci["mean"] if sci is not None else None,
+            "scienceFluxMeanErr": sci["err"] if sci is not None else None,
+        }
+        for name, series in cols.items():
+            out[f"{band}_{name}"] = np.nan if series is None else series.reindex(ids).to_numpy(float)
+        out[f"{band}_psfFluxNdata"] = g.count().reindex(ids).fillna(0).astype(np.int64).to_numpy()
+
+    # ---------------------------------------------------------------- writing
+    def contains(self, ccd: CcdVisit) -> bool:
+        """`True` if this CCD-visit is already in the APDB (a retry after a successful store)."""
+        try:
+            return bool(self.apdb.containsVisitDetector(ccd.visit, ccd.detector))
+        except Exception as exc:
+            raise RetriableError(f"APDB query failed: {exc}") from exc
+
+    def store(self, result: AssociationResult) -> None:
+        """Store objects, sources and forced sources in one transaction.
+
+        Raises
+        ------
+        NonRetriableError
+            Raised if the store failed (the transaction was rolled back).
+        """
+        objects = result.objects.drop(columns=["validityStartMjdTai"], errors="ignore")
+        try:
+            self.apdb.store(result.ccd.visit_time, objects, result.sources, result.forced)
+        except Exception as exc:
+            raise NonRetriableError(f"APDB store of {result.ccd.name} failed: {exc}") from exc
