@@ -102,8 +102,10 @@ def test_image_put_get_round_trip(repo):
     ref = repo.put(img, ds.CALEXP, instrument="LSSTComCam", visit=3110636353110000, detector=0, run=run)
     assert repo.getURI(ref).ospath.endswith(".fits")
     back = repo.get(ref)
-    np.testing.assert_array_equal(back.image, img.image)
-    np.testing.assert_array_equal(back.variance, img.variance)
+    # image and variance are quantized to 1/16 of the noise (apbatch.image); the mask is exact
+    assert np.abs(back.image - img.image).max() <= 0.1 * float(np.std(img.image)) + 1e-6
+    assert np.abs(back.variance - img.variance).max() <= 0.1 * float(np.std(img.variance)) + 1e-6
+    np.testing.assert_array_equal(back.mask, img.mask)
     assert back.mask[4, 6] == MaskBits.CR and back.metadata["BUNIT"] == "electron"
     assert np.allclose(back.wcs.pixel_to_world_values(3.0, 4.0), img.wcs.pixel_to_world_values(3.0, 4.0))
 

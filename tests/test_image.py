@@ -16,9 +16,19 @@ def _image(ny=60, nx=80):
     return img
 
 
+def test_lossy_default_is_within_noise(tmp_path):
+    img = _image(200, 300)
+    write_image(img, tmp_path / "q.fits")
+    back = read_image(tmp_path / "q.fits")
+    assert np.abs(back.image - img.image).max() < 0.1  # noise sigma is 1
+    assert np.abs(back.image - img.image).std() < 0.03
+    assert back.mask[5, 7] == img.mask[5, 7]
+    assert (tmp_path / "q.fits").stat().st_size < img.image.nbytes
+
+
 def test_round_trip(tmp_path):
     img = _image()
-    write_image(img, tmp_path / "a.fits")
+    write_image(img, tmp_path / "a.fits", lossless=True)
     back = read_image(tmp_path / "a.fits")
     np.testing.assert_array_equal(back.image, img.image)
     np.testing.assert_array_equal(back.variance, img.variance)
@@ -38,7 +48,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
             fh.write(b"SIMPLE  =                    T")
         raise OSError("disk full")
 
-    write_image(_image(), tmp_path / "b.fits")
+    write_image(_image(), tmp_path / "b.fits", lossless=True)
     before = (tmp_path / "b.fits").read_bytes()
     monkeypatch.setattr(fits.HDUList, "writeto", half_write)
     with pytest.raises(OSError, match="disk full"):

@@ -6,6 +6,11 @@ form is one file with three image HDUs ``IMAGE`` (float32), ``MASK`` (int32 bit 
 ``metadata`` as header cards in the primary HDU (keys upper-cased, at most 8 characters, or
 as HIERARCH cards). Files are written to a temporary name and renamed, so a reader never sees
 half a file.
+
+Compression: the mask is always tile-compressed losslessly (RICE). Image and variance are
+RICE-compressed with dithered quantization at 1/16 of each tile's noise by default (a 4k x 4k
+image: 65 MB -> ~14 MB; the added error is ~0.02 sigma), or stored exactly with
+``lossless=True``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS
 
-__all__ = ["Image", "MaskBits", "read_image", "write_image"]
+__all__ = ["QUANTIZE_LEVEL", "Image", "MaskBits", "read_image", "write_image"]
 
 
 class MaskBits(enum.IntFlag):
@@ -98,8 +103,29 @@ def _meta_cards(metadata: dict) -> list:
     return cards
 
 
-def write_image(img: Image, path: str | Path) -> None:
-    """Write ``img`` to ``path`` atomically (temporary file in the same directory, then rename)."""
+def _float_hdu(data: np.ndarray, name: str, header=None, lossless: bool = False):
+    data = data.astype(np.float32, copy=False)
+    if lossless:
+        return fits.ImageHDU(data, header=header, name=name)
+    return fits.CompImageHDU(data, header=header, name=name, compression_type="RICE_1",
+                             quantize_level=QUANTIZE_LEVEL, quantize_method=2)
+
+
+QUANTIZE_LEVEL = 16.0
+
+
+def write_image(img: Image, path: str | Path, lossless: bool = False) -> None:
+    """Write ``img`` to ``path`` atomically (temporary file in the same directory, then rename).
+
+    Parameters
+    ----------
+    img : `Image`
+        What to write.
+    path : `str` or `Path`
+        Destination; its directory is created.
+    lossless : `bool`
+        Store image and variance exactly instead of quantized to 1/16 of the noise.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     primary = fits.PrimaryHDU()
@@ -108,9 +134,9 @@ def write_image(img: Image, path: str | Path) -> None:
     hdr = img.wcs.to_header(relax=True) if img.wcs is not None else fits.Header()
     hdus = fits.HDUList([
         primary,
-        fits.ImageHDU(img.image.astype(np.float32, copy=False), header=hdr, name="IMAGE"),
-        fits.ImageHDU(img.mask.astype(np.int32, copy=False), name="MASK"),
-        fits.ImageHDU(img.variance.astype(np.float32, copy=False), name="VARIANCE"),
+        _float_hdu(img.image, "IMAGE", hdr, lossless),
+        fits.CompImageHDU(img.mask.astype(np.int32, copy=False), name="MASK", compression_type="RICE_1"),
+        _float_hdu(img.variance, "VARIANCE", None, lossless),
     ])
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -129,7 +155,7 @@ def read_image(path: str | Path) -> Image:
         ihdr = hdul["IMAGE"].header
         wcs = WCS(ihdr) if "CTYPE1" in ihdr else None
         if wcs is not None:
-            wcs.pixel_shape = (ihdr["NAXIS1"], ihdr["NAXIS2"])
+            wcs.pixel_shape = (hdul["IMAGE"].data.shape[1], hdul["IMAGE"].data.shape[0])
         return Image(
             np.asarray(hdul["IMAGE"].data, dtype=np.float32),
             np.asarray(hdul["VARIANCE"].data, dtype=np.float32),

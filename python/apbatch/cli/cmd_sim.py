@@ -1,0 +1,155 @@
+"""``apbatch sim``: the summit simulator."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+__all__ = ["sim"]
+
+
+@click.group()
+def sim() -> None:
+    """Simulate a night at the summit: raws, calibrations, templates, truth and events."""
+
+
+@sim.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--instrument", default="LSSTComCam", show_default=True, help="LSSTCam, LSSTComCam or LATISS.")
+@click.option("--visits", default=4, show_default=True, type=click.IntRange(0), help="Science visits.")
+@click.option("--seed", default=1, show_default=True, type=int, help="Seed of everything.")
+@click.option(
+    "--detectors", default="", help="Comma-separated detector ids or names (default: all science CCDs)."
+)
+@click.option("--day-obs", default=20251015, show_default=True, type=int, help="Observing day YYYYMMDD.")
+@click.option("--fields", default=2, show_default=True, type=click.IntRange(1), help="Fields visited.")
+@click.option("--snaps", default="1,2", show_default=True, help="Allowed snap counts per visit.")
+@click.option(
+    "--patch-size",
+    default=4000,
+    show_default=True,
+    type=click.IntRange(300),
+    help="Template patch size (pixels).",
+)
+@click.option("--no-templates", is_flag=True, help="Skip the template coadds.")
+@click.option("--cancel-every", default=0, type=click.IntRange(0), help="Cancel every n-th nextVisit.")
+@click.option(
+    "--calibrations",
+    default="BIAS=2,DARK=1,FLAT=2",
+    show_default=True,
+    help="CCS calibration images per type ('' for none).",
+)
+def night(
+    out,
+    instrument,
+    visits,
+    seed,
+    detectors,
+    day_obs,
+    fields,
+    snaps,
+    patch_size,
+    no_templates,
+    cancel_every,
+    calibrations,
+) -> None:
+    """Plan and render a night into OUT."""
+    from ..errors import BadInputError
+    from ..script.sim import sim_night
+
+    try:
+        snap_counts = [int(s) for s in snaps.split(",") if s.strip()]
+    except ValueError:
+        raise BadInputError("--snaps", f"{snaps!r} is not a list of integers", "use e.g. 1,2") from None
+    try:
+        cals = {
+            k.strip().upper(): int(v) for k, v in (p.split("=") for p in calibrations.split(",") if p.strip())
+        }
+    except ValueError:
+        raise BadInputError(
+            "--calibrations", f"{calibrations!r} is not TYPE=N,...", "use e.g. BIAS=2,FLAT=1"
+        ) from None
+    if set(cals) - {"BIAS", "DARK", "FLAT"} or any(n < 0 for n in cals.values()):
+        raise BadInputError(
+            "--calibrations", f"{calibrations!r}", "types are BIAS, DARK, FLAT with counts >= 0"
+        )
+    dets = [d.strip() for d in detectors.split(",") if d.strip()]
+    manifest = sim_night(
+        out,
+        instrument,
+        visits,
+        seed,
+        dets,
+        day_obs=day_obs,
+        fields=fields,
+        snaps=snap_counts,
+        templates=not no_templates,
+        patch_size=patch_size,
+        cancel_every=cancel_every,
+        calibrations=cals,
+        progress=lambda m: click.echo(m, err=True),
+    )
+    click.echo(json.dumps(manifest))
+
+
+@sim.command()
+@click.option(
+    "--night",
+    "night_dir",
+    required=True,
+    type=click.Path(file_okay=False, exists=True),
+    help="Directory written by `apbatch sim night`.",
+)
+@click.option("--spool", required=True, type=click.Path(file_okay=False), help="Event spool directory.")
+@click.option("--distributor", required=True, type=click.Path(file_okay=False), help="Distributor directory.")
+@click.option("--speed", default=1.0, show_default=True, type=float, help="Replay this many times faster.")
+@click.option("--keep-times", is_flag=True, help="Keep the simulated event times instead of starting now.")
+def replay(night_dir, spool, distributor, speed, keep_times) -> None:
+    """Replay a simulated night in (scaled) real time."""
+    from ..script.sim import sim_replay
+
+    summary = sim_replay(
+        night_dir,
+        spool,
+        distributor,
+        speed=speed,
+        retime=not keep_times,
+        progress=lambda m: click.echo(m, err=True),
+    )
+    click.echo(json.dumps(summary))
+
+
+@sim.command()
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Raw FITS file to write.")
+@click.option("--instrument", default="LSSTComCam", show_default=True)
+@click.option("--detector", default="R22_S11", show_default=True, help="Detector id or name.")
+@click.option("--seed", default=1, show_default=True, type=int)
+@click.option("--ra", default=53.0, show_default=True, type=float)
+@click.option("--dec", default=-28.0, show_default=True, type=float)
+@click.option("--rotation", default=0.0, show_default=True, type=float, help="ROTPA, degrees.")
+@click.option("--filter", "physical_filter", default=None, help="Physical filter (default: the r filter).")
+@click.option("--exptime", default=30.0, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--seeing", default=0.8, show_default=True, type=click.FloatRange(0.2, 5.0))
+@click.option("--truth", default=None, type=click.Path(dir_okay=False), help="Truth Parquet file to write.")
+def ccd(out, instrument, detector, seed, ra, dec, rotation, physical_filter, exptime, seeing, truth) -> None:
+    """Render one CCD of one exposure."""
+    from ..script.sim import sim_ccd
+
+    click.echo(
+        json.dumps(
+            sim_ccd(
+                out,
+                instrument,
+                detector,
+                seed,
+                ra,
+                dec,
+                rotation,
+                physical_filter,
+                exptime,
+                seeing=seeing,
+                truth=truth,
+            )
+        )
+    )
