@@ -13,9 +13,14 @@ PY
 stamp="$venv/.apbatch-installed"
 want="$(cat "$here/setup.cfg" "$here/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "bootstrap: installing apbatch and its dependencies into $venv" >&2
-  "$venv/bin/python" -m pip install -q --upgrade pip >&2
-  "$venv/bin/python" -m pip install -q -e "$here[test]" >&2
+  log="$venv/install.log"
+  echo "bootstrap: installing apbatch and its dependencies into $venv (log: $log)" >&2
+  if ! { "$venv/bin/python" -m pip install --upgrade pip && "$venv/bin/python" -m pip install -e "$here[test]"; } \
+      > "$log" 2>&1; then
+    tail -n 20 "$log" >&2
+    echo "bootstrap: pip install failed; see $log" >&2
+    exit 1
+  fi
   echo "$want" > "$stamp"
 fi
 echo "$venv/bin"

@@ -243,7 +243,7 @@ def test_get_templates(butler, tmp_path):
     (d / "skymap.yaml").write_text(yaml.safe_dump(sm.to_dict()))
     entries = []
     for p in patches:
-        write_image(Image(np.full((8, 8), p.patch, np.float32)), d / f"t{p.patch}.fits")
+        write_image(Image(np.full(p.shape, p.patch, np.float32), wcs=p.wcs), d / f"t{p.patch}.fits", lossless=True)
         entries.append(
             {
                 "dataset_type": "template_coadd",
@@ -259,6 +259,14 @@ def test_get_templates(butler, tmp_path):
     io = ButlerIO(butler, "LSSTComCam")
     got = io.get_templates(corners, "r")
     assert sorted(t.image[0, 0] for t in got) == sorted(float(p.patch) for p in patches)
+    # only the part of each patch that covers the CCD (plus a margin) is read, with a shifted WCS
+    by_patch = {int(t.image[0, 0]): t for t in got}
+    for p in patches:
+        t = by_patch[p.patch]
+        assert t.shape[0] <= p.shape[0] and t.shape[1] <= p.shape[1]
+        x0, y0 = t.metadata["BBOX_X0"], t.metadata["BBOX_Y0"]
+        assert np.allclose(t.wcs.pixel_to_world_values(5.0, 7.0), p.wcs.pixel_to_world_values(x0 + 5.0, y0 + 7.0))
+    assert sum(t.image.size for t in got) < sum(p.shape[0] * p.shape[1] for p in patches)
     assert io.get_templates(corners, "g") == []
     far = inst.footprint(inst.detector(4), 200.0, 30.0, 0.0, 10.0)
     assert io.get_templates(far, "r") == []

@@ -67,3 +67,20 @@ def test_cutout_inside_and_at_edge():
     edge = img.cutout(1, 1, 11)
     assert np.isnan(edge.image[0, 0]) and edge.mask[0, 0] & MaskBits.NO_DATA
     np.testing.assert_array_equal(edge.image[4:, 4:], img.image[0:7, 0:7])
+
+
+@pytest.mark.parametrize("lossless", [True, False])
+def test_read_bbox(tmp_path, lossless):
+    img = _image(200, 300)
+    write_image(img, tmp_path / "c.fits", lossless=lossless)
+    part = read_image(tmp_path / "c.fits", bbox=(50, 120, 30, 90))
+    assert part.shape == (60, 70)
+    full = read_image(tmp_path / "c.fits")
+    np.testing.assert_array_equal(part.image, full.image[30:90, 50:120])
+    np.testing.assert_array_equal(part.mask, full.mask[30:90, 50:120])
+    assert part.metadata["BBOX_X0"] == 50 and part.metadata["BBOX_Y0"] == 30
+    assert np.allclose(part.wcs.pixel_to_world_values(0, 0), full.wcs.pixel_to_world_values(50, 30))
+    clipped = read_image(tmp_path / "c.fits", bbox=(250, 400, -10, 20))
+    assert clipped.shape == (20, 50)
+    with pytest.raises(ValueError, match="does not overlap"):
+        read_image(tmp_path / "c.fits", bbox=(400, 500, 0, 10))

@@ -108,10 +108,12 @@ def _float_hdu(data: np.ndarray, name: str, header=None, lossless: bool = False)
     if lossless:
         return fits.ImageHDU(data, header=header, name=name)
     return fits.CompImageHDU(data, header=header, name=name, compression_type="RICE_1",
-                             quantize_level=QUANTIZE_LEVEL, quantize_method=2)
+                             quantize_level=QUANTIZE_LEVEL, quantize_method=2, tile_shape=TILE_SHAPE)
 
 
 QUANTIZE_LEVEL = 16.0
+# square tiles: reading a box (a template patch's overlap with a CCD) decompresses only its tiles
+TILE_SHAPE = (512, 512)
 
 
 def write_image(img: Image, path: str | Path, lossless: bool = False) -> None:
@@ -135,7 +137,8 @@ def write_image(img: Image, path: str | Path, lossless: bool = False) -> None:
     hdus = fits.HDUList([
         primary,
         _float_hdu(img.image, "IMAGE", hdr, lossless),
-        fits.CompImageHDU(img.mask.astype(np.int32, copy=False), name="MASK", compression_type="RICE_1"),
+        fits.CompImageHDU(img.mask.astype(np.int32, copy=False), name="MASK", compression_type="RICE_1",
+                          tile_shape=TILE_SHAPE),
         _float_hdu(img.variance, "VARIANCE", None, lossless),
     ])
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -148,18 +151,33 @@ def write_image(img: Image, path: str | Path, lossless: bool = False) -> None:
         raise
 
 
-def read_image(path: str | Path) -> Image:
-    """Read an image written by :func:`write_image`."""
+def read_image(path: str | Path, bbox: tuple[int, int, int, int] | None = None) -> Image:
+    """Read an image written by :func:`write_image`, or only the box ``(x0, x1, y0, y1)`` of it.
+
+    With ``bbox`` (0-based, end-exclusive, clipped to the image) only the compressed tiles
+    that overlap the box are decompressed; the WCS is shifted so that pixel (0, 0) of the
+    result is pixel (x0, y0) of the file, and metadata ``BBOX_X0``/``BBOX_Y0`` record it.
+
+    Raises
+    ------
+    ValueError
+        Raised if ``bbox`` does not overlap the image.
+    """
     with fits.open(path, memmap=False) as hdul:
         meta = {k: v for k, v in hdul[0].header.items() if k not in ("SIMPLE", "BITPIX", "NAXIS", "EXTEND", "")}
         ihdr = hdul["IMAGE"].header
+        ny, nx = ihdr["ZNAXIS2"] if "ZNAXIS2" in ihdr else ihdr["NAXIS2"], ihdr.get("ZNAXIS1", ihdr["NAXIS1"])
+        x0, x1, y0, y1 = (0, nx, 0, ny) if bbox is None else (
+            max(int(bbox[0]), 0), min(int(bbox[1]), nx), max(int(bbox[2]), 0), min(int(bbox[3]), ny))
+        if x1 <= x0 or y1 <= y0:
+            raise ValueError(f"bbox {bbox} does not overlap the {nx}x{ny} image in {path}")
+        box = (slice(y0, y1), slice(x0, x1))
+        planes = [np.asarray(hdul[name].section[box] if bbox is not None else hdul[name].data, dtype=dt)
+                  for name, dt in (("IMAGE", np.float32), ("VARIANCE", np.float32), ("MASK", np.int32))]
         wcs = WCS(ihdr) if "CTYPE1" in ihdr else None
         if wcs is not None:
-            wcs.pixel_shape = (hdul["IMAGE"].data.shape[1], hdul["IMAGE"].data.shape[0])
-        return Image(
-            np.asarray(hdul["IMAGE"].data, dtype=np.float32),
-            np.asarray(hdul["VARIANCE"].data, dtype=np.float32),
-            np.asarray(hdul["MASK"].data, dtype=np.int32),
-            wcs,
-            meta,
-        )
+            if bbox is not None:
+                wcs = wcs.slice(box)
+                meta.update(BBOX_X0=x0, BBOX_Y0=y0)
+            wcs.pixel_shape = (x1 - x0, y1 - y0)
+        return Image(planes[0], planes[1], planes[2], wcs, meta)

@@ -22,17 +22,21 @@ __all__ = ["REPO_CONFIG", "ImageFormatter", "RawFormatter"]
 
 
 class ImageFormatter(FormatterV2):
-    """Reads and writes `apbatch.image.Image` as a FITS file (see `apbatch.image`)."""
+    """Reads and writes `apbatch.image.Image` as a FITS file (see `apbatch.image`).
+
+    Read parameter ``bbox=(x0, x1, y0, y1)`` reads only that box (the tiles it overlaps).
+    """
 
     default_extension = ".fits"
     supported_extensions = frozenset({".fits"})
     can_read_from_local_file = True
-    unsupported_parameters = None
+    unsupported_parameters = frozenset()
 
     def read_from_local_file(self, path: str, component: str | None = None, expected_size: int = -1) -> Any:
         from ..image import read_image  # noqa: PLC0415 (astropy only when reading)
 
-        return read_image(path)
+        params = self.file_descriptor.parameters or {}
+        return read_image(path, bbox=params.get("bbox"))
 
     def write_local_file(self, in_memory_dataset: Any, uri: ResourcePath) -> None:
         from ..image import write_image  # noqa: PLC0415
@@ -65,7 +69,7 @@ class RawFormatter(FormatterV2):
 
 REPO_CONFIG: dict[str, Any] = {
     "storageClasses": {
-        IMAGE_STORAGE_CLASS: {"pytype": "apbatch.image.Image"},
+        IMAGE_STORAGE_CLASS: {"pytype": "apbatch.image.Image", "parameters": ["bbox"]},
         RAW_STORAGE_CLASS: {"pytype": "apbatch.raw.RawExposure"},
         METRICS_STORAGE_CLASS: {"pytype": "dict"},
     },

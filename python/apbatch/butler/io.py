@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from astropy.time import Time
 from lsst.daf.butler import (
     Butler,
@@ -283,10 +284,12 @@ class ButlerIO:
             self._skymap = SkyMap.from_dict(self.butler.get(ref))
         return self._skymap
 
-    def get_templates(self, corners: Any, band: str) -> list[Any]:
+    def get_templates(self, corners: Any, band: str, margin: int = 64) -> list[Any]:
         """Template patches of ``band`` overlapping the sky polygon ``corners`` ((N, 2) RA/Dec deg).
 
-        Returns an empty list when there is no sky map or no template there.
+        Only the part of each patch inside the polygon's bounding box (plus ``margin`` pixels,
+        room for the warping kernel and astrometric offsets) is read. Returns an empty list
+        when there is no sky map or no template there.
         """
         try:
             skymap = self.skymap()
@@ -304,8 +307,9 @@ class ButlerIO:
                 band=band,
                 collections=self.collections,
             )
-            if ref is not None:
-                out.append(self.butler.get(ref))
+            bbox = _patch_bbox(info, np.asarray(corners, dtype=float), margin)
+            if ref is not None and bbox is not None:
+                out.append(self.butler.get(ref, parameters={"bbox": bbox}))
         return out
 
     # ------------------------------------------------------------------ outputs
@@ -352,3 +356,14 @@ class ButlerIO:
         if old is not None:
             self.butler.pruneDatasets([old], disassociate=True, unstore=True, purge=True)
         return self.butler.put(obj, name, data_id, run=run)
+
+
+def _patch_bbox(info: Any, corners: np.ndarray, margin: int) -> tuple[int, int, int, int] | None:
+    """Pixel box ``(x0, x1, y0, y1)`` of a patch that covers ``corners``; `None` if it misses them."""
+    x, y = info.wcs.world_to_pixel_values(corners[:, 0], corners[:, 1])
+    ny, nx = info.shape
+    x0, x1 = max(int(np.floor(x.min())) - margin, 0), min(int(np.ceil(x.max())) + margin + 1, nx)
+    y0, y1 = max(int(np.floor(y.min())) - margin, 0), min(int(np.ceil(y.max())) + margin + 1, ny)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return (x0, x1, y0, y1)

@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "apdb": "apbatch.cli.cmd_apdb:apdb",
     "alerts": "apbatch.cli.cmd_alerts:alerts",
     "night": "apbatch.cli.cmd_night:night",
+    "demo": "apbatch.cli.cmd_demo:demo",
 }
 
 

@@ -14,11 +14,16 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy import ndimage
 
 from ..raw import RawSegment, segment_header
 from .calibs import DetectorSignature, assembled_view
 
+BETA = 3.5
+"""Moffat index of every simulated PSF (science and template)."""
+
 __all__ = [
+    "BETA",
     "add_cosmic_rays",
     "add_noise",
     "bleed_saturation",
@@ -92,8 +97,9 @@ def render_stamps(
     flux: np.ndarray,
     fwhm: np.ndarray,
     beta: float | None = 3.5,
+    extent_sigma: np.ndarray | None = None,
 ) -> None:
-    """Add point-like sources to ``image`` in place.
+    """Add sources to ``image`` in place: the PSF profile, optionally convolved with a Gaussian.
 
     Parameters
     ----------
@@ -107,18 +113,26 @@ def render_stamps(
         Profile FWHM in pixels, per source.
     beta : `float` or `None`
         Moffat index; `None` for a Gaussian.
+    extent_sigma : `numpy.ndarray`, optional
+        Per source, the sigma (pixels) of a Gaussian intrinsic profile (galaxies) that the PSF
+        is convolved with; 0 for point sources. The convolution is done on the stamp, so a
+        galaxy is the same object under any PSF (what PSF-matched subtraction assumes).
     """
     x, y, flux, fwhm = (np.atleast_1d(np.asarray(v, dtype=float)) for v in (x, y, flux, fwhm))
+    ext = np.zeros_like(x) if extent_sigma is None else np.atleast_1d(np.asarray(extent_sigma, dtype=float))
     ny, nx = image.shape
     keep = flux > 0
-    x, y, flux, fwhm = x[keep], y[keep], flux[keep], fwhm[keep]
+    x, y, flux, fwhm, ext = x[keep], y[keep], flux[keep], fwhm[keep], ext[keep]
     xi, yi = np.rint(x).astype(int), np.rint(y).astype(int)
-    halves = _half_size(flux, fwhm, beta)
+    halves = _half_size(flux, np.sqrt(fwhm**2 + (2.3548 * ext) ** 2), beta)
     for h in np.unique(halves):
         sel = np.nonzero((halves == h) & (xi + h >= 0) & (xi - h < nx) & (yi + h >= 0) & (yi - h < ny))[0]
         for start in range(0, len(sel), max(1, 2_000_000 // (2 * h + 1) ** 2)):
             chunk = sel[start : start + max(1, 2_000_000 // (2 * h + 1) ** 2)]
             stamps = _profiles(x[chunk] - xi[chunk], y[chunk] - yi[chunk], fwhm[chunk], int(h), beta)
+            for j in np.nonzero(ext[chunk] > 0)[0]:
+                g = ndimage.gaussian_filter(stamps[j], float(ext[chunk][j]), mode="constant", truncate=3.0)
+                stamps[j] = g / max(float(g.sum()), 1e-12)
             stamps *= flux[chunk].astype(np.float32)[:, None, None]
             for k, s in zip(chunk, stamps, strict=False):
                 x0, y0 = xi[k] - h, yi[k] - h

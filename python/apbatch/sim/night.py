@@ -269,9 +269,12 @@ def plan_night(
         canceled = cancel_every > 0 and (k + 1) % cancel_every == 0
         exposures = []
         if not canceled:
+            # the telescope points a few arcsec away from the commanded position, then tracks:
+            # the snaps of a visit share that pointing (jitter ~0.02") and nearly the same seeing
+            ra_v, dec_v = float(ra + rng.normal(0, 2e-4)), float(dec + rng.normal(0, 2e-4))
+            seeing_v = float(rng.uniform(0.6, 1.2))
             for s in range(nsnap):
                 t_s = t_open + s * (exptime + READOUT)
-                # the telescope points a few arcsec away from the commanded position
                 exposures.append(
                     ExposureSpec(
                         instrument=inst.name,
@@ -287,10 +290,10 @@ def plan_night(
                         images_in_sequence=nsnap,
                         ra=ra,
                         dec=dec,
-                        ra_start=float(ra + rng.normal(0, 2e-4)),
-                        dec_start=float(dec + rng.normal(0, 2e-4)),
+                        ra_start=ra_v + float(rng.normal(0, 5e-6)),
+                        dec_start=dec_v + float(rng.normal(0, 5e-6)),
                         rotation=rot,
-                        seeing=float(rng.uniform(0.6, 1.2)),
+                        seeing=seeing_v * float(rng.uniform(0.97, 1.03)),
                         sky_offset=float(rng.normal(0, 0.1)),
                         transparency=float(-abs(rng.normal(0, 0.05))),
                         object_name=f"field_{f}",

@@ -34,7 +34,7 @@ _TELESCOP = {
 _ZP_OFFSET = {"LSSTCam": 0.0, "LSSTComCam": 0.0, "LATISS": -4.2}  # 1.2 m vs 6.4 m effective aperture
 _SKY_TYPES = ("OBJECT", "ACQ", "CWFS")
 _TAI_UTC = 37.0
-_BETA = 3.5
+_BETA = camera.BETA
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,7 +346,7 @@ def render_exposure(
         fp_r = math.hypot(det.x_mm, det.y_mm) / 330.0
         fwhm = camera.psf_fwhm(spec.seeing / scale, x, y, det.nx, det.ny, fp_r)
         fwhm_src = np.sqrt(fwhm**2 + (src["size"].to_numpy() / scale) ** 2)
-        camera.render_stamps(img, x, y, flux, fwhm_src, _BETA)
+        camera.render_stamps(img, x, y, flux, fwhm, _BETA, extent_sigma=src["size"].to_numpy() / scale / 2.3548)
         sky_e = 10 ** (-0.4 * (SKY_MAG[band] + spec.sky_offset - ZERO_POINTS[band] - zp)) * scale**2 * t_open
         img += np.float32(sky_e)
         on = (x >= -0.5) & (x < det.nx - 0.5) & (y >= -0.5) & (y < det.ny - 0.5)

@@ -61,8 +61,10 @@ def render_template(
     texp = 30.0 * depth_visits
     electrons = SkyModel.fluxes(src, band, 0.0, texp, template=True)
     img = np.zeros((ny, nx), np.float32)
-    fwhm_px = np.sqrt((fwhm_arcsec / pixel_scale) ** 2 + (src["size"].to_numpy() / pixel_scale) ** 2)
-    camera.render_stamps(img, x, y, electrons, fwhm_px, beta=None)
+    # a coadd PSF has wings too: the same Moffat family as the science images, narrower;
+    # galaxies are their intrinsic Gaussian convolved with it (as in the science images)
+    camera.render_stamps(img, x, y, electrons, np.full(len(x), fwhm_arcsec / pixel_scale), beta=camera.BETA,
+                         extent_sigma=src["size"].to_numpy() / pixel_scale / 2.3548)
     sky_e = 10 ** (-0.4 * (SKY_MAG[band] - ZERO_POINTS[band])) * pixel_scale**2 * texp
     rng = np.random.default_rng([int(seed), 19, patch.tract, patch.patch, ord(band)])
     var_e = img + np.float32(sky_e + depth_visits * 81.0)

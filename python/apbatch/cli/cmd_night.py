@@ -1,0 +1,100 @@
+"""``apbatch night``: the morning-after runs -- reprocess a night, report it, print a crontab."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import click
+
+from .cmd_submit import load_cli_config
+from .opt import config_option, json_option
+
+__all__ = ["night"]
+
+day_obs_option = click.option("--day-obs", default=None, metavar="YYYYMMDD",
+                              help="The night (default: yesterday's UTC date, the night that ended).")
+
+
+@click.group()
+def night() -> None:
+    """Cron-driven nightly runs: reprocess what failed or was missed, and report the night."""
+
+
+@night.command()
+@day_obs_option
+@click.option("--dry-run", is_flag=True,
+              help="Ask the scheduler and show what would be submitted; change nothing.")
+@click.option("--max-attempts", type=int, default=None,
+              help="Submissions per CCD, this one included (default: events.max_attempts).")
+@click.option("--claim-timeout", type=click.FloatRange(min=0), default=300.0, show_default=True,
+              help="Seconds after which a CCD claimed but never submitted is submitted.")
+@click.option("--lost-after", type=click.FloatRange(min=0), default=3600.0, show_default=True,
+              help="Seconds after submission after which a job the scheduler does not know is resubmitted.")
+@config_option
+@json_option
+def reprocess(day_obs: str | None, dry_run: bool, max_attempts: int | None, claim_timeout: float,
+              lost_after: float, config_paths: tuple[str, ...], as_json: bool) -> None:
+    """Refresh job states; resubmit retriable (exit 3/4) and lost jobs; submit missed CCDs."""
+    from ..errors import RetriableError
+    from ..night import parse_day_obs
+    from ..script.night import reprocess_night
+
+    day = parse_day_obs(day_obs)
+    config, config_file = load_cli_config(config_paths)
+    res = reprocess_night(config, day_obs=day, dry_run=dry_run, max_attempts=max_attempts,
+                          claim_timeout=claim_timeout, lost_after=lost_after, config_file=config_file)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+    else:
+        verb = "would submit" if dry_run else "submitted"
+        click.echo(f"night {day}: polled {res['polled']} job(s), {res['updated']} state(s) changed; {verb} "
+                   f"{len(res['resubmitted'])} resubmission(s) and {len(res['missed'])} missed CCD(s); "
+                   + " ".join(f"{k}={n}" for k, n in sorted(res["counts"].items())))
+        for item in res["resubmitted"] + res["missed"]:
+            click.echo(f"{item['job_id'] or '-'}\t{item['label']}\t{item['detector_name']}\t{item['why']}")
+    if res["errors"]:
+        raise RetriableError(f"{len(res['errors'])} submission(s) failed: {res['errors'][0]}")
+
+
+@night.command()
+@day_obs_option
+@click.option("--out", default=None, metavar="FILE",
+              help="Write the report to FILE (atomically; '{day_obs}' in it is replaced) instead of stdout.")
+@config_option
+@json_option
+def report(day_obs: str | None, out: str | None, config_paths: tuple[str, ...], as_json: bool) -> None:
+    """The night's summary: states, exit codes, attempts, missed CCDs, dead letters, latencies."""
+    from ..night import parse_day_obs
+    from ..script.night import format_report, night_report, write_atomic
+
+    day = parse_day_obs(day_obs)
+    config, _ = load_cli_config(config_paths)
+    rep = night_report(config, day_obs=day)
+    text = json.dumps(rep, indent=2) + "\n" if as_json else format_report(rep)
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        click.echo(f"wrote {write_atomic(out, text, day)}", err=True)
+
+
+@night.command()
+@click.option("--reprocess-at", default="10:00", show_default=True, help="Time (HH:MM) of the reprocess run.")
+@click.option("--report-at", default="10:30", show_default=True, help="Time (HH:MM) of the report.")
+@click.option("--log-dir", default=None, help="Where cron output goes (default: <root>/logs).")
+@click.option("--report-dir", default=None, help="Where reports are written (default: <root>/reports).")
+@config_option
+def crontab(reprocess_at: str, report_at: str, log_dir: str | None, report_dir: str | None,
+            config_paths: tuple[str, ...]) -> None:
+    """Print a crontab that runs the nightly reprocessing and report with this install."""
+    from ..errors import BadInputError
+    from ..script.night import crontab_text, install_paths
+
+    config, config_file = load_cli_config(config_paths)
+    if config_file is None:
+        raise BadInputError("--config", "cron jobs need one config file", "pass --config FILE (just one)")
+    python, apbatch = install_paths()
+    click.echo(crontab_text(python=python, apbatch=apbatch, config=config_file,
+                            log_dir=os.path.abspath(log_dir or config.path("logs")),
+                            report_dir=os.path.abspath(report_dir or config.path("reports")),
+                            reprocess_at=reprocess_at, report_at=report_at), nl=False)

@@ -1,0 +1,450 @@
+"""Instrument signature removal: raw amplifier segments -> calibrated CCD image in electrons.
+
+For every amplifier segment, in this order:
+
+1. check the segment (present once, right shape, finite);
+2. flag saturation on the raw ADU (``Amplifier.saturation``, before any subtraction);
+3. subtract the serial overscan: median of each row of the overscan box (its first
+   ``overscan_skip`` columns are skipped because of CTI trailing), smoothed over
+   ``overscan_smooth`` rows; optionally also the parallel overscan, column by column;
+4. trim to the data box, flip (``flip_x``/``flip_y``) and place it at ``Amplifier.bbox`` of
+   the assembled CCD (obs_lsst convention, see ``shared/data/camera/README.md``);
+5. multiply by the gain (ADU -> electrons).
+
+Then for the CCD: subtract the bias, divide by the flat, build the variance
+(``max(signal, 0) + read_noise**2``, before the flat), combine two snaps (sum; a pixel
+where the snaps differ by more than ``cr_nsigma`` takes twice the other snap and is flagged
+``CR``), or find cosmic rays on a single snap by a sharpness test, find bad columns
+statistically, and interpolate ``BAD`` and ``CR`` pixels (flagged ``INTRP``) from their
+unmasked neighbours. The bias ``mask`` plane's ``BAD`` bits act as the defect list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from scipy import ndimage
+
+from ...errors import BadInputError
+from ...image import Image, MaskBits
+from ...raw import RawExposure
+
+__all__ = ["IsrConfig", "detect_bad_columns", "find_cosmic_rays", "interpolate_masked", "run_isr"]
+
+
+@dataclasses.dataclass(frozen=True)
+class IsrConfig:
+    """Knobs of :func:`run_isr` (defaults suit LSSTCam / LSSTComCam)."""
+
+    overscan_skip: int = 2
+    overscan_smooth: int = 9
+    parallel_overscan: bool = False
+    max_bad_fraction: float = 0.01
+    cr_nsigma: float = 4.5
+    cr_single: bool = True
+    bad_column_nsigma: float = 6.0
+    interpolate: bool = True
+
+
+def _segment_field(seg_name: str) -> str:
+    return f"raw.segments[{seg_name}]"
+
+
+def _check_segments(raw: RawExposure, amps) -> dict:
+    by_name = {}
+    for seg in raw.segments:
+        name = seg.amp.extname if seg.amp is not None else "?"
+        if name in by_name:
+            raise BadInputError(_segment_field(name), "segment appears twice", "check the raw file")
+        by_name[name] = seg
+    missing = [a.extname for a in amps if a.extname not in by_name]
+    if missing:
+        raise BadInputError(
+            "raw.segments",
+            f"missing amplifier segments {', '.join(missing)}",
+            "the raw file is truncated or incomplete; re-fetch it",
+        )
+    for a in amps:
+        data = by_name[a.extname].data
+        if data is None or np.shape(data) != (a.raw_ny, a.raw_nx):
+            raise BadInputError(
+                _segment_field(a.extname),
+                f"shape {np.shape(data)} but {a.raw_ny}x{a.raw_nx} expected",
+                "the raw is for another detector type or is corrupt",
+            )
+    return by_name
+
+
+def _read_noise2(amps, det) -> np.ndarray:
+    """Read noise squared (e-^2) of every pixel of the assembled CCD."""
+    rn2 = np.empty((det.ny, det.nx), np.float32)
+    area = 0
+    for a in amps:
+        bx0, bx1, by0, by1 = a.bbox
+        rn2[by0:by1, bx0:bx1] = a.read_noise**2
+        area += (bx1 - bx0) * (by1 - by0)
+    if area != det.nx * det.ny:
+        raise BadInputError("instrument", "amplifier boxes do not tile the detector", "check the camera data")
+    return rn2
+
+
+def _assemble(raw: RawExposure, amps, det, cfg: IsrConfig):
+    """Overscan-subtract, trim, flip, gain-correct and place every segment. Returns (e-, mask)."""
+    by_name = _check_segments(raw, amps)
+    img = np.empty((det.ny, det.nx), np.float32)
+    mask = np.zeros((det.ny, det.nx), np.int32)
+    for a in amps:
+        data = np.asarray(by_name[a.extname].data)
+        x0, x1, y0, y1 = a.data
+        raw_sec = data[y0:y1, x0:x1]
+        bx0, bx1, by0, by1 = a.bbox
+        if raw_sec.shape != (by1 - by0, bx1 - bx0):
+            raise BadInputError(
+                _segment_field(a.extname),
+                "data box does not match the amplifier bbox",
+                "camera geometry and raw disagree",
+            )
+        # views of the destination, flipped so that raw pixels land where they belong
+        dst, dmask = img[by0:by1, bx0:bx1], mask[by0:by1, bx0:bx1]
+        if a.flip_x:
+            dst, dmask = dst[:, ::-1], dmask[:, ::-1]
+        if a.flip_y:
+            dst, dmask = dst[::-1], dmask[::-1]
+        bad = None
+        if data.dtype.kind == "f":
+            finite = np.isfinite(raw_sec)
+            if not finite.all():
+                frac = 1.0 - finite.mean()
+                if frac > cfg.max_bad_fraction:
+                    raise BadInputError(
+                        _segment_field(a.extname),
+                        f"{frac:.1%} of the pixels are NaN or infinite",
+                        "the raw is corrupt; re-fetch it",
+                    )
+                bad = ~finite
+        sat = raw_sec >= a.saturation
+        ox0, ox1, oy0, oy1 = a.serial_overscan
+        ovs = data[oy0:oy1, ox0 + cfg.overscan_skip : ox1].astype(np.float32)
+        if not np.isfinite(ovs).all():
+            raise BadInputError(
+                _segment_field(a.extname),
+                "serial overscan has NaN or infinite values",
+                "the raw is corrupt; re-fetch it",
+            )
+        row = np.median(ovs, axis=1)
+        if cfg.overscan_smooth > 1:
+            row = ndimage.median_filter(row, size=cfg.overscan_smooth, mode="nearest")
+        # overscan rows are the same rows as the data rows (both start at raw y = 0);
+        # write (raw - overscan) * gain straight into the assembled image
+        np.subtract(raw_sec, row[y0 - oy0 : y1 - oy0, None], out=dst, casting="unsafe")
+        if cfg.parallel_overscan:
+            px0, px1, py0, py1 = a.parallel_overscan
+            col = np.median(data[py0:py1, x0:x1].astype(np.float32) - np.median(ovs), axis=0)
+            dst -= col[None, :]
+        dst *= np.float32(a.gain)
+        if sat.any():
+            dmask[sat] |= MaskBits.SAT
+        if bad is not None:
+            dst[bad] = 0.0
+            dmask[bad] |= MaskBits.BAD
+    return img, mask
+
+
+def find_cosmic_rays(
+    img: np.ndarray, var: np.ndarray, mask: np.ndarray, nsigma: float = 5.0, sharpness: float = 0.8
+) -> np.ndarray:
+    """Single-image cosmic-ray finder: pixels much sharper than any PSF.
+
+    A pixel is a cosmic ray if its excess over the mean of its 4 neighbours is above
+    ``nsigma`` times the noise of that excess, and above ``sharpness`` times the neighbours'
+    own level above the local background (stars with a FWHM over ~2.2 px cannot pass).
+    Returns a boolean array (not dilated).
+    """
+    # local background: median of 16x16 blocks (every 4th pixel), smoothed, expanded
+    ny, nx = img.shape
+    b = 16
+    small = img[: ny // b * b, : nx // b * b].reshape(ny // b, b, nx // b, b)
+    bkg_small = np.median(small[:, ::4, :, ::4], axis=(1, 3))
+    bkg_small = ndimage.median_filter(bkg_small, size=3, mode="nearest")
+    bkg = np.repeat(np.repeat(bkg_small, b, axis=0), b, axis=1)
+    bkg = np.pad(bkg, ((0, ny - bkg.shape[0]), (0, nx - bkg.shape[1])), mode="edge")
+    nbr = np.empty_like(img)
+    nbr[1:-1, 1:-1] = 0.25 * (img[:-2, 1:-1] + img[2:, 1:-1] + img[1:-1, :-2] + img[1:-1, 2:])
+    nbr[0, :], nbr[-1, :], nbr[:, 0], nbr[:, -1] = img[0, :], img[-1, :], img[:, 0], img[:, -1]
+    excess = img - nbr
+    cand = excess > nsigma * np.sqrt(1.25 * np.maximum(var, 1e-6))
+    cand &= excess > sharpness * (nbr - bkg)
+    cand &= (mask & int(MaskBits.SAT)) == 0
+    return cand
+
+
+def detect_bad_columns(
+    img: np.ndarray,
+    mask: np.ndarray,
+    nsigma: float = 6.0,
+    nblock: int = 4,
+    step: int = 4,
+    half_rows: int | None = None,
+) -> np.ndarray:
+    """Columns (or blocks of them) whose median is off from their neighbours' by > ``nsigma``.
+
+    The image is cut into ``nblock`` row blocks per amplifier row (``half_rows`` high, default
+    half the image); in each, the median of every column (every ``step``-th row sampled) is
+    compared with a 15-column running median; the spread of those differences (MAD) sets
+    the threshold. Returns a boolean pixel mask (flagged blocks of columns).
+    """
+    ny, nx = img.shape
+    half = half_rows or ny // 2
+    out = np.zeros((ny, nx), bool)
+    edges = []
+    for h0 in range(0, ny, half):
+        h1 = min(h0 + half, ny)
+        bl = (h1 - h0) // nblock
+        edges += [(h0 + i * bl, h1 if i == nblock - 1 else h0 + (i + 1) * bl) for i in range(nblock)]
+    for r0, r1 in edges:
+        sample = img[r0:r1:step]
+        colmed = np.median(sample, axis=0)
+        ref = ndimage.median_filter(colmed, size=15, mode="nearest")
+        dev = colmed - ref
+        mad = 1.4826 * np.median(np.abs(dev - np.median(dev)))
+        if mad <= 0:
+            continue
+        badcol = np.abs(dev) > nsigma * mad
+        out[r0:r1, badcol] = True
+    return out
+
+
+def interpolate_masked(img: np.ndarray, var: np.ndarray, bad: np.ndarray, reach: int = 4) -> None:
+    """Replace ``bad`` pixels (in place) by the mean of the nearest good pixel left and right.
+
+    Each side looks up to ``reach`` pixels along the row (defects are mostly columns);
+    where no side has a good pixel the same is tried along the column; pixels with no good
+    neighbour at all keep their value. The variance is interpolated the same way.
+    """
+    ny, nx = img.shape
+    ys, xs = np.nonzero(bad)
+    if ys.size == 0:
+        return
+    for axis in (1, 0):
+        n = nx if axis == 1 else ny
+        pos = xs if axis == 1 else ys
+        acc_i = np.zeros(ys.size)
+        acc_v = np.zeros(ys.size)
+        cnt = np.zeros(ys.size)
+        for direction in (-1, 1):
+            found = np.zeros(ys.size, bool)
+            for d in range(1, reach + 1):
+                q = pos + direction * d
+                inside = (q >= 0) & (q < n) & ~found
+                qq = np.clip(q, 0, n - 1)
+                yy, xx = (ys, qq) if axis == 1 else (qq, xs)
+                take = inside & ~bad[yy, xx]
+                acc_i[take] += img[yy[take], xx[take]]
+                acc_v[take] += var[yy[take], xx[take]]
+                cnt[take] += 1
+                found |= take
+        ok = cnt > 0
+        img[ys[ok], xs[ok]] = acc_i[ok] / cnt[ok]
+        var[ys[ok], xs[ok]] = acc_v[ok] / cnt[ok]
+        ys, xs = ys[~ok], xs[~ok]
+        if ys.size == 0:
+            return
+
+
+def _grow(m: np.ndarray) -> np.ndarray:
+    """3x3 dilation of a sparse boolean mask (cheap when few pixels are set)."""
+    ys, xs = np.nonzero(m)
+    if ys.size == 0:
+        return m
+    out = m.copy()
+    ny, nx = m.shape
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            out[np.clip(ys + dy, 0, ny - 1), np.clip(xs + dx, 0, nx - 1)] = True
+    return out
+
+
+def _apply_bias(img, mask, bias):
+    if bias is not None:
+        if bias.image.shape != img.shape:
+            raise BadInputError(
+                "bias", f"shape {bias.image.shape} but {img.shape} expected", "use the bias of this detector"
+            )
+        img -= bias.image
+
+
+def _apply_flat(img, var, mask, flat):
+    if flat is None:
+        return
+    if flat.image.shape != img.shape:
+        raise BadInputError(
+            "flat",
+            f"shape {flat.image.shape} but {img.shape} expected",
+            "use the flat of this detector and filter",
+        )
+    f = flat.image
+    badflat = ~(np.isfinite(f) & (f > 0.05))
+    if badflat.any():
+        f = np.where(badflat, np.float32(1.0), f)
+        mask[badflat] |= MaskBits.BAD
+    img /= f
+    var /= f * f
+    mask |= flat.mask & int(MaskBits.BAD)
+
+
+def _metadata(raws: list[RawExposure], detector) -> dict:
+    m0, m1 = raws[0].metadata, raws[-1].metadata
+    begin = m0.mjd_begin
+    end = m1.mjd_end
+    meta = {
+        "INSTRUME": m0.instrument,
+        "DETECTOR": detector.id,
+        "DETNAME": detector.name,
+        "OBSID": m0.obs_id,
+        "EXPID": m0.exposure_id,
+        "VISIT": m0.visit_id,
+        "GROUPID": m0.group_id,
+        "FILTER": m0.physical_filter,
+        "BAND": m0.band,
+        "NSNAPS": len(raws),
+        "EXPTIME": float(sum(r.metadata.exposure_time for r in raws)),
+        "MJDBEG": begin,
+        "MJDEND": end,
+        "MJDMID": (begin + end) / 2.0 if begin is not None and end is not None else None,
+        "RA": m0.ra,
+        "DEC": m0.dec,
+        "ROTPA": m0.rotation,
+        "AIRMASS": m0.airmass,
+        "BUNIT": "electron",
+    }
+    njy = raws[0].header.get("NJY_PER_E") if isinstance(raws[0].header, dict) else None
+    if njy is not None:
+        meta["NJY_PER_E"] = float(njy)
+    return meta
+
+
+def run_isr(
+    raws: list[RawExposure],
+    instrument,
+    detector,
+    bias: Image | None = None,
+    flat: Image | None = None,
+    config: IsrConfig | None = None,
+) -> Image:
+    """Calibrate one or two snaps of one CCD.
+
+    Parameters
+    ----------
+    raws : `list` [`RawExposure`]
+        One or two snaps of the same detector.
+    instrument : `apbatch.instruments.Instrument`
+        Camera definition.
+    detector : `int`, `str` or `Detector`
+        The CCD; every raw must be for it.
+    bias, flat : `Image`, optional
+        Assembled calibrations in electrons (bias) and relative units (flat, mean ~1).
+        The bias mask's ``BAD`` bits are the defect list.
+    config : `IsrConfig`, optional
+        Algorithm settings.
+
+    Returns
+    -------
+    image : `Image`
+        Calibrated image (electrons), variance, mask, raw sky WCS from the header boresight
+        and metadata (``EXPTIME`` summed over snaps, ``MJDMID``, ``FILTER``, ``NSNAPS``...).
+
+    Raises
+    ------
+    BadInputError
+        Raised if no raw or more than two are given, a raw is for another detector, a
+        segment is missing, duplicated, mis-shaped or corrupt, or a calibration does not fit.
+    """
+    cfg = config or IsrConfig()
+    if not raws or len(raws) > 2:
+        raise BadInputError("raws", f"{len(raws or [])} snaps given", "give one or two snaps")
+    det = detector if hasattr(detector, "nx") else instrument.detector(detector)
+    for r in raws:
+        if r.metadata.detector != det.id:
+            raise BadInputError(
+                "raw.detector",
+                f"raw {r.metadata.obs_id} is for detector {r.metadata.detector}, not {det.id} ({det.name})",
+                "pass the raw of the job's CCD",
+            )
+    amps = instrument.amplifiers(det.id)
+    rn2 = _read_noise2(amps, det)
+    snaps = []
+    for r in raws:
+        img, mask = _assemble(r, amps, det, cfg)
+        _apply_bias(img, mask, bias)
+        snaps.append((img, mask))
+    if bias is not None:  # the bias mask's BAD pixels are the defect list
+        defects = np.flatnonzero((bias.mask & int(MaskBits.BAD)).ravel())
+        for _, m in snaps:
+            m.ravel()[defects] |= MaskBits.BAD
+    # variance in electrons before the flat: Poisson (signal) + read noise
+    if len(snaps) == 2:
+        (i1, m1), (i2, m2) = snaps
+        # whole-CCD arithmetic in two scratch buffers: each CCD-sized temporary costs as
+        # much in page faults as in arithmetic
+        var = np.maximum(i1, 0)
+        tmp = np.maximum(i2, 0)
+        var += tmp
+        np.multiply(rn2, np.float32(2.0), out=tmp)
+        var += tmp
+        # candidates: |i1 - i2| > n sigma (cheap, whole image); then, on the few candidates,
+        # allow 25% of the other snap's signal above the (rough, global) sky, as a star's
+        # core may change between snaps with the seeing
+        thr2 = np.multiply(var, np.float32(cfg.cr_nsigma**2))
+        np.subtract(i1, i2, out=tmp)
+        cand = np.flatnonzero((np.square(tmp, out=tmp) > thr2).ravel())
+        del thr2
+        sky = float(np.median(i2[::16, ::16]))
+        a1, a2 = i1.ravel()[cand], i2.ravel()[cand]
+        d, v = a1 - a2, var.ravel()[cand]
+        thr = cfg.cr_nsigma * np.sqrt(v)
+        mask = np.bitwise_or(m1, m2, out=m1)
+        unsat = (mask.ravel()[cand] & int(MaskBits.SAT)) == 0
+        del m2
+        crs = []
+        for hit in (d > thr + 0.25 * np.abs(a2 - sky), -d > thr + 0.25 * np.abs(a1 - sky)):
+            m = np.zeros(i1.shape, bool)
+            m.ravel()[cand[hit & unsat]] = True
+            crs.append(_grow(m))
+        cr1, cr2 = crs
+        crmask = cr1 & cr2  # hit in both snaps: no clean copy, interpolate
+        img = np.add(i1, i2, out=tmp)
+        rn = rn2.ravel()
+        for hit, other in ((cr1, i2), (cr2, i1)):
+            idx = np.flatnonzero(hit.ravel())
+            o = other.ravel()[idx]
+            img.ravel()[idx] = 2.0 * o
+            var.ravel()[idx] = 4.0 * (np.maximum(o, 0) + rn[idx])
+            mask.ravel()[idx] |= MaskBits.CR
+        del i1, i2
+    else:
+        img, mask = snaps[0]
+        var = np.maximum(img, 0)
+        var += rn2
+        crmask = (
+            _grow(find_cosmic_rays(img, var, mask, cfg.cr_nsigma))
+            if cfg.cr_single
+            else np.zeros(img.shape, bool)
+        )
+        mask[crmask] |= MaskBits.CR
+    _apply_flat(img, var, mask, flat)
+    badcols = detect_bad_columns(
+        img, mask, cfg.bad_column_nsigma, half_rows=amps[0].bbox[3] - amps[0].bbox[2]
+    )
+    mask[badcols] |= MaskBits.BAD
+    if cfg.interpolate:
+        interp = crmask | ((mask & int(MaskBits.BAD)) != 0)
+        if interp.any():
+            interpolate_masked(img, var, interp)
+            mask[interp] |= MaskBits.INTRP
+    meta = _metadata(raws, det)
+    md = raws[0].metadata
+    wcs = None
+    if md.ra is not None and md.dec is not None:
+        wcs = instrument.sky_wcs(det, md.ra, md.dec, md.rotation or 0.0)
+    return Image(img, var, mask, wcs, meta)

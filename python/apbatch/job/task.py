@@ -1,0 +1,320 @@
+"""The per-CCD Alert Production job, top to bottom.
+
+:func:`run_ccd` reads like the pipeline: wait for the raw(s) -> check headers against the
+job's arguments -> ISR -> background and detection -> PSF -> templates -> astrometry ->
+warp -> subtract -> DIA sources -> butler outputs -> APDB association (stored once) ->
+alerts (spooled, then sent). Everything that talks to the outside (butler, distributor,
+APDB, alert sink) is injected through `JobDeps`, so tests pass real local instances or fakes.
+
+Failure classes (see `apbatch.errors`): a raw that never arrives raises `RawTimeoutError`
+(exit 3) having written nothing; bad arguments or data raise `BadInputError` (exit 2); any
+other failure before the APDB store is `RetriableError` (exit 4); the APDB/alert stage
+raises `NonRetriableError` (exit 5) when a rerun could not repair it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..errors import ApbatchError, BadInputError, RetriableError
+from ..image import Image
+from ..instruments import get_instrument
+from ..raw import RawExposure
+from ..work import CcdWork
+from .steps.astrometry import AstrometryError, fit_wcs
+from .steps.background import subtract_background
+from .steps.detection import detect_sources
+from .steps.isr import run_isr
+from .steps.measure import measure_dia_sources
+from .steps.psf import measure_psf
+from .steps.subtract import subtract_images
+from .steps.warp import NoTemplateOverlapError, warp_template
+
+__all__ = ["CcdResult", "JobDeps", "check_headers", "run_ccd"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class JobDeps:
+    """What a job talks to. Lifetime: one job; not thread-safe.
+
+    ``alerts`` is a callable ``(ccd_visit, dia_sources, science, template, difference,
+    psf_fwhm_pix) -> report`` (normally a closure over
+    `apbatch.job.alerts.process_ccd_alerts` with the APDB association, alert builder, spool
+    and sink); `None` skips association and alerts (calibrated/difference images only).
+    """
+
+    butler_io: Any
+    distributor: Any
+    alerts: Callable[..., Any] | None = None
+
+
+@dataclasses.dataclass
+class CcdResult:
+    """What one job did; written into the butler as the ``metrics`` dataset too."""
+
+    status: str = "started"
+    snaps_used: int = 0
+    snaps_expected: int = 0
+    mismatches: list[str] = dataclasses.field(default_factory=list)
+    n_sources: int = 0
+    n_dia_sources: int = 0
+    astrometry: dict = dataclasses.field(default_factory=dict)
+    subtraction: dict = dataclasses.field(default_factory=dict)
+    alerts: dict = dataclasses.field(default_factory=dict)
+    timings: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """Plain-JSON form."""
+        return dataclasses.asdict(self)
+
+
+class _Timer:
+    """Per-step wall and CPU time, recorded into ``CcdResult.timings``."""
+
+    def __init__(self, result: CcdResult):
+        self.result = result
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Step:
+            def __enter__(self):
+                self.w, self.c = time.perf_counter(), time.process_time()
+                log.debug("step %s", name)
+
+            def __exit__(self, *exc):
+                timer.result.timings[name] = {"wall": round(time.perf_counter() - self.w, 4),
+                                              "cpu": round(time.process_time() - self.c, 4)}
+
+        return _Step()
+
+
+def check_headers(raws: list[RawExposure], work: CcdWork) -> list[str]:
+    """Compare the raws' headers with the job's arguments.
+
+    Returns
+    -------
+    mismatches : `list` [`str`]
+        Human-readable differences that do not stop the job (filter, exposure time,
+        pointing); the header value is reported next to the argument.
+
+    Raises
+    ------
+    BadInputError
+        Raised if a raw belongs to another instrument, detector or group.
+    """
+    out: list[str] = []
+    for raw in raws:
+        m = raw.metadata
+        if m.instrument != work.instrument:
+            raise BadInputError("raw", f"{m.obs_id} is from {m.instrument}, the job is for {work.instrument}",
+                                "check the distributor location")
+        if m.detector != work.detector:
+            raise BadInputError("raw", f"{m.obs_id} is detector {m.detector}, the job is for {work.detector}",
+                                "the distributor delivered the wrong CCD")
+        if work.group_id and m.group_id != work.group_id:
+            raise BadInputError("raw", f"{m.obs_id} has GROUPID {m.group_id!r}, the job's group is {work.group_id!r}")
+        if work.physical_filter and m.physical_filter != work.physical_filter:
+            out.append(f"{m.obs_id}: header FILTER {m.physical_filter!r} but the job was told {work.physical_filter!r}"
+                       " (using the job's filter)")
+        exptime = m.requested_exposure_time or m.exposure_time
+        snaps = max(m.images_in_sequence or work.nimages or 1, 1)
+        # the expected time may be the visit's (30 s) or the snap's (2 x 15 s)
+        if work.exposure_time and min(abs(exptime - work.exposure_time),
+                                      abs(exptime * snaps - work.exposure_time)) > 0.5:
+            out.append(f"{m.obs_id}: header EXPTIME {exptime:.3f} s but the job expected "
+                       f"{work.exposure_time:.3f} s (using the header)")
+        if work.ra is not None and m.ra is not None:
+            dra = (m.ra - work.ra + 180.0) % 360.0 - 180.0
+            sep = float(np.hypot(dra * np.cos(np.radians(work.dec or 0.0)), m.dec - work.dec)) * 3600
+            if sep > 60.0:
+                out.append(f"{m.obs_id}: header pointing is {sep:.0f} arcsec from the job's boresight "
+                           "(using the header)")
+    for line in out:
+        log.warning("header mismatch: %s", line)
+    return out
+
+
+def _pointing(raw: RawExposure, work: CcdWork) -> tuple[float, float, float]:
+    m = raw.metadata
+    ra = m.ra if m.ra is not None else work.ra
+    dec = m.dec if m.dec is not None else work.dec
+    rot = m.rotation if m.rotation is not None else work.rotation
+    if ra is None or dec is None or rot is None:
+        raise BadInputError("raw", f"{m.obs_id} has no pointing and the job was given none",
+                            "science jobs need --ra/--dec/--rotation or RASTART/DECSTART/ROTPA")
+    return float(ra), float(dec), float(rot)
+
+
+def run_ccd(work: CcdWork, deps: JobDeps, *, timeout: float = 120.0, output_run: str | None = None) -> CcdResult:
+    """Run the AP pipeline for one CCD.
+
+    Parameters
+    ----------
+    work : `CcdWork`
+        The job's arguments.
+    deps : `JobDeps`
+        Butler I/O, distributor client and the association+alert stage.
+    timeout : `float`
+        Seconds to wait for the raw(s).
+    output_run : `str`, optional
+        Butler RUN for the outputs (default: the butler I/O's nightly run).
+
+    Raises
+    ------
+    RawTimeoutError, BadInputError, RetriableError, NonRetriableError
+        See the module docstring.
+    """
+    res = CcdResult(snaps_expected=max(work.nimages, len(work.image_names), 1))
+    step = _Timer(res)
+    cam = get_instrument(work.instrument)
+    det = cam.detector(work.detector)
+
+    with step("wait_for_raw"):
+        target = list(work.image_names) if work.image_names else work.group_id
+        raws = deps.butler_io.get_raw_blocking(target, det.id, res.snaps_expected, deps.distributor, timeout,
+                                               group_id=work.group_id, allow_partial=res.snaps_expected > 1)
+    res.snaps_used = len(raws)
+    if res.snaps_used < res.snaps_expected:
+        log.warning("only %d of %d snaps arrived before the timeout; processing what arrived",
+                    res.snaps_used, res.snaps_expected)
+    res.mismatches = check_headers(raws, work)
+    meta = raws[0].metadata
+    physical_filter = work.physical_filter or meta.physical_filter
+
+    try:
+        return _process(work, deps, raws, res, step, cam, det, physical_filter, output_run)
+    except ApbatchError:
+        raise
+    except Exception as exc:  # anything unexpected before the APDB stage: safe to rerun
+        log.exception("unexpected failure")
+        raise RetriableError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _process(work, deps, raws, res, step, cam, det, physical_filter, output_run) -> CcdResult:
+    when = raws[0].metadata.mjd_begin
+    with step("isr"):
+        bias = deps.butler_io.get_calib("bias", det.id, when) if when is not None else None
+        flat = (deps.butler_io.get_calib("flat", det.id, when, physical_filter=physical_filter)
+                if when is not None and physical_filter not in (None, "none", "unknown") else None)
+        calexp = run_isr(raws, cam, det, bias=bias, flat=flat)
+    calexp.metadata["SNAPS"] = res.snaps_used
+    if work.intent != "science":
+        # Calibration frames get ISR as a health check; their products are made by the
+        # calibration pipelines, not here, so nothing is written to the butler.
+        res.status = f"calibration:{work.intent}"
+        res.n_sources = int(np.isfinite(calexp.image).sum())
+        return res
+
+    ra, dec, rot = _pointing(raws[0], work)
+    band = cam.band_of(physical_filter, field="filter")
+    with step("background_detection"):
+        subtract_background(calexp)
+        sources = detect_sources(calexp)
+        psf = measure_psf(calexp, sources)
+    res.n_sources = len(sources)
+    corners = cam.footprint(det, ra, dec, rot, pad_arcsec=30.0)
+    with step("template_retrieval"):
+        templates = deps.butler_io.get_templates(corners, band)
+    if not templates:
+        log.warning("no template covers this CCD in band %s: calibrated image only", band)
+        res.status = "no_template"
+        _put(deps, work, res, output_run, calexp=calexp)
+        return res
+
+    with step("astrometry"):
+        _fit_astrometry(calexp, sources, templates, cam, res)
+    with step("warp"):
+        try:
+            warped = warp_template(templates, calexp.wcs, calexp.shape, min_coverage=0.05)
+        except NoTemplateOverlapError:
+            log.warning("template patches do not overlap the CCD: calibrated image only")
+            res.status = "no_template"
+            _put(deps, work, res, output_run, calexp=calexp)
+            return res
+        tsources = detect_sources(warped)
+        tpsf = measure_psf(warped, tsources)
+    with step("subtract"):
+        diff, sub = subtract_images(calexp, warped, psf.sigma, tpsf.sigma, sources)
+    res.subtraction = {"n_stamps": sub.n_stamps, "kernel_sum": float(sub.kernel_sum),
+                       "noise_scale": float(sub.noise_scale), "coverage": float(warped.metadata.get("COVERAGE", 1))}
+    with step("measure"):
+        njy = _photometric_scale(calexp, warped, sub.kernel_sum)
+        dia = measure_dia_sources(diff, psf, science=calexp, njy_per_e=njy)
+    res.n_dia_sources = len(dia)
+    _put(deps, work, res, output_run, calexp=calexp, diffim=diff, dia_sources=dia)
+
+    if deps.alerts is not None:
+        from .apdb import CcdVisit
+
+        m = raws[0].metadata
+        mid = (m.mjd_begin + m.mjd_end) / 2 if m.mjd_begin and m.mjd_end else m.mjd_begin
+        ccd = CcdVisit(work.instrument, work.visit, det.id, band, float(mid),
+                       tuple(map(tuple, cam.footprint(det, ra, dec, rot, pad_arcsec=10.0))), m.exposure_time)
+        with step("associate_alerts"):
+            # the APDB and alert cutouts are in nJy, like the DIA source fluxes
+            sci, tmpl, dif = (_in_njy(i, njy) for i in (calexp, warped, diff))
+            report = deps.alerts(ccd, dia, sci, tmpl, dif, psf.fwhm)
+        res.alerts = report.to_dict() if hasattr(report, "to_dict") else dict(report)
+    res.status = "done"
+    _put(deps, work, res, output_run)  # final metrics, with the alert counts
+    return res
+
+
+def _photometric_scale(calexp: Image, template: Image, kernel_sum: float) -> float:
+    """nJy per electron of the science image.
+
+    Templates are calibrated coadds in nJy; the PSF-matching kernel maps template flux onto
+    science flux, so its sum is electrons per nJy. Without an nJy template, fall back to the
+    image's ``NJY_PER_E`` metadata (or 1: fluxes then stay in electrons).
+    """
+    if str(template.metadata.get("BUNIT", "")).lower() == "njy" and kernel_sum > 0:
+        scale = 1.0 / float(kernel_sum)
+    else:
+        scale = float(calexp.metadata.get("NJY_PER_E", 1.0))
+    calexp.metadata["NJY_PER_E"] = scale
+    return scale
+
+
+def _in_njy(img: Image, njy_per_e: float) -> Image:
+    """A copy of ``img`` (electrons) scaled to nJy; the same object when the scale is 1."""
+    if njy_per_e == 1.0 or str(img.metadata.get("BUNIT", "")).lower() == "njy":
+        return img
+    return Image(img.image * np.float32(njy_per_e), img.variance * np.float32(njy_per_e**2), img.mask, img.wcs,
+                 dict(img.metadata, BUNIT="nJy"))
+
+
+def _fit_astrometry(calexp: Image, sources, templates: list[Image], cam, res: CcdResult) -> None:
+    """Refit the raw WCS against the templates' sources; keep the raw WCS if that fails."""
+    refs = []
+    for t in templates:
+        ts = detect_sources(t, threshold=10.0)
+        if len(ts):
+            ra, dec = t.wcs.pixel_to_world_values(ts["x"].to_numpy(), ts["y"].to_numpy())
+            refs.append(np.column_stack([ra, dec, ts["flux"].to_numpy()]))
+    if not refs:
+        res.astrometry = {"status": "no reference sources"}
+        return
+    ref = np.concatenate(refs)
+    ref = ref[np.argsort(-ref[:, 2])][:, :2]
+    good = sources[(sources["flag"] == 0) & (~sources["masked"])].sort_values("flux", ascending=False)
+    try:
+        wcs, fit = fit_wcs(calexp.wcs, good[["x", "y"]].to_numpy(), ref, pixel_scale_arcsec=cam.pixel_scale_arcsec)
+    except AstrometryError as exc:
+        log.warning("astrometric fit failed (%s); keeping the header WCS", exc)
+        res.astrometry = {"status": f"failed: {exc}"}
+        return
+    calexp.wcs = wcs
+    res.astrometry = {"status": "fitted", **{k: float(v) for k, v in dataclasses.asdict(fit).items()}}
+
+
+def _put(deps: JobDeps, work: CcdWork, res: CcdResult, output_run, **outputs) -> None:
+    deps.butler_io.put_outputs(work.visit, work.detector, metrics=res.to_dict(), run=output_run, **outputs)

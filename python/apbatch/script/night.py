@@ -1,0 +1,346 @@
+"""``apbatch night``: what cron runs the morning after a night -- reprocess, report, crontab.
+
+The policy (what is resubmitted, what counts as missed, which events belong to a night) is
+in `apbatch.night`; these are the commands' plain functions.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ..backends.base import Backend, JobState, JobStatus
+from ..config import ApbatchConfig
+from ..errors import BadInputError, RetriableError
+from ..ledger import UNFINISHED, Ledger
+from ..night import (
+    ENDED,
+    classify,
+    event_day_obs,
+    expected_works,
+    missing_works,
+    night_events,
+    night_rows,
+    night_span,
+    percentile,
+    submit_works,
+)
+from ..work import CcdWork
+
+__all__ = ["crontab_text", "format_report", "install_paths", "night_report", "reprocess_night",
+           "write_atomic"]
+
+
+# ----------------------------------------------------------------------------- reprocess
+def _refresh(ledger: Ledger, backend: Backend, kind: str, rows: list[dict], write: bool, now: float) -> dict:
+    ids = [r["job_id"] for r in rows if r["job_id"] and r["backend"] == kind and r["state"] in UNFINISHED]
+    statuses: dict[str, JobStatus] = {}
+    for i in range(0, len(ids), 500):  # query everything before writing anything
+        try:
+            statuses.update(backend.status(ids[i:i + 500]))
+        except Exception as exc:
+            raise RetriableError(f"backend {kind}: status query of {len(ids)} job(s) failed ({exc}); "
+                                 "the ledger was not changed and nothing was resubmitted") from exc
+    changed = {}
+    for r in rows:
+        st = statuses.get(r["job_id"]) if r["backend"] == kind and r["state"] in UNFINISHED else None
+        if st is None:
+            continue
+        bad = st.state == JobState.COMPLETED and st.exit_code not in (None, 0)
+        new = {"state": (JobState.FAILED if bad else st.state).value, "exit_code": st.exit_code,
+               "reason": st.reason}
+        if any(r[k] != v for k, v in new.items()):
+            changed[st.job_id] = st
+            if not write:
+                r.update(new)  # dry run: in memory only
+    # only what changed is written: Ledger.update_states costs ~0.5 ms a job on SQLite
+    updated = ledger.update_states(changed, kind, now=now) if write else 0
+    return {"polled": len(ids), "updated": updated}
+
+
+def reprocess_night(config: ApbatchConfig, *, day_obs: int, dry_run: bool = False,
+                    max_attempts: int | None = None, claim_timeout: float = 300.0, lost_after: float = 3600.0,
+                    backend: Backend | None = None, ledger: Ledger | None = None,
+                    config_file: str | None = None, now: float | None = None) -> dict[str, Any]:
+    """Refresh the night's job states, resubmit what failed retriably or was lost, submit what was missed.
+
+    Parameters
+    ----------
+    config : `ApbatchConfig`
+        The configuration (``events.max_attempts`` is the default ``max_attempts``).
+    day_obs : `int`
+        The night, YYYYMMDD.
+    dry_run : `bool`
+        Query the scheduler and report what would be submitted; write and submit nothing.
+    max_attempts : `int`, optional
+        Submissions per CCD, this one included.
+    claim_timeout, lost_after : `float`
+        Seconds after which a never-submitted claim, or a job the scheduler has no record of,
+        is resubmitted.
+    backend, ledger, now : optional
+        Injected for tests; default from the configuration and the clock.
+    config_file : `str`, optional
+        Config file the jobs should read (``APBATCH_CONFIG``).
+
+    Returns
+    -------
+    summary : `dict`
+        ``day_obs, dry_run, polled, updated, counts`` (rows per category), ``resubmitted``
+        and ``missed`` (lists of ``{label, detector_name, job_id, why}``), ``errors``.
+
+    Raises
+    ------
+    RetriableError
+        Raised if the scheduler's status query fails (nothing is changed then).
+    """
+    now = time.time() if now is None else now
+    max_attempts = config.events.max_attempts if max_attempts is None else max_attempts
+    if max_attempts < 1:
+        raise BadInputError("--max-attempts", f"{max_attempts} is not positive", "use 1 or more")
+    own_ledger = ledger is None
+    ledger = ledger or Ledger.from_config(config)
+    try:
+        if backend is None:
+            from ..backends import make_backend
+
+            backend = make_backend(config, config_file=config_file)
+        kind = backend.kind or type(backend).__name__
+        rows = night_rows(ledger, day_obs)
+        refreshed = _refresh(ledger, backend, kind, rows, not dry_run, now)
+        if not dry_run:
+            rows = night_rows(ledger, day_obs)
+        cats = {r["id"]: classify(r, max_attempts=max_attempts, claim_timeout=claim_timeout,
+                                  lost_after=lost_after, now=now) for r in rows}
+        redo = [r for r in rows if cats[r["id"]] in ("retry", "lost")]
+        missed = missing_works(ledger, expected_works(config, ledger, day_obs))
+        summary: dict[str, Any] = {"day_obs": day_obs, "dry_run": dry_run, **refreshed,
+                                   "counts": dict(collections.Counter(cats.values())), "errors": []}
+        why = {(r["instrument"], r["group_id"], r["detector"]):
+               f"{cats[r['id']]}: {r['state']} exit {r['exit_code']}" for r in redo}
+        redo_works = [CcdWork.from_dict(json.loads(r["work"])) for r in redo]
+        if dry_run:
+            summary["resubmitted"] = [_item(w, None, why[w.key]) for w in redo_works]
+            summary["missed"] = [_item(w, None, "missed") for w, _ in missed]
+            return summary
+        jobs, errors = submit_works(ledger, backend, kind, redo_works, now)
+        summary["resubmitted"] = [_item(j.work, j.job_id, why[j.work.key]) for j in jobs]
+        by_event: dict[float, list[CcdWork]] = {}
+        for w, received in missed:
+            by_event.setdefault(received, []).append(w)
+        claimed = [w for received, ws in by_event.items()
+                   for w in ledger.claim(ws, received_at=received, now=now)]
+        new_jobs, new_errors = submit_works(ledger, backend, kind, claimed, now)
+        summary["missed"] = [_item(j.work, j.job_id, "missed") for j in new_jobs]
+        summary["errors"] = errors + new_errors
+        return summary
+    finally:
+        if own_ledger:
+            ledger.close()
+
+
+def _item(w: CcdWork, job_id: str | None, why: str) -> dict[str, Any]:
+    return {"label": w.label, "group_id": w.group_id, "detector_name": w.detector_name, "job_id": job_id,
+            "why": why}
+
+
+# ----------------------------------------------------------------------------- report
+def _spread(values: list[float]) -> dict[str, Any]:
+    return {"n": len(values), "median": percentile(values, 50), "p95": percentile(values, 95)}
+
+
+def night_report(config: ApbatchConfig, *, day_obs: int, ledger: Ledger | None = None,
+                 max_attempts: int | None = None) -> dict[str, Any]:
+    """Summary of one night from the ledger (the scheduler is not asked: run ``reprocess`` first).
+
+    Returns
+    -------
+    report : `dict`
+        ``day_obs``; ``events`` (accepted events of the night per kind); ``visits`` and ``ccds``
+        (with a ledger row), ``submitted`` (with a job id); ``states``, ``exit_codes`` and
+        ``attempts`` (counts; keys are strings); ``resubmissions`` (submissions beyond the
+        first); ``to_resubmit`` (what ``reprocess`` would resubmit now); ``needs_attention``
+        (failed for good or out of attempts); ``dead_letters`` (received during the night);
+        ``missing_ccds`` (called for by an event, never claimed);
+        ``latency``: ``event_to_submit`` (first submissions only: a resubmission's time says
+        nothing about the event) and ``submit_to_finish`` (latest submission; finish as seen by
+        polling), each ``{n, median, p95}`` in seconds; ``per_visit``.
+    """
+    max_attempts = config.events.max_attempts if max_attempts is None else max_attempts
+    own_ledger = ledger is None
+    ledger = ledger or Ledger.from_config(config)
+    try:
+        rows = night_rows(ledger, day_obs)
+        kinds = collections.Counter(ev.kind for _, ev in night_events(ledger, day_obs)
+                                    if event_day_obs(ev) in (day_obs, None))
+        missing = missing_works(ledger, expected_works(config, ledger, day_obs))
+        start, end = night_span(day_obs)
+        dead = sum(1 for d in ledger.dead_letter_rows() if start <= d["received_at"] < end)
+    finally:
+        if own_ledger:
+            ledger.close()
+    now = time.time()
+    cats = [classify(r, max_attempts=max_attempts, claim_timeout=300.0, lost_after=3600.0, now=now)
+            for r in rows]
+    attention = sum(1 for r, cat in zip(rows, cats, strict=True)
+                    if cat == "exhausted" or (cat == "final" and r["state"] != JobState.CANCELLED.value))
+    first = [r["submitted_at"] - r["event_received_at"] for r in rows
+             if r["attempts"] == 1 and r["submitted_at"] is not None and r["event_received_at"] is not None]
+    ran = [r["finished_at"] - r["submitted_at"] for r in rows
+           if r["state"] in ENDED and r["finished_at"] is not None and r["submitted_at"] is not None]
+    per_visit: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        v = per_visit.setdefault((r["instrument"], r["group_id"]), {
+            "instrument": r["instrument"], "group_id": r["group_id"], "visit": r["visit"],
+            "intent": r["intent"], "ccds": 0, "states": collections.Counter(), "resubmissions": 0})
+        v["ccds"] += 1
+        v["states"][r["state"]] += 1
+        v["resubmissions"] += max(r["attempts"] - 1, 0)
+    for v in per_visit.values():
+        v["states"] = dict(sorted(v["states"].items()))
+    return {
+        "day_obs": day_obs, "events": dict(sorted(kinds.items())), "visits": len(per_visit),
+        "ccds": len(rows),
+        "submitted": sum(1 for r in rows if r["job_id"]),
+        "states": dict(sorted(collections.Counter(r["state"] for r in rows).items())),
+        "exit_codes": {str(k): n for k, n in sorted(collections.Counter(
+            r["exit_code"] for r in rows if r["exit_code"] is not None).items())},
+        "attempts": {str(k): n for k, n in sorted(collections.Counter(r["attempts"] for r in rows).items())},
+        "resubmissions": sum(max(r["attempts"] - 1, 0) for r in rows),
+        "to_resubmit": sum(1 for cat in cats if cat in ("retry", "lost")), "needs_attention": attention,
+        "dead_letters": dead, "missing_ccds": len(missing),
+        "latency": {"event_to_submit": _spread(first), "submit_to_finish": _spread(ran)},
+        "per_visit": list(per_visit.values()),
+    }
+
+
+def _seconds(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f} s"
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as readable text: totals, latency, then one line per visit."""
+    def counts(d: dict) -> str:
+        return " ".join(f"{k}={n}" for k, n in d.items()) or "-"
+
+    lat = report["latency"]
+    lines = [f"night {report['day_obs']}",
+             f"  events          {counts(report['events'])}",
+             f"  visits          {report['visits']}",
+             f"  CCDs            {report['ccds']} ({report['submitted']} submitted)",
+             f"  states          {counts(report['states'])}",
+             f"  exit codes      {counts(report['exit_codes'])}",
+             f"  attempts        {counts(report['attempts'])} ({report['resubmissions']} resubmission(s))",
+             f"  to resubmit     {report['to_resubmit']}",
+             f"  needs attention {report['needs_attention']}",
+             f"  missing CCDs    {report['missing_ccds']}",
+             f"  dead letters    {report['dead_letters']}"]
+    for name, title in (("event_to_submit", "event -> submitted"),
+                        ("submit_to_finish", "submitted -> finished")):
+        s = lat[name]
+        lines.append(f"  {title:<22}median {_seconds(s['median'])}, p95 {_seconds(s['p95'])} (n={s['n']})")
+    if report["per_visit"]:
+        table = [["INSTRUMENT", "VISIT", "GROUP", "INTENT", "CCDS", "RESUB", "STATES"]]
+        table += [[v["instrument"], str(v["visit"]), v["group_id"], v["intent"], str(v["ccds"]),
+                   str(v["resubmissions"]), counts(v["states"])] for v in report["per_visit"]]
+        widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+        lines.append("")
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: str, text: str, day_obs: int | None = None) -> Path:
+    """Write ``text`` to ``path`` (``{day_obs}`` in it is replaced) via a temp file and a rename.
+
+    Raises
+    ------
+    BadInputError
+        Raised if the file cannot be written; no partial file is left.
+    """
+    target = Path(path.replace("{day_obs}", str(day_obs)) if day_obs is not None else path)
+    tmp = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except OSError as exc:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        raise BadInputError("--out", f"cannot write {str(target)!r}: {exc.strerror}",
+                            "choose a writable path") from None
+    return target
+
+
+# ----------------------------------------------------------------------------- crontab
+def _cron_word(text: str) -> str:
+    return shlex.quote(str(text)).replace("%", "\\%")  # cron turns a bare % into a newline
+
+
+def crontab_text(*, python: str, apbatch: str, config: str, log_dir: str, report_dir: str,
+                 reprocess_at: str = "10:00", report_at: str = "10:30") -> str:
+    """A crontab running ``night reprocess`` and then ``night report`` (text and JSON) every day.
+
+    Raises
+    ------
+    BadInputError
+        Raised if a time is not HH:MM or a path is not absolute (cron has no working directory).
+    """
+    times = {}
+    for field, value in (("--reprocess-at", reprocess_at), ("--report-at", report_at)):
+        m = re.fullmatch(r"([01]?\d|2[0-3]):([0-5]\d)", value)
+        if not m:
+            raise BadInputError(field, f"{value!r} is not a time HH:MM", "e.g. 10:00")
+        times[field] = f"{int(m[2])} {int(m[1])}"
+    for field, value in (("python", python), ("apbatch", apbatch), ("--config", config),
+                         ("--log-dir", log_dir), ("--report-dir", report_dir)):
+        if not os.path.isabs(value):
+            raise BadInputError(field, f"{value!r} is not an absolute path", "cron needs absolute paths")
+    cmd = f"{_cron_word(python)} {_cron_word(apbatch)} night"
+    cfg, log = f"--config {_cron_word(config)}", Path(log_dir)
+    lock = f"flock -n {_cron_word(log / 'night.lock')}"
+    report = Path(report_dir) / "night-{day_obs}"
+    return "\n".join([
+        "# apbatch nightly runs (install with `crontab FILE`; times are the cron daemon's time zone).",
+        "# reprocess: refresh job states, resubmit retriable (exit 3/4) and lost jobs, submit missed CCDs",
+        "# of the night that ended (default --day-obs: yesterday's UTC date, the night that ended this",
+        "# morning in Chile); report: the night's summary, written atomically, one file per day_obs.",
+        "# flock keeps two reprocess runs from overlapping. Create the log directory first.",
+        "PATH=/usr/local/bin:/usr/bin:/bin",
+        f"{times['--reprocess-at']} * * * {lock} {cmd} reprocess {cfg}"
+        f" >> {_cron_word(log / 'night-reprocess.log')} 2>&1",
+        f"{times['--report-at']} * * * {cmd} report {cfg} --out {_cron_word(str(report) + '.txt')}"
+        f" >> {_cron_word(log / 'night-report.log')} 2>&1",
+        f"{times['--report-at']} * * * {cmd} report {cfg} --json --out {_cron_word(str(report) + '.json')}"
+        f" >> {_cron_word(log / 'night-report.log')} 2>&1",
+    ]) + "\n"
+
+
+def install_paths() -> tuple[str, str]:
+    """The Python interpreter running now and the ``bin/apbatch`` shim of this install, absolute.
+
+    Raises
+    ------
+    BadInputError
+        Raised if no ``apbatch`` command can be found (neither the shim nor one on ``PATH``).
+    """
+    import shutil
+
+    import apbatch
+
+    shim = Path(apbatch.__file__).resolve().parents[2] / "bin" / "apbatch"
+    found = str(shim) if shim.is_file() else shutil.which("apbatch")
+    if not found:
+        raise BadInputError("apbatch", "cannot find the apbatch command of this install",
+                            "put bin/apbatch on PATH")
+    return os.path.abspath(sys.executable), os.path.abspath(found)

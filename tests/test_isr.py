@@ -1,0 +1,160 @@
+"""Tests of apbatch.job.steps.isr on synthetic raws with the real LSSTComCam amplifier geometry."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from apbatch.errors import BadInputError, ExitCode
+from apbatch.image import Image, MaskBits
+from apbatch.instruments import get_instrument
+from apbatch.job.steps.isr import IsrConfig, detect_bad_columns, find_cosmic_rays, interpolate_masked, run_isr
+from steps_scene import render_psf, to_raw
+
+INST = get_instrument("LSSTComCam")
+DET = INST.detector(0)
+
+
+def _truth(seed=0):
+    """Noise-free assembled sky (e-): a gradient that reveals flips, plus a few stars."""
+    ny, nx = DET.ny, DET.nx
+    y, x = np.mgrid[0:ny, 0:nx].astype(np.float32)
+    img = 500.0 + 0.05 * x + 0.02 * y
+    rng = np.random.default_rng(seed)
+    for xs, ys in rng.uniform(100, 3900, (20, 2)):
+        xi, yi = int(xs), int(ys)
+        img[yi - 12 : yi + 13, xi - 12 : xi + 13] += 2e4 * render_psf("gauss", 1.7)
+    return img.astype(np.float32)
+
+
+def _raw(img, snap=0, nsnaps=1, noise=False, seed=0):
+    return to_raw(img, INST, DET, np.random.default_rng(seed), snap, nsnaps, 10.0, -5.0, 0.0, noise=noise)
+
+
+@pytest.fixture(scope="module")
+def truth():
+    return _truth()
+
+
+def test_assembly_overscan_gain(truth):
+    """Noise-free raw -> ISR gives back the assembled electrons (flips, overscan drift, gain)."""
+    out = run_isr([_raw(truth)], INST, DET, config=IsrConfig(cr_single=False))
+    assert out.shape == (DET.ny, DET.nx)
+    # ADU rounding of data and overscan (<= 1 ADU * gain in all) is the only error
+    gmax = max(a.gain for a in INST.amplifiers(0))
+    assert np.abs(out.image - truth).max() < 1.05 * gmax
+    assert abs(float(np.mean(out.image - truth))) < 0.1
+    assert out.mask.max() == 0
+    rn2 = {(a.bbox[0], a.bbox[2]): a.read_noise**2 for a in INST.amplifiers(0)}
+    a = INST.amplifiers(0)[3]
+    yy, xx = a.bbox[2] + 10, a.bbox[0] + 10
+    assert out.variance[yy, xx] == pytest.approx(truth[yy, xx] + rn2[(a.bbox[0], a.bbox[2])], rel=1e-3)
+    assert out.metadata["EXPTIME"] == 15.0 and out.metadata["NSNAPS"] == 1
+    assert out.metadata["NJY_PER_E"] == 0.5
+    ref = INST.sky_wcs(DET, 10.0, -5.0, 0.0)
+    assert np.allclose(out.wcs.pixel_to_world_values(100, 200), ref.pixel_to_world_values(100, 200))
+
+
+def test_bias_flat_saturation_and_defects(truth):
+    ny, nx = truth.shape
+    flat = np.ones_like(truth)
+    flat[:, : nx // 2] = 1.1
+    bias = np.full_like(truth, 7.0)
+    bias_mask = np.zeros(truth.shape, np.int32)
+    bias_mask[:, 1234] = MaskBits.BAD
+    raw = _raw(truth * flat + bias)
+    # saturate one raw pixel of amp C10 (flip_x, flip_y): data (x=3+5, y=10) -> CCD (508-5, 3999-10)
+    a = INST.amplifiers(0)[0]
+    seg = next(s for s in raw.segments if s.amp.extname == a.extname)
+    seg.data[10, a.data[0] + 5] = int(a.saturation) + 5
+    out = run_isr([raw], INST, DET, Image(bias, None, bias_mask), Image(flat), IsrConfig(cr_single=False))
+    sat = np.argwhere((out.mask & MaskBits.SAT) != 0)
+    assert sat.tolist() == [[a.bbox[3] - 1 - 10, a.bbox[1] - 1 - 5]]
+    assert (out.mask[:, 1234] & MaskBits.BAD).all() and (out.mask[:, 1234] & MaskBits.INTRP).all()
+    good = out.mask == 0
+    assert np.abs(out.image - truth)[good].max() < 1.05 * 1.1 * max(a.gain for a in INST.amplifiers(0))
+
+
+def test_two_snaps_reject_cosmic_ray(truth):
+    rng = np.random.default_rng(3)
+    s1 = truth + rng.normal(0, np.sqrt(truth)).astype(np.float32)
+    s2 = truth + rng.normal(0, np.sqrt(truth)).astype(np.float32)
+    s1[2000, 1500] += 3000.0
+    out = run_isr([_raw(s1, 0, 2, noise=True, seed=1), _raw(s2, 1, 2, noise=True, seed=2)], INST, DET)
+    assert out.mask[2000, 1500] & MaskBits.CR
+    assert out.image[2000, 1500] == pytest.approx(2 * truth[2000, 1500], abs=200)
+    assert out.metadata["EXPTIME"] == 30.0 and out.metadata["NSNAPS"] == 2
+    assert out.metadata["MJDMID"] > out.metadata["MJDBEG"]
+    cr = (out.mask & MaskBits.CR) != 0
+    # the CR (grown to 3x3) plus 4.5-sigma noise pixels (16M x 7e-6 ~ 110, grown) and never the stars
+    assert cr.sum() < 9 * 200
+    assert not cr[truth > 1500].any()
+    resid = (out.image - 2 * truth) / np.sqrt(out.variance)
+    assert 0.9 < np.std(resid[out.mask == 0]) < 1.15
+
+
+def test_single_snap_cosmic_rays_and_stars():
+    rng = np.random.default_rng(5)
+    img = np.full((300, 300), 800.0, np.float32)
+    img[140:165, 140:165] += 5e4 * render_psf("moffat", 1.7)
+    img += rng.normal(0, np.sqrt(img)).astype(np.float32)
+    img[50, 60] += 2000.0
+    img[200, 100:104] += 1500.0  # a short track
+    var = np.maximum(img, 0) + 40.0
+    cr = find_cosmic_rays(img, var, np.zeros(img.shape, np.int32))
+    assert cr[50, 60] and cr[200, 101]
+    assert not cr[140:165, 140:165].any()
+    assert cr.sum() < 12
+
+
+def test_bad_columns_detected_and_interpolated():
+    rng = np.random.default_rng(7)
+    img = rng.normal(1000, 30, (400, 300)).astype(np.float32)
+    img[:, 77] += 150.0
+    img[200:, 150] *= 0.3
+    bad = detect_bad_columns(img, np.zeros(img.shape, np.int32), half_rows=200)
+    assert bad[:, 77].all() and bad[200:, 150].all()
+    assert bad.sum() == 400 + 200
+    var = np.full_like(img, 900.0)
+    interpolate_masked(img, var, bad)
+    assert abs(img[:, 77].mean() - 1000) < 5 and abs(img[200:, 150].mean() - 1000) < 5
+
+
+def test_bad_inputs(truth):
+    raw = _raw(truth)
+    with pytest.raises(BadInputError, match="missing amplifier segments Segment10") as ei:
+        run_isr([dataclasses.replace(raw, segments=raw.segments[1:])], INST, DET)
+    assert ei.value.exit_code == ExitCode.BAD_INPUT
+    segs = list(raw.segments)
+    segs[2] = dataclasses.replace(segs[2], data=segs[2].data[:100])
+    with pytest.raises(BadInputError, match=r"raw.segments\[Segment12\]: shape"):
+        run_isr([dataclasses.replace(raw, segments=segs)], INST, DET)
+    segs = list(raw.segments)
+    nan = segs[4].data.astype(np.float32)
+    nan[:500] = np.nan
+    segs[4] = dataclasses.replace(segs[4], data=nan)
+    with pytest.raises(BadInputError, match="NaN"):
+        run_isr([dataclasses.replace(raw, segments=segs)], INST, DET)
+    with pytest.raises(BadInputError, match="raw.detector"):
+        run_isr([raw], INST, INST.detector(1))
+    with pytest.raises(BadInputError, match="raws"):
+        run_isr([raw, raw, raw], INST, DET)
+    with pytest.raises(BadInputError, match="raws"):
+        run_isr([], INST, DET)
+    with pytest.raises(BadInputError, match="bias"):
+        run_isr([raw], INST, DET, bias=Image(np.zeros((10, 10), np.float32)))
+    with pytest.raises(BadInputError, match="twice"):
+        run_isr([dataclasses.replace(raw, segments=raw.segments + raw.segments[:1])], INST, DET)
+
+
+def test_few_nans_are_masked_bad(truth):
+    raw = _raw(truth)
+    segs = list(raw.segments)
+    a = segs[0].amp
+    d = segs[0].data.astype(np.float32)
+    d[7, a.data[0] + 3] = np.nan
+    segs[0] = dataclasses.replace(segs[0], data=d)
+    out = run_isr([dataclasses.replace(raw, segments=segs)], INST, DET, config=IsrConfig(cr_single=False))
+    y, x = a.bbox[3] - 1 - 7, a.bbox[1] - 1 - 3
+    assert out.mask[y, x] & MaskBits.BAD and out.mask[y, x] & MaskBits.INTRP
+    assert np.isfinite(out.image).all()
+    assert abs(out.image[y, x] - truth[y, x]) < 5

@@ -1,0 +1,380 @@
+"""Tests of apbatch.night and apbatch.script.night (``apbatch night reprocess|report|crontab``)."""
+
+from __future__ import annotations
+
+import calendar
+import json
+import os
+import random
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import apbatch.backends
+import numpy as np
+import pytest
+import yaml
+from apbatch.backends.base import JobState, JobStatus
+from apbatch.cli import main
+from apbatch.config import load_config
+from apbatch.dispatcher import Dispatcher
+from apbatch.errors import BadInputError, RetriableError, SchedulerError
+from apbatch.events import TAI_MINUS_UTC, parse_event
+from apbatch.fanout import fan_out
+from apbatch.ledger import Ledger
+from apbatch.night import classify, default_day_obs, night_span, parse_day_obs, percentile
+from apbatch.script.night import crontab_text, format_report, night_report, reprocess_night, write_atomic
+from test_dispatcher import FakeBackend
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "data" / "events"
+NV = json.loads((DATA / "nextVisit_LSSTComCam.json").read_text())  # 9 CCDs, day_obs 20241108
+DAY = 20241108
+SENT = NV["private_sndStamp"] - TAI_MINUS_UTC  # UTC unix time the nextVisit was sent
+LATER = SENT + 7200.0  # the morning after: every job is older than lost_after
+
+
+def next_visit(minute: int, **changes) -> dict:
+    """The ComCam nextVisit moved to another group (and visit) of the same night."""
+    shift = (minute - 33) * 60.0
+    return {**NV, "groupId": f"2024-11-09T06:{minute:02d}:55.311", "startTime": NV["startTime"] + shift,
+            "private_sndStamp": NV["private_sndStamp"] + shift, **changes}
+
+
+class StatusDownBackend(FakeBackend):
+    """A scheduler that accepts submissions but whose status query fails."""
+
+    def status(self, job_ids):
+        raise SchedulerError(["squeue", "-j", ",".join(job_ids)], 1, "",
+                             "slurm_load_jobs error: Unable to contact slurm controller")
+
+
+@pytest.fixture
+def night(tmp_path):
+    def make(mode: str = "dynamic", backend: FakeBackend | None = None):
+        cfg = load_config(environ={}, overrides={"root": str(tmp_path), "events": {"mode": mode}})
+        ledger = Ledger.from_config(cfg)
+        backend = backend or FakeBackend()
+        disp = Dispatcher(cfg, ledger, backend, clock=lambda: SENT + 1.0, check_age=False)
+        return SimpleNamespace(cfg=cfg, ledger=ledger, backend=backend, disp=disp)
+
+    return make
+
+
+def submit_visit(n, payload: dict) -> list[str]:
+    out = n.disp.handle(parse_event(payload), payload, "test", received_at=payload["private_sndStamp"]
+                        - TAI_MINUS_UTC)
+    assert out.action == "submitted"
+    return [j.job_id for j in out.jobs]
+
+
+def set_states(backend: FakeBackend, table: dict[str, tuple[JobState, int | None] | None]) -> None:
+    for job_id, st in table.items():
+        if st is None:
+            backend.states.pop(job_id)  # the scheduler has no record of it: lost
+        else:
+            backend.states[job_id] = JobStatus(job_id, st[0], st[1])
+
+
+def reprocess(n, **kw):
+    kw.setdefault("now", LATER)
+    return reprocess_night(n.cfg, day_obs=kw.pop("day_obs", DAY), backend=n.backend, ledger=n.ledger, **kw)
+
+
+def by_detector(ledger: Ledger) -> dict[str, dict]:
+    return {r["detector_name"]: r for r in ledger.rows()}
+
+
+MIXED = {"fake-1": (JobState.COMPLETED, 0), "fake-2": (JobState.FAILED, 4), "fake-3": (JobState.FAILED, 3),
+         "fake-4": (JobState.FAILED, 5), "fake-5": (JobState.FAILED, 2), "fake-6": (JobState.FAILED, None),
+         "fake-7": (JobState.RUNNING, None), "fake-8": None, "fake-9": (JobState.PENDING, None)}
+
+
+# ------------------------------------------------------------------------------- reprocess
+def test_retriable_and_lost_resubmitted_once_others_never(night):
+    n = night()
+    ids = submit_visit(n, NV)
+    assert ids == [f"fake-{i}" for i in range(1, 10)]
+    set_states(n.backend, MIXED)
+    before = by_detector(n.ledger)
+    res = reprocess(n)
+    assert res["polled"] == 9 and res["updated"] == 8  # fake-9 is still PENDING: not rewritten
+    assert res["errors"] == [] and res["missed"] == []
+    assert res["counts"] == {"completed": 1, "retry": 2, "final": 3, "active": 2, "lost": 1}
+    redone = {before[i["detector_name"]]["job_id"]: i["job_id"] for i in res["resubmitted"]}
+    assert redone == {"fake-2": "fake-10", "fake-3": "fake-11", "fake-8": "fake-12"}
+    assert len(n.backend.batches) == 2 and len(n.backend.batches[1]) == 3  # one batch for the visit
+    after = by_detector(n.ledger)
+    for name, row in after.items():
+        old = before[name]["job_id"]
+        if old in redone:
+            assert (row["job_id"], row["state"], row["attempts"]) == (redone[old], "PENDING", 2)
+            assert json.loads(row["job_history"]) == [old] and row["submitted_at"] == LATER
+        else:
+            assert row["job_id"] == old and row["attempts"] == 1
+    assert after["R22_S10"]["state"] == "FAILED" and after["R22_S10"]["exit_code"] == 5  # fake-4
+    assert after["R22_S00"]["state"] == "COMPLETED"
+    # a second run the same morning submits nothing
+    again = reprocess(n, now=LATER + 60)
+    assert again["resubmitted"] == [] and again["missed"] == [] and len(n.backend.batches) == 2
+    assert again["counts"] == {"completed": 1, "final": 3, "active": 5}
+
+
+def test_max_attempts_respected(night):
+    n = night()
+    submit_visit(n, NV)
+    set_states(n.backend, MIXED)
+    res = reprocess(n, max_attempts=1)
+    assert res["resubmitted"] == [] and res["counts"]["exhausted"] == 3 and len(n.backend.batches) == 1
+    res = reprocess(n, max_attempts=2)
+    assert len(res["resubmitted"]) == 3
+    set_states(n.backend, {"fake-10": (JobState.FAILED, 4), "fake-11": (JobState.COMPLETED, 0)})
+    res = reprocess(n, max_attempts=2, now=LATER + 100)
+    assert res["resubmitted"] == [] and res["counts"]["exhausted"] == 1
+    res = reprocess(n, max_attempts=3, now=LATER + 200)
+    assert [(i["detector_name"], i["job_id"]) for i in res["resubmitted"]] == [("R22_S01", "fake-13")]
+    assert by_detector(n.ledger)["R22_S01"]["attempts"] == 3
+    with pytest.raises(BadInputError, match="--max-attempts"):
+        reprocess(n, max_attempts=0)
+
+
+def test_dry_run_submits_and_writes_nothing(night):
+    n = night()
+    submit_visit(n, NV)
+    set_states(n.backend, MIXED)
+    missed = next_visit(40)
+    n.ledger.record_event("nextVisit", missed, instrument="LSSTComCam", group_id=missed["groupId"],
+                          accepted=True, received_at=SENT + 400)
+    before = n.ledger.rows()
+    res = reprocess(n, dry_run=True)
+    assert res["dry_run"] and res["updated"] == 0
+    assert sorted(i["detector_name"] for i in res["resubmitted"]) == ["R22_S01", "R22_S02", "R22_S21"]
+    assert {i["job_id"] for i in res["resubmitted"] + res["missed"]} == {None} and len(res["missed"]) == 9
+    assert n.ledger.rows() == before and len(n.backend.batches) == 1
+
+
+def test_missed_events_fanned_out_and_submitted(night):
+    n = night()
+    submit_visit(n, NV)  # handled normally: nothing missing
+    missed, cancelled, rejected = next_visit(40), next_visit(45), next_visit(50)
+    for payload, accepted, at in ((missed, True, 400), (cancelled, True, 500), (rejected, False, 600)):
+        n.ledger.record_event("nextVisit", payload, instrument="LSSTComCam", group_id=payload["groupId"],
+                              accepted=accepted, received_at=SENT + at)
+    cancel = {"kind": "nextVisitCanceled", "groupId": cancelled["groupId"], "salIndex": 1,
+              "scriptSalIndex": 2}
+    n.ledger.record_event("nextVisitCanceled", cancel, group_id=cancelled["groupId"], accepted=True,
+                          received_at=SENT + 510)
+    res = reprocess(n)
+    assert res["resubmitted"] == [] and len(res["missed"]) == 9
+    assert {i["group_id"] for i in res["missed"]} == {missed["groupId"]}
+    rows = n.ledger.rows(group_id=missed["groupId"])
+    assert len(rows) == 9 and {(r["state"], r["attempts"]) for r in rows} == {("PENDING", 1)}
+    assert {r["event_received_at"] for r in rows} == {SENT + 400}
+    assert len(n.backend.batches) == 2
+    again = reprocess(n, now=LATER + 60)
+    assert again["missed"] == [] and len(n.backend.batches) == 2
+    assert reprocess(n, day_obs=DAY + 1)["missed"] == []
+
+
+def test_batch_mode_missed_uses_start_integration_with_next_visit(night):
+    n = night("batch")
+    nv = json.loads((DATA / "nextVisit_LSSTCam.json").read_text())
+    si = json.loads((DATA / "startIntegration_LSSTCam_snap1.json").read_text())
+    group = nv["value"]["groupId"]  # Kafka envelopes, as stored by the daemon
+    sent = nv["value"]["private_sndStamp"] - TAI_MINUS_UTC
+    n.ledger.record_event("nextVisit", nv, instrument="LSSTCam", group_id=group, accepted=True,
+                          received_at=sent)
+    day = 20250609
+    assert reprocess(n, day_obs=day, now=sent + 7200)["missed"] == []  # no exposure seen: not missed
+    n.ledger.record_event("startIntegration", si, instrument="LSSTCam", group_id=group, accepted=True,
+                          received_at=sent + 30)
+    res = reprocess(n, day_obs=day, now=sent + 7200)
+    assert len(res["missed"]) == 189 and len(n.backend.batches) == 1
+    w = n.backend.batches[0][0]
+    assert (w.ra, w.dec) == tuple(nv["value"]["position"]) and w.exposure_time == parse_event(si).exposureTime
+    assert w.nimages == 2 and w.physical_filter == "z_20"
+
+
+def test_status_query_failure_changes_nothing(night):
+    n = night(backend=StatusDownBackend())
+    submit_visit(n, NV)
+    before = n.ledger.rows()
+    with pytest.raises(RetriableError, match="status query of 9 job.*not changed"):
+        reprocess(n)
+    assert n.ledger.rows() == before and len(n.backend.batches) == 1
+
+
+def test_classify_rules():
+    base = {"state": "UNKNOWN", "exit_code": None, "job_id": "7", "reason": "not in the queue nor in history",
+            "submitted_at": 0.0, "claimed_at": 0.0, "retry": True, "attempts": 1}
+    kw = {"max_attempts": 3, "claim_timeout": 300.0, "lost_after": 3600.0}
+    assert classify(base, now=4000.0, **kw) == "lost"
+    assert classify(base, now=1000.0, **kw) == "active"  # too recent to call lost
+    assert classify({**base, "reason": "unknown state code 'XX'"}, now=4000.0, **kw) == "active"
+    assert classify({**base, "retry": False}, now=4000.0, **kw) == "final"  # group cancelled
+    assert classify({**base, "state": "CLAIMED", "job_id": None}, now=301.0, **kw) == "retry"
+    assert classify({**base, "state": "CLAIMED", "job_id": None}, now=299.0, **kw) == "active"
+    assert classify({**base, "state": "SUBMIT_FAILED", "attempts": 3}, now=1.0, **kw) == "exhausted"
+    assert classify({**base, "state": "TIMEOUT"}, now=1.0, **kw) == "final"
+
+
+# ---------------------------------------------------------------------------------- report
+def test_report_numbers_from_constructed_ledger(night):
+    n = night()
+    t0 = night_span(DAY)[0] + 8 * 3600.0
+    works = fan_out(parse_event(NV), n.cfg)
+    n.ledger.record_event("nextVisit", NV, instrument="LSSTComCam", group_id=NV["groupId"], accepted=True,
+                          received_at=t0)
+    assert len(n.ledger.claim(works[:4], received_at=t0, now=t0 + 1)) == 4
+    for i, (w, dt) in enumerate(zip(works[:4], (2.0, 4.0, 6.0, 10.0), strict=True)):
+        n.ledger.record_submitted([apbatch.backends.SubmittedJob(w, f"j{i}")], "fake", now=t0 + dt)
+    for job, state, code, at in (("j0", JobState.COMPLETED, 0, t0 + 102),
+                                 ("j1", JobState.FAILED, 4, t0 + 54),
+                                 ("j2", JobState.FAILED, 5, t0 + 206),
+                                 ("j3", JobState.RUNNING, None, t0 + 50)):
+        n.ledger.update_states({job: JobStatus(job, state, code)}, "fake", now=at)
+    n.ledger.record_submitted([apbatch.backends.SubmittedJob(works[1], "j1b")], "fake", now=t0 + 300)
+    other = fan_out(parse_event(next_visit(40)), n.cfg)[0]  # a visit whose event is not in the ledger
+    n.ledger.claim([other], received_at=t0, now=t0)
+    n.ledger.record_submitted([apbatch.backends.SubmittedJob(other, "c1")], "fake", now=t0 + 1)
+    n.ledger.mark_cancelled([r["id"] for r in n.ledger.rows(group_id=other.group_id)], "test", now=t0 + 5)
+    for at in (t0, t0 + 60, night_span(DAY)[1] + 10):
+        n.ledger.record_dead_letter("{bad", "malformed JSON", received_at=at)
+
+    rep = night_report(n.cfg, day_obs=DAY, ledger=n.ledger)
+    assert rep["events"] == {"nextVisit": 1} and rep["visits"] == 2
+    assert rep["ccds"] == 5 and rep["submitted"] == 5
+    assert rep["states"] == {"CANCELLED": 1, "COMPLETED": 1, "FAILED": 1, "PENDING": 1, "RUNNING": 1}
+    assert rep["exit_codes"] == {"0": 1, "5": 1} and rep["attempts"] == {"1": 4, "2": 1}
+    assert rep["resubmissions"] == 1 and rep["needs_attention"] == 1 and rep["to_resubmit"] == 0
+    assert rep["dead_letters"] == 2 and rep["missing_ccds"] == 5
+    lat = rep["latency"]
+    # first submissions 2, 6, 10 s and the cancelled visit's 1 s (j1 was resubmitted: left out)
+    assert lat["event_to_submit"] == {"n": 4, "median": 4.0, "p95": pytest.approx(9.4)}
+    assert lat["submit_to_finish"] == {"n": 2, "median": 150.0, "p95": pytest.approx(195.0)}  # 100, 200
+    text = format_report(rep)
+    assert "needs attention 1" in text and "missing CCDs    5" in text
+    assert "submitted -> finished median 150.0 s, p95 195.0 s (n=2)" in text
+    assert json.loads(json.dumps(rep)) == rep  # JSON-clean
+
+
+def test_percentile_matches_numpy():
+    rng = random.Random(5)
+    for size in (1, 2, 7, 100):
+        v = [rng.uniform(0, 100) for _ in range(size)]
+        for q in (0, 50, 95, 100):
+            assert percentile(v, q) == pytest.approx(float(np.percentile(v, q)))
+    assert percentile([], 50) is None
+
+
+def test_day_obs_default_and_validation():
+    def utc(*t):
+        return float(calendar.timegm(t))
+
+    assert default_day_obs(utc(2025, 6, 10, 13, 0, 0, 0, 0, 0)) == 20250609  # 10:00 in Chile
+    assert default_day_obs(utc(2025, 6, 10, 23, 0, 0, 0, 0, 0)) == 20250609  # night of 0610 under way
+    assert default_day_obs(utc(2025, 6, 11, 11, 0, 0, 0, 0, 0)) == 20250610
+    assert parse_day_obs("20240229") == 20240229
+    for bad in ("2024110", "20241332", "20230229", "yesterday", "2024-11-08"):
+        with pytest.raises(BadInputError, match="--day-obs"):
+            parse_day_obs(bad)
+
+
+def test_write_atomic(tmp_path):
+    path = write_atomic(str(tmp_path / "r" / "night-{day_obs}.txt"), "hello\n", 20241108)
+    assert path == tmp_path / "r" / "night-20241108.txt" and path.read_text() == "hello\n"
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(BadInputError, match="--out"):
+        write_atomic(str(tmp_path / "f" / "out.txt"), "x")
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["night-20241108.txt"]
+
+
+# ------------------------------------------------------------------------------------- CLI
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.delenv("APBATCH_CONFIG", raising=False)
+    cfg_file = tmp_path / "apbatch.yaml"
+    cfg_file.write_text(yaml.safe_dump({"root": str(tmp_path / "work")}))
+    holder = {"backend": FakeBackend()}
+    monkeypatch.setattr(apbatch.backends, "make_backend", lambda config, **deps: holder["backend"])
+    return SimpleNamespace(config=str(cfg_file), holder=holder, root=tmp_path / "work")
+
+
+def run(capsys, *args):
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
+
+
+def test_cli_bad_day_obs_is_one_line_exit_2(env, capsys):
+    for cmd in ("reprocess", "report"):
+        code, out, err = run(capsys, "night", cmd, "--day-obs", "2024-11-08", "--config", env.config)
+        assert code == 2 and out == ""
+        assert err.strip().splitlines() == ["error: --day-obs: '2024-11-08' is not a date YYYYMMDD "
+                                            "(e.g. --day-obs 20250609)"]
+    assert not env.root.exists()  # nothing was opened or written
+
+
+def test_cli_reprocess_then_report(env, capsys):
+    ledger = Ledger.from_config(load_config(env.config, environ={}))
+    ledger.record_event("nextVisit", NV, instrument="LSSTComCam", group_id=NV["groupId"], accepted=True,
+                        received_at=SENT)
+    args = ["--day-obs", str(DAY), "--config", env.config]
+    code, out, err = run(capsys, "night", "reprocess", *args, "--json")
+    res = json.loads(out)
+    assert code == 0 and len(res["missed"]) == 9 and len(env.holder["backend"].batches) == 1
+    code, out, _ = run(capsys, "night", "reprocess", *args)
+    assert code == 0 and out.startswith(f"night {DAY}: polled 9 job(s)")
+    assert "submitted 0 resubmission(s) and 0 missed" in out
+    target = env.root / "reports" / "night-{day_obs}.json"
+    code, out, err = run(capsys, "night", "report", *args, "--json", "--out", str(target))
+    written = env.root / "reports" / f"night-{DAY}.json"
+    assert code == 0 and out == "" and str(written) in err
+    rep = json.loads(written.read_text())
+    assert rep["ccds"] == 9 and rep["states"] == {"PENDING": 9} and rep["missing_ccds"] == 0
+    assert os.listdir(written.parent) == [written.name]
+
+
+def test_cli_status_failure_exit_4(env, capsys):
+    env.holder["backend"] = StatusDownBackend()
+    ledger = Ledger.from_config(load_config(env.config, environ={}))
+    works = fan_out(parse_event(NV), load_config(env.config, environ={}))
+    ledger.claim(works, received_at=SENT, now=SENT)
+    ledger.record_submitted(env.holder["backend"].submit(works), "fake", now=SENT + 1)
+    before = ledger.rows()
+    code, out, err = run(capsys, "night", "reprocess", "--day-obs", str(DAY), "--config", env.config)
+    assert code == 4 and out == "" and len(err.strip().splitlines()) == 1
+    assert "Unable to contact slurm controller" in err and "ledger was not changed" in err
+    assert ledger.rows() == before
+
+
+def test_crontab_example_matches_command(env, capsys):
+    expected = crontab_text(python="/opt/apbatch/.venv/bin/python", apbatch="/opt/apbatch/bin/apbatch",
+                            config="/opt/apbatch/etc/apbatch.yaml", log_dir="/var/log/apbatch",
+                            report_dir="/var/lib/apbatch/reports")
+    assert (ROOT / "config" / "crontab.example").read_text() == expected
+    code, _, err = run(capsys, "night", "crontab")
+    assert code == 2 and "--config" in err
+    with pytest.raises(BadInputError, match="--report-at"):
+        crontab_text(python="/p", apbatch="/a", config="/c", log_dir="/l", report_dir="/r", report_at="25:00")
+    with pytest.raises(BadInputError, match="--config"):
+        crontab_text(python="/p", apbatch="/a", config="c.yaml", log_dir="/l", report_dir="/r")
+
+
+def test_crontab_lines_run_under_sh(env, capsys, tmp_path):
+    """Each rendered cron command runs as cron would run it (sh -c, cron's PATH, no environment)."""
+    code, out, _ = run(capsys, "night", "crontab", "--config", env.config, "--reprocess-at", "9:05",
+                       "--log-dir", str(tmp_path / "logs"))
+    assert code == 0
+    jobs = [line for line in out.splitlines() if line and not line.startswith("#") and "=" not in line[:6]]
+    assert [j.split()[:2] for j in jobs] == [["5", "9"], ["30", "10"], ["30", "10"]]
+    (tmp_path / "logs").mkdir()
+    for job in jobs[:2]:
+        command = job.split(None, 5)[5].replace("\\%", "%")
+        proc = subprocess.run(["/bin/sh", "-c", command], env={"PATH": "/usr/local/bin:/usr/bin:/bin"},
+                              timeout=120, capture_output=True, text=True)
+        assert proc.returncode == 0, (command, (tmp_path / "logs").iterdir())
+    assert "polled 0 job(s)" in (tmp_path / "logs" / "night-reprocess.log").read_text()
+    reports = list((env.root / "reports").iterdir())
+    assert len(reports) == 1 and reports[0].read_text().startswith("night ")

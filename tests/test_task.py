@@ -1,0 +1,176 @@
+"""Tests for apbatch.job.task: header checks, failure classes and the no-template path.
+
+The image steps are tested in their own files and end to end in test_demo.py; here the
+steps are replaced by small fakes so the orchestration's decisions are checked directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from apbatch.errors import BadInputError, RawTimeoutError, RetriableError
+from apbatch.image import Image
+from apbatch.job import task
+from apbatch.job.steps.psf import gaussian_psf
+from apbatch.raw import RawExposure, RawMetadata
+from apbatch.work import CcdWork
+
+GROUP = "2025-10-16T00:59:36.789"
+
+
+def _work(**kw) -> CcdWork:
+    base = dict(instrument="LSSTComCam", detector=4, detector_name="R22_S11", group_id=GROUP, visit=3405059767890000,
+                day_obs=20251015, intent="science", exposure_time=30.0, nimages=1, distributor="/nowhere",
+                ra=53.0, dec=-28.0, rotation=10.0, physical_filter="r_03")
+    base.update(kw)
+    return CcdWork(**base)
+
+
+def _raw(**kw) -> RawExposure:
+    meta = dict(instrument="LSSTComCam", detector=4, detector_name="R22_S11", obs_id="CC_O_20251015_000001",
+                exposure_id=2025101500001, group_id=GROUP, visit_id=3405059767890000, day_obs=20251015, seq_num=1,
+                observation_type="science", physical_filter="r_03", band="r", exposure_time=30.0, dark_time=30.2,
+                requested_exposure_time=30.0, mjd_begin=60964.04, mjd_end=60964.0404, ra=53.0, dec=-28.0,
+                rotation=10.0, airmass=1.1, image_index=1, images_in_sequence=1, science_program="PP-SURVEY",
+                reason="science", can_see_sky=True)
+    meta.update(kw)
+    return RawExposure({}, RawMetadata(**meta), [])
+
+
+class FakeButlerIO:
+    """Records what the job asks for; returns what the test sets up."""
+
+    def __init__(self, raws=None, templates=(), raise_on_get=None):
+        self.raws, self.templates, self.raise_on_get = raws or [_raw()], list(templates), raise_on_get
+        self.puts: list[dict] = []
+        self.asked: dict = {}
+
+    def get_raw_blocking(self, target, detector, nimages, client, timeout, *, group_id=None, allow_partial=False):
+        self.asked = dict(target=target, nimages=nimages, timeout=timeout, allow_partial=allow_partial)
+        if self.raise_on_get:
+            raise self.raise_on_get
+        return self.raws
+
+    def get_calib(self, kind, detector, when, physical_filter=None):
+        return None
+
+    def get_templates(self, corners, band):
+        return self.templates
+
+    def put_outputs(self, visit, detector, **outputs):
+        self.puts.append({k: v for k, v in outputs.items() if v is not None})
+
+
+@pytest.fixture
+def fake_steps(monkeypatch):
+    """Replace the image steps with cheap stand-ins returning plausible objects."""
+    calls = []
+
+    def isr(raws, cam, det, bias=None, flat=None):
+        calls.append("isr")
+        wcs = cam.sky_wcs(det, 53.0, -28.0, 10.0)
+        return Image(np.zeros((40, 50), np.float32), np.ones((40, 50), np.float32), wcs=wcs)
+
+    monkeypatch.setattr(task, "run_isr", isr)
+    monkeypatch.setattr(task, "subtract_background", lambda img: calls.append("bkg"))
+    monkeypatch.setattr(task, "detect_sources", lambda img, **kw: pd.DataFrame(
+        {"x": [1.0], "y": [1.0], "flux": [1.0], "flag": [0], "masked": [False]}))
+    monkeypatch.setattr(task, "measure_psf", lambda img, src: gaussian_psf(1.5))
+    return calls
+
+
+def test_header_mismatches_are_reported_not_fatal():
+    raws = [_raw(physical_filter="y_04", requested_exposure_time=20.0, ra=53.1)]
+    out = task.check_headers(raws, _work())
+    assert any("FILTER 'y_04'" in m and "r_03" in m for m in out)
+    assert any("EXPTIME 20.000" in m for m in out)
+    assert any("arcsec from the job's boresight" in m for m in out)
+    assert task.check_headers([_raw()], _work()) == []
+
+
+def test_two_snaps_of_half_the_visit_time_match():
+    raws = [_raw(requested_exposure_time=15.0, images_in_sequence=2, image_index=i) for i in (1, 2)]
+    assert task.check_headers(raws, _work(nimages=2)) == []
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("instrument", "LSSTCam", "is from LSSTCam"),
+    ("detector", 5, "is detector 5"),
+    ("group_id", "2025-10-16T01:00:00.000", "GROUPID"),
+])
+def test_wrong_raw_is_bad_input(field, value, match):
+    with pytest.raises(BadInputError, match=match):
+        task.check_headers([_raw(**{field: value})], _work())
+
+
+def test_raw_timeout_propagates_and_writes_nothing(fake_steps):
+    io = FakeButlerIO(raise_on_get=RawTimeoutError("no raw for R22_S11 after 2 s"))
+    with pytest.raises(RawTimeoutError):
+        task.run_ccd(_work(), task.JobDeps(io, object()), timeout=2.0)
+    assert io.puts == [] and fake_steps == []
+    assert io.asked["timeout"] == 2.0
+
+
+def test_unexpected_failure_before_apdb_is_retriable(monkeypatch, fake_steps):
+    def boom(*a, **k):
+        raise ZeroDivisionError("oops")
+
+    monkeypatch.setattr(task, "run_isr", boom)
+    io = FakeButlerIO()
+    with pytest.raises(RetriableError, match="ZeroDivisionError: oops"):
+        task.run_ccd(_work(), task.JobDeps(io, object()))
+    assert io.puts == []
+
+
+def test_no_template_gives_calibrated_image_only(fake_steps):
+    io = FakeButlerIO(templates=[])
+    alerts_called = []
+    res = task.run_ccd(_work(), task.JobDeps(io, object(), alerts=lambda *a: alerts_called.append(a)))
+    assert res.status == "no_template"
+    assert len(io.puts) == 1 and set(io.puts[0]) == {"calexp", "metrics"}
+    assert io.puts[0]["metrics"]["status"] == "no_template"
+    assert alerts_called == []
+    assert {"wait_for_raw", "isr", "background_detection", "template_retrieval"} <= set(res.timings)
+
+
+def test_calibration_runs_isr_only(fake_steps):
+    io = FakeButlerIO(raws=[_raw(observation_type="bias", physical_filter="none", ra=None, dec=None)])
+    res = task.run_ccd(_work(intent="bias", ra=None, dec=None, rotation=None, physical_filter=None),
+                       task.JobDeps(io, object()))
+    assert res.status == "calibration:bias"
+    assert fake_steps == ["isr"] and io.puts == []
+
+
+def test_partial_snaps_are_processed_and_recorded(fake_steps):
+    io = FakeButlerIO(raws=[_raw(images_in_sequence=2, requested_exposure_time=15.0)], templates=[])
+    res = task.run_ccd(_work(nimages=2), task.JobDeps(io, object()))
+    assert io.asked["allow_partial"] is True and io.asked["nimages"] == 2
+    assert (res.snaps_used, res.snaps_expected) == (1, 2)
+
+
+def test_science_without_pointing_is_bad_input(fake_steps):
+    io = FakeButlerIO(raws=[_raw(ra=None, dec=None, rotation=None)])
+    with pytest.raises(BadInputError, match="no pointing"):
+        task.run_ccd(_work(ra=None, dec=None, rotation=None), task.JobDeps(io, object()))
+
+
+def test_photometric_scale_from_kernel_sum():
+    sci = Image(np.zeros((4, 4)), metadata={})
+    tmpl = Image(np.zeros((4, 4)), metadata={"BUNIT": "nJy"})
+    assert task._photometric_scale(sci, tmpl, 2.0) == 0.5 and sci.metadata["NJY_PER_E"] == 0.5
+    assert task._photometric_scale(Image(np.zeros((4, 4)), metadata={"NJY_PER_E": 3.0}),
+                                   Image(np.zeros((4, 4))), 2.0) == 3.0
+    scaled = task._in_njy(Image(np.ones((2, 2)), np.ones((2, 2))), 2.0)
+    assert scaled.image[0, 0] == 2.0 and scaled.variance[0, 0] == 4.0
+
+
+def test_result_is_plain_json():
+    import json
+
+    res = task.CcdResult(status="done", timings={"isr": {"wall": 1.0, "cpu": 0.9}})
+    assert json.loads(json.dumps(res.to_dict()))["timings"]["isr"]["cpu"] == 0.9
+    assert dataclasses.is_dataclass(res)

@@ -1,0 +1,119 @@
+"""Tests of apbatch.job.steps.warp."""
+
+import numpy as np
+import pytest
+from apbatch.errors import ExitCode
+from apbatch.image import Image, MaskBits
+from apbatch.instruments import get_instrument
+from apbatch.job.steps.warp import NoTemplateOverlapError, pixel_map, warp_template
+from astropy.wcs import WCS
+from steps_scene import _add_stars
+
+INST = get_instrument("LSSTComCam")
+SCI = INST.sky_wcs(4, 150.0, 2.0, 0.0)
+SCI.pixel_shape = (600, 500)
+
+
+def _tmpl_wcs(shape, rot_deg=0.4, shift=(17.3, -9.6), ra=None):
+    ny, nx = shape
+    cra, cdec = SCI.pixel_to_world_values(300, 250)
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [float(ra if ra is not None else cra), float(cdec)]
+    w.wcs.crpix = [nx / 2 + shift[0], ny / 2 + shift[1]]
+    t = np.radians(rot_deg)
+    w.wcs.cd = SCI.pixel_scale_matrix @ np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+    w.wcs.set()
+    return w
+
+
+def _smooth(x, y):
+    return 100 + 20 * np.sin(x / 37.0) * np.cos(y / 23.0)
+
+
+def test_pixel_map_matches_exact_transform():
+    tw = _tmpl_wcs((700, 800))
+    tx, ty = pixel_map(SCI, tw, (500, 600), grid=64)
+    ys, xs = np.array([0, 123, 499, 250]), np.array([0, 401, 599, 77])
+    ex, ey = tw.world_to_pixel_values(*SCI.pixel_to_world_values(xs, ys))
+    assert np.abs(tx[ys, xs] - ex).max() < 0.01 and np.abs(ty[ys, xs] - ey).max() < 0.01
+
+
+def test_smooth_image_and_stars_are_resampled():
+    tshape = (700, 800)
+    tw = _tmpl_wcs(tshape)
+    ty, tx = np.mgrid[0 : tshape[0], 0 : tshape[1]].astype(float)
+    timg = _smooth(tx, ty).astype(np.float32)
+    star_sky = SCI.pixel_to_world_values(np.array([100.3, 420.8]), np.array([200.6, 333.1]))
+    sx, sy = tw.world_to_pixel_values(*star_sky)
+    _add_stars(timg, sx, sy, [1e4, 1e4], "gauss", 1.4)
+    tvar = np.full(tshape, 4.0, np.float32)
+    tmask = np.zeros(tshape, np.int32)
+    tmask[int(round(sy[1])) + 20, int(round(sx[1]))] = MaskBits.BAD
+    out = warp_template([Image(timg, tvar, tmask, tw)], SCI, (500, 600))
+    ex, ey = tw.world_to_pixel_values(
+        *SCI.pixel_to_world_values(*np.meshgrid(np.arange(600), np.arange(500)))
+    )
+    expect = _smooth(ex, ey)
+    far = np.ones((500, 600), bool)
+    for x, y in [(100.3, 200.6), (420.8, 333.1)]:
+        far[int(y) - 10 : int(y) + 11, int(x) - 10 : int(x) + 11] = False
+    assert np.abs(out.image - expect)[far].max() < 0.05
+    assert out.metadata["COVERAGE"] == 1.0
+    assert np.allclose(out.variance, 4.0)
+    # stars keep flux and land on the science positions
+    for x, y in [(100.3, 200.6), (420.8, 333.1)]:
+        st = (
+            out.image[int(y) - 8 : int(y) + 9, int(x) - 8 : int(x) + 9]
+            - expect[int(y) - 8 : int(y) + 9, int(x) - 8 : int(x) + 9]
+        )
+        assert st.sum() == pytest.approx(1e4, rel=0.01)
+        yy, xx = np.mgrid[int(y) - 8 : int(y) + 9, int(x) - 8 : int(x) + 9]
+        assert (st * xx).sum() / st.sum() == pytest.approx(x, abs=0.03)
+        assert (st * yy).sum() / st.sum() == pytest.approx(y, abs=0.03)
+    bad = np.argwhere(out.mask & MaskBits.BAD)
+    assert 1 <= len(bad) <= 9  # one template pixel, dilated by one
+
+
+def test_two_patches_mosaic_and_partial_coverage():
+    tshape = (700, 800)
+    tw = _tmpl_wcs(tshape)
+    ty, tx = np.mgrid[0 : tshape[0], 0 : tshape[1]].astype(float)
+    timg = _smooth(tx, ty).astype(np.float32)
+    var = np.ones(tshape, np.float32)
+    msk = np.zeros(tshape, np.int32)
+    whole = warp_template([Image(timg, var, msk, tw)], SCI, (500, 600))
+    w2 = tw.deepcopy()
+    w2.wcs.crpix = tw.wcs.crpix - np.array([380, 0])
+    w2.wcs.set()
+    parts = [
+        Image(timg[:, :420], var[:, :420], msk[:, :420], tw),
+        Image(timg[:, 380:], var[:, 380:], msk[:, 380:], w2),
+    ]
+    mosaic = warp_template(parts, SCI, (500, 600))
+    assert np.abs(mosaic.image - whole.image).max() < 2e-3  # of a 20-amplitude signal
+    # only one half: the rest is NO_DATA
+    half = warp_template(parts[:1], SCI, (500, 600))
+    assert 0.3 < half.metadata["COVERAGE"] < 0.9
+    nod = (half.mask & MaskBits.NO_DATA) != 0
+    assert nod.any() and np.all(half.image[nod] == 0)
+
+
+def test_nan_in_template_is_no_data():
+    tshape = (700, 800)
+    tw = _tmpl_wcs(tshape)
+    timg = np.full(tshape, 10.0, np.float32)
+    timg[350, 400] = np.nan
+    out = warp_template([Image(timg, np.ones(tshape, np.float32), None, tw)], SCI, (500, 600))
+    assert np.isfinite(out.image).all()
+    assert 1 <= ((out.mask & MaskBits.NO_DATA) != 0).sum() <= 9
+
+
+def test_no_overlap_is_a_clear_error():
+    tshape = (300, 300)
+    far = _tmpl_wcs(tshape, ra=151.0)
+    with pytest.raises(NoTemplateOverlapError) as ei:
+        warp_template([Image(np.zeros(tshape, np.float32), None, None, far)], SCI, (500, 600))
+    assert ei.value.field == "template" and ei.value.exit_code == ExitCode.BAD_INPUT
+    with pytest.raises(NoTemplateOverlapError):
+        warp_template([], SCI, (500, 600))
