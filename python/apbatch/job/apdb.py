@@ -11,34 +11,14 @@ Nothing is written before :meth:`Association.store`; a retry first asks
 Identifiers
 -----------
 ``diaSourceId``, ``diaForcedSourceId`` and new ``diaObjectId`` values are packed from visit,
-detector and a per-CCD index (:func:`pack_id`); a new DiaObject takes the id of the DiaSource
-that created it. Bit layout of the positive int64 (most significant first)::
-
-    bit  63      0 (sign)
-    bit  62      visit form: 0 = group-time visit id, 1 = exposure-style visit id
-    bits 61..29  visit key, 33 bits
-    bits 28..21  detector, 8 bits (0-255; LSSTCam uses 0-204, its 189 science CCDs 0-188)
-    bit  20      kind: 0 = DiaSource (and the DiaObject it creates), 1 = DiaForcedSource
-    bits 19..0   index of the source on this CCD and visit, 20 bits (0-1,048,575)
-
-Visit key: a group-time visit id (:func:`apbatch.ids.visit_id_from_group`, ``SSSSSSSSSmmmNNNN``:
-seconds since 2015-01-01 TAI, milliseconds, ``#N`` suffix) packs as ``seconds << 2 | N``
-(seconds < 2**31, i.e. until 2083; N < 4); an exposure-style id ``YYYYMMDDnnnnn`` packs as
-``days_since_2015 * 100000 + n`` (< 2**33, i.e. 235 years). Two visits of one instrument never
-start in the same second with the same suffix (a visit takes >= 15 s + 2 s readout), so
-distinct visits have distinct keys; detector and index have their own fields, and forced and
-direct sources their own kind bit: ids of one instrument cannot collide. One APDB per
-instrument, as in Rubin operations.
+detector and a per-CCD index; see :mod:`apbatch.job.apdb_ids` for the bit layout. Creating
+and opening the database: :mod:`apbatch.job.apdb_setup`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import logging
-import os
-import tempfile
-from pathlib import Path
 
 import astropy.time
 import numpy as np
@@ -48,6 +28,8 @@ from scipy.spatial import cKDTree
 
 from ..errors import BadInputError, NonRetriableError, RetriableError
 from ..image import Image, MaskBits
+from .apdb_ids import pack_id, unpack_id
+from .apdb_setup import create_apdb, open_apdb
 
 __all__ = [
     "Association",
@@ -63,132 +45,8 @@ __all__ = [
 
 _LOG = logging.getLogger(__name__)
 BANDS = ("u", "g", "r", "i", "z", "y")
-_EPOCH_DAY = datetime.date(2015, 1, 1)
 _REQUIRED = ("x", "y", "ra", "dec", "psfFlux", "psfFluxErr")
 _BAD_PIXELS = int(MaskBits.BAD | MaskBits.NO_DATA | MaskBits.SAT)
-
-
-# ------------------------------------------------------------------ database creation
-def create_apdb(url: str, config_path: str | Path):
-    """Create an APDB with the ``lsst-sdm-schemas`` schema and write its config file.
-
-    Parameters
-    ----------
-    url : `str`
-        SQLAlchemy URL: ``sqlite:////abs/path.sqlite3`` or ``postgresql+psycopg2://...``
-        (a plain ``postgresql://`` is taken as psycopg2).
-    config_path : `str` or `Path`
-        Where to write the dax_apdb config (YAML); must not exist yet.
-
-    Returns
-    -------
-    config : `lsst.dax.apdb.ApdbSqlConfig`
-        The configuration that was written.
-
-    Raises
-    ------
-    BadInputError
-        Raised if the URL scheme is not supported or the config file already exists.
-    """
-    from lsst.dax.apdb import ApdbSql
-
-    config_path = Path(config_path)
-    scheme = url.split("://", 1)[0] if "://" in url else ""
-    if scheme == "postgresql":
-        url = "postgresql+psycopg2://" + url.split("://", 1)[1]
-    elif scheme not in ("sqlite", "postgresql+psycopg2"):
-        raise BadInputError("apdb.url", f"unsupported database URL scheme {scheme or url!r}",
-                            "use sqlite:///PATH or postgresql+psycopg2://USER@HOST/DB")
-    if config_path.exists():
-        raise BadInputError("apdb.config_file", f"{config_path} already exists",
-                            "remove it or choose another --config-file")
-    if scheme == "sqlite":
-        db_file = url[len("sqlite:///"):]
-        if db_file and ":memory:" not in db_file:
-            Path(db_file).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        config = ApdbSql.init_database(db_url=url, dia_object_index="last_object_table")
-    except Exception as exc:  # a database the user pointed us at refused: one line, their fix
-        raise BadInputError("apdb.url", f"cannot create the APDB: {str(exc).splitlines()[0]}",
-                            "check the URL, credentials and that the server is running") from None
-    config_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{config_path.name}.", suffix=".tmp", dir=config_path.parent)
-    os.close(fd)
-    try:
-        config.save(tmp)
-        os.replace(tmp, config_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return config
-
-
-def open_apdb(config_path: str | Path):
-    """Open the APDB described by a config file written by :func:`create_apdb`.
-
-    Raises
-    ------
-    BadInputError
-        Raised if the file does not exist.
-    """
-    from lsst.dax.apdb import Apdb
-
-    if not Path(config_path).is_file():
-        raise BadInputError("apdb.config_file", f"no APDB config {str(config_path)!r}",
-                            "create one with: apbatch apdb create")
-    return Apdb.from_uri(str(config_path))
-
-
-# ------------------------------------------------------------------ identifiers
-def _visit_key(visit: int) -> tuple[int, int]:
-    if visit >= 10**14:  # group-time form: seconds, milliseconds (3 digits), suffix (4 digits)
-        seconds, suffix = visit // 10**7, visit % 10**4
-        if seconds >= 2**31 or suffix >= 4:
-            raise BadInputError("visit", f"{visit} cannot be packed into a source id",
-                                "group-id suffix must be 0-3 and the time before 2083")
-        return 0, (seconds << 2) | suffix
-    try:
-        day = datetime.datetime.strptime(str(visit // 100_000), "%Y%m%d").date()
-    except ValueError:
-        day = None
-    if day is None or day < _EPOCH_DAY:
-        raise BadInputError("visit", f"{visit} is neither a group-time nor an exposure-style visit id",
-                            "expected e.g. 3702781866920000 or 2025060900578")
-    return 1, (day - _EPOCH_DAY).days * 100_000 + visit % 100_000
-
-
-def pack_id(visit: int, detector: int, index, forced: bool = False):
-    """Deterministic 63-bit id of a source (see the module docstring for the layout).
-
-    Parameters
-    ----------
-    visit, detector : `int`
-        The CCD-visit.
-    index : `int` or `numpy.ndarray`
-        Index (or indices) of the source in this CCD-visit, 0 to 2**20 - 1.
-    forced : `bool`
-        `True` for DiaForcedSource ids.
-
-    Raises
-    ------
-    BadInputError
-        Raised if a field does not fit.
-    """
-    form, key = _visit_key(int(visit))
-    if not 0 <= detector < 256:
-        raise BadInputError("detector", f"{detector} does not fit in 8 bits")
-    idx = np.asarray(index, dtype=np.int64)
-    if idx.size and (idx.min() < 0 or idx.max() >= 2**20):
-        raise BadInputError("dia_sources", "more than 1,048,576 sources on one CCD", "check detection")
-    base = (form << 62) | (key << 29) | (int(detector) << 21) | (int(forced) << 20)
-    out = np.int64(base) + idx
-    return int(out) if out.ndim == 0 else out
-
-
-def unpack_id(value: int) -> dict[str, int]:
-    """Inverse of :func:`pack_id`: form, visit key, detector, forced, index."""
-    return {"form": value >> 62 & 1, "visit_key": value >> 29 & (2**33 - 1), "detector": value >> 21 & 255,
-            "forced": value >> 20 & 1, "index": value & (2**20 - 1)}
 
 
 # ------------------------------------------------------------------ the CCD-visit
