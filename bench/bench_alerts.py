@@ -1,6 +1,7 @@
 """Benchmarks: alert building + serialisation, Kafka produce rate, APDB load+associate+store per CCD.
 
 Usage: python bench/bench_alerts.py [--repeat 5] [--kafka BOOTSTRAP | --start-kafka] [--skip-100k]
+                                   [--alerts-only]
 Prints a table of medians. Synthetic data from tests/alert_synth.py; single process, one core.
 """
 
@@ -125,12 +126,17 @@ def main() -> None:
     p.add_argument("--kafka", default=None, help="bootstrap servers of a running broker")
     p.add_argument("--start-kafka", action="store_true", help="start one with scripts/kafka-local.sh")
     p.add_argument("--skip-100k", action="store_true")
+    p.add_argument("--alerts-only", action="store_true", help="only the alert build+serialize rows")
     a = p.parse_args()
     rows = []
-    for n_prv in (0, 3, 10):
-        rate, size = bench_build(a.repeat, 500, n_prv)
-        rows.append((f"alerts built+serialized /s/core (500/CCD, {n_prv} prv src+forced, 3x30px cutouts)",
+    # 500/CCD: a dense CCD; ~50/CCD: the design load (10^4 alerts per visit over 189 CCDs)
+    for n_alerts, n_prv in ((500, 0), (500, 3), (500, 10), (50, 3), (50, 10)):
+        rate, size = bench_build(a.repeat, n_alerts, n_prv)
+        rows.append((f"alerts built+serialized /s/core ({n_alerts}/CCD, {n_prv} prv src+forced, 3x30px cutouts)",
                      f"{rate:,.0f}", f"{size / 1024:.0f} KiB/alert"))
+    if a.alerts_only:
+        _print(rows, a.repeat)
+        return
     env = None
     if a.start_kafka:
         env = {**os.environ, "KAFKA_LOCAL_DIR": tempfile.mkdtemp(), "KAFKA_LOCAL_PORT": "19399",
@@ -153,8 +159,12 @@ def main() -> None:
             rows.append((f"APDB SQLite, {n:,} objects over {spread}x{spread} deg ({r['objects_in_region']:,} in CCD"
                          f" region), 50 sources: run / store / total",
                          f"{r['run']:.3f} / {r['store']:.3f} s", f"{r['run'] + r['store']:.3f} s"))
+    _print(rows, a.repeat)
+
+
+def _print(rows: list[tuple[str, str, str]], repeat: int) -> None:
     width = max(len(r[0]) for r in rows)
-    print(f"{'measurement (medians of ' + str(a.repeat) + ')':<{width}}  {'value':>18}  extra")
+    print(f"{'measurement (medians of ' + str(repeat) + ')':<{width}}  {'value':>18}  extra")
     for name, value, extra in rows:
         print(f"{name:<{width}}  {value:>18}  {extra}")
 

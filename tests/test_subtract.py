@@ -87,3 +87,19 @@ def test_bad_inputs():
 
 def test_psf_stamp_of_scene_is_normalised():
     assert render_psf("moffat", 1.7).sum() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("radius", [1, 2, 10, 12])
+def test_dilate_bits_is_a_box_maximum_filter(radius):
+    from apbatch.job.steps.subtract import dilate_bits
+    from scipy import ndimage
+
+    rng = np.random.default_rng(radius)
+    mask = np.zeros((97, 131), np.int32)
+    mask[rng.integers(0, 97, 40), rng.integers(0, 131, 40)] = MaskBits.SAT
+    mask[0, 5] = mask[96, 130] = mask[50, 0] = MaskBits.BAD  # on the edges
+    mask[10, 10] = MaskBits.CR  # not asked for
+    got = dilate_bits(mask, int(MaskBits.SAT | MaskBits.BAD), radius)
+    expect = ndimage.maximum_filter((mask & int(MaskBits.SAT | MaskBits.BAD)) != 0, size=2 * radius + 1)
+    assert got.dtype == bool and np.array_equal(got, expect)
+    assert not dilate_bits(mask, int(MaskBits.NO_DATA), radius).any()

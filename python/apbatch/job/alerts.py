@@ -6,10 +6,14 @@ cutouts (science, template, difference) as FITS bytes that ``astropy.nddata.CCDD
 reads back: primary HDU image (float32) with the CCD's TAN-SIP WCS shifted to the cutout,
 ``MASK`` (int32 mask bits) and ``UNCERT`` (variance, ``UTYPE = 'VarianceUncertainty'``).
 
-Speed: the FITS headers are built once per image and only the two CRPIX cards change per
+Speed: the FITS headers are built once per WCS and only the two CRPIX cards change per
 cutout; the pixel stamps of all sources are gathered at once and converted to big-endian in
-one numpy call. Packets are framed as Rubin does on Kafka: magic byte 0, a 4-byte big-endian
-schema id (major*100+minor, 1101 for 11.1), then the schemaless Avro body.
+one numpy call. :meth:`AlertBuilder.payloads` does not go through dicts: every DiaSource,
+DiaForcedSource and DiaObject row is Avro-encoded once, vectorised (`alert_avro`), and each
+alert body is the concatenation of those pieces (an Avro record is its fields back to back; an
+array is a count, the items and a 0), byte-identical to ``fastavro.schemaless_writer`` of the
+:meth:`AlertBuilder.records` dict. Packets are framed as Rubin does on Kafka: magic byte 0, a
+4-byte big-endian schema id (major*100+minor, 1101 for 11.1), then the schemaless Avro body.
 
 :func:`process_ccd_alerts` is the kill-safe per-CCD sequence: associate -> build -> spool
 (atomic) -> APDB store (one transaction) -> deliver from the spool.
@@ -29,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from ..image import Image, MaskBits
+from .alert_avro import RecordEncoder, alert_encoders, encoded_long, record_schema, records_of
 from .alert_sinks import AlertSink, AlertSpool, deliver
 from .apdb import Association, AssociationResult, CcdVisit
 
@@ -86,10 +91,15 @@ def _pad(data: bytes, fill: bytes) -> bytes:
 class CutoutWriter:
     """Writes ``size`` x ``size`` FITS cutouts of one `Image` at many positions.
 
-    Build one per image per CCD (the header template is made here); not thread-safe.
+    Build one per image per CCD (the header template is made here, or taken from ``like``, a
+    writer of an image with the very same WCS object); not thread-safe.
     """
 
-    def __init__(self, image: Image, size: int):
+    def __init__(self, image: Image, size: int, like: CutoutWriter | None = None):
+        if like is not None and like.size == size and like.image.wcs is image.wcs:
+            self.__dict__.update(like.__dict__)  # header template only; fits() never mutates it
+            self.image = image
+            return
         self.image, self.size = image, size
         head = [_card("SIMPLE", True), _card("BITPIX", -32), _card("NAXIS", 2), _card("NAXIS1", size),
                 _card("NAXIS2", size), _card("EXTEND", True)]
@@ -109,8 +119,8 @@ class CutoutWriter:
         ext[1] = _card("BITPIX", 32)
         self._mask_hdr = _pad(b"".join(ext + [_card("EXTNAME", "MASK")] + end), b" ")
         ext[1] = _card("BITPIX", -32)
-        self._var_hdr = _pad(b"".join(ext + [_card("EXTNAME", "UNCERT"), _card("UTYPE", "VarianceUncertainty")]
-                                     + end), b" ")
+        var_cards = [_card("EXTNAME", "UNCERT"), _card("UTYPE", "VarianceUncertainty")]
+        self._var_hdr = _pad(b"".join(ext + var_cards + end), b" ")
         self._end = end
         self._pad_bytes = b"\0" * (-(size * size * 4) % _BLOCK)
 
@@ -147,33 +157,14 @@ class CutoutWriter:
 
 
 def _fields(schema: dict, name: str) -> list[str]:
-    for f in schema["fields"]:
-        if f["name"] == name:
-            t = f["type"]
-            t = next(x for x in t if x != "null") if isinstance(t, list) else t
-            t = t["items"] if t.get("type") == "array" else t
-            return [g["name"] for g in t["fields"]]
-    raise KeyError(name)
+    return [g["name"] for g in record_schema(schema, name)["fields"]]
 
 
-def _records(df: pd.DataFrame, fields: list[str]) -> list[dict]:
-    """DataFrame rows as Avro-ready dicts: schema fields only, NaN/NA -> None, Python scalars."""
-    n = len(df)
-    if n == 0:
-        return []
-    columns = []
-    for f in fields:
-        if f not in df.columns:
-            columns.append([None] * n)
-            continue
-        values = df[f].to_numpy()
-        if values.dtype.kind == "f":
-            columns.append([v if v == v else None for v in values.tolist()])
-        elif values.dtype.kind in "iub":
-            columns.append(values.tolist())
-        else:
-            columns.append([None if v is None or v is pd.NA or v != v else v for v in values.tolist()])
-    return [dict(zip(fields, row, strict=False)) for row in zip(*columns, strict=False)]
+def _object_ids(df: pd.DataFrame) -> list[int | None]:
+    col = df["diaObjectId"]
+    null = col.isna().to_numpy(bool)
+    values = col.to_numpy(dtype=np.int64, na_value=0).tolist()
+    return [None if n else v for v, n in zip(values, null.tolist(), strict=True)] if null.any() else values
 
 
 class AlertBuilder:
@@ -205,28 +196,39 @@ class AlertBuilder:
         d = schema.definition
         self._src_fields, self._obj_fields = _fields(d, "diaSource"), _fields(d, "diaObject")
         self._frc_fields = _fields(d, "prvDiaForcedSources")
+        self._encoders = alert_encoders(d)
+
+    def _history(self, df: pd.DataFrame, ccd: CcdVisit) -> pd.DataFrame:
+        """Rows of ``df`` within the history window before ``ccd``, oldest first (stable)."""
+        mjd = df["midpointMjdTai"]
+        df = df[(mjd >= ccd.midpoint_mjd_tai - self.history_days) & (mjd < ccd.midpoint_mjd_tai)]
+        return df.sort_values("midpointMjdTai", kind="stable")
+
+    def _cutouts(self, src: pd.DataFrame, science: Image, template: Image, difference: Image
+                 ) -> dict[str, list[bytes]]:
+        x, y = src["x"].to_numpy(float), src["y"].to_numpy(float)
+        first = CutoutWriter(science, self.cutout_size)
+        return {"Science": first.all(x, y),
+                "Template": CutoutWriter(template, self.cutout_size, first).all(x, y),
+                "Difference": CutoutWriter(difference, self.cutout_size, first).all(x, y)}
 
     def records(self, result: AssociationResult, science: Image, template: Image, difference: Image
                 ) -> Iterator[dict]:
         """Alert dicts, one per DiaSource of ``result``, in DiaSource order."""
         src = result.sources
-        since = result.ccd.midpoint_mjd_tai - self.history_days
 
         def by_object(df, fields):
-            df = df[(df["midpointMjdTai"] >= since) & (df["midpointMjdTai"] < result.ccd.midpoint_mjd_tai)]
-            df = df.sort_values("midpointMjdTai", kind="stable")
+            df = self._history(df, result.ccd)
             out: dict[int, list[dict]] = {}
-            for oid, rec in zip(df["diaObjectId"].to_numpy(np.int64), _records(df, fields), strict=False):
+            for oid, rec in zip(df["diaObjectId"].to_numpy(np.int64), records_of(df, fields), strict=False):
                 out.setdefault(int(oid), []).append(rec)
             return out
 
         prv_src = by_object(result.prv_sources, self._src_fields)
         prv_frc = by_object(result.prv_forced, self._frc_fields)
-        objects = {r["diaObjectId"]: r for r in _records(result.objects, self._obj_fields)}
-        x, y = src["x"].to_numpy(float), src["y"].to_numpy(float)
-        cut = {name: CutoutWriter(img, self.cutout_size).all(x, y)
-               for name, img in (("Science", science), ("Template", template), ("Difference", difference))}
-        for i, rec in enumerate(_records(src, self._src_fields)):
+        objects = {r["diaObjectId"]: r for r in records_of(result.objects, self._obj_fields)}
+        cut = self._cutouts(src, science, template, difference)
+        for i, rec in enumerate(records_of(src, self._src_fields)):
             oid = rec["diaObjectId"]
             yield {
                 "diaSourceId": rec["diaSourceId"], "observation_reason": None, "target_name": None,
@@ -235,6 +237,43 @@ class AlertBuilder:
                 "ssSource": None, "mpc_orbits": None, "cutoutDifference": cut["Difference"][i],
                 "cutoutScience": cut["Science"][i], "cutoutTemplate": cut["Template"][i],
             }
+
+    def _history_arrays(self, encoder: RecordEncoder, df: pd.DataFrame, ccd: CcdVisit) -> dict[int, bytes]:
+        """Per DiaObject id: the Avro array body (count, records, end) of its history rows."""
+        df = self._history(df, ccd)
+        if len(df) == 0:
+            return {}
+        oids = df["diaObjectId"].to_numpy(np.int64)
+        order = np.argsort(oids, kind="stable")  # by object, oldest first within each
+        buf, off = encoder.encode(df.iloc[order])
+        uniq, first, count = np.unique(oids[order], return_index=True, return_counts=True)
+        return {oid: encoded_long(n) + buf[off[s]:off[s + n]] + b"\0"
+                for oid, s, n in zip(uniq.tolist(), first.tolist(), count.tolist(), strict=True)}
+
+    def _bodies(self, result: AssociationResult, science: Image, template: Image, difference: Image
+                ) -> list[tuple[int, bytes]]:
+        """:meth:`payloads` assembled from per-row encodings (Avro concatenates record fields)."""
+        enc_src, enc_frc, enc_obj = self._encoders
+        src = result.sources
+        buf, off = enc_src.encode(src)
+        obuf, ooff = enc_obj.encode(result.objects)
+        objects = {oid: b"\2" + obuf[a:b] for oid, a, b in zip(
+            result.objects["diaObjectId"].tolist(), ooff[:-1].tolist(), ooff[1:].tolist(), strict=True)}
+        prv_src = self._history_arrays(enc_src, result.prv_sources, result.ccd)
+        prv_frc = self._history_arrays(enc_frc, result.prv_forced, result.ccd)
+        cut = self._cutouts(src, science, template, difference)
+        head, null2, empty = struct.pack(">bi", 0, self.schema_id), b"\0\0", b"\0"
+        out = []
+        ids = src["diaSourceId"].tolist()
+        rows = zip(ids, _object_ids(src), off[:-1].tolist(), off[1:].tolist(), strict=True)
+        for i, (sid, oid, a, b) in enumerate(rows):
+            parts = [head, encoded_long(sid), null2, buf[a:b], b"\2", prv_src.get(oid, empty), b"\2",
+                     prv_frc.get(oid, empty), objects.get(oid, empty), null2]
+            for name in ("Difference", "Science", "Template"):
+                blob = cut[name][i]
+                parts += (b"\2", encoded_long(len(blob)), blob)
+            out.append((sid, b"".join(parts)))
+        return out
 
     def serialize(self, record: dict) -> bytes:
         """Rubin-framed Avro bytes of one alert."""
@@ -245,7 +284,13 @@ class AlertBuilder:
 
     def payloads(self, result: AssociationResult, science: Image, template: Image, difference: Image
                  ) -> list[tuple[int, bytes]]:
-        """(diaSourceId, framed packet) for every alert of the CCD-visit."""
+        """(diaSourceId, framed packet) for every alert of the CCD-visit.
+
+        Same bytes as :meth:`serialize` of each of :meth:`records`, built faster: each record is
+        encoded once, vectorised, and the alert body is assembled from the pieces.
+        """
+        if self._encoders is not None:
+            return self._bodies(result, science, template, difference)
         return [(r["diaSourceId"], self.serialize(r))
                 for r in self.records(result, science, template, difference)]
 

@@ -71,9 +71,12 @@ def process_ccd(cfg: ApbatchConfig, work: CcdWork, *, timeout: float | None = No
     RawTimeoutError, BadInputError, RetriableError, NonRetriableError
         See `apbatch.job.task`; the CLI maps them to the documented exit codes.
     """
+    from ..job.steps.memory import keep_freed_memory
     from ..job.task import run_ccd
 
     get_instrument(work.instrument).detector(work.detector, field="--detector")
+    if deps is None:  # a job process of its own (not a test): reuse freed image buffers
+        keep_freed_memory()
     if work.intent == "science" and not work.physical_filter:
         log.info("no --filter given: the raw header's filter will be used")
     deps = deps or make_deps(cfg, work, repo=repo, collections=collections)

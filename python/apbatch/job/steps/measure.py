@@ -32,6 +32,7 @@ from scipy import ndimage
 
 from ...image import Image, MaskBits
 from .psf import PsfModel
+from .subtract import dilate_bits
 
 __all__ = ["COLUMNS", "measure_dia_sources", "psf_flux"]
 
@@ -95,35 +96,13 @@ def psf_flux(img: Image, psf: PsfModel, x: np.ndarray, y: np.ndarray, noise_scal
     return flux, err
 
 
-def _box_dilate(m: np.ndarray, r: int) -> np.ndarray:
-    """A boolean mask dilated by a (2r+1)-square box (edges not wrapped).
-
-    Each axis by symmetric shift-and-OR steps whose reach doubles (radius 12 in 3 steps);
-    much cheaper than ``maximum_filter1d`` on a sparse mask and exactly the same result.
-    """
-    out = m.copy()
-    for axis in (0, 1):
-        o = out if axis == 0 else out.T
-        reach = 0
-        while reach < r:
-            step = min(2 * reach + 1, r - reach)
-            o[step:] |= o[:-step]
-            o[:-step] |= o[step:]
-            reach += step
-    return out
-
-
 def _filtered_snr(diff: Image, sigma: float, fwhm: float):
     zero = (diff.mask & _ZERO) != 0
-    sat = (diff.mask & int(MaskBits.SAT)) != 0
-    near_sat = _box_dilate(sat, int(np.ceil(3 * fwhm))) if sat.any() else np.zeros_like(zero)
+    near_sat = dilate_bits(diff.mask, int(MaskBits.SAT), int(np.ceil(3 * fwhm)))
     zero |= near_sat
     # interpolated defects (bad columns, cosmic rays) leave residuals in the pixels beside them
     # when a star crosses them: keep detections 2 px clear of interpolated pixels
-    defect = (diff.mask & int(MaskBits.INTRP | MaskBits.BAD)) != 0
-    if defect.any():
-        zero |= _box_dilate(defect, 2)
-    del sat, defect
+    zero |= dilate_bits(diff.mask, int(MaskBits.INTRP | MaskBits.BAD), 2)
     d = np.where(zero, np.float32(0), diff.image)
     num = ndimage.gaussian_filter(d, sigma, truncate=3.0, output=d)
     v = np.where(zero, np.float32(0), diff.variance)

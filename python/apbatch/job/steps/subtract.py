@@ -31,7 +31,7 @@ from scipy.spatial import cKDTree
 from ...errors import BadInputError
 from ...image import Image, MaskBits
 
-__all__ = ["SubtractConfig", "SubtractionResult", "subtract_images"]
+__all__ = ["SubtractConfig", "SubtractionResult", "dilate_bits", "subtract_images"]
 
 _STAMP_BAD = int(
     MaskBits.BAD | MaskBits.SAT | MaskBits.CR | MaskBits.NO_DATA | MaskBits.INTRP | MaskBits.EDGE
@@ -207,23 +207,27 @@ def _fft_convolve_terms(img, coefs, funcs, terms, fshape):
     return out
 
 
-def _dilate_bits(mask: np.ndarray, bits: int, radius: int) -> np.ndarray:
+def dilate_bits(mask: np.ndarray, bits: int, radius: int) -> np.ndarray:
     """Pixels within a (2 radius + 1)-square box of a pixel with any of ``bits``.
 
-    Each axis by symmetric shift-and-OR steps whose reach doubles (cheaper than a maximum
-    filter, same result).
+    Each axis by symmetric shift-and-OR steps whose reach doubles (radius 12 in 3 steps),
+    on a copy padded by ``radius`` so that no step loses what an earlier one pushed past
+    an edge: the same result as a box maximum filter, at a fraction of its cost.
     """
-    out = (mask & bits) != 0
-    if not out.any():
-        return out
-    for o in (out, out.T):
+    hit = (mask & bits) != 0
+    if radius < 1 or not hit.any():
+        return hit
+    r = radius
+    pad = np.zeros((hit.shape[0] + 2 * r, hit.shape[1] + 2 * r), bool)
+    pad[r:-r, r:-r] = hit
+    for o in (pad, pad.T):
         reach = 0
-        while reach < radius:
-            step = min(2 * reach + 1, radius - reach)
+        while reach < r:
+            step = min(2 * reach + 1, r - reach)
             o[step:] |= o[:-step]
             o[:-step] |= o[step:]
             reach += step
-    return out
+    return np.ascontiguousarray(pad[r:-r, r:-r])
 
 
 def subtract_images(
@@ -309,7 +313,7 @@ def subtract_images(
     var += floor
     del floor
     mask = science.mask.copy()
-    grow = _dilate_bits(template.mask, int(MaskBits.NO_DATA | MaskBits.SAT | MaskBits.BAD), h)
+    grow = dilate_bits(template.mask, int(MaskBits.NO_DATA | MaskBits.SAT | MaskBits.BAD), h)
     mask |= template.mask
     mask[grow] |= MaskBits.NO_DATA
     edge = np.zeros(mask.shape, bool)
