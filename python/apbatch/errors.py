@@ -27,6 +27,7 @@ __all__ = [
     "BadInputError",
     "ExitCode",
     "NonRetriableError",
+    "RETRIABLE_EXIT_CODES",
     "RawTimeoutError",
     "RetriableError",
     "SchedulerError",
@@ -46,6 +47,10 @@ class ExitCode(enum.IntEnum):
     def retriable(self) -> bool:
         """`True` if a job that ended with this code may be resubmitted."""
         return self in (ExitCode.RAW_TIMEOUT, ExitCode.RETRIABLE)
+
+
+RETRIABLE_EXIT_CODES: frozenset[int] = frozenset(int(c) for c in ExitCode if c.retriable)
+"""Exit codes of jobs that may be resubmitted (as plain ints, for ledger rows and SQL)."""
 
 
 class ApbatchError(Exception):

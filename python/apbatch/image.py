@@ -103,17 +103,17 @@ def _meta_cards(metadata: dict) -> list:
     return cards
 
 
+QUANTIZE_LEVEL = 16.0
+# square tiles: reading a box (a template patch's overlap with a CCD) decompresses only its tiles
+TILE_SHAPE = (512, 512)
+
+
 def _float_hdu(data: np.ndarray, name: str, header=None, lossless: bool = False):
     data = data.astype(np.float32, copy=False)
     if lossless:
         return fits.ImageHDU(data, header=header, name=name)
     return fits.CompImageHDU(data, header=header, name=name, compression_type="RICE_1",
                              quantize_level=QUANTIZE_LEVEL, quantize_method=2, tile_shape=TILE_SHAPE)
-
-
-QUANTIZE_LEVEL = 16.0
-# square tiles: reading a box (a template patch's overlap with a CCD) decompresses only its tiles
-TILE_SHAPE = (512, 512)
 
 
 def write_image(img: Image, path: str | Path, lossless: bool = False) -> None:
@@ -166,7 +166,7 @@ def read_image(path: str | Path, bbox: tuple[int, int, int, int] | None = None) 
     with fits.open(path, memmap=False) as hdul:
         meta = {k: v for k, v in hdul[0].header.items() if k not in ("SIMPLE", "BITPIX", "NAXIS", "EXTEND", "")}
         ihdr = hdul["IMAGE"].header
-        ny, nx = ihdr["ZNAXIS2"] if "ZNAXIS2" in ihdr else ihdr["NAXIS2"], ihdr.get("ZNAXIS1", ihdr["NAXIS1"])
+        ny, nx = hdul["IMAGE"].shape  # from the header: nothing is decompressed yet
         x0, x1, y0, y1 = (0, nx, 0, ny) if bbox is None else (
             max(int(bbox[0]), 0), min(int(bbox[1]), nx), max(int(bbox[2]), 0), min(int(bbox[3]), ny))
         if x1 <= x0 or y1 <= y0:

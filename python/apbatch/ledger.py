@@ -29,7 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .backends.base import JobState, JobStatus, SubmittedJob
-from .errors import BadInputError, ExitCode
+from .errors import RETRIABLE_EXIT_CODES, BadInputError
 from .work import CcdWork
 
 __all__ = ["CLAIMED", "SUBMIT_FAILED", "Ledger", "NOT_STARTED", "UNFINISHED"]
@@ -38,7 +38,6 @@ CLAIMED = "CLAIMED"
 SUBMIT_FAILED = "SUBMIT_FAILED"
 NOT_STARTED = (CLAIMED, SUBMIT_FAILED, JobState.PENDING.value, JobState.HELD.value)
 UNFINISHED = (JobState.PENDING.value, JobState.RUNNING.value, JobState.HELD.value, JobState.UNKNOWN.value)
-_RETRIABLE_CODES = [int(c) for c in ExitCode if c.retriable]
 
 _md = sa.MetaData()
 submissions = sa.Table(
@@ -277,7 +276,7 @@ class Ledger:
         now = time.time() if now is None else now
         c = submissions.c
         q = sa.select(c.work).where(c.retry.is_(True), c.attempts < max_attempts, sa.or_(
-            (c.state == JobState.FAILED.value) & c.exit_code.in_(_RETRIABLE_CODES),
+            (c.state == JobState.FAILED.value) & c.exit_code.in_(sorted(RETRIABLE_EXIT_CODES)),
             c.state == SUBMIT_FAILED,
             (c.state == CLAIMED) & (c.claimed_at < now - claim_timeout)))
         with self.engine.connect() as conn:

@@ -50,7 +50,7 @@ import sqlalchemy as sa
 
 from .backends.base import Backend, JobState, SubmittedJob
 from .config import ApbatchConfig
-from .errors import BadInputError, ExitCode
+from .errors import RETRIABLE_EXIT_CODES, BadInputError
 from .events import (
     TAI_MINUS_UTC,
     NextVisit,
@@ -69,7 +69,6 @@ __all__ = ["ENDED", "classify", "default_day_obs", "event_day_obs", "expected_wo
            "night_events", "night_rows", "night_span", "parse_day_obs", "percentile", "submit_works"]
 
 _log = logging.getLogger(__name__)
-_RETRIABLE = {int(c) for c in ExitCode if c.retriable}
 ENDED = (JobState.COMPLETED.value, JobState.FAILED.value, JobState.TIMEOUT.value)
 """States of a job that ran to an end (CANCELLED excluded)."""
 
@@ -199,7 +198,7 @@ def classify(row: dict, *, max_attempts: int, claim_timeout: float, lost_after: 
     state = row["state"]
     if state == JobState.COMPLETED.value:
         return "completed"
-    retry = ((state == JobState.FAILED.value and row["exit_code"] in _RETRIABLE) or state == SUBMIT_FAILED
+    retry = ((state == JobState.FAILED.value and row["exit_code"] in RETRIABLE_EXIT_CODES) or state == SUBMIT_FAILED
              or (state == CLAIMED and row["claimed_at"] < now - claim_timeout))
     lost = (state == JobState.UNKNOWN.value and bool(row["job_id"])
             and not (row["reason"] or "").startswith("unknown state code")

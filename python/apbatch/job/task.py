@@ -211,7 +211,6 @@ def _process(work, deps, raws, res, step, cam, det, physical_filter, output_run)
         # Calibration frames get ISR as a health check; their products are made by the
         # calibration pipelines, not here, so nothing is written to the butler.
         res.status = f"calibration:{work.intent}"
-        res.n_sources = int(np.isfinite(calexp.image).sum())
         return res
 
     ra, dec, rot = _pointing(raws[0], work)
@@ -225,21 +224,15 @@ def _process(work, deps, raws, res, step, cam, det, physical_filter, output_run)
     with step("template_retrieval"):
         templates = deps.butler_io.get_templates(corners, band)
     if not templates:
-        log.warning("no template covers this CCD in band %s: calibrated image only", band)
-        res.status = "no_template"
-        _put(deps, work, res, output_run, calexp=calexp)
-        return res
+        return _no_template(deps, work, res, output_run, calexp, f"no template covers this CCD in band {band}")
 
     with step("astrometry"):
         _fit_astrometry(calexp, sources, templates, cam, res)
     with step("warp"):
         try:
             warped = warp_template(templates, calexp.wcs, calexp.shape, min_coverage=0.05)
-        except NoTemplateOverlapError:
-            log.warning("template patches do not overlap the CCD: calibrated image only")
-            res.status = "no_template"
-            _put(deps, work, res, output_run, calexp=calexp)
-            return res
+        except NoTemplateOverlapError as exc:
+            return _no_template(deps, work, res, output_run, calexp, str(exc))
         tsources = detect_sources(warped)
         tpsf = measure_psf(warped, tsources)
     with step("subtract"):
@@ -314,6 +307,14 @@ def _fit_astrometry(calexp: Image, sources, templates: list[Image], cam, res: Cc
         return
     calexp.wcs = wcs
     res.astrometry = {"status": "fitted", **{k: float(v) for k, v in dataclasses.asdict(fit).items()}}
+
+
+def _no_template(deps: JobDeps, work: CcdWork, res: CcdResult, output_run, calexp: Image, why: str) -> CcdResult:
+    """Early in a survey there may be no template: keep the calibrated image, record why."""
+    log.warning("%s: calibrated image only", why)
+    res.status = "no_template"
+    _put(deps, work, res, output_run, calexp=calexp)
+    return res
 
 
 def _put(deps: JobDeps, work: CcdWork, res: CcdResult, output_run, **outputs) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from ..config import load_config
-from ..errors import BadInputError, ExitCode, RetriableError
+from ..errors import RETRIABLE_EXIT_CODES, BadInputError, RetriableError
 
 __all__ = ["run_demo"]
 
@@ -159,8 +159,7 @@ def _settled(row: dict, max_attempts: int) -> bool:
     if row["state"] in ("COMPLETED", "CANCELLED", "TIMEOUT"):
         return True
     if row["state"] == "FAILED":
-        code = row["exit_code"]
-        retriable = code is not None and code in (ExitCode.RAW_TIMEOUT, ExitCode.RETRIABLE)
+        retriable = row["exit_code"] in RETRIABLE_EXIT_CODES
         return not (retriable and row["retry"] and row["attempts"] < max_attempts)
     return False
 
