@@ -2,8 +2,9 @@
 
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python bench/bench_steps.py [--runs 3] [--seed 1]``
 (threads are pinned to 1 here anyway, before numpy is imported). Each run simulates a
-4072 x 4000 ITL CCD (two 15 s snaps with cosmic rays, hot/dead columns, saturated stars
-with bleed trails, a header WCS off by 1.4 arcsec, 300 injected transients) and a two-patch
+4072 x 4000 ITL CCD (two 15 s snaps with cosmic rays, hot/dead columns, Moffat stars drawn
+out to their wings, saturated stars with bleed trails, a header WCS off by 1.4 arcsec, 300
+injected transients) and a two-patch
 template (tests/steps_scene.py), then times ISR -> background -> detection -> PSF ->
 astrometry -> warp -> subtraction -> DIA measurement. Scene generation is not timed.
 Medians over runs are printed (the machine is shared: timings are noisy).

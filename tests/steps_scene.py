@@ -1,7 +1,8 @@
 """Synthetic science/template scene with truth, for the step tests and bench/bench_steps.py.
 
 Not a test module. A CCD of a real camera (amplifier geometry from apbatch.instruments):
-stars with a power-law flux distribution (some saturated, with bleed trails), a Moffat-like
+stars with a power-law flux distribution (some saturated, with bleed trails), a Moffat (beta 3,
+wings drawn out to 0.5 e- per pixel, up to 60 px)
 science PSF broader than the Gaussian-core template PSF, transients injected at known
 S/N in the science image only, cosmic rays in each snap, hot/dead columns (one listed in
 the bias mask as a defect), a flat and a bias with structure, and a header WCS off by
@@ -44,9 +45,20 @@ def render_psf(kind: str, sigma: float, h: int = 12, dx: float = 0.0, dy: float 
     return p / p.sum()
 
 
-def _add_stars(img, xs, ys, fluxes, kind, sigma, h=12):
+def _wing_half(flux: float, sigma: float) -> int:
+    """Half-size at which a Moffat (beta=3) star of ``flux`` e- drops below 0.5 e- per pixel (12-60 px)."""
+    alpha = sigma * 2.3548 / (2 * np.sqrt(2 ** (1 / 3.0) - 1))
+    peak = flux * 2.0 / (np.pi * alpha**2)
+    r = alpha * np.sqrt(max((peak / 0.5) ** (1 / 3.0) - 1.0, 0.0))
+    return int(min(max(np.ceil(r), 12), 60))
+
+
+def _add_stars(img, xs, ys, fluxes, kind, sigma, h=None):
+    """Add stars; ``h`` is the stamp half-size (default: 12 for Gaussians, to the wings' end for Moffats)."""
     ny, nx = img.shape
+    fixed = h
     for x, y, f in zip(xs, ys, fluxes, strict=False):
+        h = fixed if fixed is not None else (_wing_half(f, sigma) if kind == "moffat" else 12)
         xi, yi = int(round(x)), int(round(y))
         if xi < -h or yi < -h or xi >= nx + h or yi >= ny + h:
             continue

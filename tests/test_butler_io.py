@@ -196,7 +196,10 @@ def test_get_calib_by_validity(butler, tmp_path):
     d = tmp_path / "calibs"
     d.mkdir()
     for name, value in (("bias.fits", 5.0), ("flat.fits", 0.95)):
-        write_image(Image(np.full((10, 12), value, np.float32)), d / name)
+        mask = np.zeros((10, 12), np.int32)
+        mask[1, 2] = 1
+        plane = np.full((10, 12), value, np.float32)
+        write_image(Image(plane, np.full((10, 12), 3.0, np.float32), mask), d / name, lossless=True)
     (d / "manifest.yaml").write_text(
         yaml.safe_dump(
             {
@@ -220,8 +223,10 @@ def test_get_calib_by_validity(butler, tmp_path):
     )
     ingest_manifest(butler, d)
     io = ButlerIO(butler, "LSSTComCam")
-    assert io.get_calib("bias", "R22_S00", MJD).image[0, 0] == 5.0
-    assert io.get_calib("bias", 0, "2024-11-20T03:00:00").image[0, 0] == 5.0
+    bias = io.get_calib("bias", "R22_S00", MJD)
+    assert bias.image[0, 0] == pytest.approx(5.0, abs=0.06)  # quantized at 1/16 of sqrt(3)
+    assert bias.mask[1, 2] == 1 and not bias.variance.any()  # ISR reads image and mask only
+    assert io.get_calib("bias", 0, "2024-11-20T03:00:00").image[0, 0] == pytest.approx(5.0, abs=0.06)
     assert io.get_calib("bias", 0, "2024-12-02T00:00:00") is None
     assert io.get_calib("bias", 1, MJD) is None
     assert io.get_calib("flat", 0, MJD, physical_filter="g_01").image[0, 0] == pytest.approx(0.95)
@@ -230,6 +235,26 @@ def test_get_calib_by_validity(butler, tmp_path):
         io.get_calib("flat", 0, MJD)
     with pytest.raises(BadInputError, match="kind"):
         io.get_calib("dark", 0, MJD)
+
+
+def test_get_calib_from_a_repository_without_the_planes_parameter(butler):
+    """Repositories created before ``planes`` existed: the whole calibration is read.
+
+    (The storage-class definition is process-wide in daf_butler, so the old definition is
+    stood in for by the dataset ref's storage class rather than a second repository.)
+    """
+    import types
+
+    calls = []
+    sc = types.SimpleNamespace(parameters=frozenset({"bbox"}))
+    ref = types.SimpleNamespace(datasetType=types.SimpleNamespace(storageClass=sc))
+    io = ButlerIO(butler, "LSSTComCam")
+    io.butler = types.SimpleNamespace(find_dataset=lambda *a, **k: ref,
+                                      get=lambda r, **kw: calls.append(kw) or "bias")
+    assert io.get_calib("bias", 0, MJD) == "bias"
+    sc.parameters = frozenset({"bbox", "planes"})
+    io.get_calib("bias", 0, MJD)
+    assert calls == [{}, {"parameters": {"planes": ("image", "mask")}}]
 
 
 def test_get_templates(butler, tmp_path):

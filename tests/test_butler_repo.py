@@ -141,9 +141,9 @@ def small_image(value):
 
 def write_calibs(directory, entries=None):
     directory.mkdir(parents=True, exist_ok=True)
-    write_image(small_image(1.0), directory / "bias_old.fits")
-    write_image(small_image(2.0), directory / "bias_new.fits")
-    write_image(small_image(0.9), directory / "flat_g.fits")
+    write_image(small_image(1.0), directory / "bias_old.fits", lossless=True)
+    write_image(small_image(2.0), directory / "bias_new.fits", lossless=True)
+    write_image(small_image(0.9), directory / "flat_g.fits", lossless=True)
     entries = (
         entries
         if entries is not None
@@ -185,7 +185,7 @@ def write_templates(directory):
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "skymap.yaml").write_text(yaml.safe_dump(SKYMAP.to_dict()))
     for patch in (5, 6):
-        write_image(small_image(float(patch)), directory / f"t1_p{patch}_g.fits")
+        write_image(small_image(float(patch)), directory / f"t1_p{patch}_g.fits", lossless=True)
     (directory / "manifest.yaml").write_text(
         yaml.safe_dump(
             {
@@ -298,7 +298,7 @@ def test_bad_manifest_ingests_nothing(butler, tmp_path, entry, field):
 def test_reingest_is_refused_and_rolled_back(butler, tmp_path):
     directory = write_calibs(tmp_path / "calibs")
     ingest_manifest(butler, directory)
-    write_image(small_image(3.0), directory / "bias_newer.fits")
+    write_image(small_image(3.0), directory / "bias_newer.fits", lossless=True)
     manifest = yaml.safe_load((directory / "manifest.yaml").read_text())
     manifest["datasets"].insert(
         0,

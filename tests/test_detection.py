@@ -62,3 +62,29 @@ def test_nan_outside_nodata_is_refused():
         subtract_background(img)
     img.mask[5, 5] = MaskBits.NO_DATA
     subtract_background(img)
+
+
+def test_bright_sources_for_astrometry():
+    from apbatch.job.steps import detect_bright_sources
+
+    img, sky, xs, ys, fl = _field(3)
+    subtract_background(img, box=64)
+    img.mask[:, :40] |= MaskBits.NO_DATA
+    img.image[:, :40] = 1e6  # nothing is found where there is no data
+    src = detect_bright_sources(img, threshold=20.0, psf_sigma=1.8)
+    assert list(src.columns) == ["x", "y", "flux"] and src["flux"].is_monotonic_decreasing
+    assert (src["x"] > 40).all()
+    d = np.hypot(src["x"].to_numpy()[:, None] - xs[None], src["y"].to_numpy()[:, None] - ys[None])
+    assert (d.min(axis=1) < 3).all() and np.median(d.min(axis=1)) < 0.15  # real stars (or blended pairs)
+    # every bright (peak > 60 sigma per pixel), isolated star outside the no-data strip is found
+    peak = fl / (2 * np.pi * 1.8**2)
+    sep_nn = np.sort(np.hypot(xs[:, None] - xs[None], ys[:, None] - ys[None]), axis=1)[:, 1]
+    bright = (peak > 60 * np.sqrt(sky.mean())) & (xs > 50) & (sep_nn > 12)
+    assert bright.sum() >= 8
+    assert (d.min(axis=0)[bright] < 0.3).all()
+
+
+def test_bright_sources_without_variance_is_empty():
+    from apbatch.job.steps import detect_bright_sources
+
+    assert len(detect_bright_sources(Image(np.ones((50, 50), np.float32)))) == 0

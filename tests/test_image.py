@@ -26,6 +26,27 @@ def test_lossy_default_is_within_noise(tmp_path):
     assert (tmp_path / "q.fits").stat().st_size < img.image.nbytes
 
 
+def test_quantization_step_follows_the_variance_plane(tmp_path):
+    rng = np.random.default_rng(8)
+    var = np.linspace(4.0, 400.0, 256 * 256, dtype=np.float32).reshape(256, 256)
+    img = Image(rng.normal(0, np.sqrt(var)).astype(np.float32), var)
+    write_image(img, tmp_path / "v.fits")
+    back = read_image(tmp_path / "v.fits")
+    # error <= half a step: 1/16 of the low-end sigma (~2.3 here), anywhere in the image
+    step = np.sqrt(np.percentile(var, 5)) / 16
+    assert np.abs(back.image - img.image).max() <= 0.51 * step + 1e-4
+    assert np.abs(back.variance - var).max() <= 0.51 * np.percentile(var, 5) / 1000 + 1e-5
+
+
+def test_image_without_variance_uses_the_tile_noise(tmp_path):
+    rng = np.random.default_rng(9)
+    img = Image(rng.normal(0, 5.0, (128, 128)).astype(np.float32))  # variance: zeros
+    write_image(img, tmp_path / "n.fits")
+    back = read_image(tmp_path / "n.fits")
+    assert 0 < np.abs(back.image - img.image).std() < 5.0 / 16
+    assert not back.variance.any()
+
+
 def test_round_trip(tmp_path):
     img = _image()
     write_image(img, tmp_path / "a.fits", lossless=True)
@@ -84,3 +105,17 @@ def test_read_bbox(tmp_path, lossless):
     assert clipped.shape == (20, 50)
     with pytest.raises(ValueError, match="does not overlap"):
         read_image(tmp_path / "c.fits", bbox=(400, 500, 0, 10))
+
+
+def test_mask_is_stored_small_when_it_fits_and_read_back_as_int32(tmp_path):
+    from astropy.io import fits
+
+    img = _image()
+    write_image(img, tmp_path / "m.fits")
+    with fits.open(tmp_path / "m.fits") as hdul:
+        assert hdul["MASK"].data.dtype.itemsize == 2
+    back = read_image(tmp_path / "m.fits")
+    assert back.mask.dtype == np.int32 and back.mask[5, 7] == MaskBits.SAT | MaskBits.BAD
+    img.mask[0, 0] = 1 << 20  # a bit beyond int16 keeps int32
+    write_image(img, tmp_path / "w.fits")
+    assert read_image(tmp_path / "w.fits").mask[0, 0] == 1 << 20

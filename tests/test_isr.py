@@ -7,7 +7,7 @@ import pytest
 from apbatch.errors import BadInputError, ExitCode
 from apbatch.image import Image, MaskBits
 from apbatch.instruments import get_instrument
-from apbatch.job.steps.isr import IsrConfig, detect_bad_columns, find_cosmic_rays, interpolate_masked, run_isr
+from apbatch.job.steps.isr import IsrConfig, run_isr
 from steps_scene import render_psf, to_raw
 
 INST = get_instrument("LSSTComCam")
@@ -90,33 +90,6 @@ def test_two_snaps_reject_cosmic_ray(truth):
     assert not cr[truth > 1500].any()
     resid = (out.image - 2 * truth) / np.sqrt(out.variance)
     assert 0.9 < np.std(resid[out.mask == 0]) < 1.15
-
-
-def test_single_snap_cosmic_rays_and_stars():
-    rng = np.random.default_rng(5)
-    img = np.full((300, 300), 800.0, np.float32)
-    img[140:165, 140:165] += 5e4 * render_psf("moffat", 1.7)
-    img += rng.normal(0, np.sqrt(img)).astype(np.float32)
-    img[50, 60] += 2000.0
-    img[200, 100:104] += 1500.0  # a short track
-    var = np.maximum(img, 0) + 40.0
-    cr = find_cosmic_rays(img, var, np.zeros(img.shape, np.int32))
-    assert cr[50, 60] and cr[200, 101]
-    assert not cr[140:165, 140:165].any()
-    assert cr.sum() < 12
-
-
-def test_bad_columns_detected_and_interpolated():
-    rng = np.random.default_rng(7)
-    img = rng.normal(1000, 30, (400, 300)).astype(np.float32)
-    img[:, 77] += 150.0
-    img[200:, 150] *= 0.3
-    bad = detect_bad_columns(img, np.zeros(img.shape, np.int32), half_rows=200)
-    assert bad[:, 77].all() and bad[200:, 150].all()
-    assert bad.sum() == 400 + 200
-    var = np.full_like(img, 900.0)
-    interpolate_masked(img, var, bad)
-    assert abs(img[:, 77].mean() - 1000) < 5 and abs(img[200:, 150].mean() - 1000) < 5
 
 
 def test_bad_inputs(truth):

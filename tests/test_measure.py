@@ -105,3 +105,17 @@ def test_forced_psf_flux_unbiased():
     assert np.median(err) == pytest.approx(f / 10, rel=0.05)
     pull = (flux - f) / err
     assert 0.7 < np.std(pull) < 1.3
+
+
+@pytest.mark.parametrize("col_offset", [-2, -1, 1, 2])
+def test_centroid_beside_an_interpolated_column_is_not_pushed_away(col_offset):
+    """S is zeroed 2 px around interpolated pixels; the windowed centroid on the image is not."""
+    img, var = _noise(5)
+    x0, y0 = 250.4, 260.7
+    _add_stars(img, [x0], [y0], [_flux_for_snr(35)], "gauss", SIG)
+    mask = np.zeros((N, N), np.int32)
+    col = int(round(x0)) + col_offset
+    mask[:, col] = MaskBits.BAD | MaskBits.INTRP
+    out = measure_dia_sources(Image(img, var, mask, WCS), gaussian_psf(SIG))
+    assert len(out) == 1
+    assert np.hypot(out["x"].iloc[0] - x0, out["y"].iloc[0] - y0) < 0.6

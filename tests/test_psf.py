@@ -80,3 +80,26 @@ def test_psf_flux_with_a_wide_psf():
     img.image[38:63, 38:63] += 1000.0 * psf.stamp(0.0, 0.0, 25).astype(np.float32)
     flux, err = psf_flux(img, psf, np.array([50.0]), np.array([50.0]))
     assert abs(flux[0] - 1000.0) < 1.0 and err[0] > 0
+
+
+def test_moffat_model_sigma_matches_what_stars_measure():
+    from apbatch.job.steps import moffat_psf
+    from apbatch.sim.camera import _profiles
+
+    model = moffat_psf(3.0, 3.5)
+    assert model.image.sum() == pytest.approx(1.0)
+    # a Moffat's moment sigma is larger than FWHM / 2.3548, and equals that of a rendered star
+    assert model.sigma > 3.0 / 2.3548 * 1.1
+    star = _profiles(np.array([0.0]), np.array([0.0]), np.array([3.0]), 12, 3.5)[0]
+    from apbatch.job.steps.psf import _moment_sigma
+
+    assert model.sigma == pytest.approx(_moment_sigma(star), rel=0.01)
+
+
+@pytest.mark.parametrize("fwhm, beta", [(0.0, 3.5), (3.0, 1.0), (-1.0, 2.0)])
+def test_moffat_model_refuses_impossible_parameters(fwhm, beta):
+    from apbatch.errors import BadInputError
+    from apbatch.job.steps import moffat_psf
+
+    with pytest.raises(BadInputError, match="psf"):
+        moffat_psf(fwhm, beta)

@@ -71,9 +71,64 @@ def test_template_mask_grows_by_kernel():
     sci, tmpl = _pair(seed=3)
     tmpl.mask[100, 100] = MaskBits.SAT
     diff, res = _run(sci, tmpl)
-    h = SubtractConfig().kernel_size // 2
+    h = res.kernel_size // 2
     assert diff.mask[100 + h, 100 - h] & MaskBits.NO_DATA
     assert not diff.mask[100 + h + 1, 100] & MaskBits.NO_DATA
+
+
+def _wing_pair(seed=7, sci_fwhm=6.0, tmpl_fwhm=3.75):
+    """Bright stars with real Moffat wings (stamps to 40 px) in 1.2" seeing, over a 0.75" template."""
+    rng = np.random.default_rng(seed)
+    n, size = 60, 700
+    xs, ys = rng.uniform(50, size - 50, n), rng.uniform(50, size - 50, n)
+    fl = 10 ** rng.uniform(5.0, 6.3, n)
+    sci = np.zeros((size, size), np.float32)
+    tmpl = np.zeros((size, size), np.float32)
+    _add_stars(sci, xs, ys, fl, "moffat", sci_fwhm / 2.3548, h=40)
+    _add_stars(tmpl, xs, ys, fl, "moffat", tmpl_fwhm / 2.3548, h=40)
+    svar = (400.0 + sci).astype(np.float32)
+    tvar = np.full_like(tmpl, 20.0)
+    sci += rng.normal(0, np.sqrt(svar)).astype(np.float32)
+    tmpl += rng.normal(0, np.sqrt(tvar)).astype(np.float32)
+    return Image(sci, svar), Image(tmpl, tvar), np.column_stack([xs, ys])
+
+
+def _annulus_z(diff, xy, r0, r1):
+    """Mean S/N per pixel of the difference in an annulus around each star, averaged over stars."""
+    z = diff.image / np.sqrt(diff.variance)
+    yy, xx = np.mgrid[-r1 : r1 + 1, -r1 : r1 + 1]
+    out = []
+    for x, y in xy:
+        xi, yi = int(round(x)), int(round(y))
+        r = np.hypot(xx - (x - xi), yy - (y - yi))
+        ring = (r >= r0) & (r <= r1)
+        out.append(z[yi - r1 : yi + r1 + 1, xi - r1 : xi + r1 + 1][ring].mean())
+    return float(np.mean(out))
+
+
+def test_kernel_grows_with_seeing_and_carries_moffat_wings():
+    cfg = SubtractConfig()
+    assert cfg.kernel_half(1.0) == 10  # 21 px floor
+    assert cfg.kernel_half(6.0 / 2.3548) == 21  # 7 x FWHM = 42 -> 43 px
+    assert cfg.kernel_half(20.0) == 22  # 45 px ceiling
+    assert SubtractConfig(kernel_size=31).kernel_half(5.0) == 15
+    sci, tmpl, xy = _wing_pair()
+    sig = 6.0 / 2.3548
+    src = detect_sources(sci, threshold=10, psf_sigma=sig)
+    diff, res = subtract_images(sci, tmpl, sig, 3.75 / 2.3548, src)
+    assert res.kernel_size == 43 and diff.metadata["DIFFKSIZ"] == 43
+    # the fixed 21-px Gaussian kernel of before leaves the wings 11-18 px out as a positive ring
+    old = SubtractConfig(kernel_size=21, sigma_factors=(0.5, 1.0, 2.0), degrees=(4, 2, 2), stamp_margin=5)
+    diff_old, _ = subtract_images(sci, tmpl, sig, 3.75 / 2.3548, src, old)
+    ring_old, ring_new = _annulus_z(diff_old, xy, 11, 18), _annulus_z(diff, xy, 11, 18)
+    assert ring_old > 0.2
+    assert abs(ring_new) < 0.1
+    from apbatch.job.steps.measure import measure_dia_sources
+    from apbatch.job.steps.psf import gaussian_psf
+
+    psf = gaussian_psf(sig)
+    n_old, n_new = len(measure_dia_sources(diff_old, psf)), len(measure_dia_sources(diff, psf))
+    assert n_old >= 5 and n_new <= 1
 
 
 def test_bad_inputs():

@@ -134,7 +134,8 @@ def test_no_template_gives_calibrated_image_only(fake_steps):
     assert len(io.puts) == 1 and set(io.puts[0]) == {"calexp", "metrics"}
     assert io.puts[0]["metrics"]["status"] == "no_template"
     assert alerts_called == []
-    assert {"wait_for_raw", "isr", "background_detection", "template_retrieval"} <= set(res.timings)
+    steps = {"wait_for_raw", "calib_retrieval", "isr", "background_detection", "template_retrieval"}
+    assert steps <= set(res.timings)
 
 
 def test_calibration_runs_isr_only(fake_steps):
@@ -174,3 +175,22 @@ def test_result_is_plain_json():
     res = task.CcdResult(status="done", timings={"isr": {"wall": 1.0, "cpu": 0.9}})
     assert json.loads(json.dumps(res.to_dict()))["timings"]["isr"]["cpu"] == 0.9
     assert dataclasses.is_dataclass(res)
+
+
+def test_template_psf_comes_from_the_coadd_description():
+    from apbatch.job.steps.psf import moffat_psf
+
+    warped = Image(np.zeros((10, 10), np.float32))
+    moffat = [Image(np.zeros((4, 4)), metadata={"PSFFWHM": 0.6, "PSFBETA": 3.5}) for _ in range(2)]
+    assert task._template_psf_sigma(moffat, warped, 0.2) == pytest.approx(moffat_psf(3.0, 3.5).sigma)
+    gauss = [Image(np.zeros((4, 4)), metadata={"PSFFWHM": 0.6})]
+    assert task._template_psf_sigma(gauss, warped, 0.2) == pytest.approx(3.0 / 2.3548)
+
+
+def test_template_psf_is_measured_when_a_patch_has_no_description(monkeypatch):
+    calls = []
+    monkeypatch.setattr(task, "detect_sources", lambda img: calls.append("detect") or pd.DataFrame())
+    monkeypatch.setattr(task, "measure_psf", lambda img, src: calls.append("psf") or gaussian_psf(1.7))
+    patches = [Image(np.zeros((4, 4)), metadata={"PSFFWHM": 0.6}), Image(np.zeros((4, 4)))]
+    assert task._template_psf_sigma(patches, Image(np.zeros((10, 10))), 0.2) == 1.7
+    assert calls == ["detect", "psf"]

@@ -24,7 +24,9 @@ __all__ = ["REPO_CONFIG", "ImageFormatter", "RawFormatter"]
 class ImageFormatter(FormatterV2):
     """Reads and writes `apbatch.image.Image` as a FITS file (see `apbatch.image`).
 
-    Read parameter ``bbox=(x0, x1, y0, y1)`` reads only that box (the tiles it overlaps).
+    Read parameter ``bbox=(x0, x1, y0, y1)`` reads only that box (the tiles it overlaps);
+    ``planes`` (e.g. ``("image", "mask")``) only those planes (repositories created before
+    this parameter existed do not declare it: see `apbatch.butler.io.ButlerIO.get_calib`).
     """
 
     default_extension = ".fits"
@@ -36,7 +38,7 @@ class ImageFormatter(FormatterV2):
         from ..image import read_image  # noqa: PLC0415 (astropy only when reading)
 
         params = self.file_descriptor.parameters or {}
-        return read_image(path, bbox=params.get("bbox"))
+        return read_image(path, bbox=params.get("bbox"), planes=params.get("planes"))
 
     def write_local_file(self, in_memory_dataset: Any, uri: ResourcePath) -> None:
         from ..image import write_image  # noqa: PLC0415
@@ -69,7 +71,7 @@ class RawFormatter(FormatterV2):
 
 REPO_CONFIG: dict[str, Any] = {
     "storageClasses": {
-        IMAGE_STORAGE_CLASS: {"pytype": "apbatch.image.Image", "parameters": ["bbox"]},
+        IMAGE_STORAGE_CLASS: {"pytype": "apbatch.image.Image", "parameters": ["bbox", "planes"]},
         RAW_STORAGE_CLASS: {"pytype": "apbatch.raw.RawExposure"},
         METRICS_STORAGE_CLASS: {"pytype": "dict"},
     },

@@ -245,6 +245,10 @@ class ButlerIO:
         ------
         BadInputError
             Raised if ``kind`` is not a calibration, or a flat is asked for without a filter.
+
+        Notes
+        -----
+        Only the image and mask planes are read (the variance comes back as zeros).
         """
         if kind not in ds.CALIBRATIONS:
             raise BadInputError("kind", f"{kind!r} is not a calibration", f"use one of {ds.CALIBRATIONS}")
@@ -258,7 +262,13 @@ class ButlerIO:
         ref = self.butler.find_dataset(
             kind, data_id, collections=self.collections, timespan=Timespan.fromInstant(_as_time(when))
         )
-        return None if ref is None else self.butler.get(ref)
+        if ref is None:
+            return None
+        # ISR uses a calibration's image and mask only: skip decompressing its variance
+        # (when the repository's storage class declares the parameter)
+        if "planes" in ref.datasetType.storageClass.parameters:
+            return self.butler.get(ref, parameters={"planes": ("image", "mask")})
+        return self.butler.get(ref)
 
     def skymap(self) -> Any:
         """The `apbatch.skymap.SkyMap` the templates are defined on (read once)."""

@@ -29,10 +29,10 @@ from ..raw import RawExposure
 from ..work import CcdWork
 from .steps.astrometry import AstrometryError, fit_wcs
 from .steps.background import subtract_background
-from .steps.detection import detect_sources
+from .steps.detection import detect_bright_sources, detect_sources
 from .steps.isr import run_isr
 from .steps.measure import measure_dia_sources
-from .steps.psf import measure_psf
+from .steps.psf import measure_psf, moffat_psf
 from .steps.subtract import subtract_images
 from .steps.warp import NoTemplateOverlapError, warp_template
 
@@ -201,11 +201,18 @@ def run_ccd(work: CcdWork, deps: JobDeps, *, timeout: float = 120.0, output_run:
 
 def _process(work, deps, raws, res, step, cam, det, physical_filter, output_run) -> CcdResult:
     when = raws[0].metadata.mjd_begin
-    with step("isr"):
+    with step("calib_retrieval"):
         bias = deps.butler_io.get_calib("bias", det.id, when) if when is not None else None
         flat = (deps.butler_io.get_calib("flat", det.id, when, physical_filter=physical_filter)
                 if when is not None and physical_filter not in (None, "none", "unknown") else None)
+    with step("isr"):
         calexp = run_isr(raws, cam, det, bias=bias, flat=flat)
+    # Large inputs are dropped as soon as they are used, so later steps reuse their memory
+    # instead of growing the process (each new page costs a fault): calibrations and raw
+    # pixels here (the raws' metadata stays), template patches after the warp.
+    del bias, flat
+    for raw in raws:
+        raw.segments = []
     calexp.metadata["SNAPS"] = res.snaps_used
     if work.intent != "science":
         # Calibration frames get ISR as a health check; their products are made by the
@@ -233,17 +240,18 @@ def _process(work, deps, raws, res, step, cam, det, physical_filter, output_run)
             warped = warp_template(templates, calexp.wcs, calexp.shape, min_coverage=0.05)
         except NoTemplateOverlapError as exc:
             return _no_template(deps, work, res, output_run, calexp, str(exc))
-        tsources = detect_sources(warped)
-        tpsf = measure_psf(warped, tsources)
+        tmpl_sigma = _template_psf_sigma(templates, warped, cam.pixel_scale_arcsec)
+    del templates
     with step("subtract"):
-        diff, sub = subtract_images(calexp, warped, psf.sigma, tpsf.sigma, sources)
+        diff, sub = subtract_images(calexp, warped, psf.sigma, tmpl_sigma, sources)
     res.subtraction = {"n_stamps": sub.n_stamps, "kernel_sum": float(sub.kernel_sum),
                        "noise_scale": float(sub.noise_scale), "coverage": float(warped.metadata.get("COVERAGE", 1))}
     with step("measure"):
         njy = _photometric_scale(calexp, warped, sub.kernel_sum)
         dia = measure_dia_sources(diff, psf, science=calexp, njy_per_e=njy)
     res.n_dia_sources = len(dia)
-    _put(deps, work, res, output_run, calexp=calexp, diffim=diff, dia_sources=dia)
+    with step("write_outputs"):
+        _put(deps, work, res, output_run, calexp=calexp, diffim=diff, dia_sources=dia)
 
     if deps.alerts is not None:
         from .apdb import CcdVisit
@@ -260,6 +268,23 @@ def _process(work, deps, raws, res, step, cam, det, physical_filter, output_run)
     res.status = "done"
     _put(deps, work, res, output_run)  # final metrics, with the alert counts
     return res
+
+
+def _template_psf_sigma(templates: list[Image], warped: Image, pixel_scale: float) -> float:
+    """Gaussian-equivalent sigma (science px) of the template PSF.
+
+    From the coadd's own PSF description when every patch carries one (``PSFFWHM`` arcsec,
+    and ``PSFBETA`` for a Moffat, else a Gaussian), as a coadd carries its PSF model;
+    otherwise measured on the warped template (one more detection pass over the CCD).
+    """
+    fwhm = [t.metadata.get("PSFFWHM") for t in templates]
+    if fwhm and all(isinstance(f, (int, float)) and f > 0 for f in fwhm):
+        f_px = float(np.median(fwhm)) / pixel_scale
+        betas = [t.metadata.get("PSFBETA") for t in templates]
+        if all(isinstance(b, (int, float)) and b > 1 for b in betas):
+            return moffat_psf(f_px, float(np.median(betas))).sigma
+        return f_px / 2.3548
+    return measure_psf(warped, detect_sources(warped)).sigma
 
 
 def _photometric_scale(calexp: Image, template: Image, kernel_sum: float) -> float:
@@ -286,10 +311,10 @@ def _in_njy(img: Image, njy_per_e: float) -> Image:
 
 
 def _fit_astrometry(calexp: Image, sources, templates: list[Image], cam, res: CcdResult) -> None:
-    """Refit the raw WCS against the templates' sources; keep the raw WCS if that fails."""
+    """Refit the raw WCS against the templates' bright sources; keep the raw WCS if that fails."""
     refs = []
     for t in templates:
-        ts = detect_sources(t, threshold=10.0)
+        ts = detect_bright_sources(t, threshold=20.0)
         if len(ts):
             ra, dec = t.wcs.pixel_to_world_values(ts["x"].to_numpy(), ts["y"].to_numpy())
             refs.append(np.column_stack([ra, dec, ts["flux"].to_numpy()]))

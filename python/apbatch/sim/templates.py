@@ -48,7 +48,7 @@ def render_template(
     -------
     template : `apbatch.image.Image`
         nJy per pixel, with variance, the patch WCS and metadata (``BAND``, ``TRACT``,
-        ``PATCH``, ``PSFFWHM`` arcsec, ``ZEROPT``, ``BUNIT``).
+        ``PATCH``, ``PSFFWHM`` arcsec and ``PSFBETA`` (the coadd's Moffat PSF), ``ZEROPT``, ``BUNIT``).
     """
     ny, nx = patch.shape
     corners = patch.corners
@@ -78,6 +78,7 @@ def render_template(
         "TRACT": patch.tract,
         "PATCH": patch.patch,
         "PSFFWHM": fwhm_arcsec,
+        "PSFBETA": camera.BETA,
         "ZEROPT": NJY_ZEROPOINT,
         "BUNIT": "nJy",
         "NVISITS": depth_visits,

@@ -8,11 +8,11 @@ objects and pandas tables; none does I/O.
 
 from .astrometry import AstrometryError, AstrometryResult, fit_wcs
 from .background import BackgroundResult, subtract_background
-from .detection import detect_sources
+from .detection import detect_bright_sources, detect_sources
 from .isr import IsrConfig, run_isr
 from .measure import COLUMNS as DIA_COLUMNS
 from .measure import measure_dia_sources, psf_flux
-from .psf import PsfModel, gaussian_psf, measure_psf
+from .psf import PsfModel, gaussian_psf, measure_psf, moffat_psf
 from .subtract import SubtractConfig, SubtractionResult, subtract_images
 from .warp import NoTemplateOverlapError, warp_template
 
@@ -26,9 +26,11 @@ __all__ = [
     "PsfModel",
     "SubtractConfig",
     "SubtractionResult",
+    "detect_bright_sources",
     "detect_sources",
     "fit_wcs",
     "gaussian_psf",
+    "moffat_psf",
     "measure_dia_sources",
     "measure_psf",
     "psf_flux",

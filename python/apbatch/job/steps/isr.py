@@ -29,8 +29,9 @@ from scipy import ndimage
 from ...errors import BadInputError
 from ...image import Image, MaskBits
 from ...raw import RawExposure
+from .defects import detect_bad_columns, find_cosmic_rays, grow, interpolate_masked
 
-__all__ = ["IsrConfig", "detect_bad_columns", "find_cosmic_rays", "interpolate_masked", "run_isr"]
+__all__ = ["IsrConfig", "run_isr"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,120 +150,6 @@ def _assemble(raw: RawExposure, amps, det, cfg: IsrConfig):
             dst[bad] = 0.0
             dmask[bad] |= MaskBits.BAD
     return img, mask
-
-
-def find_cosmic_rays(
-    img: np.ndarray, var: np.ndarray, mask: np.ndarray, nsigma: float = 5.0, sharpness: float = 0.8
-) -> np.ndarray:
-    """Single-image cosmic-ray finder: pixels much sharper than any PSF.
-
-    A pixel is a cosmic ray if its excess over the mean of its 4 neighbours is above
-    ``nsigma`` times the noise of that excess, and above ``sharpness`` times the neighbours'
-    own level above the local background (stars with a FWHM over ~2.2 px cannot pass).
-    Returns a boolean array (not dilated).
-    """
-    # local background: median of 16x16 blocks (every 4th pixel), smoothed, expanded
-    ny, nx = img.shape
-    b = 16
-    small = img[: ny // b * b, : nx // b * b].reshape(ny // b, b, nx // b, b)
-    bkg_small = np.median(small[:, ::4, :, ::4], axis=(1, 3))
-    bkg_small = ndimage.median_filter(bkg_small, size=3, mode="nearest")
-    bkg = np.repeat(np.repeat(bkg_small, b, axis=0), b, axis=1)
-    bkg = np.pad(bkg, ((0, ny - bkg.shape[0]), (0, nx - bkg.shape[1])), mode="edge")
-    nbr = np.empty_like(img)
-    nbr[1:-1, 1:-1] = 0.25 * (img[:-2, 1:-1] + img[2:, 1:-1] + img[1:-1, :-2] + img[1:-1, 2:])
-    nbr[0, :], nbr[-1, :], nbr[:, 0], nbr[:, -1] = img[0, :], img[-1, :], img[:, 0], img[:, -1]
-    excess = img - nbr
-    cand = excess > nsigma * np.sqrt(1.25 * np.maximum(var, 1e-6))
-    cand &= excess > sharpness * (nbr - bkg)
-    cand &= (mask & int(MaskBits.SAT)) == 0
-    return cand
-
-
-def detect_bad_columns(
-    img: np.ndarray,
-    mask: np.ndarray,
-    nsigma: float = 6.0,
-    nblock: int = 4,
-    step: int = 4,
-    half_rows: int | None = None,
-) -> np.ndarray:
-    """Columns (or blocks of them) whose median is off from their neighbours' by > ``nsigma``.
-
-    The image is cut into ``nblock`` row blocks per amplifier row (``half_rows`` high, default
-    half the image); in each, the median of every column (every ``step``-th row sampled) is
-    compared with a 15-column running median; the spread of those differences (MAD) sets
-    the threshold. Returns a boolean pixel mask (flagged blocks of columns).
-    """
-    ny, nx = img.shape
-    half = half_rows or ny // 2
-    out = np.zeros((ny, nx), bool)
-    edges = []
-    for h0 in range(0, ny, half):
-        h1 = min(h0 + half, ny)
-        bl = (h1 - h0) // nblock
-        edges += [(h0 + i * bl, h1 if i == nblock - 1 else h0 + (i + 1) * bl) for i in range(nblock)]
-    for r0, r1 in edges:
-        sample = img[r0:r1:step]
-        colmed = np.median(sample, axis=0)
-        ref = ndimage.median_filter(colmed, size=15, mode="nearest")
-        dev = colmed - ref
-        mad = 1.4826 * np.median(np.abs(dev - np.median(dev)))
-        if mad <= 0:
-            continue
-        badcol = np.abs(dev) > nsigma * mad
-        out[r0:r1, badcol] = True
-    return out
-
-
-def interpolate_masked(img: np.ndarray, var: np.ndarray, bad: np.ndarray, reach: int = 4) -> None:
-    """Replace ``bad`` pixels (in place) by the mean of the nearest good pixel left and right.
-
-    Each side looks up to ``reach`` pixels along the row (defects are mostly columns);
-    where no side has a good pixel the same is tried along the column; pixels with no good
-    neighbour at all keep their value. The variance is interpolated the same way.
-    """
-    ny, nx = img.shape
-    ys, xs = np.nonzero(bad)
-    if ys.size == 0:
-        return
-    for axis in (1, 0):
-        n = nx if axis == 1 else ny
-        pos = xs if axis == 1 else ys
-        acc_i = np.zeros(ys.size)
-        acc_v = np.zeros(ys.size)
-        cnt = np.zeros(ys.size)
-        for direction in (-1, 1):
-            found = np.zeros(ys.size, bool)
-            for d in range(1, reach + 1):
-                q = pos + direction * d
-                inside = (q >= 0) & (q < n) & ~found
-                qq = np.clip(q, 0, n - 1)
-                yy, xx = (ys, qq) if axis == 1 else (qq, xs)
-                take = inside & ~bad[yy, xx]
-                acc_i[take] += img[yy[take], xx[take]]
-                acc_v[take] += var[yy[take], xx[take]]
-                cnt[take] += 1
-                found |= take
-        ok = cnt > 0
-        img[ys[ok], xs[ok]] = acc_i[ok] / cnt[ok]
-        var[ys[ok], xs[ok]] = acc_v[ok] / cnt[ok]
-        ys, xs = ys[~ok], xs[~ok]
-        if ys.size == 0:
-            return
-
-
-def _grow(m: np.ndarray) -> np.ndarray:
-    """3x3 dilation of a sparse boolean mask (cheap when few pixels are set)."""
-    ys, xs = np.nonzero(m)
-    if ys.size == 0:
-        return m
-    out = m.copy()
-    ny, nx = m.shape
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            out[np.clip(ys + dy, 0, ny - 1), np.clip(xs + dx, 0, nx - 1)] = True
-    return out
 
 
 def _apply_bias(img, mask, bias):
@@ -410,7 +297,7 @@ def run_isr(
         for hit in (d > thr + 0.25 * np.abs(a2 - sky), -d > thr + 0.25 * np.abs(a1 - sky)):
             m = np.zeros(i1.shape, bool)
             m.ravel()[cand[hit & unsat]] = True
-            crs.append(_grow(m))
+            crs.append(grow(m))
         cr1, cr2 = crs
         crmask = cr1 & cr2  # hit in both snaps: no clean copy, interpolate
         img = np.add(i1, i2, out=tmp)
@@ -427,7 +314,7 @@ def run_isr(
         var = np.maximum(img, 0)
         var += rn2
         crmask = (
-            _grow(find_cosmic_rays(img, var, mask, cfg.cr_nsigma))
+            grow(find_cosmic_rays(img, var, mask, cfg.cr_nsigma))
             if cfg.cr_single
             else np.zeros(img.shape, bool)
         )

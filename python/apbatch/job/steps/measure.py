@@ -4,10 +4,14 @@ Detection: the difference is matched-filtered with a Gaussian of the PSF's sigma
 divided by the filtered noise, ``S = (G*D) / sqrt(G^2 * V)``; ``S`` is rescaled so that its
 robust spread over clean pixels is 1 (the correlated noise of warping and convolution
 makes it differ from the per-pixel variance), then thresholded at +-``threshold``.
-``BAD``, ``SAT``, ``NO_DATA`` and ``EDGE`` pixels, and a ring of 3 FWHM around saturated
-pixels, are zeroed before filtering, so defects never make detections.
+``BAD``, ``SAT``, ``NO_DATA`` and ``EDGE`` pixels, a ring of 3 FWHM around saturated pixels
+and each saturated star's halo (:func:`~apbatch.job.steps.defects.saturation_halos`: 6 times
+its saturated core's radius) are zeroed before filtering, so defects never make detections.
 
-Measurement per detection (positive and negative): sub-pixel centroid (quadratic on ``S``),
+Measurement per detection (positive and negative): centroid (quadratic on ``S``, then
+refined by a Gaussian-windowed centroid on the difference image that ignores ``_ZERO``
+pixels other than interpolated bad ones, since ``S`` is zeroed beside defects and its peak
+is pushed away from them),
 PSF flux by weighted least squares with the pixelised PSF shifted to the centroid (on the
 difference, and on the science image: ``scienceFlux``), aperture flux (radius 1.5 FWHM),
 adaptive second moments (corrected for the weight), trail length/angle from the
@@ -31,6 +35,7 @@ import sep
 from scipy import ndimage
 
 from ...image import Image, MaskBits
+from .defects import saturation_halos
 from .psf import PsfModel
 from .subtract import dilate_bits
 
@@ -99,6 +104,7 @@ def psf_flux(img: Image, psf: PsfModel, x: np.ndarray, y: np.ndarray, noise_scal
 def _filtered_snr(diff: Image, sigma: float, fwhm: float):
     zero = (diff.mask & _ZERO) != 0
     near_sat = dilate_bits(diff.mask, int(MaskBits.SAT), int(np.ceil(3 * fwhm)))
+    near_sat |= saturation_halos(diff.mask, fwhm)
     zero |= near_sat
     # interpolated defects (bad columns, cosmic rays) leave residuals in the pixels beside them
     # when a star crosses them: keep detections 2 px clear of interpolated pixels
@@ -149,6 +155,36 @@ def _subpixel(s, x, y, sign):
     dx = 0.5 * (c[1, 0] - c[1, 2]) / (c[1, 0] - 2 * c[1, 1] + c[1, 2] - 1e-12)
     dy = 0.5 * (c[0, 1] - c[2, 1]) / (c[0, 1] - 2 * c[1, 1] + c[2, 1] - 1e-12)
     return x + float(np.clip(dx, -0.5, 0.5)), y + float(np.clip(dy, -0.5, 0.5))
+
+
+def _windowed_centroid(img, zero, x, y, sign, sigma, max_shift, n_iter=5):
+    """Gaussian-windowed centroid (SExtractor's XWIN/YWIN) of ``sign * img`` from (x, y).
+
+    ``x <- x + 2 sum(w I dx) / sum(w I)`` with ``w`` a Gaussian of ``sigma``, over unmasked pixels
+    (``zero`` False). Keeps (x, y) if it fails or moves more than ``max_shift`` px (a FWHM).
+    """
+    ny, nx = img.shape
+    h = int(np.ceil(3 * sigma))
+    x0, y0 = x, y
+    for _ in range(n_iter):
+        xi, yi = int(round(x)), int(round(y))
+        if xi - h < 0 or yi - h < 0 or xi + h >= nx or yi + h >= ny:
+            return x0, y0
+        box = (slice(yi - h, yi + h + 1), slice(xi - h, xi + h + 1))
+        v, u = np.mgrid[-h : h + 1, -h : h + 1]
+        u, v = u - (x - xi), v - (y - yi)
+        w = np.exp(-0.5 * (u * u + v * v) / sigma**2) * (sign * img[box].astype(float))
+        w[zero[box]] = 0.0
+        tot = w.sum()
+        if tot <= 0:
+            return x0, y0
+        dx, dy = 2.0 * (w * u).sum() / tot, 2.0 * (w * v).sum() / tot
+        x, y = x + dx, y + dy
+        if np.hypot(x - x0, y - y0) > max_shift:
+            return x0, y0
+        if abs(dx) < 0.01 and abs(dy) < 0.01:
+            break
+    return float(x), float(y)
 
 
 def _moments(img, x, y, sign, sigma, n_iter=6, max_half=20):
@@ -221,8 +257,13 @@ def measure_dia_sources(
     s, scale, near_sat = _filtered_snr(diff, sigma, fwhm)
     peaks = _peaks(s, threshold, min_pixels)
     rows = []
+    # the windowed centroid uses interpolated defects (their values are estimates) but no other _ZERO pixel
+    m = diff.mask
+    interpolated_only = ((m & int(MaskBits.INTRP)) != 0) & ((m & (_ZERO & ~int(MaskBits.BAD))) == 0)
+    zero = ((m & _ZERO) != 0) & ~interpolated_only
     for x, y, sign, size in peaks:
         xs, ys = _subpixel(s, x, y, sign)
+        xs, ys = _windowed_centroid(diff.image, zero, xs, ys, sign, sigma, fwhm)
         rows.append((xs, ys, sign, size, abs(float(s[y, x]))))
     # dipoles: an opposite-sign 3-sigma peak within 2 FWHM; a detected weaker lobe is merged
     r = int(np.ceil(2 * fwhm))

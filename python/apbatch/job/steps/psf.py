@@ -16,7 +16,7 @@ from scipy.spatial import cKDTree
 from ...errors import BadInputError
 from ...image import Image
 
-__all__ = ["PsfModel", "gaussian_psf", "measure_psf"]
+__all__ = ["PsfModel", "gaussian_psf", "measure_psf", "moffat_psf"]
 
 
 @dataclasses.dataclass
@@ -56,6 +56,22 @@ def gaussian_psf(sigma: float, size: int = 25) -> PsfModel:
     y, x = np.mgrid[-h : h + 1, -h : h + 1]
     img = np.exp(-(x * x + y * y) / (2.0 * sigma * sigma))
     return PsfModel(img / img.sum(), float(sigma), 0)
+
+
+def moffat_psf(fwhm: float, beta: float, size: int = 25) -> PsfModel:
+    """A circular Moffat PSF model of ``fwhm`` (px) and index ``beta`` (a coadd's described PSF).
+
+    Its ``sigma`` is measured from the pixelised profile the same way as :func:`measure_psf`
+    does for stars, so the two are comparable (a Moffat's is larger than ``fwhm / 2.3548``).
+    """
+    if not (fwhm > 0 and beta > 1):
+        raise BadInputError("psf", f"Moffat FWHM {fwhm} px, beta {beta}", "need FWHM > 0 and beta > 1")
+    h = size // 2
+    y, x = np.mgrid[-h : h + 1, -h : h + 1]
+    alpha = fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    img = (1.0 + (x * x + y * y) / alpha**2) ** -beta
+    img /= img.sum()
+    return PsfModel(img, _moment_sigma(img), 0)
 
 
 def _moment_sigma(stamp: np.ndarray) -> float:
