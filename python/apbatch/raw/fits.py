@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import BadInputError
 from ..instruments import Amplifier, Detector, get_instrument
-from .header import _STRUCTURAL, camera_name, translate_header
+from .header import STRUCTURAL_KEYS, camera_name, translate_header
 from .model import RawExposure, RawSegment
 
 __all__ = ["read_raw", "read_raw_header", "segment_header", "write_raw"]
@@ -24,7 +24,7 @@ def _header_dict(hdr) -> dict[str, Any]:
     return {
         rec["name"]: rec.get("value")
         for rec in hdr.records()
-        if rec.get("name") and rec["name"].upper() not in _STRUCTURAL
+        if rec.get("name") and rec["name"].upper() not in STRUCTURAL_KEYS
     }
 
 
@@ -142,7 +142,7 @@ def segment_header(amp: Amplifier, detector: Detector) -> dict[str, Any]:
 def _records(header: Mapping[str, Any]) -> list[dict]:
     recs = []
     for key, value in header.items():
-        if str(key).upper() in _STRUCTURAL:
+        if str(key).upper() in STRUCTURAL_KEYS:
             continue
         if isinstance(value, np.generic):
             value = value.item()

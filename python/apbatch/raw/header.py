@@ -12,7 +12,7 @@ from ..ids import parse_obs_id
 from ..instruments import get_instrument, normalize_instrument
 from .model import RawMetadata
 
-__all__ = ["camera_name", "translate_header"]
+__all__ = ["STRUCTURAL_KEYS", "camera_name", "translate_header"]
 
 # ------------------------------------------------------------------ header translation
 # Simulated cameras are separate butler instruments with the geometry of the real camera.
@@ -22,7 +22,7 @@ _SCIENCE_TYPES = {"object": "science", "skyexp": "science"}
 # Image types that never look at the sky: no pointing, no airmass.
 _NON_SKY_TYPES = {"bias", "dark", "flat", "spot", "ccob", "unknown"}
 # Primary-header keys that describe the FITS structure, not the observation.
-_STRUCTURAL = {"SIMPLE", "BITPIX", "NAXIS", "EXTEND", "COMMENT", "HISTORY", "CHECKSUM", "DATASUM", ""}
+STRUCTURAL_KEYS = frozenset({"SIMPLE", "BITPIX", "NAXIS", "EXTEND", "COMMENT", "HISTORY", "CHECKSUM", "DATASUM", ""})
 
 
 def camera_name(instrument: str) -> str:
