@@ -6,14 +6,12 @@ import concurrent.futures
 import json
 import multiprocessing
 
-import apbatch.ledger as ledger_mod
 import pytest
 import sqlalchemy as sa
 from apbatch.backends.base import JobState, JobStatus, SubmittedJob
 from apbatch.errors import BadInputError
 from apbatch.ledger import CLAIMED, SUBMIT_FAILED, Ledger
 from apbatch.work import CcdWork
-from sqlalchemy.dialects import postgresql
 
 GROUP = "2025-06-10T07:31:26.692"
 
@@ -144,6 +142,44 @@ def test_retriable(ledger):
     assert ledger.retriable(3, now=1400.0) == []
 
 
+def _failed_retriably(ledger, n=4):
+    ws = works(n)
+    ledger.claim(ws, now=1000.0)
+    submit(ledger, ws)
+    failed = {f"j{w.detector}": JobStatus(f"j{w.detector}", JobState.FAILED, 4) for w in ws}
+    ledger.update_states(failed, "fake")
+    return ws
+
+
+def test_claim_retriable_hands_each_ccd_to_one_process(ledger, url):
+    _failed_retriably(ledger)
+    other = Ledger.open(url)  # a second process: night reprocess next to the daemon
+    try:
+        read_by_other = other.rows(group_id=GROUP)
+        first = ledger.claim_retriable(3, now=1100.0)
+        assert [w.detector for w in first] == [0, 1, 2, 3]
+        assert {r["state"] for r in ledger.rows(group_id=GROUP)} == {"CLAIMED"}
+        # the other process read the rows before the claim: its compare-and-set wins nothing
+        assert other.reclaim(read_by_other, now=1100.5) == []
+        assert other.claim_retriable(3, now=1101.0) == []
+    finally:
+        other.close()
+    # recorded as submitted, the claim ends; a new failure makes them retriable again
+    submit(ledger, first, prefix="k", now=1102.0)
+    assert {r["state"] for r in ledger.rows(group_id=GROUP)} == {"PENDING"}
+    assert [r["attempts"] for r in ledger.rows(group_id=GROUP)] == [2, 2, 2, 2]
+
+
+def test_reclaim_of_a_stale_claim_is_won_once(ledger):
+    ws = works(2)
+    ledger.claim(ws, now=1000.0)  # claimed, never submitted (the daemon died)
+    rows = ledger.rows(group_id=GROUP)
+    assert ledger.reclaim(rows, now=2000.0) == [r["id"] for r in rows]
+    # the same stale view again (a second process): claimed_at changed, so nothing is won
+    assert ledger.reclaim(rows, now=2000.5) == []
+    assert [r["claimed_at"] for r in ledger.rows(group_id=GROUP)] == [2000.0, 2000.0]
+
+
 def test_resubmission_keeps_history(ledger):
     ws = works(1)
     ledger.claim(ws)
@@ -206,21 +242,3 @@ def test_claim_of_nothing(ledger):
     ledger.record_submitted([], "fake")
     ledger.record_submit_failed([], "x")
     assert ledger.update_states({}, "fake") == 0
-
-
-def test_postgresql_schema_and_claim_statement_compile():
-    """No PostgreSQL driver/server here: check the DDL and the claim's ON CONFLICT for that dialect."""
-    ddl = []
-    engine = sa.create_mock_engine("postgresql+psycopg2://", lambda sql, *a, **k: ddl.append(
-        str(sql.compile(dialect=engine.dialect))))
-    ledger_mod._md.create_all(engine, checkfirst=False)
-    text = "\n".join(ddl)
-    assert "CONSTRAINT uq_submissions_ccd UNIQUE (instrument, group_id, detector)" in text
-    assert "visit BIGINT NOT NULL" in text
-    c = ledger_mod.submissions.c
-    stmt = (postgresql.insert(ledger_mod.submissions)
-            .on_conflict_do_nothing(index_elements=["instrument", "group_id", "detector"])
-            .returning(c.instrument, c.group_id, c.detector))
-    sql = str(stmt.compile(dialect=postgresql.dialect()))
-    assert "ON CONFLICT (instrument, group_id, detector) DO NOTHING RETURNING" in sql
-    assert Ledger(engine)._insert is postgresql.insert

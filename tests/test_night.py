@@ -120,6 +120,30 @@ def test_retriable_and_lost_resubmitted_once_others_never(night):
     assert again["counts"] == {"completed": 1, "final": 3, "active": 5}
 
 
+def test_reprocess_leaves_a_ccd_to_the_daemon_that_claimed_it_first(night):
+    """The daemon's retry and the morning reprocess race for the same failed CCDs: each CCD
+    is resubmitted once (compare-and-set in the ledger), never twice."""
+    n = night()
+    submit_visit(n, NV)
+    set_states(n.backend, MIXED)
+    real_reclaim = n.ledger.reclaim
+    daemon_won = []
+
+    def daemon_first(rows, now=None):
+        # the daemon's poll lands between reprocess reading the rows and claiming them
+        n.ledger.reclaim = real_reclaim
+        daemon_won.extend(w.detector_name for w in n.ledger.claim_retriable(3, now=LATER - 1))
+        return real_reclaim(rows, now=now)
+
+    n.ledger.reclaim = daemon_first
+    res = reprocess(n)
+    assert sorted(daemon_won) == ["R22_S01", "R22_S02"]  # fake-2, fake-3: FAILED with exit 4, 3
+    assert [i["detector_name"] for i in res["resubmitted"]] == ["R22_S21"]  # fake-8, lost: only ours
+    assert len(n.backend.batches) == 2 and len(n.backend.batches[1]) == 1
+    states = {k: r["state"] for k, r in by_detector(n.ledger).items()}
+    assert states["R22_S01"] == states["R22_S02"] == "CLAIMED"  # the daemon submits them next
+
+
 def test_max_attempts_respected(night):
     n = night()
     submit_visit(n, NV)

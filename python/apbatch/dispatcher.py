@@ -278,7 +278,8 @@ class Dispatcher:
 
     def retry_failed(self) -> list[SubmittedJob]:
         """Resubmit CCDs that failed retriably (or were never submitted), up to ``max_attempts``."""
-        works = self.ledger.retriable(self.config.events.max_attempts, self.claim_timeout, now=self.clock())
+        works = self.ledger.claim_retriable(self.config.events.max_attempts, self.claim_timeout,
+                                            now=self.clock())
         if not works:
             return []
         _log.info("resubmitting %d CCD(s) that failed retriably", len(works))

@@ -30,63 +30,19 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from .backends.base import JobState, JobStatus, SubmittedJob
 from .errors import RETRIABLE_EXIT_CODES, BadInputError
+from .ledger_schema import (
+    CLAIMED,
+    NOT_STARTED,
+    SUBMIT_FAILED,
+    UNFINISHED,
+    dead_letters,
+    events,
+    metadata,
+    submissions,
+)
 from .work import CcdWork
 
 __all__ = ["CLAIMED", "SUBMIT_FAILED", "Ledger", "NOT_STARTED", "UNFINISHED"]
-
-CLAIMED = "CLAIMED"
-SUBMIT_FAILED = "SUBMIT_FAILED"
-NOT_STARTED = (CLAIMED, SUBMIT_FAILED, JobState.PENDING.value, JobState.HELD.value)
-UNFINISHED = (JobState.PENDING.value, JobState.RUNNING.value, JobState.HELD.value, JobState.UNKNOWN.value)
-
-_md = sa.MetaData()
-submissions = sa.Table(
-    "submissions", _md,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("instrument", sa.String(32), nullable=False),
-    sa.Column("group_id", sa.String(256), nullable=False),
-    sa.Column("detector", sa.Integer, nullable=False),
-    sa.Column("detector_name", sa.String(32), nullable=False),
-    sa.Column("visit", sa.BigInteger, nullable=False, index=True),
-    sa.Column("day_obs", sa.Integer, nullable=False),
-    sa.Column("intent", sa.String(32), nullable=False),
-    sa.Column("backend", sa.String(32)),
-    sa.Column("job_id", sa.String(128), index=True),
-    sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("exit_code", sa.Integer),
-    sa.Column("reason", sa.Text, nullable=False, default=""),
-    sa.Column("attempts", sa.Integer, nullable=False, default=0),
-    sa.Column("retry", sa.Boolean, nullable=False, default=True),
-    sa.Column("job_history", sa.Text, nullable=False, default="[]"),
-    sa.Column("work", sa.Text, nullable=False),
-    sa.Column("event_received_at", sa.Float),
-    sa.Column("claimed_at", sa.Float, nullable=False),
-    sa.Column("submitted_at", sa.Float),
-    sa.Column("started_at", sa.Float),
-    sa.Column("finished_at", sa.Float),
-    sa.Column("last_polled_at", sa.Float),
-    sa.UniqueConstraint("instrument", "group_id", "detector", name="uq_submissions_ccd"),
-)
-events = sa.Table(
-    "events", _md,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("received_at", sa.Float, nullable=False),
-    sa.Column("kind", sa.String(32), nullable=False),
-    sa.Column("instrument", sa.String(32), nullable=False, default=""),
-    sa.Column("group_id", sa.String(256), nullable=False, default="", index=True),
-    sa.Column("source", sa.Text, nullable=False, default=""),
-    sa.Column("accepted", sa.Boolean, nullable=False),
-    sa.Column("reason", sa.Text, nullable=False, default=""),
-    sa.Column("payload", sa.Text, nullable=False),
-)
-dead_letters = sa.Table(
-    "dead_letters", _md,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("received_at", sa.Float, nullable=False),
-    sa.Column("source", sa.Text, nullable=False, default=""),
-    sa.Column("error", sa.Text, nullable=False),
-    sa.Column("payload", sa.Text, nullable=False),
-)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
@@ -146,7 +102,7 @@ class Ledger:
         else:
             engine = sa.create_engine(sa_url, pool_pre_ping=True)
         ledger = cls(engine)
-        _md.create_all(engine)
+        metadata.create_all(engine)
         return ledger
 
     @classmethod
@@ -269,18 +225,70 @@ class Ledger:
         with self.engine.connect() as conn:
             return [r.job_id for r in conn.execute(q.order_by(c.id))]
 
+    def _retriable_query(self, columns, max_attempts: int, claim_timeout: float, now: float):
+        c = submissions.c
+        return sa.select(*columns).where(c.retry.is_(True), c.attempts < max_attempts, sa.or_(
+            (c.state == JobState.FAILED.value) & c.exit_code.in_(sorted(RETRIABLE_EXIT_CODES)),
+            c.state == SUBMIT_FAILED,
+            (c.state == CLAIMED) & (c.claimed_at < now - claim_timeout))).order_by(c.id)
+
     def retriable(self, max_attempts: int, claim_timeout: float = 300.0,
                   now: float | None = None) -> list[CcdWork]:
         """CCDs to (re)submit: failed with a retriable exit code, refused by the scheduler, or
-        claimed by a daemon that stopped before submitting (older than ``claim_timeout``)."""
+        claimed by a daemon that stopped before submitting (older than ``claim_timeout``).
+
+        A read-only query; to resubmit them, use :meth:`claim_retriable`.
+        """
+        now = time.time() if now is None else now
+        q = self._retriable_query([submissions.c.work], max_attempts, claim_timeout, now)
+        with self.engine.connect() as conn:
+            return [CcdWork.from_dict(json.loads(r.work)) for r in conn.execute(q)]
+
+    def claim_retriable(self, max_attempts: int, claim_timeout: float = 300.0,
+                        now: float | None = None) -> list[CcdWork]:
+        """The :meth:`retriable` CCDs, each claimed again (see :meth:`reclaim`) for resubmission.
+
+        Two processes asking at once (a daemon and ``night reprocess``) get each CCD once.
+        """
         now = time.time() if now is None else now
         c = submissions.c
-        q = sa.select(c.work).where(c.retry.is_(True), c.attempts < max_attempts, sa.or_(
-            (c.state == JobState.FAILED.value) & c.exit_code.in_(sorted(RETRIABLE_EXIT_CODES)),
-            c.state == SUBMIT_FAILED,
-            (c.state == CLAIMED) & (c.claimed_at < now - claim_timeout)))
+        q = self._retriable_query([c.id, c.state, c.attempts, c.job_id, c.claimed_at, c.work], max_attempts,
+                                  claim_timeout, now)
         with self.engine.connect() as conn:
-            return [CcdWork.from_dict(json.loads(r.work)) for r in conn.execute(q.order_by(c.id))]
+            rows = [dict(r._mapping) for r in conn.execute(q)]
+        won = set(self.reclaim(rows, now=now))
+        return [CcdWork.from_dict(json.loads(r["work"])) for r in rows if r["id"] in won]
+
+    def reclaim(self, rows: Sequence[Mapping[str, Any]], now: float | None = None) -> list[int]:
+        """Claim rows again for a resubmission, each only if it is unchanged since it was read.
+
+        A compare-and-set per row on ``(state, attempts, job_id, claimed_at)``: of two processes
+        resubmitting the same failed CCD, exactly one wins it. A won row is ``CLAIMED`` at ``now``
+        until it is recorded as submitted or refused (or, if its process dies first, until its
+        claim is older than the claim timeout).
+
+        Parameters
+        ----------
+        rows : sequence of mappings
+            Rows as read (:meth:`rows`): ``id``, ``state``, ``attempts``, ``job_id``, ``claimed_at``.
+
+        Returns
+        -------
+        ids : `list` [`int`]
+            The ids of the rows this call claimed.
+        """
+        now = time.time() if now is None else now
+        c = submissions.c
+        won = []
+        with self.engine.begin() as conn:
+            for r in rows:
+                same_job = c.job_id.is_(None) if r["job_id"] is None else c.job_id == r["job_id"]
+                res = conn.execute(submissions.update().where(
+                    c.id == r["id"], c.state == r["state"], c.attempts == r["attempts"], same_job,
+                    c.claimed_at == r["claimed_at"]).values(state=CLAIMED, claimed_at=now))
+                if res.rowcount == 1:
+                    won.append(int(r["id"]))
+        return won
 
     def rows(self, *, instrument: str | None = None, group_id: str | None = None, visit: int | None = None,
              detector: int | None = None, states: Sequence[str] | None = None) -> list[dict[str, Any]]:

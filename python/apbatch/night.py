@@ -29,8 +29,9 @@ Reprocessing policy (:func:`classify`, :func:`missing_works`)
    time cannot get them too) and submitted.
 
 Running it twice submits nothing the second time: resubmitted rows are PENDING again, and
-claimed CCDs have rows. Not atomic against a *daemon* resubmitting the same failed CCD at the
-same moment (the ledger has no compare-and-set for resubmission): run it after the night.
+claimed CCDs have rows. A failed CCD is claimed again by compare-and-set before it is
+resubmitted (`Ledger.reclaim`), so a daemon retrying it at the same moment and this command
+cannot both resubmit it.
 
 Events are attributed to a night by their content (nextVisit ``startTime``, startIntegration
 ``imageDate``), looking at events received within a day of the night.

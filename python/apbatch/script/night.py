@@ -130,6 +130,9 @@ def reprocess_night(config: ApbatchConfig, *, day_obs: int, dry_run: bool = Fals
             summary["resubmitted"] = [_item(w, None, why[w.key]) for w in redo_works]
             summary["missed"] = [_item(w, None, "missed") for w, _ in missed]
             return summary
+        # compare-and-set: a CCD a running daemon has just resubmitted is left to it
+        won = set(ledger.reclaim(redo, now=now))
+        redo_works = [CcdWork.from_dict(json.loads(r["work"])) for r in redo if r["id"] in won]
         jobs, errors = submit_works(ledger, backend, kind, redo_works, now)
         summary["resubmitted"] = [_item(j.work, j.job_id, why[j.work.key]) for j in jobs]
         by_event: dict[float, list[CcdWork]] = {}

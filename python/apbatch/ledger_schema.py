@@ -1,0 +1,68 @@
+"""The ledger's tables and row states (SQLAlchemy Core); the queries are in `apbatch.ledger`.
+
+``submissions``: one row per CCD of a group, unique on (instrument, group_id, detector);
+``events``: every event received; ``dead_letters``: events that could not be parsed.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from .backends.base import JobState
+
+__all__ = ["CLAIMED", "NOT_STARTED", "SUBMIT_FAILED", "UNFINISHED", "dead_letters", "events", "metadata",
+           "submissions"]
+
+CLAIMED = "CLAIMED"
+SUBMIT_FAILED = "SUBMIT_FAILED"
+NOT_STARTED = (CLAIMED, SUBMIT_FAILED, JobState.PENDING.value, JobState.HELD.value)
+UNFINISHED = (JobState.PENDING.value, JobState.RUNNING.value, JobState.HELD.value, JobState.UNKNOWN.value)
+
+metadata = sa.MetaData()
+submissions = sa.Table(
+    "submissions", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("instrument", sa.String(32), nullable=False),
+    sa.Column("group_id", sa.String(256), nullable=False),
+    sa.Column("detector", sa.Integer, nullable=False),
+    sa.Column("detector_name", sa.String(32), nullable=False),
+    sa.Column("visit", sa.BigInteger, nullable=False, index=True),
+    sa.Column("day_obs", sa.Integer, nullable=False),
+    sa.Column("intent", sa.String(32), nullable=False),
+    sa.Column("backend", sa.String(32)),
+    sa.Column("job_id", sa.String(128), index=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("exit_code", sa.Integer),
+    sa.Column("reason", sa.Text, nullable=False, default=""),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("retry", sa.Boolean, nullable=False, default=True),
+    sa.Column("job_history", sa.Text, nullable=False, default="[]"),
+    sa.Column("work", sa.Text, nullable=False),
+    sa.Column("event_received_at", sa.Float),
+    sa.Column("claimed_at", sa.Float, nullable=False),
+    sa.Column("submitted_at", sa.Float),
+    sa.Column("started_at", sa.Float),
+    sa.Column("finished_at", sa.Float),
+    sa.Column("last_polled_at", sa.Float),
+    sa.UniqueConstraint("instrument", "group_id", "detector", name="uq_submissions_ccd"),
+)
+events = sa.Table(
+    "events", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("received_at", sa.Float, nullable=False),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("instrument", sa.String(32), nullable=False, default=""),
+    sa.Column("group_id", sa.String(256), nullable=False, default="", index=True),
+    sa.Column("source", sa.Text, nullable=False, default=""),
+    sa.Column("accepted", sa.Boolean, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False, default=""),
+    sa.Column("payload", sa.Text, nullable=False),
+)
+dead_letters = sa.Table(
+    "dead_letters", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("received_at", sa.Float, nullable=False),
+    sa.Column("source", sa.Text, nullable=False, default=""),
+    sa.Column("error", sa.Text, nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),
+)
