@@ -70,3 +70,15 @@ def test_saturation_halos_grow_with_the_saturated_core():
     assert halos[int(cy), int(cx + r - 1)] and not halos[int(cy), int(cx + r + 2)]
     assert halos[int(cy + r - 1), int(cx)] and not halos[int(cy + r + 2), int(cx)]
     assert not saturation_halos(np.zeros((10, 10), np.int32), 4.0).any()
+
+
+def test_cosmic_rays_do_not_depend_on_the_row_blocks():
+    rng = np.random.default_rng(11)
+    img = rng.normal(700, 26, (97, 83)).astype(np.float32)
+    img[rng.integers(1, 96, 25), rng.integers(1, 82, 25)] += 2500.0
+    var = np.full_like(img, 700.0)
+    mask = np.zeros(img.shape, np.int32)
+    ref = find_cosmic_rays(img, var, mask, rows_per_block=1000)
+    assert ref.sum() >= 20
+    for rows in (1, 2, 5, 32):
+        assert (find_cosmic_rays(img, var, mask, rows_per_block=rows) == ref).all()

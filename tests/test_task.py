@@ -136,6 +136,10 @@ def test_no_template_gives_calibrated_image_only(fake_steps):
     assert alerts_called == []
     steps = {"wait_for_raw", "calib_retrieval", "isr", "background_detection", "template_retrieval"}
     assert steps <= set(res.timings)
+    # each step records CPU, wall and the process's peak RSS so far (never decreasing)
+    rss = [t["maxrss_mib"] for t in res.timings.values()]
+    assert all(r > 0 for r in rss) and rss == sorted(rss)
+    assert all(t["cpu"] >= 0 and t["wall"] >= 0 for t in res.timings.values())
 
 
 def test_calibration_runs_isr_only(fake_steps):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import resource
 import time
 from collections.abc import Callable
 from typing import Any
@@ -77,7 +78,7 @@ class CcdResult:
 
 
 class _Timer:
-    """Per-step wall and CPU time, recorded into ``CcdResult.timings``."""
+    """Per-step wall and CPU time and the process's peak RSS (MiB) at its end, into ``CcdResult.timings``."""
 
     def __init__(self, result: CcdResult):
         self.result = result
@@ -92,9 +93,15 @@ class _Timer:
 
             def __exit__(self, *exc):
                 timer.result.timings[name] = {"wall": round(time.perf_counter() - self.w, 4),
-                                              "cpu": round(time.process_time() - self.c, 4)}
+                                              "cpu": round(time.process_time() - self.c, 4),
+                                              "maxrss_mib": _maxrss_mib()}
 
         return _Step()
+
+
+def _maxrss_mib() -> float:
+    """Peak resident memory of this process so far, MiB (Linux reports KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
 
 
 def check_headers(raws: list[RawExposure], work: CcdWork) -> list[str]:

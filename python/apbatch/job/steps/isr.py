@@ -176,7 +176,8 @@ def _apply_flat(img, var, mask, flat):
         f = np.where(badflat, np.float32(1.0), f)
         mask[badflat] |= MaskBits.BAD
     img /= f
-    var /= f * f
+    var /= f  # twice in place: no CCD-sized f * f temporary
+    var /= f
     mask |= flat.mask & int(MaskBits.BAD)
 
 
