@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 # Service fixtures live in their own modules (tests/fixtures_<service>.py).
-pytest_plugins = [p for p in ("fixtures_slurm", "fixtures_kafka") if (Path(__file__).parent / f"{p}.py").exists()]
+pytest_plugins = [p for p in ("fixtures_slurm", "fixtures_kafka", "fixtures_postgres") if (Path(__file__).parent / f"{p}.py").exists()]
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 

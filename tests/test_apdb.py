@@ -198,3 +198,35 @@ def test_load_returns_objects_and_history(apdb):
     # history_days=1.5 before visit 3 (1 day apart): visits 2 only... and visit 1 is 2 days back
     assert sorted(sources["visit"].unique()) == [visit_id(2)]
     assert len(forced) == 3
+
+
+@pytest.mark.postgres
+def test_postgresql_apdb_three_visits_and_exactly_once_store(tmp_path, postgres_url):
+    """The APDB on a real PostgreSQL server (the scale tier): association over three visits,
+    DPDD summaries, and a second store of the same CCD-visit rejected and rolled back."""
+    create_apdb(postgres_url, tmp_path / "pg-apdb.yaml")
+    assoc = Association(open_apdb(tmp_path / "pg-apdb.yaml"), radius_arcsec=1.0)
+    cat = make_sources(5, np.random.default_rng(7), nx=SMALL, ny=SMALL)
+    results = []
+    for n in range(3):
+        jitter = cat.copy()
+        jitter["ra"] += (n - 1) * 0.1 / 3600.0
+        res = _run(assoc, n, jitter, "r")
+        assoc.store(res)
+        results.append(res)
+    assert results[0].n_new_objects == 5 and results[2].n_new_objects == 0
+    assert len(results[2].prv_sources) == 10
+    engine = sa.create_engine(postgres_url)
+
+    def counts():
+        with engine.connect() as conn:
+            return {t: conn.execute(sa.text(f'SELECT COUNT(*) FROM "{t}"')).scalar()
+                    for t in ("DiaSource", "DiaObjectLast", "DiaForcedSource")}
+
+    try:
+        assert counts() == {"DiaSource": 15, "DiaObjectLast": 5, "DiaForcedSource": 15}
+        with pytest.raises(NonRetriableError, match="store"):
+            assoc.store(results[2])
+        assert counts() == {"DiaSource": 15, "DiaObjectLast": 5, "DiaForcedSource": 15}
+    finally:
+        engine.dispose()

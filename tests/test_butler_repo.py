@@ -422,3 +422,32 @@ def test_cli_register_simulated_night(tmp_path):
         assert visits[v.visit_id].exposure_time == pytest.approx(sum(e.exptime for e in v.exposures))
     n_exp = len(plan.calibrations) + sum(len(v.exposures) for v in plan.visits)
     assert len(list(b.registry.queryDimensionRecords("exposure", instrument="LSSTComCam"))) == n_exp
+
+
+@pytest.mark.postgres
+def test_postgresql_registry_with_calibration_validity_ranges(tmp_path, postgres_url):
+    """The butler registry on a real PostgreSQL server (the scale tier): create, register,
+    ingest certified calibrations (timespan exclusion constraints need btree_gist), find, get."""
+    from apbatch.butler.ingest import _time
+    from lsst.daf.butler import Timespan
+
+    butler = create_repo(tmp_path / "pgrepo", db_url=postgres_url)
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(postgres_url)
+    try:  # the registry's tables are in the PostgreSQL database, not a SQLite file
+        assert "dataset_type" in sa.inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
+    assert not (tmp_path / "pgrepo" / "gen3.sqlite3").exists()
+    register_instrument(butler, "LSSTComCam")
+    assert ingest_manifest(butler, write_calibs(tmp_path / "calibs")) == 3
+    coll = ds.calib_collection("LSSTComCam")
+
+    def bias_at(iso):
+        ref = butler.find_dataset("bias", instrument="LSSTComCam", detector=4, collections=coll,
+                                  timespan=Timespan.fromInstant(_time(iso, "t")))
+        return None if ref is None else float(butler.get(ref).image[0, 0])
+
+    assert bias_at("2024-10-01T00:00:00") == 1.0
+    assert bias_at("2024-11-08T00:00:00") == 2.0

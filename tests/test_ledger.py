@@ -242,3 +242,32 @@ def test_claim_of_nothing(ledger):
     ledger.record_submitted([], "fake")
     ledger.record_submit_failed([], "x")
     assert ledger.update_states({}, "fake") == 0
+
+
+# ----------------------------------------------------------------------- PostgreSQL (scale tier)
+@pytest.mark.postgres
+def test_postgresql_claims_and_reclaims_once_across_processes(postgres_url):
+    """The same guarantees on a real PostgreSQL server: every CCD claimed once by 4 processes,
+    and a failed CCD won by exactly one of two processes resubmitting it."""
+    Ledger.open(postgres_url).close()
+    ctx = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(4, mp_context=ctx) as pool:
+        counts = list(pool.map(_claim_in_process, [postgres_url] * 4))
+    assert sum(counts) == 189 and sorted(counts)[-1] == 189
+    led = Ledger.open(postgres_url)
+    try:
+        ws = works(189)[:4]
+        submit(led, ws)
+        led.update_states({f"j{w.detector}": JobStatus(f"j{w.detector}", JobState.FAILED, 4) for w in ws},
+                          "fake")
+        read_by_other = [r for r in led.rows(group_id=GROUP) if r["state"] == "FAILED"]
+        assert len(read_by_other) == 4
+        other = Ledger.open(postgres_url)
+        try:
+            assert [w.detector for w in led.claim_retriable(3, now=5000.0)] == [0, 1, 2, 3]
+            assert other.reclaim(read_by_other, now=5000.5) == []
+        finally:
+            other.close()
+        assert led.engine.dialect.name == "postgresql"
+    finally:
+        led.close()
