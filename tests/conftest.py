@@ -1,6 +1,6 @@
 """Shared test set-up.
 
-Real-service tests (Slurm, Kafka) start the services through the project's own scripts in
+Real-service tests (Slurm, Kafka, PostgreSQL) start the services through the project's own scripts in
 ``scripts/``. On a developer's machine where a service cannot start they skip; under
 ``CI=true`` a skip of a real-service test is turned into a failure (pattern from dramatiq's
 conftest), so CI cannot go green without having exercised them.
@@ -9,14 +9,23 @@ conftest), so CI cannot go green without having exercised them.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
 
 # Service fixtures live in their own modules (tests/fixtures_<service>.py).
-pytest_plugins = [p for p in ("fixtures_slurm", "fixtures_kafka", "fixtures_postgres") if (Path(__file__).parent / f"{p}.py").exists()]
+pytest_plugins = [p for p in ("fixtures_slurm", "fixtures_kafka", "fixtures_postgres")
+                  if (Path(__file__).parent / f"{p}.py").exists()]
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for a service fixture)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def service_unavailable(service: str, why: str) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,21 +17,15 @@ import pytest
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "kafka-local.sh"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def kafka_broker(tmp_path_factory):
     """Bootstrap servers (``127.0.0.1:PORT``) of a broker that lives for the test session."""
-    from conftest import service_unavailable
+    from conftest import free_port, service_unavailable
 
     bash = shutil.which("bash")
     if bash is None:
         service_unavailable("kafka", "bash not found")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "KAFKA_LOCAL_DIR": str(tmp_path_factory.mktemp("kafka")),
            "KAFKA_LOCAL_PORT": str(port), "KAFKA_LOCAL_VENV": sys.prefix}
     try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -22,26 +21,21 @@ import pytest
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "postgres-local.sh"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def postgres_server():
     """``postgresql+psycopg2://apbatch@127.0.0.1:PORT`` of a server that lives for the session."""
-    from conftest import service_unavailable
+    from conftest import free_port, service_unavailable
 
     bash = shutil.which("bash")
     if bash is None:
         service_unavailable("postgres", "bash not found")
     state = tempfile.mkdtemp(prefix="apbatch-pg-")
     os.chmod(state, 0o755)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PG_LOCAL_DIR": state, "PG_LOCAL_PORT": str(port)}
     try:
-        proc = subprocess.run([bash, str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([bash, str(SCRIPT), "start"], env=env, capture_output=True, text=True,
+                              timeout=300)
     except subprocess.TimeoutExpired:
         service_unavailable("postgres", "scripts/postgres-local.sh start took more than 300 s")
     if proc.returncode != 0:

@@ -119,3 +119,15 @@ def test_mask_is_stored_small_when_it_fits_and_read_back_as_int32(tmp_path):
     img.mask[0, 0] = 1 << 20  # a bit beyond int16 keeps int32
     write_image(img, tmp_path / "w.fits")
     assert read_image(tmp_path / "w.fits").mask[0, 0] == 1 << 20
+
+
+def test_read_only_some_planes_and_refuse_unknown_ones(tmp_path):
+    img = _image()
+    write_image(img, tmp_path / "p.fits", lossless=True)
+    back = read_image(tmp_path / "p.fits", planes=("mask",))
+    assert back.mask[5, 7] == MaskBits.SAT | MaskBits.BAD
+    assert back.image.shape == img.image.shape and not back.image.any() and not back.variance.any()
+    box = read_image(tmp_path / "p.fits", bbox=(0, 20, 0, 10), planes=("image", "mask"))
+    np.testing.assert_array_equal(box.image, img.image[:10, :20])
+    with pytest.raises(ValueError, match="planes"):
+        read_image(tmp_path / "p.fits", planes=("image", "weights"))

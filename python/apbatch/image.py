@@ -206,15 +206,15 @@ def read_image(path: str | Path, bbox: tuple[int, int, int, int] | None = None,
         if x1 <= x0 or y1 <= y0:
             raise ValueError(f"bbox {bbox} does not overlap the {nx}x{ny} image in {path}")
         box = (slice(y0, y1), slice(x0, x1))
-        planes = [np.asarray(hdul[name].section[box] if bbox is not None else hdul[name].data, dtype=dt)
+        arrays = [np.asarray(hdul[name].section[box] if bbox is not None else hdul[name].data, dtype=dt)
                   if name.lower() in wanted else None
                   for name, dt in (("IMAGE", np.float32), ("VARIANCE", np.float32), ("MASK", np.int32))]
-        if planes[0] is None:  # the shape still comes from the image plane
-            planes[0] = np.zeros((y1 - y0, x1 - x0), np.float32)
+        if arrays[0] is None:  # the shape still comes from the image plane
+            arrays[0] = np.zeros((y1 - y0, x1 - x0), np.float32)
         wcs = WCS(ihdr) if "CTYPE1" in ihdr else None
         if wcs is not None:
             if bbox is not None:
                 wcs = wcs.slice(box)
                 meta.update(BBOX_X0=x0, BBOX_Y0=y0)
             wcs.pixel_shape = (x1 - x0, y1 - y0)
-        return Image(planes[0], planes[1], planes[2], wcs, meta)
+        return Image(arrays[0], arrays[1], arrays[2], wcs, meta)

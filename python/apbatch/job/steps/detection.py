@@ -107,8 +107,9 @@ def detect_bright_sources(img: Image, threshold: float = 20.0, psf_sigma: float 
     """Positions and isophotal fluxes of bright sources, cheaply: astrometric references.
 
     Unlike :func:`detect_sources`: one noise level for the whole image (the median of
-    ``sqrt(variance)``; a coadd's noise is nearly uniform), no deblending and no aperture
-    photometry, so a template patch costs about half as much. ``NO_DATA`` pixels are ignored.
+    ``sqrt(variance)``; a coadd's noise is nearly uniform), a light deblend (8 levels, not 32),
+    no cleaning and no aperture photometry, so a template patch costs about half as much.
+    ``NO_DATA`` pixels are zeroed first.
 
     Returns
     -------

@@ -157,24 +157,32 @@ def _subpixel(s, x, y, sign):
     return x + float(np.clip(dx, -0.5, 0.5)), y + float(np.clip(dy, -0.5, 0.5))
 
 
-def _windowed_centroid(img, zero, x, y, sign, sigma, max_shift, n_iter=5):
+def _centroid_excluded(mask: np.ndarray) -> np.ndarray:
+    """Pixels the windowed centroid ignores: ``_ZERO`` ones, except interpolated bad pixels
+    (their values are estimates, and ``S`` is zeroed beside them)."""
+    interpolated_only = ((mask & int(MaskBits.INTRP)) != 0) & ((mask & (_ZERO & ~int(MaskBits.BAD))) == 0)
+    return ((mask & _ZERO) != 0) & ~interpolated_only
+
+
+def _windowed_centroid(img, mask, x, y, sign, sigma, max_shift, n_iter=5):
     """Gaussian-windowed centroid (SExtractor's XWIN/YWIN) of ``sign * img`` from (x, y).
 
-    ``x <- x + 2 sum(w I dx) / sum(w I)`` with ``w`` a Gaussian of ``sigma``, over unmasked pixels
-    (``zero`` False). Keeps (x, y) if it fails or moves more than ``max_shift`` px (a FWHM).
+    ``x <- x + 2 sum(w I dx) / sum(w I)`` with ``w`` a Gaussian of ``sigma``, over the pixels
+    :func:`_centroid_excluded` keeps. Keeps (x, y) if it fails or moves more than
+    ``max_shift`` px (a FWHM).
     """
     ny, nx = img.shape
     h = int(np.ceil(3 * sigma))
+    grid_v, grid_u = np.mgrid[-h : h + 1, -h : h + 1]
     x0, y0 = x, y
     for _ in range(n_iter):
         xi, yi = int(round(x)), int(round(y))
         if xi - h < 0 or yi - h < 0 or xi + h >= nx or yi + h >= ny:
             return x0, y0
         box = (slice(yi - h, yi + h + 1), slice(xi - h, xi + h + 1))
-        v, u = np.mgrid[-h : h + 1, -h : h + 1]
-        u, v = u - (x - xi), v - (y - yi)
+        u, v = grid_u - (x - xi), grid_v - (y - yi)
         w = np.exp(-0.5 * (u * u + v * v) / sigma**2) * (sign * img[box].astype(float))
-        w[zero[box]] = 0.0
+        w[_centroid_excluded(mask[box])] = 0.0
         tot = w.sum()
         if tot <= 0:
             return x0, y0
@@ -257,13 +265,9 @@ def measure_dia_sources(
     s, scale, near_sat = _filtered_snr(diff, sigma, fwhm)
     peaks = _peaks(s, threshold, min_pixels)
     rows = []
-    # the windowed centroid uses interpolated defects (their values are estimates) but no other _ZERO pixel
-    m = diff.mask
-    interpolated_only = ((m & int(MaskBits.INTRP)) != 0) & ((m & (_ZERO & ~int(MaskBits.BAD))) == 0)
-    zero = ((m & _ZERO) != 0) & ~interpolated_only
     for x, y, sign, size in peaks:
         xs, ys = _subpixel(s, x, y, sign)
-        xs, ys = _windowed_centroid(diff.image, zero, xs, ys, sign, sigma, fwhm)
+        xs, ys = _windowed_centroid(diff.image, diff.mask, xs, ys, sign, sigma, fwhm)
         rows.append((xs, ys, sign, size, abs(float(s[y, x]))))
     # dipoles: an opposite-sign 3-sigma peak within 2 FWHM; a detected weaker lobe is merged
     r = int(np.ceil(2 * fwhm))
