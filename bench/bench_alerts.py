@@ -42,11 +42,14 @@ def bench_build(repeat: int, n_alerts: int, n_prv: int) -> tuple[float, int]:
         cat = make_sources(n_alerts, rng, nx=2000, ny=2000)
         imgs = make_images(rng, sources=None, shape=(2000, 2000))
         res = assoc.run(make_ccd(n_prv), cat, imgs["difference"], imgs["science"], 3.0)
-    prv = pd.concat([res.sources.assign(visit=v, midpointMjdTai=res.ccd.midpoint_mjd_tai - 1 - k,
-                                        diaSourceId=res.sources["diaSourceId"] + 10**6 * (k + 1))
-                     for k, v in enumerate(range(n_prv))], ignore_index=True) if n_prv else res.sources.iloc[:0]
-    prvf = pd.concat([res.forced.assign(midpointMjdTai=res.ccd.midpoint_mjd_tai - 1 - k) for k in range(n_prv)],
-                     ignore_index=True) if n_prv else res.forced.iloc[:0]
+    if n_prv:
+        prv = pd.concat([res.sources.assign(visit=k, midpointMjdTai=res.ccd.midpoint_mjd_tai - 1 - k,
+                                            diaSourceId=res.sources["diaSourceId"] + 10**6 * (k + 1))
+                         for k in range(n_prv)], ignore_index=True)
+        prvf = pd.concat([res.forced.assign(midpointMjdTai=res.ccd.midpoint_mjd_tai - 1 - k)
+                          for k in range(n_prv)], ignore_index=True)
+    else:
+        prv, prvf = res.sources.iloc[:0], res.forced.iloc[:0]
     res.prv_sources, res.prv_forced = prv, prvf
     builder = AlertBuilder()
     rates, size = [], 0
@@ -96,10 +99,10 @@ def bench_apdb(n_existing: int, repeat: int, n_sources: int, spread_deg: float) 
                                  "lastDiaSourceMjdTai": 61299.0,
                                  **{f"{b}_psfFluxNdata": 0 for b in "ugrizy"}})
             src = pd.DataFrame({"diaSourceId": ids, "diaObjectId": ids, "visit": ccd0.visit,
-                                "detector": 200 + start // 20_000 % 50, "midpointMjdTai": 61299.0, "ra": ra,
-                                "dec": dec, "x": 0.0, "y": 0.0, "psfNdata": 0, "trailNdata": 0, "dipoleNdata": 0,
-                                "timeProcessedMjdTai": 61299.0, "bboxSize": 0, "band": "r", "psfFlux": 1.0,
-                                "psfFluxErr": 1.0})
+                                "detector": 200 + start // 20_000 % 50, "midpointMjdTai": 61299.0,
+                                "ra": ra, "dec": dec, "x": 0.0, "y": 0.0, "psfNdata": 0, "trailNdata": 0,
+                                "dipoleNdata": 0, "timeProcessedMjdTai": 61299.0, "bboxSize": 0, "band": "r",
+                                "psfFlux": 1.0, "psfFluxErr": 1.0})
             apdb.store(make_ccd(-1).visit_time, objs, src, None)
         assoc = Association(apdb)
         # full-size 4072 x 4000 difference/science planes, so forced photometry covers the whole CCD
@@ -132,8 +135,8 @@ def main() -> None:
     # 500/CCD: a dense CCD; ~50/CCD: the design load (10^4 alerts per visit over 189 CCDs)
     for n_alerts, n_prv in ((500, 0), (500, 3), (500, 10), (50, 3), (50, 10)):
         rate, size = bench_build(a.repeat, n_alerts, n_prv)
-        rows.append((f"alerts built+serialized /s/core ({n_alerts}/CCD, {n_prv} prv src+forced, 3x30px cutouts)",
-                     f"{rate:,.0f}", f"{size / 1024:.0f} KiB/alert"))
+        rows.append((f"alerts built+serialized /s/core ({n_alerts}/CCD, {n_prv} prv src+forced,"
+                     " 3x30px cutouts)", f"{rate:,.0f}", f"{size / 1024:.0f} KiB/alert"))
     if a.alerts_only:
         _print(rows, a.repeat)
         return
@@ -151,13 +154,14 @@ def main() -> None:
                          f"{rate:,.0f}/s", f"{rate * 80 / 1024:.0f} MiB/s"))
     finally:
         if env:
-            subprocess.run(["bash", str(ROOT / "scripts/kafka-local.sh"), "stop"], env=env, capture_output=True)
+            subprocess.run(["bash", str(ROOT / "scripts/kafka-local.sh"), "stop"], env=env,
+                           capture_output=True)
     sizes = [1_000] + ([] if a.skip_100k else [100_000])
     for n in sizes:
         for spread in (1.0, 0.25):
             r = bench_apdb(n, a.repeat, 50, spread)
-            rows.append((f"APDB SQLite, {n:,} objects over {spread}x{spread} deg ({r['objects_in_region']:,} in CCD"
-                         f" region), 50 sources: run / store / total",
+            rows.append((f"APDB SQLite, {n:,} objects over {spread}x{spread} deg"
+                         f" ({r['objects_in_region']:,} in CCD region), 50 sources: run / store / total",
                          f"{r['run']:.3f} / {r['store']:.3f} s", f"{r['run'] + r['store']:.3f} s"))
     _print(rows, a.repeat)
 

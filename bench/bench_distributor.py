@@ -136,8 +136,7 @@ def main(argv=None):
         report("import lsst.daf.butler (fresh process)", t)
         from apbatch.butler import datasets as ds
         from apbatch.butler.io import ButlerIO
-        from apbatch.butler.repo import create_repo, register_instrument, register_output_run
-        from apbatch.image import Image
+        from apbatch.butler.repo import create_repo, register_instrument
         from apbatch.raw import read_raw_header, translate_header
         from test_butler_io import raw_file
 
@@ -171,23 +170,7 @@ def main(argv=None):
             20,
         )
         report("find_dataset raw", t)
-        meta = translate_header(read_raw_header(raws[0]))
-        run = register_output_run(butler, "LSSTComCam", meta.day_obs)
-        img = Image(np.random.default_rng(1).normal(size=(4000, 4072)).astype(np.float32))
-        io = ButlerIO(butler, "LSSTComCam")
-        t = timed(lambda: io.put_outputs(meta.visit_id, meta.detector, diffim=img, run=run), 3)
-        report("put 4k x 4k Image (replacing the previous)", t)
-        t = timed(
-            lambda: butler.get(
-                ds.DIFFIM,
-                instrument="LSSTComCam",
-                visit=meta.visit_id,
-                detector=meta.detector,
-                collections=run,
-            ),
-            3,
-        )
-        report("get 4k x 4k Image", t)
+        # image outputs (lsst-images VisitImage / DifferenceImage): bench/bench_butler_images.py
 
 
 if __name__ == "__main__":

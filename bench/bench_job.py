@@ -21,7 +21,6 @@ Medians over the jobs are printed (machines are shared: single timings are noisy
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -46,12 +45,10 @@ def _setup(out: Path, visits: int, detectors: list[str], seed: int) -> Path:
 def _science_work(cfg_path: Path) -> list:
     from apbatch.config import load_config
     from apbatch.ledger import Ledger
-    from apbatch.work import CcdWork
 
     cfg = load_config(cfg_path, environ={})
-    rows = Ledger.from_config(cfg).rows()
-    return [CcdWork.from_dict(json.loads(r["work"]) if isinstance(r["work"], str) else r["work"])
-            for r in rows if r["intent"] == "science"]
+    rows = Ledger.from_config(cfg, create=False).rows()
+    return [r.work for r in rows if r.intent == "science"]
 
 
 def _bench_config(out: Path) -> Path:

@@ -150,8 +150,9 @@ def _consume(argv: list[str]) -> int:
     import time
 
     schema = Schema.from_file()
-    conf = {"bootstrap.servers": a.bootstrap, "group.id": f"test-{os.getpid()}", "auto.offset.reset": "earliest",
-            "session.timeout.ms": 6000, "heartbeat.interval.ms": 1000, "fetch.wait.max.ms": 10}
+    conf = {"bootstrap.servers": a.bootstrap, "group.id": f"test-{os.getpid()}",
+            "auto.offset.reset": "earliest", "session.timeout.ms": 6000, "heartbeat.interval.ms": 1000,
+            "fetch.wait.max.ms": 10}
     n, deadline, last = 0, time.monotonic() + a.timeout, time.monotonic()
     with AlertConsumer(a.topic, schema=schema, **conf) as consumer:
         while time.monotonic() < deadline:
@@ -168,7 +169,8 @@ def _consume(argv: list[str]) -> int:
             print(json.dumps({"key": msg.key().decode(), "diaSourceId": alert["diaSourceId"], "valid": ok,
                               "offset": msg.offset(), "partition": msg.partition(),
                               "nDiaSources": alert["diaObject"]["nDiaSources"],
-                              "prv": len(alert["prvDiaSources"] or [])}), flush=True)
+                              "prv": len(alert["prvDiaSources"] or []),
+                              "psfFlux": alert["diaSource"]["psfFlux"]}), flush=True)
     return 0
 
 

@@ -33,3 +33,14 @@ def service_unavailable(service: str, why: str) -> None:
     if IN_CI:
         pytest.fail(f"{service} is required under CI=true but could not be started: {why}")
     pytest.skip(f"{service} unavailable: {why}")
+
+
+@pytest.fixture
+def butler(tmp_path):
+    """A new butler repository in ``tmp_path/repo`` with LSSTComCam registered (modules that need
+    another repository define their own ``butler`` fixture, which takes precedence)."""
+    from apbatch.butler.repo import create_repo, register_instrument
+
+    b = create_repo(tmp_path / "repo")
+    register_instrument(b, "LSSTComCam")
+    return b

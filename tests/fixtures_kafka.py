@@ -29,7 +29,8 @@ def kafka_broker(tmp_path_factory):
     env = {**os.environ, "KAFKA_LOCAL_DIR": str(tmp_path_factory.mktemp("kafka")),
            "KAFKA_LOCAL_PORT": str(port), "KAFKA_LOCAL_VENV": sys.prefix}
     try:
-        proc = subprocess.run([bash, str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=180)
+        proc = subprocess.run([bash, str(SCRIPT), "start"], env=env, capture_output=True, text=True,
+                              timeout=180)
     except subprocess.TimeoutExpired:
         service_unavailable("kafka", "scripts/kafka-local.sh start took more than 180 s")
     if proc.returncode != 0:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -33,15 +34,22 @@ SYNTH = Path(__file__).resolve().parent / "alert_synth.py"
 
 
 @pytest.fixture(scope="module")
-def packets(tmp_path_factory):
-    """Framed alerts of one synthetic CCD-visit, and the builder that made them."""
+def ccd_visit(tmp_path_factory):
+    """One synthetic CCD-visit's association result and images."""
     tmp = tmp_path_factory.mktemp("apdb")
     create_apdb(f"sqlite:///{tmp}/apdb.sqlite3", tmp / "apdb.yaml")
     cat = make_sources(25, np.random.default_rng(8), nx=SMALL, ny=SMALL)
     imgs = make_images(np.random.default_rng(0), sources=cat, shape=(SMALL, SMALL))
-    res = Association(open_apdb(tmp / "apdb.yaml")).run(make_ccd(0), cat, imgs["difference"], imgs["science"], 3.0)
+    assoc = Association(open_apdb(tmp / "apdb.yaml"))
+    res = assoc.run(make_ccd(0), cat, imgs["difference"], imgs["science"], 3.0)
+    return res, (imgs["science"], imgs["template"], imgs["difference"])
+
+
+@pytest.fixture(scope="module")
+def packets(ccd_visit):
+    """Framed alerts of one synthetic CCD-visit, and the builder that made them."""
     builder = AlertBuilder()
-    return builder, builder.payloads(res, imgs["science"], imgs["template"], imgs["difference"])
+    return builder, builder.payloads(ccd_visit[0], *ccd_visit[1])
 
 
 class _FlakySink(AlertSink):
@@ -58,7 +66,8 @@ class _FlakySink(AlertSink):
 def test_container_readable_by_fastavro_and_schema(tmp_path, packets):
     builder, payloads = packets
     path = tmp_path / "a.avro"
-    write_alert_container(path, json.dumps(builder.schema.definition), [unframe(p)[1] for _, p in payloads] * 2)
+    bodies = [unframe(p)[1] for _, p in payloads]
+    write_alert_container(path, json.dumps(builder.schema.definition), bodies * 2)
     with path.open("rb") as fh:
         records = list(fastavro.reader(fh))
     assert [r["diaSourceId"] for r in records] == [i for i, _ in payloads] * 2
@@ -116,6 +125,27 @@ def test_kafka_settings_secrets_from_env_or_file(tmp_path):
         kafka_settings(cfg, {"APBATCH_KAFKA_PASSWORD": "p"})
 
 
+def test_file_sink_declares_the_schema_the_packets_carry(tmp_path, ccd_visit):
+    from apbatch.job.alert_schemas import alert_schema
+
+    old = AlertBuilder(schema=alert_schema("10.0"))
+    FileAlertSink(tmp_path).send("LSSTCam/1/094", old.payloads(ccd_visit[0], *ccd_visit[1]), 1.0)
+    with (tmp_path / "LSSTCam/1/094.avro").open("rb") as fh:
+        reader = fastavro.reader(fh)
+        assert reader.writer_schema["name"] == "lsst.v10_0.alert"
+        assert all(old.schema.validate(r) for r in reader)
+
+
+def test_kafka_sink_check_fails_fast_without_a_broker():
+    from apbatch.errors import RetriableError
+
+    sink = KafkaAlertSink({"bootstrap.servers": "127.0.0.1:1", "reconnect.backoff.max.ms": 200}, "never")
+    with pytest.raises(RetriableError, match="no Kafka broker at 127.0.0.1:1"):
+        sink.check(1.0)
+    sink.close()
+    FileAlertSink("/nonexistent").check(1.0)  # nothing to reach
+
+
 def test_cli_dump_file_and_spool(tmp_path, packets, capsys):
     from apbatch.cli import main
 
@@ -132,6 +162,16 @@ def test_cli_dump_file_and_spool(tmp_path, packets, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["alerts", "dump", str(tmp_path / "junk.avro")])
     assert exc.value.code == 2
+
+
+def test_dump_refuses_avro_that_holds_no_records(tmp_path):
+    from apbatch.script.alerts import dump
+
+    path = tmp_path / "ints.avro"
+    with path.open("wb") as fh:
+        fastavro.writer(fh, fastavro.parse_schema("int"), [1, 2])
+    with pytest.raises(BadInputError, match="ints.avro holds 'int' values, not alert records"):
+        dump(path)
 
 
 # ----------------------------------------------------------------------------- real broker
@@ -197,7 +237,8 @@ def test_sigkill_while_sending_then_retry(kafka_broker, tmp_path):
             str(tmp_path / "spool"), "--sink", "kafka", "--bootstrap", kafka_broker, "--topic", topic,
             "--nsources", "12"]
     env = {**os.environ, "PYTHONPATH": str(SYNTH.parent)}
-    killed = subprocess.run(argv + ["--kill-at", "delivered:5"], capture_output=True, text=True, timeout=120, env=env)
+    killed = subprocess.run(argv + ["--kill-at", "delivered:5"], capture_output=True, text=True,
+                            timeout=120, env=env)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     retry = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
     assert retry.returncode == 0, retry.stderr[-2000:]
@@ -211,3 +252,40 @@ def test_sigkill_while_sending_then_retry(kafka_broker, tmp_path):
     for g in got:
         first.setdefault(g["diaSourceId"], g["key"])
         assert first[g["diaSourceId"]] == g["key"]
+
+
+@pytest.mark.kafka
+def test_default_alert_consumer_decodes_configured_schema_version(kafka_broker, ccd_visit, tmp_path):
+    """alerts.schema_version = 11.0: lsst-alert-stream's default AlertConsumer (no schema, no
+    registry given) decodes the job's alerts from the broker; with 11.1 it cannot (KeyError 1101)."""
+    from apbatch.job.alert_schemas import alert_schema
+    from apbatch.job.alert_sinks import make_sink
+    from lsst.alert.stream.alertConsumer import AlertConsumer
+
+    topic = _topic(kafka_broker)
+    cfg = load_config(environ={}, overrides={"root": str(tmp_path), "alerts": {
+        "sink": "kafka", "topic": topic, "schema_version": "11.0"},
+        "kafka": {"bootstrap_servers": kafka_broker}})
+    builder = AlertBuilder(schema=alert_schema(cfg.alerts.schema_version))
+    payloads = builder.payloads(ccd_visit[0], *ccd_visit[1])
+    latest = AlertBuilder().payloads(ccd_visit[0], *ccd_visit[1])[:1]
+    sink = make_sink(cfg)
+    sink.check(10.0)
+    assert all(sink.send("LSSTCam/1/094", payloads + latest, 30.0))
+    sink.close()
+    settings = {"bootstrap.servers": kafka_broker, "group.id": f"g-{uuid.uuid4().hex[:8]}",
+                "auto.offset.reset": "earliest", "session.timeout.ms": 6000, "heartbeat.interval.ms": 1000,
+                "fetch.wait.max.ms": 10}
+    got = []
+    with AlertConsumer(topic, **settings) as consumer:
+        deadline = time.monotonic() + 60
+        while len(got) < len(payloads) and time.monotonic() < deadline:
+            schema, alert = consumer.poll(0.5)
+            if alert is not None:
+                got.append((schema, alert))
+        with pytest.raises(KeyError, match="1101"):  # why the setting exists
+            while time.monotonic() < deadline:
+                consumer.poll(0.5)
+    assert [a["diaSourceId"] for _, a in got] == [i for i, _ in payloads]
+    assert all(s.get_schema_id() == 1100 and s.validate(a) for s, a in got)
+    assert got[0][1]["cutoutScience"] == builder.deserialize(payloads[0][1])["cutoutScience"]

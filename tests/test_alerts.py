@@ -40,9 +40,10 @@ def world(tmp_path):
 
 def _visit(world, builder, n, cat, checkpoint=None, band="r"):
     imgs = make_images(np.random.default_rng(n), sources=cat, shape=(SMALL, SMALL))
-    return process_ccd_alerts(make_ccd(n, band=band), cat, imgs["science"], imgs["template"], imgs["difference"],
-                              psf_fwhm_pix=3.0, association=world["assoc"], builder=builder,
-                              spool=world["spool"], sink=world["sink"], send_timeout=5.0, checkpoint=checkpoint)
+    return process_ccd_alerts(make_ccd(n, band=band), cat, imgs["science"], imgs["template"],
+                              imgs["difference"], psf_fwhm_pix=3.0, association=world["assoc"],
+                              builder=builder, spool=world["spool"], sink=world["sink"], send_timeout=5.0,
+                              checkpoint=checkpoint)
 
 
 def _alert_file(tmp_path, n):
@@ -150,8 +151,8 @@ def test_alert_history_window(world):
     assert all(len(a["prvDiaSources"]) == 1 for a in _alert_file(world["dir"], 2))
 
 
-class _Crash(Exception):
-    pass
+class _CrashError(Exception):
+    """The crash a test injects at a checkpoint."""
 
 
 @pytest.mark.parametrize("point", ["associated", "spooled", "stored", "delivered"])
@@ -160,12 +161,16 @@ def test_crash_at_each_point_then_retry(world, builder, point):
 
     def crash(p):
         if p == point:
-            raise _Crash(p)
+            raise _CrashError(p)
 
-    with pytest.raises(_Crash):
+    with pytest.raises(_CrashError):
         _visit(world, builder, 0, cat, checkpoint=crash)
-    report = _visit(world, builder, 0, cat)
+    points = []
+    report = _visit(world, builder, 0, cat, checkpoint=points.append)
     assert report.stored == (point in ("associated", "spooled"))
+    # the job boundary learns from these whether the APDB was reached (exit 5, not 4)
+    assert points == (["associated", "spooled", "stored", "delivered"] if report.stored
+                      else ["already_stored", "delivered"])
     assert report.pending == 0
     assert _count(world["dir"], "DiaSource", visit_id(0)) == 6
     assert _count(world["dir"], "DiaForcedSource", visit_id(0)) == 6
@@ -186,7 +191,8 @@ def test_stored_without_spool_is_non_retriable(world, builder):
 
 def _job(tmp_path, *extra, check=True):
     argv = [sys.executable, str(SYNTH), "job", "--apdb-config", str(tmp_path / "apdb.yaml"),
-            "--spool", str(tmp_path / "spool"), "--directory", str(tmp_path / "alerts"), "--nsources", "8", *extra]
+            "--spool", str(tmp_path / "spool"), "--directory", str(tmp_path / "alerts"),
+            "--nsources", "8", *extra]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(SYNTH.parent)})
     if check:
@@ -235,3 +241,36 @@ def test_payloads_byte_identical_to_fastavro(world, builder):
         world["assoc"].store(res)
     history = [builder.deserialize(p)["prvDiaSources"] for _, p in fast]
     assert any(h[0]["psfFlux"] is None for h in history) and all(h[1]["psfFlux"] is not None for h in history)
+
+
+# ----------------------------------------------------------------------------- schema versions
+def test_default_schema_version_is_the_newest_shipped():
+    from apbatch.config import AlertsConfig
+    from lsst.alert.packet import get_latest_schema_version
+
+    assert AlertsConfig().schema_version == "{}.{}".format(*get_latest_schema_version())
+
+
+def test_every_available_schema_version_validates(world):
+    """Records and packets of each writable version validate against it and carry its id."""
+    from apbatch.job.alert_schemas import alert_schema, schema_versions
+
+    versions = schema_versions()
+    assert {"11.0", "11.1"} <= set(versions) and "8.0" not in versions  # 8.0 needs time_processed
+    cat = make_sources(4, np.random.default_rng(3), nx=SMALL, ny=SMALL)
+    imgs = make_images(np.random.default_rng(1), sources=cat, shape=(SMALL, SMALL))
+    res = world["assoc"].run(make_ccd(0), cat, imgs["difference"], imgs["science"], 3.0)
+    world["assoc"].store(res)
+    res = world["assoc"].run(make_ccd(1), cat, imgs["difference"], imgs["science"], 3.0)  # with history
+    for version in versions:
+        b = AlertBuilder(schema=alert_schema(version))
+        major, minor = map(int, version.split("."))
+        assert b.schema_id == major * 100 + minor
+        records = list(b.records(res, imgs["science"], imgs["template"], imgs["difference"]))
+        assert records and all(b.schema.validate(r) for r in records), version
+        assert set(records[0]) == {f["name"] for f in b.schema.definition["fields"]}  # extras dropped
+        for sid, payload in b.payloads(res, imgs["science"], imgs["template"], imgs["difference"]):
+            assert unframe(payload)[0] == b.schema_id
+            back = b.deserialize(payload)
+            assert b.schema.validate(back) and back["diaSource"]["diaSourceId"] == sid
+            assert len(back["prvDiaSources"]) == 1

@@ -80,7 +80,8 @@ def test_ids_unique_and_decodable():
     assert len(np.unique(flat)) == flat.size
     assert flat.min() > 0  # positive int64
     parts = unpack_id(int(pack_id(visits[3], 188, 12345, forced=True)))
-    assert parts["detector"] == 188 and parts["index"] == 12345 and parts["forced"] == 1 and parts["form"] == 0
+    assert parts["detector"] == 188 and parts["index"] == 12345
+    assert parts["forced"] == 1 and parts["form"] == 0
     assert unpack_id(pack_id(2025060900578, 5, 7))["form"] == 1
     # one second apart, same suffix: distinct keys; suffix 4 does not fit
     assert pack_id(visit_id(0) + 10**7, 0, 0) != pack_id(visit_id(0), 0, 0)
@@ -117,7 +118,8 @@ def test_forced_photometry_recovers_flux_and_ignores_masked():
         img += f * np.exp(-0.5 * ((xx - x) ** 2 + (yy - y) ** 2) / sig**2) / (2 * np.pi * sig**2)
     mask = np.zeros((ny, nx), np.int32)
     image = Image(img, np.ones((ny, nx), np.float32), mask)
-    flux, err = forced_photometry(image, np.array([t[0] for t in truth]), np.array([t[1] for t in truth]), 3.0)
+    xs, ys = np.array([t[0] for t in truth]), np.array([t[1] for t in truth])
+    flux, err = forced_photometry(image, xs, ys, 3.0)
     for (_, _, f), m, e in zip(truth, flux, err, strict=False):
         assert abs(m - f) < 5 * e + 0.01 * f
     image.mask[:, :] = MaskBits.NO_DATA

@@ -127,6 +127,9 @@ def test_map_state_completed_with_nonzero_exit_is_failed(config):
     assert backend.map_state("1", "C", None).state is JobState.COMPLETED
     failed = backend.map_state("1", "C", 4)
     assert (failed.state, failed.exit_code) == (JobState.FAILED, 4)
+    # every backend (Slurm, HTCondor, local) says why a job that could not start failed
+    not_found = backend.map_state("1", "C", 127)
+    assert not_found.state is JobState.FAILED and "job command was not found" in not_found.reason
 
 
 def test_status_queue_then_history_then_unknown_in_batches(config):
@@ -177,10 +180,21 @@ def test_backend_refuses_another_kinds_config(config):
         SlurmBackend(config)
 
 
-def test_job_env_is_job_env_plus_config_file(config):
-    backend = ToyBackend(config, config_file="/etc/apbatch/night.yaml")
-    assert backend.job_env() == {**config.job.env, "APBATCH_CONFIG": "/etc/apbatch/night.yaml"}
-    assert backend.job_argv(work(4)) == ["apbatch", "process-ccd", *work(4).job_args()]
+def test_job_env_and_command_line(config, tmp_path):
+    """The job gets job.env only; its command is this install's apbatch + --config <night's file>."""
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    python, script = tmp_path / "venv" / "bin" / "python", tmp_path / "venv" / "bin" / "apbatch"
+    python.touch()
+    backend = ToyBackend(config, executable=str(python))
+    assert backend.job_env() == dict(config.job.env)
+    night_file = str(config.path("config").absolute() / "20250610.yaml")
+    # no apbatch script next to the interpreter: the interpreter runs the package
+    assert backend.job_argv(work(4)) == [str(python), "-m", "apbatch", "process-ccd", "--config", night_file,
+                                         *work(4).job_args()]
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    assert ToyBackend(config, executable=str(python)).job_command(20250610) == [
+        str(script), "process-ccd", "--config", night_file]
     bad = load_config(overrides={"job": {"env": {"BAD NAME": "1"}}}, environ={})
     with pytest.raises(BadInputError, match="job.env.BAD NAME"):
         ToyBackend(bad).job_env()
@@ -191,8 +205,8 @@ def test_job_env_is_job_env_plus_config_file(config):
                                        ("htcondor", HTCondorBackend)])
 def test_make_backend_chooses_by_kind_without_io(tmp_path, kind, cls):
     cfg = load_config(overrides={"root": str(tmp_path / "root"), "backend": {"kind": kind}}, environ={})
-    backend = make_backend(cfg, config_file="apbatch.yaml")
-    assert type(backend) is cls and backend.kind == kind and backend.config_file == "apbatch.yaml"
+    backend = make_backend(cfg, executable="/opt/py/bin/python")
+    assert type(backend) is cls and backend.kind == kind and backend.executable == "/opt/py/bin/python"
     assert not (tmp_path / "root").exists()  # constructors do no I/O
 
 
@@ -203,8 +217,8 @@ def test_rendered_jobs_hold_no_secret(tmp_path, monkeypatch, kind):
     for name, value in secrets.items():
         monkeypatch.setenv(name, value)
     cfg = load_config(overrides={"root": str(tmp_path), "backend": {"kind": kind}})
-    text = make_backend(cfg, config_file=str(tmp_path / "apbatch.yaml")).render([work(0), work(1)])
-    assert f"APBATCH_CONFIG={tmp_path / 'apbatch.yaml'}" in text
+    text = make_backend(cfg).render([work(0), work(1)])
+    assert str(tmp_path / "config" / "20250610.yaml") in text and "--config" in text
     leaked = [name for name, value in os.environ.items()
               if re.search("PASSWORD|SECRET|TOKEN", name) and value and value in text]
     assert leaked == []

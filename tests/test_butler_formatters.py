@@ -77,10 +77,21 @@ def image():
 
 
 def test_repo_config_is_written_to_butler_yaml(repo):
+    from lsst.images import DifferenceImage, VisitImage
+
     cfg = yaml.safe_load((Path(repo._config.configDir.ospath) / "butler.yaml").read_text())
     assert cfg["storageClasses"] == REPO_CONFIG["storageClasses"]
-    assert cfg["datastore"]["formatters"][ds.IMAGE_STORAGE_CLASS].endswith("ImageFormatter")
-    assert repo.get_dataset_type(ds.CALEXP).storageClass.pytype is Image
+    formatters = cfg["datastore"]["formatters"]
+    assert formatters[ds.IMAGE_STORAGE_CLASS].endswith("ImageFormatter")
+    for name in (ds.BIAS, ds.FLAT, ds.TEMPLATE):  # sub-box and plane reads stay with ImageFormatter
+        assert repo.get_dataset_type(name).storageClass.pytype is Image
+    # calibrated and difference images: daf_butler's storage classes, lsst-images' formatter
+    assert repo.get_dataset_type(ds.CALEXP).storageClass.pytype is VisitImage
+    assert repo.get_dataset_type(ds.DIFFIM).storageClass.pytype is DifferenceImage
+    for sc in (ds.VISIT_IMAGE_STORAGE_CLASS, ds.DIFFERENCE_IMAGE_STORAGE_CLASS):
+        assert formatters[sc] == {"formatter": "lsst.images.formatters.GenericFormatter",
+                                  "parameters": {"recipe": "lossy"}}
+    assert "apbatch" not in yaml.safe_dump(formatters["write_recipes"])
 
 
 def visit_run(repo):
@@ -99,7 +110,7 @@ def visit_run(repo):
 def test_image_put_get_round_trip(repo):
     run = visit_run(repo)
     img = image()
-    ref = repo.put(img, ds.CALEXP, instrument="LSSTComCam", visit=3110636353110000, detector=0, run=run)
+    ref = repo.put(img, ds.BIAS, instrument="LSSTComCam", detector=0, run=run)
     assert repo.getURI(ref).ospath.endswith(".fits")
     back = repo.get(ref)
     # image and variance are quantized to 1/16 of the noise (apbatch.image); the mask is exact
@@ -138,12 +149,10 @@ def test_raw_ingest_and_read(repo, tmp_path):
 
 def test_formatters_work_in_a_fresh_process(repo, tmp_path):
     """The formatters are named in butler.yaml: any process opening the repo must find them."""
-    repo.put(
-        image(), ds.DIFFIM, instrument="LSSTComCam", visit=3110636353110000, detector=0, run=visit_run(repo)
-    )
+    repo.put(image(), ds.BIAS, instrument="LSSTComCam", detector=1, run=visit_run(repo))
     code = (
         "import sys; from lsst.daf.butler import Butler; b = Butler.from_config(sys.argv[1]);"
-        "img = b.get('difference_image', instrument='LSSTComCam', visit=3110636353110000, detector=0,"
+        "img = b.get('bias', instrument='LSSTComCam', detector=1,"
         " collections='LSSTComCam/prompt/20241108'); print(type(img).__name__, img.image.shape)"
     )
     out = subprocess.run(

@@ -12,7 +12,7 @@ import yaml
 from apbatch.butler import datasets as ds
 from apbatch.butler.ingest import ingest_manifest
 from apbatch.butler.io import ButlerIO
-from apbatch.butler.repo import create_repo, register_exposures, register_instrument, register_output_run
+from apbatch.butler.repo import register_exposures, register_output_run
 from apbatch.distributor.client import DistributorClient
 from apbatch.distributor.store import DistributorStore
 from apbatch.errors import BadInputError, RawTimeoutError
@@ -21,6 +21,7 @@ from apbatch.instruments import get_instrument
 from apbatch.raw import read_raw_header, translate_header
 from apbatch.skymap import SkyMap
 from test_butler_formatters import make_raw
+from test_butler_images import ccd_image
 
 GROUP = "2024-11-09T06:33:55.311"
 VISIT = 3110636353110000
@@ -39,13 +40,6 @@ def raw_file(directory, seq=266, det="R22_S00", index=1, n=1):
         MAXINDEX=n,
         **{"MJD-BEG": MJD + (index - 1) * 32 / 86400, "MJD-END": MJD + ((index - 1) * 32 + 30) / 86400},
     )
-
-
-@pytest.fixture
-def butler(tmp_path):
-    b = create_repo(tmp_path / "repo")
-    register_instrument(b, "LSSTComCam")
-    return b
 
 
 @pytest.fixture
@@ -268,7 +262,8 @@ def test_get_templates(butler, tmp_path):
     (d / "skymap.yaml").write_text(yaml.safe_dump(sm.to_dict()))
     entries = []
     for p in patches:
-        write_image(Image(np.full(p.shape, p.patch, np.float32), wcs=p.wcs), d / f"t{p.patch}.fits", lossless=True)
+        patch_image = Image(np.full(p.shape, p.patch, np.float32), wcs=p.wcs)
+        write_image(patch_image, d / f"t{p.patch}.fits", lossless=True)
         entries.append(
             {
                 "dataset_type": "template_coadd",
@@ -290,7 +285,8 @@ def test_get_templates(butler, tmp_path):
         t = by_patch[p.patch]
         assert t.shape[0] <= p.shape[0] and t.shape[1] <= p.shape[1]
         x0, y0 = t.metadata["BBOX_X0"], t.metadata["BBOX_Y0"]
-        assert np.allclose(t.wcs.pixel_to_world_values(5.0, 7.0), p.wcs.pixel_to_world_values(x0 + 5.0, y0 + 7.0))
+        want = p.wcs.pixel_to_world_values(x0 + 5.0, y0 + 7.0)
+        assert np.allclose(t.wcs.pixel_to_world_values(5.0, 7.0), want)
     assert sum(t.image.size for t in got) < sum(p.shape[0] * p.shape[1] for p in patches)
     assert io.get_templates(corners, "g") == []
     far = inst.footprint(inst.detector(4), 200.0, 30.0, 0.0, 10.0)
@@ -302,7 +298,7 @@ def test_put_outputs_and_rerun(butler, raws):
     register_exposures(butler, [translate_header(read_raw_header(raws["S00"]))])
     run = register_output_run(butler, "LSSTComCam", 20241108)
     io = ButlerIO(butler, "LSSTComCam")
-    img = Image(np.ones((16, 16), np.float32))
+    img = ccd_image(detector=0)
     refs = io.put_outputs(
         VISIT,
         "R22_S00",
@@ -313,12 +309,31 @@ def test_put_outputs_and_rerun(butler, raws):
     )
     assert {r.datasetType.name for r in refs} == {ds.CALEXP, ds.DIFFIM, ds.DIA_SOURCES, ds.METRICS}
     assert {r.run for r in refs} == {run}
-    io.put_outputs(VISIT, 0, diffim=Image(np.zeros((16, 16), np.float32)), metrics={"n": 3})  # a rerun
+    img.image[:] = 0.0
+    io.put_outputs(VISIT, 0, diffim=img, metrics={"n": 3})  # a rerun
     kw = {"instrument": "LSSTComCam", "visit": VISIT, "detector": 0, "collections": run}
     assert butler.get(ds.METRICS, **kw) == {"n": 3}
-    assert butler.get(ds.DIFFIM, **kw).image.max() == 0.0
+    assert butler.get(ds.DIFFIM, **kw).image.array.max() == 0.0
+    assert butler.get(ds.CALEXP, **kw).image.array.max() > 0.0
     assert list(butler.get(ds.DIA_SOURCES, **kw)["flux"]) == [1.0, 2.0]
     assert len(butler.query_datasets(ds.DIFFIM, collections=run, explain=False)) == 1
+
+
+def test_discard_outputs_removes_what_a_failed_attempt_put(butler, raws):
+    register_exposures(butler, [translate_header(read_raw_header(raws["S00"]))])
+    run = register_output_run(butler, "LSSTComCam", 20241108)
+    io = ButlerIO(butler, "LSSTComCam")
+    io.put_outputs(VISIT, 0, dia_sources=pd.DataFrame({"flux": [1.0]}), metrics={"n": 1})
+    io.put_outputs(VISIT, 1, metrics={"other": "CCD"})
+    assert io.discard_outputs(VISIT, "R22_S00", run) == 2
+    for name in (ds.DIA_SOURCES, ds.METRICS):
+        assert butler.find_dataset(name, instrument="LSSTComCam", visit=VISIT, detector=0,
+                                   collections=run) is None
+    # the neighbouring CCD keeps its outputs; a run that does not exist yet has nothing to remove
+    metrics = butler.get(ds.METRICS, instrument="LSSTComCam", visit=VISIT, detector=1, collections=run)
+    assert metrics == {"other": "CCD"}
+    assert io.discard_outputs(VISIT, 0, run) == 0
+    assert io.discard_outputs(VISIT, 0, "LSSTComCam/prompt/never") == 0
 
 
 def test_put_outputs_creates_missing_run_and_rejects_unknown_visit(butler, raws):

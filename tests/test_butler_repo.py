@@ -1,26 +1,28 @@
-"""Tests for apbatch.butler.repo, .ingest and .skymaps, and ``apbatch repo``: a repository in tmp_path."""
+"""Tests for apbatch.butler.repo and ``apbatch repo``: a repository in tmp_path (the ``butler``
+fixture is in conftest.py; ingest is tested in test_butler_ingest.py)."""
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 from apbatch.butler import datasets as ds
-from apbatch.butler.ingest import ingest_manifest, load_manifest
+from apbatch.butler.ingest import ingest_manifest
 from apbatch.butler.repo import (
     create_repo,
     day_obs_timespan,
+    is_visit,
     register_exposures,
     register_instrument,
     visit_records,
 )
 from apbatch.cli import cli
 from apbatch.errors import BadInputError
-from apbatch.image import Image, write_image
 from apbatch.raw import translate_header
-from apbatch.skymap import SkyMap
 from click.testing import CliRunner
+from test_butler_ingest import write_calibs, write_templates
 
 HEADERS = Path(__file__).parent / "data" / "headers"
 
@@ -37,13 +39,6 @@ def comcam_meta(seq=266, index=1, n=1, group="2024-11-09T06:33:55.311", mjd=6062
         "MJD-END": mjd + 30 / 86400,
     }
     return translate_header(hdr)
-
-
-@pytest.fixture
-def butler(tmp_path):
-    b = create_repo(tmp_path / "repo")
-    register_instrument(b, "LSSTComCam")
-    return b
 
 
 def test_create_repo_registers_dataset_types(tmp_path):
@@ -125,221 +120,45 @@ def test_register_exposures_bad_input_inserts_nothing(butler):
     assert not list(butler.registry.queryDimensionRecords("exposure", instrument="LSSTComCam"))
 
 
-def test_calibration_without_group_is_its_own_visit():
+@pytest.mark.parametrize("obs_type", ["bias", "dark", "flat", "FLAT"])
+def test_calibration_exposure_is_not_a_visit(butler, obs_type):
     m = dataclasses.asdict(comcam_meta(12))
-    m |= {"group_id": None, "visit_id": None, "observation_type": "bias", "ra": None, "dec": None}
-    visits, defs, _ = visit_records([m])
-    assert visits[0]["id"] == m["exposure_id"] and defs == [
-        {"instrument": "LSSTComCam", "exposure": m["exposure_id"], "visit": m["exposure_id"]}
-    ]
+    m |= {"group_id": None, "visit_id": None, "observation_type": obs_type, "ra": None, "dec": None}
+    assert not is_visit(m)
+    assert visit_records([m]) == ([], [], [], [])
+    register_exposures(butler, [m, comcam_meta(266)])
+    (exp_bias,) = butler.registry.queryDimensionRecords(
+        "exposure", instrument="LSSTComCam", exposure=m["exposure_id"]
+    )
+    assert exp_bias.observation_type == obs_type
+    (visit,) = butler.registry.queryDimensionRecords("visit", instrument="LSSTComCam")
+    assert visit.id == 3110636353110000  # only the science exposure's
+    defs = list(butler.registry.queryDimensionRecords("visit_definition", instrument="LSSTComCam"))
+    assert [d.exposure for d in defs] == [2024110800266]
+
+
+def test_visit_records_carry_sky_regions(butler):
+    from apbatch.instruments import get_instrument
+    from lsst.sphgeom import LonLat, UnitVector3d
+
+    meta = comcam_meta(266)
+    register_exposures(butler, [meta])
+    (visit,) = butler.registry.queryDimensionRecords("visit", instrument="LSSTComCam")
+    regions = {r.detector: r.region for r in butler.registry.queryDimensionRecords(
+        "visit_detector_region", instrument="LSSTComCam", visit=visit.id)}
+    cam = get_instrument("LSSTComCam")
+    assert set(regions) == {d.id for d in cam.science_detectors}
+    for det in cam.science_detectors:  # a CCD's centre: in its region, in the visit's, in no other CCD's
+        ra, dec = cam.sky_wcs(det, meta.ra, meta.dec, meta.rotation).pixel_to_world_values(
+            det.nx / 2, det.ny / 2)
+        point = UnitVector3d(LonLat.fromDegrees(float(ra), float(dec)))
+        assert visit.region.contains(point)
+        assert [d for d, reg in regions.items() if reg.contains(point)] == [det.id]
+    far = UnitVector3d(LonLat.fromDegrees(meta.ra + 1.0, meta.dec))
+    assert not visit.region.contains(far)
 
 
 # ---------------------------------------------------------------- manifests
-def small_image(value):
-    return Image(np.full((20, 30), value, np.float32), np.ones((20, 30), np.float32))
-
-
-def write_calibs(directory, entries=None):
-    directory.mkdir(parents=True, exist_ok=True)
-    write_image(small_image(1.0), directory / "bias_old.fits", lossless=True)
-    write_image(small_image(2.0), directory / "bias_new.fits", lossless=True)
-    write_image(small_image(0.9), directory / "flat_g.fits", lossless=True)
-    entries = (
-        entries
-        if entries is not None
-        else [
-            {
-                "dataset_type": "bias",
-                "file": "bias_old.fits",
-                "data_id": {"detector": 4},
-                "valid_from": None,
-                "valid_to": "2024-11-01T00:00:00",
-            },
-            {
-                "dataset_type": "bias",
-                "file": "bias_new.fits",
-                "data_id": {"detector": "R22_S11"},
-                "valid_from": "2024-11-01T00:00:00",
-            },
-            {
-                "dataset_type": "flat",
-                "file": "flat_g.fits",
-                "data_id": {"detector": 4, "physical_filter": "g_01"},
-                "valid_from": 60000.0,
-                "valid_to": None,
-            },
-        ]
-    )
-    (directory / "manifest.yaml").write_text(
-        yaml.safe_dump({"instrument": "LSSTComCam", "datasets": entries})
-    )
-    return directory
-
-
-SKYMAP = SkyMap(
-    "apbatch_sim", [(10.0, -5.0), (53.0, -28.0)], patch_size=400, overlap=20, tract_radius_deg=0.05
-)  # 5 x 5 patches per tract
-
-
-def write_templates(directory):
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "skymap.yaml").write_text(yaml.safe_dump(SKYMAP.to_dict()))
-    for patch in (5, 6):
-        write_image(small_image(float(patch)), directory / f"t1_p{patch}_g.fits", lossless=True)
-    (directory / "manifest.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "instrument": "LSSTComCam",
-                "skymap": "skymap.yaml",
-                "datasets": [
-                    {
-                        "dataset_type": "template_coadd",
-                        "file": f"t1_p{p}_g.fits",
-                        "data_id": {"tract": 1, "patch": p, "band": "g"},
-                    }
-                    for p in (5, 6)
-                ],
-            }
-        )
-    )
-    return directory
-
-
-def test_ingest_calibs_with_validity_ranges(butler, tmp_path):
-    from apbatch.butler.ingest import _time
-    from lsst.daf.butler import Timespan
-
-    assert ingest_manifest(butler, write_calibs(tmp_path / "calibs")) == 3
-    coll = ds.calib_collection("LSSTComCam")
-
-    def bias_at(iso):
-        ref = butler.find_dataset(
-            "bias",
-            instrument="LSSTComCam",
-            detector=4,
-            collections=coll,
-            timespan=Timespan.fromInstant(_time(iso, "t")),
-        )
-        return None if ref is None else float(butler.get(ref).image[0, 0])
-
-    assert bias_at("2024-10-01T00:00:00") == 1.0
-    assert bias_at("2024-11-08T00:00:00") == 2.0
-    flat = butler.find_dataset(
-        "flat",
-        instrument="LSSTComCam",
-        detector=4,
-        physical_filter="g_01",
-        collections=coll,
-        timespan=Timespan.fromInstant(_time(60623.0, "t")),
-    )
-    assert flat is not None and butler.get(flat).image[0, 0] == pytest.approx(0.9)
-
-
-def test_ingest_templates_and_skymap(butler, tmp_path):
-    assert ingest_manifest(butler, write_templates(tmp_path / "templates")) == 2
-    run = ds.templates_run("LSSTComCam")
-    ref = butler.find_dataset(
-        "template_coadd",
-        skymap="apbatch_sim",
-        tract=1,
-        patch=6,
-        band="g",
-        collections=ds.defaults_collection("LSSTComCam"),
-    )
-    assert ref is not None and butler.get(ref).image[0, 0] == 6.0
-    assert (
-        SkyMap.from_dict(butler.get(ds.SKYMAP, skymap="apbatch_sim", collections=run)).to_dict()
-        == SKYMAP.to_dict()
-    )
-    (sm,) = butler.registry.queryDimensionRecords("skymap", skymap="apbatch_sim")
-    assert (sm.tract_max, sm.patch_nx_max, sm.patch_ny_max) == (2, 5, 5)
-    (patch,) = butler.registry.queryDimensionRecords("patch", skymap="apbatch_sim", tract=1, patch=6)
-    assert (patch.cell_x, patch.cell_y) == (1, 1)
-    ra, dec = SKYMAP.patch(1, 6).wcs.pixel_to_world_values(200.0, 200.0)
-    from lsst.sphgeom import LonLat, UnitVector3d
-
-    assert patch.region.contains(UnitVector3d(LonLat.fromDegrees(float(ra), float(dec))))
-    # the same sky map name with another definition is refused
-    other = SkyMap("apbatch_sim", [(10.0, -5.0)], patch_size=400, overlap=20, tract_radius_deg=0.05)
-    (tmp_path / "templates" / "skymap.yaml").write_text(yaml.safe_dump(other.to_dict()))
-    with pytest.raises(BadInputError, match="another definition"):
-        ingest_manifest(butler, tmp_path / "templates")
-
-
-@pytest.mark.parametrize(
-    "entry, field",
-    [
-        ({"dataset_type": "dark", "file": "bias_old.fits", "data_id": {"detector": 4}}, "dataset_type"),
-        ({"dataset_type": "bias", "file": "missing.fits", "data_id": {"detector": 4}}, "file"),
-        ({"dataset_type": "flat", "file": "flat_g.fits", "data_id": {"detector": 4}}, "physical_filter"),
-        ({"dataset_type": "bias", "file": "bias_old.fits", "data_id": {"detector": 99}}, "detector"),
-        (
-            {
-                "dataset_type": "bias",
-                "file": "bias_old.fits",
-                "data_id": {"detector": 4},
-                "valid_from": "soon",
-            },
-            "valid_from",
-        ),
-    ],
-)
-def test_bad_manifest_ingests_nothing(butler, tmp_path, entry, field):
-    good = {"dataset_type": "bias", "file": "bias_new.fits", "data_id": {"detector": 4}}
-    directory = write_calibs(tmp_path / "calibs", [good, entry])
-    with pytest.raises(BadInputError, match=field):
-        ingest_manifest(butler, directory)
-    assert not butler.query_datasets(
-        "bias", collections="LSSTComCam/calib/run/*", find_first=False, explain=False
-    )
-    assert not butler.collections.query("LSSTComCam/calib/run/*")
-
-
-def test_reingest_is_refused_and_rolled_back(butler, tmp_path):
-    directory = write_calibs(tmp_path / "calibs")
-    ingest_manifest(butler, directory)
-    write_image(small_image(3.0), directory / "bias_newer.fits", lossless=True)
-    manifest = yaml.safe_load((directory / "manifest.yaml").read_text())
-    manifest["datasets"].insert(
-        0,
-        {
-            "dataset_type": "bias",
-            "file": "bias_newer.fits",
-            "data_id": {"detector": 4},
-            "valid_from": "2024-12-01T00:00:00",
-        },
-    )
-    (directory / "manifest.yaml").write_text(yaml.safe_dump(manifest))
-    with pytest.raises(BadInputError, match="already ingested"):
-        ingest_manifest(butler, directory)
-    refs = butler.query_datasets(
-        "bias", collections="LSSTComCam/calib/run/*", find_first=False, explain=False
-    )
-    assert len(refs) == 2  # the new bias of the failed ingest is not there
-
-
-def test_manifest_errors(tmp_path):
-    with pytest.raises(BadInputError, match="no manifest"):
-        load_manifest(tmp_path)
-    (tmp_path / "manifest.yaml").write_text("datasets: {}\n")
-    with pytest.raises(BadInputError, match="datasets"):
-        load_manifest(tmp_path)
-    (tmp_path / "manifest.yaml").write_text("datasets: []\n")
-    with pytest.raises(BadInputError, match="instrument"):
-        load_manifest(tmp_path)
-    write_templates(tmp_path / "t")
-    (tmp_path / "t" / "skymap.yaml").unlink()
-    with pytest.raises(BadInputError, match="skymap"):
-        load_manifest(tmp_path / "t")
-
-
-def test_ingest_requires_registered_instrument(tmp_path):
-    b = create_repo(tmp_path / "repo")
-    with pytest.raises(BadInputError, match="not registered"):
-        ingest_manifest(b, write_calibs(tmp_path / "calibs"))
-
-
-# ---------------------------------------------------------------- command line
 def run_cli(*args):
     return CliRunner().invoke(cli, list(map(str, args)), catch_exceptions=True)
 
@@ -372,6 +191,49 @@ def test_cli_create_register_ingest(tmp_path):
     )
     assert res.exit_code == 0, res.output
     assert "calibs: 3" in res.output and "templates: 2" in res.output
+
+
+def _butler_cli(*args):
+    """Run daf_butler's own ``butler`` command (the one installed next to this Python)."""
+    exe = Path(sys.executable).parent / "butler"
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def test_butler_cli_lists_ccd_regions_and_finds_a_ccd_by_position(tmp_path):
+    from apbatch.instruments import get_instrument
+
+    root, night = tmp_path / "repo", tmp_path / "night"
+    assert run_cli("repo", "create", root).exit_code == 0
+    night.mkdir()
+    science = dataclasses.asdict(comcam_meta(266))
+    bias = dataclasses.asdict(comcam_meta(12)) | {"group_id": None, "visit_id": None,
+                                                 "observation_type": "bias", "ra": None, "dec": None}
+    (night / "plan.yaml").write_text(yaml.safe_dump({"exposures": [science, bias]}))
+    res = run_cli("repo", "register", root, "--instrument", "LSSTComCam", "--night", night)
+    assert res.exit_code == 0, res.output
+
+    out = _butler_cli("query-dimension-records", root, "visit_detector_region")
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines()[2:]]
+    assert sorted(int(r[1]) for r in rows) == list(range(9))  # the 9 ComCam CCDs of the one visit
+    assert {r[0] for r in rows} == {"LSSTComCam"} and {r[2] for r in rows} == {"3110636353110000"}
+    out = _butler_cli("query-dimension-records", root, "visit")
+    assert out.returncode == 0 and "3110636353110000" in out.stdout
+    assert str(bias["exposure_id"]) not in out.stdout  # the bias is an exposure, not a visit
+
+    cam = get_instrument("LSSTComCam")
+    det = cam.detector("R22_S12")
+    wcs = cam.sky_wcs(det, science["ra"], science["dec"], science["rotation"])
+    ra, dec = wcs.pixel_to_world_values(det.nx * 0.3, det.ny * 0.6)
+    where = f"visit_detector_region.region OVERLAPS POINT({float(ra)}, {float(dec)})"
+    out = _butler_cli("query-dimension-records", root, "visit_detector_region", "--where", where)
+    assert out.returncode == 0, out.stderr
+    assert [line.split()[:3] for line in out.stdout.splitlines()[2:]] == [
+        ["LSSTComCam", str(det.id), "3110636353110000"]]
+    where = f"visit_detector_region.region OVERLAPS POINT({science['ra'] + 2.0}, {science['dec']})"
+    out = _butler_cli("query-dimension-records", root, "visit_detector_region", "--where", where)
+    assert out.returncode == 0, out.stderr
+    assert "No results" in out.stdout + out.stderr and "LSSTComCam" not in out.stdout
 
 
 def test_cli_register_from_raw_headers(tmp_path):
@@ -422,6 +284,7 @@ def test_cli_register_simulated_night(tmp_path):
         assert visits[v.visit_id].exposure_time == pytest.approx(sum(e.exptime for e in v.exposures))
     n_exp = len(plan.calibrations) + sum(len(v.exposures) for v in plan.visits)
     assert len(list(b.registry.queryDimensionRecords("exposure", instrument="LSSTComCam"))) == n_exp
+    assert set(visits) == {v.visit_id for v in plan.visits}  # the bias and flat exposures are no visits
 
 
 @pytest.mark.postgres

@@ -12,6 +12,7 @@ import yaml
 from apbatch.backends.base import JobState, JobStatus
 from apbatch.cli import main
 from apbatch.config import ApbatchConfig, load_config
+from apbatch.jobconfig import resolve_command
 from apbatch.ledger import Ledger
 from test_dispatcher import FakeBackend
 
@@ -53,7 +54,8 @@ def test_submit_prints_job_ids_once(env, capsys):
     assert code == 0
     lines = out.splitlines()
     assert len(lines) == 189 and lines[0] == "fake-1\tap-LSSTCam-3294702866920000\tR01_S00"
-    assert env["made"][0]["config_file"] == env["config"]  # jobs are told which config to read
+    # the ledger records the command the jobs were submitted with (FakeBackend.job_command)
+    assert ledger_of(env).rows()[0].command == ("fake-job", "--config", "/night/20250609.yaml")
     code, out, err = run(capsys, "submit", str(DATA / "nextVisit_LSSTCam.json"), "--config", env["config"])
     assert code == 0 and out == "" and "duplicate" in err
     assert len(env["backend"].batches) == 1 and len(ledger_of(env).rows()) == 189
@@ -132,13 +134,14 @@ def test_status_table_json_and_live(env, capsys):
     backend.states["fake-1"] = JobStatus("fake-1", JobState.RUNNING)
     backend.states["fake-2"] = JobStatus("fake-2", JobState.COMPLETED, 5)
     code, out, _ = run(capsys, "status", "--config", env["config"])
-    assert code == 0
+    assert code == 6  # a CCD failed for good (exit 5): needs attention
+    assert "needs attention: 1 CCD(s)" in out and "R22_S01  FAILED  exit 5" in out
     header, row, total = out.splitlines()[:3]
     assert header.split()[:6] == ["INSTRUMENT", "VISIT", "GROUP", "INTENT", "CCDS", "STATES"]
     assert "3110636353110000" in row and "FAILED=1 PENDING=7 RUNNING=1" in row
     assert total.startswith("total: 1 visit(s), 9 CCD(s)")
     code, out, _ = run(capsys, "status", "--config", env["config"], "--no-live")
-    assert "PENDING=9" in out  # the ledger alone
+    assert code == 0 and "PENDING=9" in out  # the ledger alone
     code, out, _ = run(capsys, "status", "--config", env["config"], "--visit", "3110636353110000", "--json")
     report = json.loads(out)
     assert report["live"] is True and len(report["ccds"]) == 9
@@ -148,6 +151,12 @@ def test_status_table_json_and_live(env, capsys):
 
 
 def test_status_empty_and_scheduler_down(env, capsys):
+    ledger_file = env["root"] / "ledger.sqlite3"
+    code, out, err = run(capsys, "status", "--config", env["config"])
+    assert code == 2 and out == "" and len(err.splitlines()) == 1
+    assert f"no ledger at {ledger_file}" in err and "ledger.url" in err and "--config" in err
+    assert not ledger_file.exists() and not env["root"].exists()  # a reader creates nothing
+    ledger_of(env).close()  # an empty ledger
     assert run(capsys, "status", "--config", env["config"])[1].strip() == "no submissions recorded"
     run(capsys, "submit", str(DATA / "nextVisit_LATISS.json"), "--config", env["config"])
 
@@ -170,7 +179,7 @@ def test_cancel_visit_and_detector(env, capsys):
     code, out, err = run(capsys, "cancel", "--group", "2024-11-09T06:33:55.311", "--config", env["config"])
     assert code == 0 and out == "" and "nothing to cancel" in err
     rows = ledger_of(env).rows()
-    assert {r["state"] for r in rows} == {"CANCELLED"} and not any(r["retry"] for r in rows)
+    assert {r.state for r in rows} == {"CANCELLED"} and not any(r.retry for r in rows)
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -223,7 +232,10 @@ def test_render_job_with_the_real_local_backend(tmp_path, capsys, monkeypatch):
     cfg.write_text(yaml.safe_dump({"root": str(tmp_path / "w")}))
     code, out, _ = run(capsys, "render-job", str(DATA / "nextVisit_LATISS.json"), "--config", str(cfg))
     assert code == 0 and "process-ccd" in out and "2024-06-25T01:26:31.895#1" in out
-    assert not (tmp_path / "w" / "ledger.sqlite3").exists()
+    # the command a job runs: this install's apbatch (absolute), with the night's resolved config
+    night_file = tmp_path / "w" / "config" / "20240624.yaml"
+    assert f"{resolve_command(['apbatch'])[0]} process-ccd --config {night_file} --instrument LATISS" in out
+    assert not (tmp_path / "w").exists()  # nothing written: no ledger, no config file
 
 
 # ---------------------------------------------------------------------------------- daemon

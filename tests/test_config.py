@@ -1,7 +1,6 @@
 """Tests for apbatch.config: defaults, YAML, environment overrides and bad values."""
 
 import pytest
-
 from apbatch.config import HTCondorBackendConfig, SlurmBackendConfig, load_config
 from apbatch.errors import BadInputError
 
@@ -66,3 +65,56 @@ def test_bad_config_names_the_field(tmp_path, text, field):
 def test_missing_config_file(tmp_path):
     with pytest.raises(BadInputError, match="--config: no such file"):
         load_config(tmp_path / "absent.yaml", environ={})
+
+
+# ---------------------------------------------------------------- every field is read somewhere
+# Fields read in a way the attribute scan below cannot see, each with why:
+_READ_BY_NAME = {
+    "kind": "the discriminator of BackendConfig, and read as .kind everywhere",
+    # backends/base.py: getattr(self.settings, "command_timeout", 30.0), as only Slurm's section has it
+    "command_timeout": "read with getattr by the shared backend base class",
+}
+
+
+def _fields(model, prefix=""):
+    """(dotted name, attribute name) of every field of a pydantic model class, recursively."""
+    import typing
+
+    from pydantic import BaseModel
+
+    for name, info in model.model_fields.items():
+        yield f"{prefix}{name}", name
+        stack = [info.annotation]
+        while stack:  # unions (the backends) and Annotated[...] wrappers
+            tp = stack.pop()
+            if isinstance(tp, type) and issubclass(tp, BaseModel):
+                yield from _fields(tp, f"{prefix}{name}.")
+            else:
+                stack += [a for a in typing.get_args(tp) if not isinstance(a, (str, int, float))]
+
+
+def test_every_config_field_is_read_outside_config_py():
+    """A config field nothing reads is a setting that silently does nothing.
+
+    An attribute read (``cfg.job.output_run``, ``settings.partition``) counts; a method call of
+    the same name (``ds.output_run(...)``) does not.
+    """
+    import re
+    from pathlib import Path
+
+    import apbatch
+    from apbatch.config import ApbatchConfig
+
+    package = Path(apbatch.__file__).parent
+    source = "\n".join(p.read_text() for p in package.rglob("*.py") if p.name != "config.py")
+    unread = sorted({dotted for dotted, attr in _fields(ApbatchConfig)
+                     if attr not in _READ_BY_NAME and not re.search(rf"\.{attr}\b(?!\s*\()", source)})
+    assert unread == [], f"config fields read nowhere in python/apbatch: {unread}"
+
+
+def test_field_scan_sees_nested_and_union_fields():
+    from apbatch.config import ApbatchConfig
+
+    names = {dotted for dotted, _ in _fields(ApbatchConfig)}
+    assert {"alerts.schema_version", "apdb.region_padding_arcsec", "job.output_run", "backend.partition",
+            "backend.schedd_name", "kafka.password_file"} <= names

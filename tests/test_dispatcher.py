@@ -41,6 +41,9 @@ class FakeBackend(Backend):
         self.fail_submits = fail_submits
         self._n = 0
 
+    def job_command(self, day_obs: int) -> list[str]:
+        return ["fake-job", "--config", f"/night/{day_obs}.yaml"]
+
     def render(self, works: Sequence[CcdWork]) -> str:
         return "\n".join(" ".join(["fake-job", w.label, w.detector_name,
                                    *w.job_args()]) for w in works) + "\n"
@@ -109,8 +112,8 @@ def test_dynamic_mode_submits_at_next_visit_once(setup):
         assert handle(disp, name).action == "duplicate"
     assert len(backend.batches) == 1
     rows = ledger.rows()
-    assert len(rows) == 189 and {r["state"] for r in rows} == {"PENDING"}
-    assert {r["backend"] for r in rows} == {"fake"} and rows[0]["event_received_at"] == NOW
+    assert len(rows) == 189 and {r.state for r in rows} == {"PENDING"}
+    assert {r.backend for r in rows} == {"fake"} and rows[0].event_received_at == NOW
     assert [e["kind"] for e in ledger.event_rows()] == ["nextVisit", "startIntegration", "startIntegration",
                                                         "nextVisit"]
 
@@ -191,7 +194,7 @@ def test_shell_metacharacters_in_group_are_harmless(setup, tmp_path):
     out = handle(disp, "calib_bias_LSSTCam.json", additionalKeys="imageType:groupId",
                  additionalValues=f"BIAS:{nasty}")
     assert out.action == "submitted"
-    assert {r["group_id"] for r in ledger.rows()} == {nasty}
+    assert {r.group_id for r in ledger.rows()} == {nasty}
     argv = [sys.executable, "-c", "import sys, json; print(json.dumps(sys.argv[1:]))",
             *out.jobs[0].work.job_args()]
     seen = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
@@ -210,7 +213,7 @@ def test_next_visit_canceled_cancels_not_started_jobs(setup):
                         "private_sndStamp": NOW + TAI_MINUS_UTC}}
     res = disp.handle(parse_event(cancel))
     assert res.action == "cancelled" and sorted(backend.cancelled) == sorted(ids[1:])
-    states = {r["job_id"]: r["state"] for r in ledger.rows()}
+    states = {r.job_id: r.state for r in ledger.rows()}
     assert states[ids[0]] == "RUNNING" and {states[i] for i in ids[1:]} == {"CANCELLED"}
     # the running one may still process images, but is never retried
     backend.states[ids[0]] = JobStatus(ids[0], JobState.FAILED, 3)
@@ -229,15 +232,15 @@ def test_poll_updates_states_and_retries_retriable_failures(setup):
     assert result == {"polled": 9, "updated": 9, "resubmitted": 1}
     assert [w.detector for w in backend.batches[-1]] == [0]
     row = ledger.rows(detector=0)[0]
-    assert row["attempts"] == 2 and row["state"] == "PENDING" and row["job_id"] != ids[0]
-    assert ledger.rows(detector=1)[0]["state"] == "FAILED"
-    assert ledger.rows(detector=2)[0]["finished_at"] == NOW + 10
-    assert ledger.rows(detector=3)[0]["started_at"] == NOW + 10
+    assert row.attempts == 2 and row.state == "PENDING" and row.job_id != ids[0]
+    assert ledger.rows(detector=1)[0].state == "FAILED"
+    assert ledger.rows(detector=2)[0].finished_at == NOW + 10
+    assert ledger.rows(detector=3)[0].started_at == NOW + 10
     for _ in range(3):  # keeps failing with exit 3: resubmitted until 3 submissions in all
-        job = ledger.rows(detector=0)[0]["job_id"]
+        job = ledger.rows(detector=0)[0].job_id
         backend.states[job] = JobStatus(job, JobState.FAILED, 3)
         disp.poll_jobs()
-    assert ledger.rows(detector=0)[0]["attempts"] == 3 and ledger.rows(detector=0)[0]["state"] == "FAILED"
+    assert ledger.rows(detector=0)[0].attempts == 3 and ledger.rows(detector=0)[0].state == "FAILED"
     assert len(backend.batches) == 3
 
 
@@ -246,11 +249,11 @@ def test_scheduler_failure_is_recorded_and_retried(setup):
     backend.fail_submits = 1
     out = handle(disp, "nextVisit_LSSTComCam.json")
     assert out.action == "submit-failed" and "sbatch exited with 1" in out.reason
-    assert {r["state"] for r in ledger.rows()} == {SUBMIT_FAILED}
+    assert {r.state for r in ledger.rows()} == {SUBMIT_FAILED}
     assert handle(disp,
                   "nextVisit_LSSTComCam.json").action == "duplicate"  # not resubmitted by a repeat event
     assert disp.poll_jobs()["resubmitted"] == 9
-    assert {(r["state"], r["attempts"]) for r in ledger.rows()} == {("PENDING", 2)}
+    assert {(r.state, r.attempts) for r in ledger.rows()} == {("PENDING", 2)}
 
 
 def test_orphaned_claims_are_submitted_after_the_claim_timeout(setup):
@@ -297,3 +300,40 @@ def test_run_daemon_stops_gracefully_on_sigterm(setup, tmp_path):
     counts = run_daemon(disp.config, backend=backend, ledger=ledger, max_seconds=20)
     assert counts == {} and time.monotonic() - t0 < 5
     assert signal.getsignal(signal.SIGTERM) == before  # handler restored after the run
+
+
+DUMP = r'printf "%s\n" "$@" > "$APTEST_OUT/args"; exit 127'
+
+
+def test_daemon_jobs_get_the_resolved_config_and_a_start_failure_is_explained(tmp_path, monkeypatch):
+    """The real local backend: the job's --config file holds every --config file and APBATCH_*
+    override the daemon was started with; a job whose command cannot start (exit 127) is FAILED
+    with that reason in the ledger, and is not retried."""
+    from apbatch.backends.local import LocalBackend
+
+    out = tmp_path / "out"
+    out.mkdir()
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(json.dumps({"root": str(tmp_path / "work"), "job": {
+        "command": ["/bin/sh", "-c", DUMP, "apjob"], "env": {"APTEST_OUT": str(out)}}}))
+    b.write_text(json.dumps({"alerts": {"topic": "site-b"}}))
+    cfg = load_config([a, b], environ={"APBATCH_EVENTS__MAX_ATTEMPTS": "2"})
+    ledger = Ledger.from_config(cfg)
+    disp = Dispatcher(cfg, ledger, LocalBackend(cfg), status_interval=0.1)
+    lines = json.dumps(fresh("nextVisit_LATISS.json", time.time()))
+    disp.source = StdinSource(io.StringIO(lines + "\n"))
+    assert disp.run(max_seconds=20) == {"submitted": 1}
+    deadline = time.monotonic() + 30
+    while ledger.rows()[0].state.unfinished and time.monotonic() < deadline:
+        disp.poll_jobs()
+        time.sleep(0.1)
+    args = (out / "args").read_text().splitlines()
+    assert args[0] == "--config"
+    job_cfg = load_config(args[1], environ={})
+    assert job_cfg.alerts.topic == "site-b" and job_cfg.events.max_attempts == 2
+    assert job_cfg.root == str(tmp_path / "work") and job_cfg == cfg
+    row = ledger.rows()[0]
+    assert (row.state, row.exit_code) == ("FAILED", 127) and row.reason.startswith("cannot start")
+    assert row.command == ("/bin/sh", "-c", DUMP, "apjob", "--config", args[1])
+    assert disp.poll_jobs()["resubmitted"] == 0  # cannot start: a person fixes job.command
+    ledger.close()

@@ -7,6 +7,9 @@ itemdata); the schedd calls go to a recording fake with `htcondor2.Schedd`'s int
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import classad2
 import htcondor2
 import pytest
@@ -81,7 +84,7 @@ def make(tmp_path, schedd=None, **backend) -> HTCondorBackend:
     cfg = load_config(environ={}, overrides={
         "root": str(tmp_path), "backend": {"kind": "htcondor", **backend},
         "job": {"command": ["/opt/ap/bin/apbatch", "process-ccd"]}})
-    return HTCondorBackend(cfg, schedd=schedd, config_file="/etc/apbatch.yaml")
+    return HTCondorBackend(cfg, schedd=schedd)
 
 
 def condor_split(arguments: str) -> list[str]:
@@ -113,14 +116,14 @@ def condor_split(arguments: str) -> list[str]:
 def test_render_golden(tmp_path):
     text = make(tmp_path).render(works_of(2))
     log = f"{tmp_path}/logs/htcondor/ap-LSSTComCam-2025061000578"
-    env = ("'OMP_NUM_THREADS=1' 'OPENBLAS_NUM_THREADS=1' 'MKL_NUM_THREADS=1' "
-           "'APBATCH_CONFIG=/etc/apbatch.yaml'")
+    env = "'OMP_NUM_THREADS=1' 'OPENBLAS_NUM_THREADS=1' 'MKL_NUM_THREADS=1'"
+    night_file = tmp_path / "config" / "20250610.yaml"
     args = ("'--visit' '2025061000578' '--day-obs' '20250610' '--intent' 'science' '--exposure-time' '30.0' "
             "'--nimages' '2' '--distributor' 'http://127.0.0.1:8000' '--ra' '10.5' '--dec' '-20.25' "
             "'--rotation' '45.0' '--filter' 'r_03'")
     assert text == f"""universe = vanilla
 executable = /opt/ap/bin/apbatch
-arguments = "'process-ccd' $(ApArgs)"
+arguments = "'process-ccd' '--config' '{night_file}' $(ApArgs)"
 environment = "{env}"
 getenv = false
 transfer_executable = false
@@ -165,7 +168,8 @@ def test_attributes_and_arguments_expand_to_literal_data(tmp_path):
         sub = htcondor2.Submit(backend.description(works))
         for key, value in item.items():
             sub[key] = value
-        assert condor_split(sub.expand("arguments")) == ["process-ccd", *work.job_args()]
+        assert condor_split(sub.expand("arguments")) == [
+            "process-ccd", "--config", str(tmp_path / "config" / "20250610.yaml"), *work.job_args()]
         assert classad2.ExprTree(sub.expand("MY.ApGroup")).eval() == EVIL_GROUP
         assert classad2.ExprTree(sub.expand("MY.ApDetector")).eval() == work.detector
         assert classad2.ExprTree(sub.expand("MY.ApDetectorName")).eval() == work.detector_name
@@ -176,12 +180,27 @@ def test_attributes_and_arguments_expand_to_literal_data(tmp_path):
 
 def test_relative_executable_is_resolved_on_path(tmp_path, monkeypatch):
     (tmp_path / "bin").mkdir()
-    exe = tmp_path / "bin" / "apbatch"
+    exe = tmp_path / "bin" / "apjob"
     exe.write_text("#!/bin/sh\n")
     exe.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
-    cfg = load_config(environ={}, overrides={"root": str(tmp_path), "backend": {"kind": "htcondor"}})
+    cfg = load_config(environ={}, overrides={"root": str(tmp_path), "backend": {"kind": "htcondor"},
+                                             "job": {"command": ["apjob", "run"]}})
     assert HTCondorBackend(cfg).description(works_of(1))["executable"] == str(exe)
+
+
+def test_default_command_is_this_installs_apbatch_not_the_one_on_path(tmp_path, monkeypatch):
+    """A bare `apbatch` is the script next to the submitting interpreter, whatever PATH says."""
+    (tmp_path / "bin").mkdir()
+    other = tmp_path / "bin" / "apbatch"
+    other.write_text("#!/bin/sh\n")
+    other.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
+    cfg = load_config(environ={}, overrides={"root": str(tmp_path), "backend": {"kind": "htcondor"}})
+    desc = HTCondorBackend(cfg).description(works_of(1))
+    mine = Path(sys.executable).absolute().parent / "apbatch"
+    assert desc["executable"] == (str(mine) if mine.exists() else str(Path(sys.executable).absolute()))
+    assert desc["executable"] != str(other)
 
 
 def test_line_breaks_cannot_be_expressed_and_are_refused(tmp_path):
@@ -202,6 +221,10 @@ def test_submit_is_one_cluster_with_one_item_per_ccd(tmp_path):
     assert call == "submit" and items == backend.itemdata(works)
     assert description == str(htcondor2.Submit(backend.description(works)))
     assert (tmp_path / "logs" / "htcondor").is_dir()
+    # the jobs' --config file exists before the schedd can start them, with the resolved config
+    night_file = tmp_path / "config" / "20250610.yaml"
+    assert f"'--config' '{night_file}'" in htcondor2.Submit(backend.description(works))["arguments"]
+    assert load_config(night_file, environ={}) == backend.config
 
 
 def test_schedd_errors_become_scheduler_errors(tmp_path):

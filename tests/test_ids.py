@@ -3,7 +3,6 @@
 import datetime
 
 import pytest
-
 from apbatch.errors import BadInputError
 from apbatch.ids import day_obs_of, exposure_id, parse_obs_id, visit_id_from_group
 

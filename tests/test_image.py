@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from apbatch.image import Image, MaskBits, read_image, write_image
 from apbatch.instruments import get_instrument
 

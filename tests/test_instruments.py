@@ -4,10 +4,9 @@ import math
 
 import numpy as np
 import pytest
-from astropy.coordinates import SkyCoord
-
 from apbatch.errors import BadInputError
 from apbatch.instruments import get_instrument, normalize_instrument
+from astropy.coordinates import SkyCoord
 
 
 @pytest.mark.parametrize("name, n", [("LATISS", 1), ("LSSTComCam", 9), ("LSSTCam", 189)])
@@ -24,7 +23,9 @@ def test_lsstcam_ids_match_obs_lsst():
     assert all(d.id < 189 for d in cam.science_detectors)
 
 
-@pytest.mark.parametrize("alias, canon", [("lsstCam", "LSSTCam"), ("ComCam", "LSSTComCam"), ("latiss", "LATISS")])
+@pytest.mark.parametrize(
+    "alias, canon", [("lsstCam", "LSSTCam"), ("ComCam", "LSSTComCam"), ("latiss", "LATISS")]
+)
 def test_aliases(alias, canon):
     assert normalize_instrument(alias) == canon
 

@@ -47,9 +47,9 @@ def test_claim_once(ledger):
     more = works(8)
     assert [w.detector for w in ledger.claim(more)] == [5, 6, 7]
     rows = ledger.rows(group_id=GROUP)
-    assert len(rows) == 8 and all(r["state"] == CLAIMED and r["attempts"] == 0 for r in rows)
-    assert rows[0]["event_received_at"] == 1.0 and rows[0]["claimed_at"] == 2.0
-    assert CcdWork.from_dict(json.loads(rows[0]["work"])) == ws[0]
+    assert len(rows) == 8 and all(r.state == CLAIMED and r.attempts == 0 for r in rows)
+    assert rows[0].event_received_at == 1.0 and rows[0].claimed_at == 2.0
+    assert rows[0].work == ws[0]
 
 
 def test_claim_survives_restart(url):
@@ -101,9 +101,9 @@ def test_record_submitted_and_states(ledger):
     ledger.claim(ws)
     submit(ledger, ws, now=100.0)
     rows = ledger.rows(group_id=GROUP)
-    assert [r["job_id"] for r in rows] == ["j0", "j1", "j2"]
-    assert all(r["state"] == "PENDING" and r["attempts"] == 1 and r["backend"] == "fake"
-               and r["submitted_at"] == 100.0 for r in rows)
+    assert [r.job_id for r in rows] == ["j0", "j1", "j2"]
+    assert all(r.state == "PENDING" and r.attempts == 1 and r.backend == "fake"
+               and r.submitted_at == 100.0 for r in rows)
     assert ledger.unfinished_job_ids("fake") == ["j0", "j1", "j2"]
     assert ledger.unfinished_job_ids("slurm") == []
 
@@ -112,11 +112,11 @@ def test_record_submitted_and_states(ledger):
     ledger.update_states({"j0": JobStatus("j0", JobState.COMPLETED, 0),
                           "j1": JobStatus("j1", JobState.COMPLETED, 4, "exit 4"),
                           "j2": JobStatus("j2", JobState.HELD, None, "held by admin")}, "fake", now=120.0)
-    by = {r["job_id"]: r for r in ledger.rows(group_id=GROUP)}
-    assert (by["j0"]["state"], by["j0"]["started_at"], by["j0"]["finished_at"]) == ("COMPLETED", 110.0, 120.0)
-    assert by["j1"]["state"] == "FAILED" and by["j1"]["exit_code"] == 4  # COMPLETED + non-zero exit = FAILED
-    assert by["j2"]["state"] == "HELD" and by["j2"]["reason"] == "held by admin"
-    assert by["j2"]["started_at"] is None and by["j2"]["last_polled_at"] == 120.0
+    by = {r.job_id: r for r in ledger.rows(group_id=GROUP)}
+    assert (by["j0"].state, by["j0"].started_at, by["j0"].finished_at) == ("COMPLETED", 110.0, 120.0)
+    assert by["j1"].state == "FAILED" and by["j1"].exit_code == 4  # COMPLETED + non-zero exit = FAILED
+    assert by["j2"].state == "HELD" and by["j2"].reason == "held by admin"
+    assert by["j2"].started_at is None and by["j2"].last_polled_at == 120.0
     # a finished row is not changed by a later report, and another backend's job ids are not touched
     assert ledger.update_states({"j0": JobStatus("j0", JobState.RUNNING)}, "fake", now=130.0) == 0
     assert ledger.update_states({"j2": JobStatus("j2", JobState.RUNNING)}, "slurm", now=130.0) == 0
@@ -134,8 +134,8 @@ def test_retriable(ledger):
     # ws[5] is still CLAIMED: retried only once its claim is older than the claim timeout
     assert [w.detector for w in ledger.retriable(3, claim_timeout=300, now=1100.0)] == [0, 1, 4]
     assert [w.detector for w in ledger.retriable(3, claim_timeout=300, now=1400.0)] == [0, 1, 4, 5]
-    assert ledger.rows(detector=4)[0]["state"] == SUBMIT_FAILED
-    assert "queue full" in ledger.rows(detector=4)[0]["reason"]
+    assert ledger.rows(detector=4)[0].state == SUBMIT_FAILED
+    assert "queue full" in ledger.rows(detector=4)[0].reason
     # attempts count: one submission each so far -> none left with max_attempts=1
     assert [w.detector for w in ledger.retriable(1, now=1100.0)] == []
     ledger.disable_retry(GROUP)
@@ -158,26 +158,26 @@ def test_claim_retriable_hands_each_ccd_to_one_process(ledger, url):
         read_by_other = other.rows(group_id=GROUP)
         first = ledger.claim_retriable(3, now=1100.0)
         assert [w.detector for w in first] == [0, 1, 2, 3]
-        assert {r["state"] for r in ledger.rows(group_id=GROUP)} == {"CLAIMED"}
+        assert {r.state for r in ledger.rows(group_id=GROUP)} == {"CLAIMED"}
         # the other process read the rows before the claim: its compare-and-set wins nothing
         assert other.reclaim(read_by_other, now=1100.5) == []
         assert other.claim_retriable(3, now=1101.0) == []
     finally:
         other.close()
     # recorded as submitted, the claim ends; a new failure makes them retriable again
-    submit(ledger, first, prefix="k", now=1102.0)
-    assert {r["state"] for r in ledger.rows(group_id=GROUP)} == {"PENDING"}
-    assert [r["attempts"] for r in ledger.rows(group_id=GROUP)] == [2, 2, 2, 2]
+    submit(ledger, [r.work for r in first], prefix="k", now=1102.0)
+    assert {r.state for r in ledger.rows(group_id=GROUP)} == {"PENDING"}
+    assert [r.attempts for r in ledger.rows(group_id=GROUP)] == [2, 2, 2, 2]
 
 
 def test_reclaim_of_a_stale_claim_is_won_once(ledger):
     ws = works(2)
     ledger.claim(ws, now=1000.0)  # claimed, never submitted (the daemon died)
     rows = ledger.rows(group_id=GROUP)
-    assert ledger.reclaim(rows, now=2000.0) == [r["id"] for r in rows]
+    assert ledger.reclaim(rows, now=2000.0) == [r.id for r in rows]
     # the same stale view again (a second process): claimed_at changed, so nothing is won
     assert ledger.reclaim(rows, now=2000.5) == []
-    assert [r["claimed_at"] for r in ledger.rows(group_id=GROUP)] == [2000.0, 2000.0]
+    assert [r.claimed_at for r in ledger.rows(group_id=GROUP)] == [2000.0, 2000.0]
 
 
 def test_resubmission_keeps_history(ledger):
@@ -187,9 +187,9 @@ def test_resubmission_keeps_history(ledger):
     ledger.update_states({"a0": JobStatus("a0", JobState.FAILED, 3)}, "fake")
     submit(ledger, ws, prefix="b", now=200.0)
     row = ledger.rows(detector=0)[0]
-    assert row["job_id"] == "b0" and row["attempts"] == 2 and row["state"] == "PENDING"
-    assert row["exit_code"] is None and row["finished_at"] is None
-    assert json.loads(row["job_history"]) == ["a0"]
+    assert row.job_id == "b0" and row.attempts == 2 and row.state == "PENDING"
+    assert row.exit_code is None and row.finished_at is None
+    assert row.job_history == ("a0",)
 
 
 def test_mark_cancelled_and_visits(ledger):
@@ -198,15 +198,15 @@ def test_mark_cancelled_and_visits(ledger):
     ledger.claim(ws, now=10.0)
     ledger.claim(other, now=20.0)
     submit(ledger, ws)
-    ids = [r["id"] for r in ledger.rows(group_id=GROUP, detector=1)]
+    ids = [r.id for r in ledger.rows(group_id=GROUP, detector=1)]
     ledger.mark_cancelled(ids, "by test", now=50.0)
     row = ledger.rows(detector=1, group_id=GROUP)[0]
-    assert row["state"] == "CANCELLED" and not row["retry"] and row["finished_at"] == 50.0
+    assert row.state == "CANCELLED" and not row.retry and row.finished_at == 50.0
     summary = ledger.visits()
     assert [v["group_id"] for v in summary] == ["2025-06-10T07:40:00.000", GROUP]  # newest first
     assert summary[1]["states"] == {"CANCELLED": 1, "PENDING": 3} and summary[1]["ccds"] == 4
     assert summary[0]["states"] == {CLAIMED: 2}
-    assert ledger.rows(visit=3294703200000000, states=[CLAIMED])[0]["detector"] == 0
+    assert ledger.rows(visit=3294703200000000, states=[CLAIMED])[0].detector == 0
     assert ledger.visits(instrument="LATISS") == []
 
 
@@ -215,7 +215,7 @@ def test_group_id_with_shell_metacharacters_stored_verbatim(ledger):
     ws = works(2, group=nasty)
     assert ledger.claim(ws) == ws
     assert ledger.claim(ws) == []
-    assert {r["group_id"] for r in ledger.rows(group_id=nasty)} == {nasty}
+    assert {r.group_id for r in ledger.rows(group_id=nasty)} == {nasty}
     assert len(ledger.rows()) == 2  # the table is still there
 
 
@@ -244,6 +244,58 @@ def test_claim_of_nothing(ledger):
     assert ledger.update_states({}, "fake") == 0
 
 
+def test_readers_never_create_a_ledger(tmp_path, url):
+    missing = tmp_path / "no" / "ledger.sqlite3"
+    with pytest.raises(BadInputError, match=f"no ledger at {missing}.*ledger.url"):
+        Ledger.open(f"sqlite:///{missing}", create=False)
+    assert not (tmp_path / "no").exists()
+    Ledger.open(url).close()
+    Ledger.open(url, create=False).close()  # an existing one opens
+
+
+def test_ledger_of_an_older_version_gains_the_command_column(url):
+    led = Ledger.open(url)
+    led.claim(works(1))
+    with led.engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE submissions DROP COLUMN command")
+    led.close()
+    led = Ledger.open(url, create=False)
+    try:
+        assert led.rows()[0].command == ()
+        submit(led, works(1))
+        led.record_submitted([SubmittedJob(works(1)[0], "j9")], "fake", command=["/venv/bin/apbatch", "x"])
+        assert led.rows()[0].command == ("/venv/bin/apbatch", "x")
+    finally:
+        led.close()
+
+
+def _count_updates(ledger):
+    seen = []
+    sa.event.listen(ledger.engine, "before_cursor_execute",
+                    lambda conn, cur, stmt, params, ctx, many: seen.append(stmt.split()[0]))
+    return seen
+
+
+def test_bulk_state_updates_are_one_statement_per_batch(ledger):
+    ws = works(450)
+    ledger.claim(ws)
+    submit(ledger, ws)
+    seen = _count_updates(ledger)
+    statuses = {f"j{d}": JobStatus(f"j{d}", *((JobState.RUNNING, None) if d % 2 else (JobState.COMPLETED, 0)))
+                for d in range(450)}
+    assert ledger.update_states(statuses, "fake", now=500.0) == 450
+    assert seen.count("UPDATE") == 3  # 450 jobs in batches of 200
+    rows = ledger.rows()
+    odd, even = [r for r in rows if r.detector % 2], [r for r in rows if not r.detector % 2]
+    assert {(r.state, r.started_at, r.finished_at) for r in odd} == {("RUNNING", 500.0, None)}
+    assert {(r.state, r.exit_code, r.finished_at) for r in even} == {("COMPLETED", 0, 500.0)}
+    seen.clear()
+    assert len(ledger.reclaim(rows[:250], now=600.0)) == 250 and seen.count("UPDATE") == 2
+    seen.clear()
+    ledger.record_submit_failed([r.work for r in rows[:250]], "refused")
+    assert seen.count("UPDATE") == 1  # one visit
+
+
 # ----------------------------------------------------------------------- PostgreSQL (scale tier)
 @pytest.mark.postgres
 def test_postgresql_claims_and_reclaims_once_across_processes(postgres_url):
@@ -260,7 +312,7 @@ def test_postgresql_claims_and_reclaims_once_across_processes(postgres_url):
         submit(led, ws)
         led.update_states({f"j{w.detector}": JobStatus(f"j{w.detector}", JobState.FAILED, 4) for w in ws},
                           "fake")
-        read_by_other = [r for r in led.rows(group_id=GROUP) if r["state"] == "FAILED"]
+        read_by_other = [r for r in led.rows(group_id=GROUP) if r.state == "FAILED"]
         assert len(read_by_other) == 4
         other = Ledger.open(postgres_url)
         try:
@@ -269,5 +321,30 @@ def test_postgresql_claims_and_reclaims_once_across_processes(postgres_url):
         finally:
             other.close()
         assert led.engine.dialect.name == "postgresql"
+    finally:
+        led.close()
+
+
+@pytest.mark.postgres
+def test_postgresql_bulk_updates_and_reader(postgres_url):
+    """The CASE-based state update and UPDATE ... RETURNING reclaim on a real server; a reader
+    refuses an empty database."""
+    with pytest.raises(BadInputError, match="no ledger at"):
+        Ledger.open(postgres_url, create=False)
+    led = Ledger.open(postgres_url)
+    try:
+        ws = works(5)
+        led.claim(ws)
+        submit(led, ws)
+        changed = led.update_states({"j0": JobStatus("j0", JobState.COMPLETED, 4),
+                                     "j1": JobStatus("j1", JobState.RUNNING),
+                                     "j2": JobStatus("j2", JobState.FAILED, 127)}, "fake", now=700.0)
+        by = {r.job_id: r for r in led.rows()}
+        assert changed == 3
+        assert (by["j0"].state, by["j0"].exit_code, by["j0"].reason) == ("FAILED", 4, "exit code 4")
+        assert by["j1"].started_at == 700.0 and by["j1"].exit_code is None
+        assert by["j2"].reason.startswith("cannot start") and by["j3"].state == "PENDING"
+        assert led.reclaim([by["j0"], by["j2"]], now=800.0) == sorted([by["j0"].id, by["j2"].id])
+        assert led.reclaim([by["j0"]], now=801.0) == []
     finally:
         led.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ from apbatch.backends.base import JobState
 from apbatch.backends.local import LocalBackend, run_queue
 from apbatch.config import load_config
 from apbatch.errors import BadInputError
+from apbatch.jobconfig import resolve_command
 from apbatch.work import CcdWork
 
 GROUP = "2025-06-10T07:31:26.692"
@@ -54,7 +56,11 @@ def make(tmp_path, out, max_workers=2, sleep="0", command=None) -> LocalBackend:
         "root": str(tmp_path / "work"), "backend": {"kind": "local", "max_workers": max_workers},
         "job": {"command": command or ["/bin/sh", "-c", JOB, "apjob"],
                 "env": {"OMP_NUM_THREADS": "1", "APTEST_OUT": str(out), "APTEST_SLEEP": sleep}}})
-    return LocalBackend(cfg, config_file="/etc/apbatch.yaml")
+    return LocalBackend(cfg)
+
+
+def night_file(tmp_path) -> Path:
+    return tmp_path / "work" / "config" / "20250610.yaml"
 
 
 def wait_finished(backend, ids, timeout=30.0):
@@ -78,6 +84,7 @@ def wait_for(predicate, timeout=20.0):
 def test_render_golden(tmp_path, out):
     backend = make(tmp_path, out, command=["apbatch", "process-ccd"])
     text = backend.render(works_of(2))
+    cmd = f"{resolve_command(['apbatch'])[0]} process-ccd --config {night_file(tmp_path)}"
     args = ("--visit 2025061000578 --day-obs 20250610 --intent science --exposure-time 30.0 --nimages 2 "
             "--distributor http://127.0.0.1:8000 --ra 10.5 --dec -20.25 --rotation 45.0 --filter r_03")
     assert text == f"""#!/bin/bash
@@ -87,10 +94,10 @@ set -euo pipefail
 export OMP_NUM_THREADS=1
 export APTEST_OUT={out}
 export APTEST_SLEEP=0
-export APBATCH_CONFIG=/etc/apbatch.yaml
-apbatch process-ccd --instrument LSSTComCam --detector 0 --group {GROUP} {args}
-apbatch process-ccd --instrument LSSTComCam --detector 1 --group {GROUP} {args}
+{cmd} --instrument LSSTComCam --detector 0 --group {GROUP} {args}
+{cmd} --instrument LSSTComCam --detector 1 --group {GROUP} {args}
 """
+    assert not night_file(tmp_path).exists()  # render writes nothing
 
 
 def test_default_cap_is_number_of_cores(tmp_path):
@@ -108,8 +115,13 @@ def test_visit_runs_capped_with_states_exit_codes_and_literal_args(tmp_path, out
         [(JobState.COMPLETED, 0)] * 7 + [(JobState.FAILED, 4)]
     # the same command line a batch job would use, group id as literal data, job.env passed on
     for w in works:
-        assert (out / f"{w.detector}.args").read_text().splitlines() == w.job_args()
-        assert (out / f"{w.detector}.env").read_text() == "1 /etc/apbatch.yaml\n"
+        assert (out / f"{w.detector}.args").read_text().splitlines() == [
+            "--config", str(night_file(tmp_path)), *w.job_args()]
+        assert (out / f"{w.detector}.env").read_text().split()[0] == "1"
+    # the config the jobs were told to read: the submitter's resolved config, not defaults
+    assert stat.S_IMODE(night_file(tmp_path).stat().st_mode) == 0o640
+    assert load_config(night_file(tmp_path), environ={}) == backend.config.model_copy(
+        update={"root": str((tmp_path / "work").absolute())})
     assert not (tmp_path / "work" / "pwned").exists() and not Path("pwned").exists()
     # never more than 2 at once: count overlaps of [start, end] intervals
     spans = [(float((out / f"{d}.start").read_text()), float((out / f"{d}.end").read_text()))
@@ -162,12 +174,25 @@ def test_runner_exits_when_idle_and_a_new_submit_starts_another(tmp_path, out):
     assert wait_finished(backend, [second[0].job_id])[second[0].job_id].state is JobState.COMPLETED
 
 
-def test_missing_command_fails_with_127(tmp_path, out):
+def test_missing_command_fails_with_127_and_says_why(tmp_path, out):
     backend = make(tmp_path, out, command=[str(tmp_path / "no-such-program")])
     job = backend.submit(works_of(1))[0].job_id
     status = wait_finished(backend, [job])[job]
     assert (status.state, status.exit_code) == (JobState.FAILED, 127)
+    assert status.reason.startswith("cannot start: the job command was not found")
+    assert str(tmp_path / "no-such-program") in status.reason
     assert "cannot start" in (backend.state_dir / "jobs" / job / "out.log").read_text()
+
+
+def test_command_that_is_not_executable_fails_with_126_and_says_why(tmp_path, out):
+    script = tmp_path / "not-executable"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o644)
+    backend = make(tmp_path, out, command=[str(script)])
+    job = backend.submit(works_of(1))[0].job_id
+    status = wait_finished(backend, [job])[job]
+    assert (status.state, status.exit_code) == (JobState.FAILED, 126)
+    assert status.reason.startswith("cannot start: the job command is not executable")
 
 
 def test_lost_process_is_failed_not_completed(tmp_path, out):

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,6 +25,8 @@ from apbatch.fanout import fan_out
 from apbatch.ledger import Ledger
 from apbatch.night import classify, default_day_obs, night_span, parse_day_obs, percentile
 from apbatch.script.night import crontab_text, format_report, night_report, reprocess_night, write_atomic
+from apbatch.states import SubmissionState
+from apbatch.submission import Submission
 from test_dispatcher import FakeBackend
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,7 +85,7 @@ def reprocess(n, **kw):
 
 
 def by_detector(ledger: Ledger) -> dict[str, dict]:
-    return {r["detector_name"]: r for r in ledger.rows()}
+    return {r.detector_name: r for r in ledger.rows()}
 
 
 MIXED = {"fake-1": (JobState.COMPLETED, 0), "fake-2": (JobState.FAILED, 4), "fake-3": (JobState.FAILED, 3),
@@ -101,23 +104,46 @@ def test_retriable_and_lost_resubmitted_once_others_never(night):
     assert res["polled"] == 9 and res["updated"] == 8  # fake-9 is still PENDING: not rewritten
     assert res["errors"] == [] and res["missed"] == []
     assert res["counts"] == {"completed": 1, "retry": 2, "final": 3, "active": 2, "lost": 1}
-    redone = {before[i["detector_name"]]["job_id"]: i["job_id"] for i in res["resubmitted"]}
+    redone = {before[i["detector_name"]].job_id: i["job_id"] for i in res["resubmitted"]}
     assert redone == {"fake-2": "fake-10", "fake-3": "fake-11", "fake-8": "fake-12"}
     assert len(n.backend.batches) == 2 and len(n.backend.batches[1]) == 3  # one batch for the visit
     after = by_detector(n.ledger)
     for name, row in after.items():
-        old = before[name]["job_id"]
+        old = before[name].job_id
         if old in redone:
-            assert (row["job_id"], row["state"], row["attempts"]) == (redone[old], "PENDING", 2)
-            assert json.loads(row["job_history"]) == [old] and row["submitted_at"] == LATER
+            assert (row.job_id, row.state, row.attempts) == (redone[old], "PENDING", 2)
+            assert row.job_history == (old,) and row.submitted_at == LATER
         else:
-            assert row["job_id"] == old and row["attempts"] == 1
-    assert after["R22_S10"]["state"] == "FAILED" and after["R22_S10"]["exit_code"] == 5  # fake-4
-    assert after["R22_S00"]["state"] == "COMPLETED"
+            assert row.job_id == old and row.attempts == 1
+    assert after["R22_S10"].state == "FAILED" and after["R22_S10"].exit_code == 5  # fake-4
+    assert after["R22_S00"].state == "COMPLETED"
     # a second run the same morning submits nothing
     again = reprocess(n, now=LATER + 60)
     assert again["resubmitted"] == [] and again["missed"] == [] and len(n.backend.batches) == 2
     assert again["counts"] == {"completed": 1, "final": 3, "active": 5}
+
+
+def test_include_final_reruns_what_failed_for_good_once_fixed(night):
+    """After a person fixed the cause: --include-final resubmits FAILED 2/5/no code (and the
+    exhausted), as a new attempt each, never an active, completed or cancelled CCD."""
+    n = night()
+    ids = submit_visit(n, NV)
+    set_states(n.backend, MIXED)
+    reprocess(n)  # the ordinary run: retries 3/4 and the lost one
+    n.ledger.mark_cancelled([n.ledger.rows(detector=8)[0].id], "by hand")  # fake-9, R22_S22
+    dry = reprocess(n, now=LATER + 60, include_final=True, dry_run=True)
+    assert sorted(i["detector_name"] for i in dry["resubmitted"]) == ["R22_S10", "R22_S11", "R22_S12"]
+    batches = len(n.backend.batches)
+    res = reprocess(n, now=LATER + 60, include_final=True)
+    assert sorted(i["why"] for i in res["resubmitted"]) == [
+        "final: FAILED exit 2", "final: FAILED exit 5", "final: FAILED exit None"]
+    assert len(n.backend.batches) == batches + 1
+    rows = by_detector(n.ledger)
+    assert {rows[d].attempts for d in ("R22_S10", "R22_S11", "R22_S12")} == {2}
+    assert rows["R22_S22"].state == "CANCELLED" and rows["R22_S00"].state == "COMPLETED"
+    assert ids[0] == rows["R22_S00"].job_id
+    # run again: the reruns are active now, nothing is submitted twice
+    assert reprocess(n, now=LATER + 120, include_final=True)["resubmitted"] == []
 
 
 def test_reprocess_leaves_a_ccd_to_the_daemon_that_claimed_it_first(night):
@@ -140,7 +166,7 @@ def test_reprocess_leaves_a_ccd_to_the_daemon_that_claimed_it_first(night):
     assert sorted(daemon_won) == ["R22_S01", "R22_S02"]  # fake-2, fake-3: FAILED with exit 4, 3
     assert [i["detector_name"] for i in res["resubmitted"]] == ["R22_S21"]  # fake-8, lost: only ours
     assert len(n.backend.batches) == 2 and len(n.backend.batches[1]) == 1
-    states = {k: r["state"] for k, r in by_detector(n.ledger).items()}
+    states = {k: r.state for k, r in by_detector(n.ledger).items()}
     assert states["R22_S01"] == states["R22_S02"] == "CLAIMED"  # the daemon submits them next
 
 
@@ -157,7 +183,7 @@ def test_max_attempts_respected(night):
     assert res["resubmitted"] == [] and res["counts"]["exhausted"] == 1
     res = reprocess(n, max_attempts=3, now=LATER + 200)
     assert [(i["detector_name"], i["job_id"]) for i in res["resubmitted"]] == [("R22_S01", "fake-13")]
-    assert by_detector(n.ledger)["R22_S01"]["attempts"] == 3
+    assert by_detector(n.ledger)["R22_S01"].attempts == 3
     with pytest.raises(BadInputError, match="--max-attempts"):
         reprocess(n, max_attempts=0)
 
@@ -192,8 +218,8 @@ def test_missed_events_fanned_out_and_submitted(night):
     assert res["resubmitted"] == [] and len(res["missed"]) == 9
     assert {i["group_id"] for i in res["missed"]} == {missed["groupId"]}
     rows = n.ledger.rows(group_id=missed["groupId"])
-    assert len(rows) == 9 and {(r["state"], r["attempts"]) for r in rows} == {("PENDING", 1)}
-    assert {r["event_received_at"] for r in rows} == {SENT + 400}
+    assert len(rows) == 9 and {(r.state, r.attempts) for r in rows} == {("PENDING", 1)}
+    assert {r.event_received_at for r in rows} == {SENT + 400}
     assert len(n.backend.batches) == 2
     again = reprocess(n, now=LATER + 60)
     assert again["missed"] == [] and len(n.backend.batches) == 2
@@ -229,17 +255,23 @@ def test_status_query_failure_changes_nothing(night):
 
 
 def test_classify_rules():
-    base = {"state": "UNKNOWN", "exit_code": None, "job_id": "7", "reason": "not in the queue nor in history",
-            "submitted_at": 0.0, "claimed_at": 0.0, "retry": True, "attempts": 1}
+    """night.classify is Submission.category (one rule, tested in full in test_submission.py)."""
+    work = fan_out(parse_event(NV), load_config(environ={}))[0]
+    base = Submission(id=1, instrument=work.instrument, group_id=work.group_id, detector=work.detector,
+                      detector_name=work.detector_name, visit=work.visit, day_obs=work.day_obs,
+                      intent=work.intent, state=SubmissionState.UNKNOWN, attempts=1, retry=True, work=work,
+                      claimed_at=0.0, job_id="7", reason="not in the queue nor in history", submitted_at=0.0)
     kw = {"max_attempts": 3, "claim_timeout": 300.0, "lost_after": 3600.0}
     assert classify(base, now=4000.0, **kw) == "lost"
     assert classify(base, now=1000.0, **kw) == "active"  # too recent to call lost
-    assert classify({**base, "reason": "unknown state code 'XX'"}, now=4000.0, **kw) == "active"
-    assert classify({**base, "retry": False}, now=4000.0, **kw) == "final"  # group cancelled
-    assert classify({**base, "state": "CLAIMED", "job_id": None}, now=301.0, **kw) == "retry"
-    assert classify({**base, "state": "CLAIMED", "job_id": None}, now=299.0, **kw) == "active"
-    assert classify({**base, "state": "SUBMIT_FAILED", "attempts": 3}, now=1.0, **kw) == "exhausted"
-    assert classify({**base, "state": "TIMEOUT"}, now=1.0, **kw) == "final"
+    assert classify(replace(base, reason="unknown state code 'XX'"), now=4000.0, **kw) == "active"
+    assert classify(replace(base, retry=False), now=4000.0, **kw) == "final"  # group cancelled
+    claimed = replace(base, state=SubmissionState.CLAIMED, job_id=None)
+    assert classify(claimed, now=301.0, **kw) == "retry"
+    assert classify(claimed, now=299.0, **kw) == "active"
+    refused = replace(base, state=SubmissionState.SUBMIT_FAILED, attempts=3)
+    assert classify(refused, now=1.0, **kw) == "exhausted"
+    assert classify(replace(base, state=SubmissionState.TIMEOUT), now=1.0, **kw) == "final"
 
 
 # ---------------------------------------------------------------------------------- report
@@ -261,7 +293,7 @@ def test_report_numbers_from_constructed_ledger(night):
     other = fan_out(parse_event(next_visit(40)), n.cfg)[0]  # a visit whose event is not in the ledger
     n.ledger.claim([other], received_at=t0, now=t0)
     n.ledger.record_submitted([apbatch.backends.SubmittedJob(other, "c1")], "fake", now=t0 + 1)
-    n.ledger.mark_cancelled([r["id"] for r in n.ledger.rows(group_id=other.group_id)], "test", now=t0 + 5)
+    n.ledger.mark_cancelled([r.id for r in n.ledger.rows(group_id=other.group_id)], "test", now=t0 + 5)
     for at in (t0, t0 + 60, night_span(DAY)[1] + 10):
         n.ledger.record_dead_letter("{bad", "malformed JSON", received_at=at)
 
@@ -402,3 +434,24 @@ def test_crontab_lines_run_under_sh(env, capsys, tmp_path):
     assert "polled 0 job(s)" in (tmp_path / "logs" / "night-reprocess.log").read_text()
     reports = list((env.root / "reports").iterdir())
     assert len(reports) == 1 and reports[0].read_text().startswith("night ")
+
+
+def test_cli_report_exit_6_when_ccds_need_attention_and_2_without_ledger(env, capsys):
+    args = ["--day-obs", str(DAY), "--config", env.config]
+    code, out, err = run(capsys, "night", "report", *args)
+    ledger_file = env.root / "ledger.sqlite3"
+    assert code == 2 and out == "" and err.strip().splitlines() == [
+        f"error: ledger.url: no ledger at {ledger_file} (check ledger.url (and root) in the --config file(s) "
+        "/ APBATCH_LEDGER__URL)"]
+    assert not env.root.exists()
+    cfg = load_config(env.config, environ={})
+    ledger = Ledger.from_config(cfg)
+    works = fan_out(parse_event(NV), cfg)
+    ledger.claim(works, received_at=SENT, now=SENT)
+    ledger.record_submitted(env.holder["backend"].submit(works), "fake", now=SENT + 1)
+    assert run(capsys, "night", "report", *args)[0] == 0
+    ledger.update_states({"fake-2": JobStatus("fake-2", JobState.COMPLETED, 5)}, "fake", now=SENT + 60)
+    code, out, _ = run(capsys, "night", "report", *args)
+    assert code == 6 and "needs attention 1" in out and "R22_S01  FAILED  exit 5" in out
+    code, out, _ = run(capsys, "night", "report", *args, "--json")
+    assert code == 6 and json.loads(out)["attention"][0]["detector_name"] == "R22_S01"

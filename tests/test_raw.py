@@ -242,3 +242,19 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         write_raw((header, segs), tmp_path / "r.fits")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_non_finite_pixels_are_refused(tmp_path):
+    # a float raw with NaN (a broken writer): cast to int32 the NaNs would become arbitrary ADU
+    header, segs = _parts()
+    path = write_raw((header, segs), tmp_path / "r.fits", compress=None)
+    bad_path = tmp_path / "n.fits"
+    with fitsio.FITS(str(path)) as src, fitsio.FITS(str(bad_path), "rw", clobber=True) as dst:
+        dst.write(None, header=src[0].read_header())
+        for k in range(1, len(src)):
+            data = src[k].read().astype(np.float32)
+            if k == 2:
+                data[10:20, 30] = np.nan
+            dst.write(data, header=src[k].read_header(), extname=src[k].get_extname())
+    with pytest.raises(BadInputError, match=r"n.fits.*Segment.*10 non-finite pixel"):
+        read_raw(bad_path, verify_checksum=False)

@@ -13,6 +13,7 @@ from apbatch.backends.slurm import SlurmBackend, parse_exit_code, read_jobcomp
 from apbatch.config import load_config
 from apbatch.errors import BadInputError, SchedulerError
 from apbatch.instruments import get_instrument
+from apbatch.jobconfig import resolve_command
 from apbatch.work import CcdWork
 
 GROUP = "2025-06-10T07:31:26.692"
@@ -54,6 +55,7 @@ def ok(stdout: str = "", rc: int = 0, stderr: str = "") -> CommandResult:
 def test_render_golden_comcam(tmp_path):
     backend = make(tmp_path, time_limit="00:05:00", max_array_parallel=4, partition="ap", requeue=False)
     script = backend.render(works_of("LSSTComCam", detectors={0, 1}))
+    apbatch = resolve_command(["apbatch"])[0]  # this install's script, never the one on PATH
     args = ("--visit 2025061000578 --day-obs 20250610 --intent science --exposure-time 30.0 --nimages 2 "
             "--distributor http://127.0.0.1:8000 --ra 10.5 --dec -20.25 --rotation 45.0 --filter r_57")
     assert script == f"""#!/bin/bash
@@ -75,7 +77,7 @@ case "${{SLURM_ARRAY_TASK_ID:?not a Slurm array task}}" in
   1) args=(--instrument LSSTComCam --detector 1 --group 2025-06-10T07:31:26.692 {args}) ;;
   *) echo "apbatch: no CCD for array task $SLURM_ARRAY_TASK_ID" >&2; exit 2 ;;
 esac
-exec apbatch process-ccd "${{args[@]}}"
+exec {apbatch} process-ccd --config {tmp_path}/config/20250610.yaml "${{args[@]}}"
 """
 
 
@@ -104,7 +106,8 @@ def test_evil_group_is_literal_data_when_the_script_runs(tmp_path):
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=sandbox,
                          env={"PATH": "/usr/bin:/bin", "SLURM_ARRAY_TASK_ID": "7"}, check=True)
-    assert out.stdout.splitlines() == works[7].job_args()
+    assert out.stdout.splitlines() == ["--config", str(tmp_path / "config" / "20250610.yaml"),
+                                       *works[7].job_args()]
     assert list(sandbox.iterdir()) == [] and not Path("/tmp/pwned").exists()
     bad = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=sandbox,
                          env={"PATH": "/usr/bin:/bin", "SLURM_ARRAY_TASK_ID": "99"})
@@ -305,8 +308,10 @@ def test_real_slurm_lsstcam_visit_is_one_array_and_every_task_runs(slurm_cluster
     assert {(s.state, s.exit_code) for s in others.values()} == {(JobState.COMPLETED, 0)}
     # every task ran with its own CCD's arguments, the group id arriving as literal data
     assert sorted(int(p.stem) for p in out.glob("*.args")) == list(range(189))
+    night_file = tmp_path / "config" / "20250610.yaml"
     for w in (works[0], works[100], works[188]):
-        assert (out / f"{w.detector}.args").read_text().splitlines() == w.job_args()
+        assert (out / f"{w.detector}.args").read_text().splitlines() == ["--config", str(night_file),
+                                                                         *w.job_args()]
     assert not Path("/tmp/pwned").exists()
     # ops see the name and a readable comment
     shown = subprocess.run(["squeue", "-h", "-t", "all", "-j", array_id, "-O", "Name:40,Comment:300"],
@@ -339,3 +344,41 @@ def test_real_slurm_unknown_job_is_unknown(slurm_cluster, tmp_path):
     backend = make(tmp_path, jobcomp_log=str(slurm_cluster.jobcomp_log))
     status = backend.status(["987654_3"])["987654_3"]
     assert status.state is JobState.UNKNOWN and "not in the queue" in status.reason
+
+
+@pytest.mark.slurm
+def test_real_slurm_job_that_cannot_start_says_why_and_jobs_get_the_resolved_config(slurm_cluster, tmp_path,
+                                                                                       monkeypatch):
+    """A missing job command is FAILED with exit 127 and the reason; the config file every job is
+    given holds what the submitter resolved (an APBATCH_* override included), mode 0640."""
+    monkeypatch.setenv("APBATCH_EVENTS__MAX_ATTEMPTS", "7")
+    out = tmp_path / "out"
+    out.mkdir()
+    base = {"root": str(tmp_path), "backend": {"kind": "slurm", "jobcomp_log": str(slurm_cluster.jobcomp_log),
+                                               "time_limit": "00:05:00", "mem": None}}
+    missing = SlurmBackend(load_config(overrides={**base, "job": {
+        "command": [str(tmp_path / "no-such-apbatch")]}}))
+    dump = SlurmBackend(load_config(overrides={**base, "job": {
+        "command": ["/bin/sh", "-c", DUMP_AND_EXIT, "apjob"], "env": {"APTEST_OUT": str(out)}}}))
+    works = works_of("LSSTComCam", detectors={0, 1})
+    ids = [j.job_id for j in missing.submit(works[:1])] + [j.job_id for j in dump.submit(works[1:])]
+
+    def all_finished():
+        states = dump.status(ids)
+        return states if all(s.state.finished for s in states.values()) else None
+
+    states = wait_for(all_finished, 90, 1.0)
+    assert states, "tasks did not finish in 90 s"
+    bad = states[ids[0]]
+    assert (bad.state, bad.exit_code) == (JobState.FAILED, 127)
+    assert bad.reason.startswith("cannot start: the job command was not found")
+    assert (states[ids[1]].state, states[ids[1]].exit_code) == (JobState.COMPLETED, 0)
+    # two configurations submitted this night: the first has <day_obs>.yaml, the second its own file
+    args = (out / "1.args").read_text().splitlines()
+    night_file = Path(args[1])
+    assert args[0] == "--config" and night_file.parent == tmp_path / "config"
+    assert night_file.name.startswith("20250610-") and (tmp_path / "config" / "20250610.yaml").is_file()
+    assert oct(night_file.stat().st_mode & 0o777) == oct(0o640)
+    job_config = load_config(args[1], environ={})  # what process-ccd --config reads
+    assert job_config.events.max_attempts == 7 and job_config.backend.kind == "slurm"
+    assert job_config.root == str(tmp_path)

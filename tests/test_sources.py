@@ -148,8 +148,9 @@ class FakeConsumer:
         self.commits = []
         self.closed = False
 
-    def subscribe(self, topics):
+    def subscribe(self, topics, on_revoke=None, on_lost=None):
         self.subscribed = list(topics)
+        self.on_revoke = on_revoke
 
     def consume(self, num_messages, timeout):
         return self.batches.pop(0) if self.batches else []
@@ -189,14 +190,72 @@ def test_kafka_consumer_config_secrets_from_env_and_file(tmp_path):
     (tmp_path / "pw").write_text("s3cret\n")
     cfg = load_config(environ={}, overrides={"root": str(tmp_path), "kafka": {
         "bootstrap_servers": "b:9092", "security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
-        "password_file": "pw"}})
+        "password_file": "pw"}})  # relative to root, like every configured path
     conf = consumer_config(cfg, environ={"APBATCH_KAFKA_USERNAME": "ap"})
     assert conf["sasl.username"] == "ap" and conf["sasl.password"] == "s3cret"
     assert conf["enable.auto.commit"] is False and conf["group.id"] == "apbatch-daemon"
-    env_pw = consumer_config(cfg, environ={"APBATCH_KAFKA_PASSWORD": "fromenv"})
+    env_pw = consumer_config(cfg, environ={"APBATCH_KAFKA_USERNAME": "ap",
+                                           "APBATCH_KAFKA_PASSWORD": "fromenv"})
     assert env_pw["sasl.password"] == "fromenv"
+    with pytest.raises(BadInputError, match="kafka.username_env"):  # refused at start-up, not at first poll
+        KafkaSource.from_config(cfg, environ={"APBATCH_KAFKA_PASSWORD": "x"})
     plain = consumer_config(load_config(environ={}), environ={"APBATCH_KAFKA_PASSWORD": "x"})
     assert "sasl.password" not in plain
+
+
+def test_kafka_settings_one_function_for_consumer_and_producer(tmp_path):
+    """The daemon's consumer and the jobs' alert producer resolve the cluster the same way."""
+    from apbatch.job.alert_sinks import KafkaAlertSink, make_sink
+    from apbatch.kafka_settings import kafka_settings
+
+    (tmp_path / "pw").write_text("pw-from-file\n")
+    cfg = load_config(environ={}, overrides={"root": str(tmp_path), "alerts": {"sink": "kafka"}, "kafka": {
+        "bootstrap_servers": "127.0.0.1:1", "security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN",
+        "password_file": "pw"}})
+    env = {"APBATCH_KAFKA_USERNAME": "ap"}
+    common = kafka_settings(cfg.kafka, env, root=cfg.root)
+    assert common["sasl.password"] == "pw-from-file"
+    consumer = consumer_config(cfg, env)
+    sink = make_sink(cfg, env)
+    assert isinstance(sink, KafkaAlertSink)
+    for settings in (consumer, sink.settings):
+        assert {k: settings[k] for k in common} == common
+
+
+def test_kafka_commit_only_the_handled_prefix():
+    """An event whose handling failed holds its partition's commit back (no loss on restart)."""
+    t = "lsst.sal.MTCamera.logevent_startIntegration"
+    first = [FakeMessage(t, 0, o, b"{}") for o in (10, 11, 12, 13)] + [FakeMessage(t, 1, 3, b"{}")]
+    consumer = FakeConsumer([first, [FakeMessage(t, 0, 14, b"{}")]])
+    src = KafkaSource.from_config(load_config(environ={}), consumer=consumer)
+    e10, e11, e12, e13, p1 = src.poll(0.1)
+    src.ack([e10])
+    assert consumer.commits == [[(t, 0, 11)]]
+    # e11 fails (never acknowledged); e12, e13 and the other partition's event are handled
+    src.ack([e12])
+    src.ack([e13], ok=False)  # bad input: dead-lettered, handled
+    src.ack([p1])
+    assert consumer.commits == [[(t, 0, 11)], [(t, 1, 4)]]  # partition 0 stays at 11
+    (e14,) = src.poll(0.1)
+    src.ack([e14])
+    assert consumer.commits[-1] == [(t, 1, 4)]  # still nothing new for partition 0
+    src.ack([e11])  # e.g. handled after all: the whole prefix goes at once
+    assert consumer.commits[-1] == [(t, 0, 15)]
+    src.ack([e11])  # a second ack of a committed event commits nothing
+    assert len(consumer.commits) == 3
+
+
+def test_kafka_revoked_partition_forgets_in_flight_events():
+    from confluent_kafka import TopicPartition
+
+    t = "lsst.sal.MTCamera.logevent_startIntegration"
+    consumer = FakeConsumer([[FakeMessage(t, 0, 5, b"{}"), FakeMessage(t, 0, 6, b"{}")]])
+    src = KafkaSource.from_config(load_config(environ={}), consumer=consumer)
+    e5, e6 = src.poll(0.1)
+    consumer.on_revoke(consumer, [TopicPartition(t, 0)])  # rebalance: another daemon owns it now
+    src.ack([e6])
+    src.ack([e5])
+    assert consumer.commits == []  # the new owner resumes at the last commit
 
 
 def test_make_source(tmp_path):
@@ -243,3 +302,39 @@ def test_kafka_source_real_broker_commit_and_resume(kafka_broker):
     finally:
         src2.close()
     assert parse_event(got[0].payload, topic=None).imageName == "CC_O_20241108_000100"  # bytes decode
+
+
+@pytest.mark.kafka
+def test_kafka_failed_event_not_lost_on_restart(kafka_broker):
+    """Event N fails, N+1 is handled: after a restart N (and N+1) come again, nothing is skipped."""
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    topic = f"lsst.sal.CCCamera.logevent_startIntegration.f{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": kafka_broker})  # one partition: one order
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
+    producer = Producer({"bootstrap.servers": kafka_broker})
+    for n in range(4):
+        producer.produce(topic, json.dumps({"n": n}).encode())
+    producer.flush(10)
+    cfg = load_config(environ={}, overrides={"kafka": {"bootstrap_servers": kafka_broker}, "source": {
+        "kafka_topics": [topic], "kafka_group_id": f"g-{uuid.uuid4().hex[:8]}"}})
+    extra = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000, "fetch.wait.max.ms": 10}
+
+    def read(n, deadline_s=30):
+        src = KafkaSource.from_config(cfg, extra=extra)
+        got, deadline = [], time.monotonic() + deadline_s
+        while len(got) < n and time.monotonic() < deadline:
+            got += src.poll(0.5)
+        return src, got
+
+    src, got = read(4)
+    assert [json.loads(e.payload)["n"] for e in got] == [0, 1, 2, 3]
+    src.ack(got[:1])  # event 0 handled
+    src.ack(got[2:])  # event 1 failed (not acknowledged); 2 and 3 handled
+    src.close()
+    src2, again = read(3)
+    try:
+        assert [json.loads(e.payload)["n"] for e in again] == [1, 2, 3]
+    finally:
+        src2.close()

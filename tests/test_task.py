@@ -11,7 +11,6 @@ import dataclasses
 import numpy as np
 import pandas as pd
 import pytest
-
 from apbatch.errors import BadInputError, RawTimeoutError, RetriableError
 from apbatch.image import Image
 from apbatch.job import task
@@ -23,20 +22,22 @@ GROUP = "2025-10-16T00:59:36.789"
 
 
 def _work(**kw) -> CcdWork:
-    base = dict(instrument="LSSTComCam", detector=4, detector_name="R22_S11", group_id=GROUP, visit=3405059767890000,
-                day_obs=20251015, intent="science", exposure_time=30.0, nimages=1, distributor="/nowhere",
-                ra=53.0, dec=-28.0, rotation=10.0, physical_filter="r_03")
+    base = {"instrument": "LSSTComCam", "detector": 4, "detector_name": "R22_S11", "group_id": GROUP,
+            "visit": 3405059767890000, "day_obs": 20251015, "intent": "science", "exposure_time": 30.0,
+            "nimages": 1, "distributor": "/nowhere", "ra": 53.0, "dec": -28.0, "rotation": 10.0,
+            "physical_filter": "r_03"}
     base.update(kw)
     return CcdWork(**base)
 
 
 def _raw(**kw) -> RawExposure:
-    meta = dict(instrument="LSSTComCam", detector=4, detector_name="R22_S11", obs_id="CC_O_20251015_000001",
-                exposure_id=2025101500001, group_id=GROUP, visit_id=3405059767890000, day_obs=20251015, seq_num=1,
-                observation_type="science", physical_filter="r_03", band="r", exposure_time=30.0, dark_time=30.2,
-                requested_exposure_time=30.0, mjd_begin=60964.04, mjd_end=60964.0404, ra=53.0, dec=-28.0,
-                rotation=10.0, airmass=1.1, image_index=1, images_in_sequence=1, science_program="PP-SURVEY",
-                reason="science", can_see_sky=True)
+    meta = {"instrument": "LSSTComCam", "detector": 4, "detector_name": "R22_S11",
+            "obs_id": "CC_O_20251015_000001", "exposure_id": 2025101500001, "group_id": GROUP,
+            "visit_id": 3405059767890000, "day_obs": 20251015, "seq_num": 1, "observation_type": "science",
+            "physical_filter": "r_03", "band": "r", "exposure_time": 30.0, "dark_time": 30.2,
+            "requested_exposure_time": 30.0, "mjd_begin": 60964.04, "mjd_end": 60964.0404, "ra": 53.0,
+            "dec": -28.0, "rotation": 10.0, "airmass": 1.1, "image_index": 1, "images_in_sequence": 1,
+            "science_program": "PP-SURVEY", "reason": "science", "can_see_sky": True}
     meta.update(kw)
     return RawExposure({}, RawMetadata(**meta), [])
 
@@ -49,8 +50,10 @@ class FakeButlerIO:
         self.puts: list[dict] = []
         self.asked: dict = {}
 
-    def get_raw_blocking(self, target, detector, nimages, client, timeout, *, group_id=None, allow_partial=False):
-        self.asked = dict(target=target, nimages=nimages, timeout=timeout, allow_partial=allow_partial)
+    def get_raw_blocking(self, target, detector, nimages, client, timeout, *, group_id=None,
+                         allow_partial=False):
+        self.asked = {"target": target, "nimages": nimages, "timeout": timeout,
+                      "allow_partial": allow_partial}
         if self.raise_on_get:
             raise self.raise_on_get
         return self.raws
@@ -163,14 +166,14 @@ def test_science_without_pointing_is_bad_input(fake_steps):
         task.run_ccd(_work(ra=None, dec=None, rotation=None), task.JobDeps(io, object()))
 
 
-def test_photometric_scale_from_kernel_sum():
-    sci = Image(np.zeros((4, 4)), metadata={})
-    tmpl = Image(np.zeros((4, 4)), metadata={"BUNIT": "nJy"})
-    assert task._photometric_scale(sci, tmpl, 2.0) == 0.5 and sci.metadata["NJY_PER_E"] == 0.5
-    assert task._photometric_scale(Image(np.zeros((4, 4)), metadata={"NJY_PER_E": 3.0}),
-                                   Image(np.zeros((4, 4))), 2.0) == 3.0
-    scaled = task._in_njy(Image(np.ones((2, 2)), np.ones((2, 2))), 2.0)
-    assert scaled.image[0, 0] == 2.0 and scaled.variance[0, 0] == 4.0
+def test_warped_template_keeps_its_unit():
+    from apbatch.job.steps.warp import template_unit
+
+    assert template_unit([Image(np.zeros((2, 2)), metadata={"BUNIT": "nJy"})] * 2) == "nJy"
+    assert template_unit([Image(np.zeros((2, 2)))]) == ""
+    with pytest.raises(BadInputError, match="template_coadd.BUNIT"):
+        template_unit([Image(np.zeros((2, 2)), metadata={"BUNIT": "nJy"}),
+                       Image(np.zeros((2, 2)), metadata={"BUNIT": "electron"})])
 
 
 def test_result_is_plain_json():

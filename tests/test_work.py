@@ -4,9 +4,12 @@ from apbatch.work import CcdWork
 
 
 def _work(**kw):
-    base = dict(instrument="LSSTComCam", detector=4, detector_name="R22_S11", group_id="2026-11-22T01:02:03.456",
-                visit=3, day_obs=20261121, intent="science", exposure_time=30.0, nimages=2,
-                distributor="/data/dist", ra=53.1, dec=-28.2, rotation=12.5, physical_filter="r_03")
+    base = {
+        "instrument": "LSSTComCam", "detector": 4, "detector_name": "R22_S11",
+        "group_id": "2026-11-22T01:02:03.456", "visit": 3, "day_obs": 20261121, "intent": "science",
+        "exposure_time": 30.0, "nimages": 2, "distributor": "/data/dist", "ra": 53.1, "dec": -28.2,
+        "rotation": 12.5, "physical_filter": "r_03",
+    }
     base.update(kw)
     return CcdWork(**base)
 

@@ -112,7 +112,8 @@ class EventsConfig(_Model):
 
     mode: Literal["dynamic", "batch"] = Field(
         "dynamic", description="dynamic: submit at nextVisit; batch: submit at startIntegration")
-    max_age: float = Field(600.0, gt=0, description="events older than this (s, by private_sndStamp) are stale")
+    max_age: float = Field(600.0, gt=0,
+                           description="events older than this (s, by private_sndStamp) are stale")
     dead_letter: str = "events/dead-letter.jsonl"
     anticipated_exposure_time: dict[str, float] = Field(
         default_factory=lambda: {"default": 30.0},
@@ -143,7 +144,12 @@ class AlertsConfig(_Model):
     spool_dir: str = "alerts/spool"
     history_days: float = 365.0
     cutout_size: int = Field(30, ge=8)
-    send_timeout: float = Field(30.0, ge=0, description="s a job waits for delivery before leaving alerts spooled")
+    send_timeout: float = Field(30.0, ge=0,
+                                description="s a job waits for delivery before leaving alerts spooled")
+    # The newest schema the pinned lsst-alert-packet ships (tests check it): sites whose
+    # consumers know older ids (lsst-alert-stream's default registry: 11.0) set e.g. "11.0".
+    schema_version: str = Field(
+        "11.1", description="alert schema written (major.minor; framed as major*100+minor)")
 
 
 class ApdbConfig(_Model):
@@ -164,7 +170,9 @@ class JobConfig(_Model):
     output_run: str = "{instrument}/prompt/{day_obs}"
     distributor: str = "distributor"
     raw_timeout: float = Field(120.0, gt=0)
-    command: list[str] = ["apbatch", "process-ccd"]
+    command: list[str] = Field(["apbatch", "process-ccd"], min_length=1, description=(
+        "the per-CCD command; a bare 'apbatch' becomes this install's script at submission"))
+    config_dir: str = Field("config", description="where the night's resolved config for the jobs is written")
     env: dict[str, str] = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -265,4 +273,5 @@ def load_config(paths: list[str | Path] | str | Path | None = None, overrides: d
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(x) for x in err["loc"])
-        raise BadInputError(f"config {field}", err["msg"], "fix the YAML file or APBATCH_* variable") from None
+        raise BadInputError(f"config {field}", err["msg"],
+                            "fix the YAML file or APBATCH_* variable") from None

@@ -2,8 +2,8 @@
 
 For each raw event from the source: parse (a bad event is dead-lettered -- ledger table
 and ``events.dead_letter`` JSON-lines file -- logged, and the loop goes on) -> policy
-(`apbatch.events.rejection_reason`) -> fan-out -> `Ledger.claim` (a CCD is submitted once,
-ever) -> ``backend.submit`` (one batch per visit) -> `Ledger.record_submitted`. Every
+(`apbatch.events.rejection_reason`) -> fan-out -> `apbatch.submitter.Submitter` (`Ledger.claim`: a CCD is
+submitted once, ever -> ``backend.submit``, one batch per visit -> `Ledger.record_submitted`). Every
 ``status_interval`` seconds the states of unfinished jobs are polled and stored, and CCDs
 that failed with a retriable exit code (3 raw timeout, 4 retriable) are resubmitted until
 ``events.max_attempts`` submissions.
@@ -31,13 +31,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .backends.base import Backend, SubmittedJob
+from .backends.base import Backend
 from .config import ApbatchConfig
 from .errors import BadInputError
 from .events import Event, NextVisit, NextVisitCanceled, StartIntegration, parse_event, rejection_reason
 from .fanout import fan_out
 from .ledger import NOT_STARTED, Ledger
 from .sources.base import EventSource, RawEvent
+from .states import SubmittedJob
+from .submission import Submission
+from .submitter import Submitter
 from .work import CcdWork
 
 __all__ = ["Dispatcher", "Outcome", "cancel_rows"]
@@ -60,7 +63,8 @@ class Outcome:
     event: Event | None = None
 
 
-def cancel_rows(ledger: Ledger, backend: Backend, rows: Sequence[dict], reason: str) -> list[dict]:
+def cancel_rows(ledger: Ledger, backend: Backend, rows: Sequence[Submission],
+                reason: str) -> list[Submission]:
     """Cancel the jobs of ledger rows (those with a job id at this backend) and mark them CANCELLED.
 
     Raises
@@ -69,23 +73,16 @@ def cancel_rows(ledger: Ledger, backend: Backend, rows: Sequence[dict], reason: 
         Raised if the scheduler refuses; the ledger is then left unchanged.
     """
     kind = backend.kind or type(backend).__name__
-    ids = [r["job_id"] for r in rows if r["job_id"] and r["backend"] == kind]
-    other = [r for r in rows if r["job_id"] and r["backend"] != kind]
+    ids = [r.job_id for r in rows if r.job_id and r.backend == kind]
+    other = [r for r in rows if r.job_id and r.backend != kind]
     for r in other:
         _log.warning("job %s of %s was submitted with backend %r, not %r: not cancelled there",
-                     r["job_id"], r["detector_name"], r["backend"], kind)
+                     r.job_id, r.detector_name, r.backend, kind)
     if ids:
         backend.cancel(ids)
     done = [r for r in rows if r not in other]
-    ledger.mark_cancelled([r["id"] for r in done], reason)
+    ledger.mark_cancelled([r.id for r in done], reason)
     return done
-
-
-def _group_batches(works: Sequence[CcdWork]) -> list[list[CcdWork]]:
-    batches: dict[tuple[str, str], list[CcdWork]] = {}
-    for w in works:
-        batches.setdefault((w.instrument, w.group_id), []).append(w)
-    return list(batches.values())
 
 
 class Dispatcher:
@@ -127,6 +124,7 @@ class Dispatcher:
         self.status_interval = status_interval
         self.claim_timeout = claim_timeout
         self.kind = backend.kind or type(backend).__name__
+        self.submitter = Submitter(ledger, backend, clock=clock)
         self.dead_letter_path = Path(config.path(config.events.dead_letter))
         self._visits: collections.OrderedDict[tuple[str, str], NextVisit] = collections.OrderedDict()
 
@@ -203,34 +201,13 @@ class Dispatcher:
         return visit if isinstance(visit, NextVisit) else None
 
     def submit(self, works: Sequence[CcdWork], received_at: float | None = None) -> Outcome:
-        """Claim the CCDs and submit the newly claimed ones, one batch per visit."""
-        claimed = self.ledger.claim(works, received_at=received_at, now=self.clock())
-        if not claimed:
+        """Claim the CCDs and submit the newly claimed ones, one batch per visit (`Submitter`)."""
+        result = self.submitter.submit_new(works, received_at)
+        if not result.claimed:
             return Outcome("duplicate", f"all {len(works)} CCD(s) already submitted")
-        if len(claimed) < len(works):
-            _log.info("%d of %d CCD(s) were already submitted", len(works) - len(claimed), len(works))
-        jobs, errors = self._submit_batches(claimed)
-        if errors:
-            return Outcome("submit-failed", "; ".join(errors), jobs)
-        return Outcome("submitted", f"{len(jobs)} job(s)", jobs)
-
-    def _submit_batches(self, works: Sequence[CcdWork]) -> tuple[list[SubmittedJob], list[str]]:
-        jobs: list[SubmittedJob] = []
-        errors: list[str] = []
-        for batch in _group_batches(works):
-            try:
-                submitted = self.backend.submit(batch)
-            except Exception as exc:  # the daemon must outlive any scheduler or backend failure
-                _log.error("submission of %s (%d CCDs) failed: %s", batch[0].label, len(batch), exc,
-                           exc_info=not isinstance(exc, BadInputError))
-                self.ledger.record_submit_failed(batch, f"{type(exc).__name__}: {exc}", now=self.clock())
-                errors.append(str(exc))
-                continue
-            self.ledger.record_submitted(submitted, self.kind, now=self.clock())
-            _log.info("submitted %s: %d job(s) %s..%s", batch[0].label, len(submitted),
-                      submitted[0].job_id if submitted else "-", submitted[-1].job_id if submitted else "-")
-            jobs += submitted
-        return jobs, errors
+        if result.errors:
+            return Outcome("submit-failed", "; ".join(result.errors), result.jobs)
+        return Outcome("submitted", f"{len(result.jobs)} job(s)", result.jobs)
 
     def cancel_group(self, instrument: str, group_id: str, reason: str) -> int:
         """Cancel a group's not-yet-started jobs; never retry any of its CCDs. Returns the count."""
@@ -278,13 +255,11 @@ class Dispatcher:
 
     def retry_failed(self) -> list[SubmittedJob]:
         """Resubmit CCDs that failed retriably (or were never submitted), up to ``max_attempts``."""
-        works = self.ledger.claim_retriable(self.config.events.max_attempts, self.claim_timeout,
-                                            now=self.clock())
-        if not works:
+        rows = self.ledger.retriable(self.config.events.max_attempts, self.claim_timeout, now=self.clock())
+        if not rows:
             return []
-        _log.info("resubmitting %d CCD(s) that failed retriably", len(works))
-        jobs, _ = self._submit_batches(works)
-        return jobs
+        _log.info("resubmitting %d CCD(s) that failed retriably", len(rows))
+        return self.submitter.resubmit(rows).jobs
 
     # ----------------------------------------------------------------- the loop
     def run(self, max_events: int | None = None, max_seconds: float | None = None,

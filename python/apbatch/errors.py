@@ -12,7 +12,12 @@ code   name                 meaning
 4      RETRIABLE            failed before anything was stored in the APDB; safe to rerun
 5      NON_RETRIABLE        failed after (or while) storing in the APDB, or for a
                             reason a rerun cannot fix; needs a person
+6      NEEDS_ATTENTION      ``apbatch status`` / ``night report`` only: the command
+                            worked and found CCDs that need a person (listed)
 =====  ===================  ==========================================================
+
+Anything unexpected (a bug) ends with ``NON_RETRIABLE`` and one line; the traceback only
+with ``--log-level DEBUG``.
 
 The daemon and the nightly reprocessing resubmit only jobs that ended with
 ``RAW_TIMEOUT`` or ``RETRIABLE``.
@@ -42,6 +47,7 @@ class ExitCode(enum.IntEnum):
     RAW_TIMEOUT = 3
     RETRIABLE = 4
     NON_RETRIABLE = 5
+    NEEDS_ATTENTION = 6
 
     @property
     def retriable(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from enum import IntEnum
 from typing import Any
 
 from .errors import BadInputError
@@ -46,7 +47,7 @@ class Fields:
             raise BadInputError(fld, f"{raw} is out of range", f"must be >= {lo}")
         return value
 
-    def enum(self, name: str, cls: type[enum.IntEnum]) -> Any:
+    def enum[E: IntEnum](self, name: str, cls: type[E]) -> E:
         value = self.get(name, int)
         try:
             return cls(value)

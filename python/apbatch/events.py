@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 from .errors import BadInputError
 from .event_fields import Fields
 from .instruments import instrument_names, normalize_instrument
+from .timeutil import TAI_MINUS_UTC, tai_datetime
 
 __all__ = [
     "CALIBRATION_INTENTS",
@@ -51,7 +52,6 @@ __all__ = [
 ]
 
 # TAI - UTC in seconds since 2017-01-01 (no leap second announced since).
-TAI_MINUS_UTC = 37.0
 
 CALIBRATION_INTENTS = frozenset({"bias", "dark", "flat", "cbp"})
 # imageType (IMGTYPE) -> intent; anything else is its lower-case self ("cwfs", "acq", "unknown"...).
@@ -91,11 +91,6 @@ class Dome(enum.IntEnum):
     CLOSED = 1
     OPEN = 2
     EITHER = 3
-
-
-def tai_datetime(tai_seconds: float) -> datetime.datetime:
-    """Naive datetime of a TAI unix time (the scale ``ids.day_obs_of`` expects)."""
-    return datetime.datetime(1970, 1, 1) + datetime.timedelta(seconds=tai_seconds)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import TypedDict
 
 from .config import ApbatchConfig
 from .errors import BadInputError
@@ -33,6 +34,24 @@ from .instruments import Detector, get_instrument
 from .work import CcdWork
 
 __all__ = ["anticipated_exposure_time", "fan_out", "select_detectors"]
+
+
+class _VisitFields(TypedDict):
+    """The `CcdWork` fields every CCD of one event shares (all but detector and distributor)."""
+
+    instrument: str
+    group_id: str
+    visit: int
+    day_obs: int
+    intent: str
+    exposure_time: float
+    nimages: int
+    ra: float | None
+    dec: float | None
+    rotation: float | None
+    physical_filter: str | None
+    image_names: tuple[str, ...]
+    survey: str
 
 
 def anticipated_exposure_time(config: ApbatchConfig, survey: str, instrument: str) -> float:
@@ -120,21 +139,20 @@ def fan_out(event: NextVisit | StartIntegration, config: ApbatchConfig,
     distributor = _distributor(config)
     if isinstance(event, NextVisit):
         ra, dec, rot = _pointing(event)
-        common = {
+        common: _VisitFields = {
             "instrument": get_instrument(event.instrument).name, "group_id": event.groupId,
             "visit": visit_id_from_group(event.groupId, field="event.groupId"),
             "day_obs": day_obs_of(event.start_datetime), "intent": "science",
             "exposure_time": anticipated_exposure_time(config, event.survey, event.instrument),
-            "nimages": event.nimages, "distributor": distributor, "ra": ra, "dec": dec, "rotation": rot,
+            "nimages": event.nimages, "ra": ra, "dec": dec, "rotation": rot,
             "physical_filter": _single_filter(event), "image_names": (), "survey": event.survey,
         }
     else:
         common = _start_integration_fields(event, next_visit)
-        common["distributor"] = distributor
-    return [CcdWork(detector=d.id, detector_name=d.name, **common) for d in dets]
+    return [CcdWork(detector=d.id, detector_name=d.name, distributor=distributor, **common) for d in dets]
 
 
-def _start_integration_fields(event: StartIntegration, next_visit: NextVisit | None) -> dict:
+def _start_integration_fields(event: StartIntegration, next_visit: NextVisit | None) -> _VisitFields:
     obs = parse_obs_id(event.imageName, field="event.imageName")
     if f"{obs.day_obs:08d}" != event.imageDate:
         raise BadInputError("event.imageDate",

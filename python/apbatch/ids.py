@@ -19,7 +19,9 @@ from .errors import BadInputError
 
 __all__ = ["ObsId", "exposure_id", "parse_obs_id", "visit_id_from_group", "day_obs_of"]
 
-_OBS_ID_RE = re.compile(r"^(?P<camcode>[A-Z]{2})_(?P<controller>[A-Z])_(?P<day_obs>\d{8})_(?P<seq_num>\d{6})$")
+_OBS_ID_RE = re.compile(
+    r"^(?P<camcode>[A-Z]{2})_(?P<controller>[A-Z])_(?P<day_obs>\d{8})_(?P<seq_num>\d{6})$"
+)
 _GROUP_RE = re.compile(
     r"^(?P<date>\d{4}-\d{2}-\d{2})T(?P<time>\d{2}:\d{2}:\d{2})(?:\.(?P<frac>\d{1,6}))?(?:[#+](?P<suffix>\d{1,4}))?$"
 )

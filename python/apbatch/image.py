@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS
+
+from .atomic import replacing
 
 __all__ = ["PLANES", "QUANTIZE_LEVEL", "Image", "MaskBits", "read_image", "write_image"]
 
@@ -48,27 +48,29 @@ class MaskBits(enum.IntFlag):
     NO_DATA = 256
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(init=False)
 class Image:
     """A 2-d image with its planes and sky WCS.
 
     Not thread-safe for writes; arrays are shared, not copied, by the constructor.
     Array axis 0 is y (rows), axis 1 is x (columns); pixel (x, y) is ``image[y, x]`` and
-    the WCS takes 0-based (x, y).
+    the WCS takes 0-based (x, y). ``variance`` defaults to zeros and ``mask`` to no bits set,
+    so both planes always exist.
     """
 
     image: np.ndarray
-    variance: np.ndarray | None = None
-    mask: np.ndarray | None = None
-    wcs: WCS | None = None
-    metadata: dict = dataclasses.field(default_factory=dict)
+    variance: np.ndarray
+    mask: np.ndarray
+    wcs: WCS | None
+    metadata: dict
 
-    def __post_init__(self):
-        self.image = np.asarray(self.image, dtype=np.float32)
-        if self.variance is None:
-            self.variance = np.zeros_like(self.image)
-        if self.mask is None:
-            self.mask = np.zeros(self.image.shape, dtype=np.int32)
+    def __init__(self, image: np.ndarray, variance: np.ndarray | None = None, mask: np.ndarray | None = None,
+                 wcs: WCS | None = None, metadata: dict | None = None):
+        self.image = np.asarray(image, dtype=np.float32)
+        self.variance = np.zeros_like(self.image) if variance is None else variance
+        self.mask = np.zeros(self.image.shape, dtype=np.int32) if mask is None else mask
+        self.wcs = wcs
+        self.metadata = {} if metadata is None else metadata
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -166,14 +168,8 @@ def write_image(img: Image, path: str | Path, lossless: bool = False) -> None:
                           tile_shape=TILE_SHAPE),
         _float_hdu(img.variance, "VARIANCE", None, lossless, q_var, dither=False),
     ])
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with replacing(path, durable=False) as tmp:
         hdus.writeto(tmp, overwrite=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 PLANES = ("image", "variance", "mask")
@@ -198,7 +194,8 @@ def read_image(path: str | Path, bbox: tuple[int, int, int, int] | None = None,
     if not set(wanted) <= set(PLANES):
         raise ValueError(f"planes {planes!r}: each must be one of {PLANES}")
     with fits.open(path, memmap=False) as hdul:
-        meta = {k: v for k, v in hdul[0].header.items() if k not in ("SIMPLE", "BITPIX", "NAXIS", "EXTEND", "")}
+        skip = ("SIMPLE", "BITPIX", "NAXIS", "EXTEND", "")
+        meta = {k: v for k, v in hdul[0].header.items() if k not in skip}
         ihdr = hdul["IMAGE"].header
         ny, nx = hdul["IMAGE"].shape  # from the header: nothing is decompressed yet
         x0, x1, y0, y1 = (0, nx, 0, ny) if bbox is None else (
@@ -209,12 +206,11 @@ def read_image(path: str | Path, bbox: tuple[int, int, int, int] | None = None,
         arrays = [np.asarray(hdul[name].section[box] if bbox is not None else hdul[name].data, dtype=dt)
                   if name.lower() in wanted else None
                   for name, dt in (("IMAGE", np.float32), ("VARIANCE", np.float32), ("MASK", np.int32))]
-        if arrays[0] is None:  # the shape still comes from the image plane
-            arrays[0] = np.zeros((y1 - y0, x1 - x0), np.float32)
+        image = arrays[0] if arrays[0] is not None else np.zeros((y1 - y0, x1 - x0), np.float32)
         wcs = WCS(ihdr) if "CTYPE1" in ihdr else None
         if wcs is not None:
             if bbox is not None:
                 wcs = wcs.slice(box)
                 meta.update(BBOX_X0=x0, BBOX_Y0=y0)
             wcs.pixel_shape = (x1 - x0, y1 - y0)
-        return Image(arrays[0], arrays[1], arrays[2], wcs, meta)
+        return Image(image, arrays[1], arrays[2], wcs, meta)

@@ -32,7 +32,14 @@ from astropy.wcs import WCS
 
 from .errors import BadInputError
 
-__all__ = ["Amplifier", "Detector", "Instrument", "get_instrument", "instrument_names", "normalize_instrument"]
+__all__ = [
+    "Amplifier",
+    "Detector",
+    "Instrument",
+    "get_instrument",
+    "instrument_names",
+    "normalize_instrument",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,4 +352,5 @@ def get_instrument(name: str) -> Instrument:
         )
     ref = importlib.resources.files("apbatch") / "data" / "camera" / f"{canon}_optics.yaml"
     optics = yaml.safe_load(ref.read_text(encoding="utf-8"))
-    return Instrument(canon, dets, {k: tuple(sorted(v, key=lambda a: a.hdu)) for k, v in amps.items()}, optics)
+    amps_by_hdu = {k: tuple(sorted(v, key=lambda a: a.hdu)) for k, v in amps.items()}
+    return Instrument(canon, dets, amps_by_hdu, optics)

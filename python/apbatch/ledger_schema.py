@@ -1,22 +1,24 @@
-"""The ledger's tables and row states (SQLAlchemy Core); the queries are in `apbatch.ledger`.
+"""The ledger's tables (SQLAlchemy Core); the queries are in `apbatch.ledger`.
 
 ``submissions``: one row per CCD of a group, unique on (instrument, group_id, detector);
 ``events``: every event received; ``dead_letters``: events that could not be parsed.
+Row states are `apbatch.states.SubmissionState`; the tuples below are their string values
+for SQL filters.
 """
 
 from __future__ import annotations
 
 import sqlalchemy as sa
 
-from .backends.base import JobState
+from .states import SubmissionState
 
-__all__ = ["CLAIMED", "NOT_STARTED", "SUBMIT_FAILED", "UNFINISHED", "dead_letters", "events", "metadata",
-           "submissions"]
+__all__ = ["ADDED_COLUMNS", "CLAIMED", "NOT_STARTED", "SUBMIT_FAILED", "UNFINISHED", "dead_letters", "events",
+           "metadata", "submissions"]
 
-CLAIMED = "CLAIMED"
-SUBMIT_FAILED = "SUBMIT_FAILED"
-NOT_STARTED = (CLAIMED, SUBMIT_FAILED, JobState.PENDING.value, JobState.HELD.value)
-UNFINISHED = (JobState.PENDING.value, JobState.RUNNING.value, JobState.HELD.value, JobState.UNKNOWN.value)
+CLAIMED = SubmissionState.CLAIMED.value
+SUBMIT_FAILED = SubmissionState.SUBMIT_FAILED.value
+NOT_STARTED = tuple(s.value for s in SubmissionState if s.not_started)
+UNFINISHED = tuple(s.value for s in SubmissionState if s.unfinished)
 
 metadata = sa.MetaData()
 submissions = sa.Table(
@@ -38,6 +40,7 @@ submissions = sa.Table(
     sa.Column("retry", sa.Boolean, nullable=False, default=True),
     sa.Column("job_history", sa.Text, nullable=False, default="[]"),
     sa.Column("work", sa.Text, nullable=False),
+    sa.Column("command", sa.Text),  # JSON list: the job command of the latest submission
     sa.Column("event_received_at", sa.Float),
     sa.Column("claimed_at", sa.Float, nullable=False),
     sa.Column("submitted_at", sa.Float),
@@ -46,6 +49,9 @@ submissions = sa.Table(
     sa.Column("last_polled_at", sa.Float),
     sa.UniqueConstraint("instrument", "group_id", "detector", name="uq_submissions_ccd"),
 )
+ADDED_COLUMNS = {"submissions": ("command",)}
+"""Nullable columns added after the first release: `Ledger.open` adds them to older ledgers."""
+
 events = sa.Table(
     "events", metadata,
     sa.Column("id", sa.Integer, primary_key=True),

@@ -12,7 +12,7 @@ Reprocessing policy (:func:`classify`, :func:`missing_works`)
 
    * *retry*: ended with a retriable exit code (3 raw timeout, 4 retriable), was refused by
      the scheduler (``SUBMIT_FAILED``) or was claimed and never submitted (``CLAIMED`` for
-     longer than ``claim_timeout``) -- the rules of `Ledger.retriable`;
+     longer than ``claim_timeout``) -- `Submission.wants_retry`, the rule the daemon uses;
    * *lost*: ``UNKNOWN`` -- the scheduler has it neither in its queue nor in its history --
      and submitted more than ``lost_after`` seconds ago. Such a job will never report an end.
      ``UNKNOWN`` because the scheduler printed a state code apbatch does not know is *not*
@@ -20,7 +20,9 @@ Reprocessing policy (:func:`classify`, :func:`missing_works`)
 
    Never resubmitted: COMPLETED; FAILED with exit code 2 or 5 (or another code); FAILED,
    TIMEOUT or CANCELLED without an exit code (the job may have died while storing in the
-   APDB: a person decides). These are counted in the report.
+   APDB: a person decides). These are counted in the report; after fixing the cause, a
+   person resubmits them with ``apbatch resubmit`` or ``apbatch night reprocess
+   --include-final`` (a new attempt, claimed by compare-and-set like any other).
 3. Missed CCDs: the accepted events of the night in the ledger's event table are fanned out
    again (a science startIntegration with its group's nextVisit is preferred over the
    nextVisit; nextVisit-only groups count only in ``dynamic`` mode, as in batch mode an
@@ -31,7 +33,7 @@ Reprocessing policy (:func:`classify`, :func:`missing_works`)
 Running it twice submits nothing the second time: resubmitted rows are PENDING again, and
 claimed CCDs have rows. A failed CCD is claimed again by compare-and-set before it is
 resubmitted (`Ledger.reclaim`), so a daemon retrying it at the same moment and this command
-cannot both resubmit it.
+cannot both resubmit it (`apbatch.submitter.Submitter.resubmit`).
 
 Events are attributed to a night by their content (nextVisit ``startTime``, startIntegration
 ``imageDate``), looking at events received within a day of the night.
@@ -47,11 +49,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import sqlalchemy as sa
-
-from .backends.base import Backend, JobState, SubmittedJob
 from .config import ApbatchConfig
-from .errors import RETRIABLE_EXIT_CODES, BadInputError
+from .errors import BadInputError
 from .events import (
     TAI_MINUS_UTC,
     NextVisit,
@@ -63,14 +62,16 @@ from .events import (
 )
 from .fanout import fan_out
 from .ids import day_obs_of
-from .ledger import CLAIMED, SUBMIT_FAILED, UNFINISHED, Ledger, events, submissions
+from .ledger import Ledger
+from .states import SubmissionState
+from .submission import Category, Submission
 from .work import CcdWork
 
 __all__ = ["ENDED", "classify", "default_day_obs", "event_day_obs", "expected_works", "missing_works",
-           "night_events", "night_rows", "night_span", "parse_day_obs", "percentile", "submit_works"]
+           "night_events", "night_rows", "night_span", "parse_day_obs", "percentile"]
 
 _log = logging.getLogger(__name__)
-ENDED = (JobState.COMPLETED.value, JobState.FAILED.value, JobState.TIMEOUT.value)
+ENDED = tuple(s.value for s in SubmissionState if s.ended)
 """States of a job that ran to an end (CANCELLED excluded)."""
 
 
@@ -112,12 +113,9 @@ def night_span(day_obs: int) -> tuple[float, float]:
     return start, start + 86400.0
 
 
-def night_rows(ledger: Ledger, day_obs: int) -> list[dict[str, Any]]:
+def night_rows(ledger: Ledger, day_obs: int) -> list[Submission]:
     """The submission rows of one night, in claim order (read-only query)."""
-    c = submissions.c
-    with ledger.engine.connect() as conn:
-        rows = conn.execute(sa.select(submissions).where(c.day_obs == day_obs).order_by(c.id))
-        return [dict(r._mapping) for r in rows]
+    return ledger.rows(day_obs=day_obs)
 
 
 def event_day_obs(event) -> int | None:
@@ -132,16 +130,12 @@ def event_day_obs(event) -> int | None:
 def night_events(ledger: Ledger, day_obs: int) -> list[tuple[dict, Any]]:
     """Accepted events received within a day of the night, parsed, oldest first."""
     start, end = night_span(day_obs)
-    e = events.c
-    q = (sa.select(events).where(e.accepted.is_(True), e.received_at >= start - 86400.0,
-                                 e.received_at < end + 86400.0).order_by(e.id))
     out = []
-    with ledger.engine.connect() as conn:
-        for r in conn.execute(q):
-            try:
-                out.append((dict(r._mapping), parse_event(r.payload)))
-            except BadInputError as exc:  # accepted once, so only a changed parser gets here
-                _log.warning("stored event %d no longer parses: %s", r.id, exc)
+    for row in ledger.event_rows(accepted=True, received_from=start - 86400.0, received_before=end + 86400.0):
+        try:
+            out.append((row, parse_event(row["payload"])))
+        except BadInputError as exc:  # accepted once, so only a changed parser gets here
+            _log.warning("stored event %d no longer parses: %s", row["id"], exc)
     return out
 
 
@@ -176,60 +170,23 @@ def expected_works(config: ApbatchConfig, ledger: Ledger, day_obs: int) -> dict[
 def missing_works(ledger: Ledger,
                   expected: dict[tuple, tuple[CcdWork, float]]) -> list[tuple[CcdWork, float]]:
     """The expected CCDs that have no ledger row (never claimed), in event order."""
-    groups = sorted({k[1] for k in expected})
-    c = submissions.c
-    present: set[tuple] = set()
-    with ledger.engine.connect() as conn:
-        for i in range(0, len(groups), 500):
-            q = sa.select(c.instrument, c.group_id, c.detector).where(c.group_id.in_(groups[i:i + 500]))
-            present.update(tuple(r) for r in conn.execute(q))
+    present = ledger.existing_keys([k[1] for k in expected])
     return [v for k, v in expected.items() if k not in present]
 
 
-def classify(row: dict, *, max_attempts: int, claim_timeout: float, lost_after: float, now: float) -> str:
-    """What the night's reprocessing does with one ledger row.
+def classify(row: Submission, *, max_attempts: int, claim_timeout: float, lost_after: float,
+             now: float) -> Category:
+    """What the night's reprocessing does with one ledger row: `Submission.category`.
 
     Returns
     -------
-    category : `str`
+    category : `Category`
         ``retry`` or ``lost`` (resubmit), ``exhausted`` (would be resubmitted but has had
         ``max_attempts`` submissions), ``completed``, ``active`` (queued, running, held, or
         claimed / UNKNOWN too recently) or ``final`` (never resubmitted; see module docstring).
     """
-    state = row["state"]
-    if state == JobState.COMPLETED.value:
-        return "completed"
-    retry = ((state == JobState.FAILED.value and row["exit_code"] in RETRIABLE_EXIT_CODES) or state == SUBMIT_FAILED
-             or (state == CLAIMED and row["claimed_at"] < now - claim_timeout))
-    lost = (state == JobState.UNKNOWN.value and bool(row["job_id"])
-            and not (row["reason"] or "").startswith("unknown state code")
-            and (row["submitted_at"] or row["claimed_at"]) < now - lost_after)
-    if retry or lost:
-        if not row["retry"]:
-            return "final"
-        return "exhausted" if row["attempts"] >= max_attempts else ("lost" if lost else "retry")
-    return "active" if state in (*UNFINISHED, CLAIMED) else "final"
-
-
-def submit_works(ledger: Ledger, backend: Backend, kind: str, works: Sequence[CcdWork],
-                 now: float) -> tuple[list[SubmittedJob], list[str]]:
-    """One backend submission per visit; the ledger records each outcome (as the daemon does)."""
-    batches: dict[tuple, list[CcdWork]] = {}
-    for w in works:
-        batches.setdefault((w.instrument, w.group_id), []).append(w)
-    jobs: list[SubmittedJob] = []
-    errors: list[str] = []
-    for batch in batches.values():
-        try:
-            submitted = backend.submit(batch)
-        except Exception as exc:  # go on with the other visits; the row stays retriable
-            _log.error("submission of %s (%d CCDs) failed: %s", batch[0].label, len(batch), exc)
-            ledger.record_submit_failed(batch, f"{type(exc).__name__}: {exc}", now=now)
-            errors.append(f"{batch[0].label}: {exc}")
-            continue
-        ledger.record_submitted(submitted, kind, now=now)
-        jobs += submitted
-    return jobs, errors
+    return row.category(max_attempts=max_attempts, claim_timeout=claim_timeout, lost_after=lost_after,
+                        now=now)
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:

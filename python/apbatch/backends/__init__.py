@@ -28,8 +28,8 @@ def make_backend(config: ApbatchConfig, **deps) -> Backend:
     config : `ApbatchConfig`
         The whole configuration.
     **deps
-        Injected dependencies passed to the constructor: ``runner`` (all), ``config_file``
-        (all: exported to jobs as ``APBATCH_CONFIG``), ``python`` (local), ``schedd`` /
+        Injected dependencies passed to the constructor: ``runner`` (all), ``executable``
+        (all: the interpreter whose install the jobs run), ``python`` (local), ``schedd`` /
         ``schedd_factory`` (htcondor).
 
     Raises

@@ -20,8 +20,13 @@ Shared machinery for subclasses (STYLE.md section 2):
   COMPLETED with a non-zero exit code -> FAILED);
 * :meth:`Backend.status` as a template: ``_query_queue`` in batches, then ``_query_history``
   for what left the queue, then UNKNOWN for what neither knows;
-* :meth:`Backend.job_argv` / :meth:`Backend.job_env` (the per-CCD command line and the only
-  environment a backend passes on) and :func:`render_shell_script`.
+* :meth:`Backend.job_command` / :meth:`Backend.job_argv` / :meth:`Backend.job_env` (the
+  per-CCD command line -- ``job.command`` resolved to this install, ``--config`` with the
+  night's resolved config file, the CCD's arguments -- and the only environment a backend
+  passes on), :meth:`Backend.prepare` (writes that config file; every ``submit`` calls it)
+  and :func:`render_shell_script`.
+
+`JobState`, `JobStatus` and `SubmittedJob` live in `apbatch.states` and are re-exported here.
 
 Constructors do no I/O.
 """
@@ -30,7 +35,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import enum
 import logging
 import re
 import shlex
@@ -40,6 +44,8 @@ from typing import ClassVar
 
 from ..config import ApbatchConfig
 from ..errors import BadInputError, SchedulerError
+from ..jobconfig import config_snapshot_path, resolve_command, write_config_snapshot
+from ..states import JobState, JobStatus, SubmittedJob
 from ..work import CcdWork
 
 __all__ = [
@@ -58,42 +64,6 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-class JobState(enum.Enum):
-    """Scheduler-independent job state (STYLE.md section 2)."""
-
-    PENDING = "PENDING"
-    RUNNING = "RUNNING"
-    HELD = "HELD"
-    COMPLETED = "COMPLETED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-    TIMEOUT = "TIMEOUT"
-    UNKNOWN = "UNKNOWN"
-
-    @property
-    def finished(self) -> bool:
-        """`True` for states a job does not leave."""
-        return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.TIMEOUT)
-
-
-@dataclasses.dataclass(frozen=True)
-class SubmittedJob:
-    """What a backend returns per CCD: the scheduler's id for that CCD's job."""
-
-    work: CcdWork
-    job_id: str
-
-
-@dataclasses.dataclass(frozen=True)
-class JobStatus:
-    """State of one job as the scheduler (or its history) reports it."""
-
-    job_id: str
-    state: JobState
-    exit_code: int | None = None
-    reason: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,8 +167,9 @@ class Backend(abc.ABC):
         The whole configuration (``config.backend`` is this backend's section).
     runner : callable, optional
         Replaces :func:`run_command` (tests pass a fake that records calls).
-    config_file : `str`, optional
-        Config file the jobs should read; exported to them as ``APBATCH_CONFIG``.
+    executable : `str`, optional
+        The interpreter whose install the jobs run (default `sys.executable`); see
+        `apbatch.jobconfig.resolve_command`.
 
     Notes
     -----
@@ -212,24 +183,51 @@ class Backend(abc.ABC):
     """Job ids per status query (keeps command lines short)."""
 
     def __init__(self, config: ApbatchConfig, *, runner: Runner | None = None,
-                 config_file: str | None = None):
+                 executable: str | None = None):
         if config.backend.kind != self.kind:
             raise BadInputError("backend.kind", f"is {config.backend.kind!r}, not {self.kind!r}",
                                 "use make_backend(config)")
         self.config = config
         self.settings = config.backend
         self.runner: Runner = runner or run_command
-        self.config_file = config_file
+        self.executable = executable
+        self._command: list[str] | None = None
+        self._config_files: dict[int, str] = {}
 
     # ------------------------------------------------------------- shared helpers
+    def job_command(self, day_obs: int) -> list[str]:
+        """The command every job of night ``day_obs`` starts with (before its CCD's arguments).
+
+        ``job.command`` with its program resolved to this install (resolved once, on first
+        use), then ``--config`` and the night's config file (written by :meth:`prepare`).
+        """
+        if self._command is None:
+            self._command = resolve_command(self.config.job.command, self.executable)
+        if day_obs not in self._config_files:
+            self._config_files[day_obs] = str(config_snapshot_path(self.config, day_obs))
+        return [*self._command, "--config", self._config_files[day_obs]]
+
     def job_argv(self, work: CcdWork) -> list[str]:
-        """The per-CCD command line: ``job.command`` followed by the work's arguments."""
-        return [*self.config.job.command, *work.job_args()]
+        """The per-CCD command line: :meth:`job_command` followed by the work's arguments."""
+        return [*self.job_command(work.day_obs), *work.job_args()]
+
+    def prepare(self, works: Sequence[CcdWork]) -> None:
+        """Write the config file(s) the jobs of ``works`` read; every ``submit`` calls this before
+        building the job command lines.
+
+        Raises
+        ------
+        BadInputError
+            Raised if a config file cannot be written.
+        """
+        for day_obs in sorted({w.day_obs for w in works}):
+            self._config_files[day_obs] = str(write_config_snapshot(self.config, day_obs))
 
     def job_env(self) -> dict[str, str]:
-        """The only environment a backend writes into a job: ``job.env`` (+ ``APBATCH_CONFIG``).
+        """The only environment a backend writes into a job: ``job.env``.
 
         Secrets are never in it: jobs read them from their own environment or from files.
+        The configuration travels as ``--config`` on the command line (:meth:`job_command`).
 
         Raises
         ------
@@ -237,8 +235,6 @@ class Backend(abc.ABC):
             Raised if a variable name is not a valid shell identifier.
         """
         env = dict(self.config.job.env)
-        if self.config_file:
-            env["APBATCH_CONFIG"] = str(self.config_file)
         for name in env:
             if not _ENV_NAME.match(name):
                 raise BadInputError(f"config job.env.{name}", "is not a valid environment variable name",
@@ -276,9 +272,7 @@ class Backend(abc.ABC):
             _log.warning("%s job %s: unknown scheduler state %r, reported as UNKNOWN",
                          self.kind, job_id, code)
             return JobStatus(job_id, JobState.UNKNOWN, exit_code, reason or f"unknown state code {code!r}")
-        if state is JobState.COMPLETED and exit_code not in (None, 0):
-            return JobStatus(job_id, JobState.FAILED, exit_code, reason or f"exit code {exit_code}")
-        return JobStatus(job_id, state, exit_code, reason)
+        return JobStatus(job_id, state, exit_code, reason).settled()
 
     # ------------------------------------------------------------- status template
     def status(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:

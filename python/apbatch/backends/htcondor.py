@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 import htcondor2
 
+from ..config import HTCondorBackendConfig
 from ..errors import BadInputError, SchedulerError
 from ..work import CcdWork
 from .base import Backend, JobState, JobStatus, SubmittedJob, check_visit
@@ -86,7 +87,7 @@ class HTCondorBackend(Backend):
     schedd_factory : callable, optional
         Called once, on first use, to make the schedd when ``schedd`` is not given.
     **kwargs
-        ``runner``, ``config_file`` as for `Backend`.
+        ``runner``, ``executable`` as for `Backend`.
     """
 
     kind: ClassVar[str] = "htcondor"
@@ -101,8 +102,14 @@ class HTCondorBackend(Backend):
         "7": JobState.HELD,       # Suspended
     }
 
-    def __init__(self, *args, schedd: Any = None, schedd_factory: Callable[[], Any] | None = None, **kwargs):
+    def __init__(self, *args: Any, schedd: Any = None, schedd_factory: Callable[[], Any] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        settings = self.config.backend
+        if not isinstance(settings, HTCondorBackendConfig):
+            raise BadInputError("backend.kind", f"is {settings.kind!r}, not 'htcondor'",
+                                "use make_backend(config)")
+        self.settings: HTCondorBackendConfig = settings
         self._schedd = schedd
         self._schedd_factory = schedd_factory or (lambda: _default_schedd(self.settings))
 
@@ -125,7 +132,7 @@ class HTCondorBackend(Backend):
         """The submit description of one visit (without its queue statement)."""
         check_visit(works)
         s, first = self.settings, works[0]
-        command = self.config.job.command
+        command = self.job_command(first.day_obs)
         log_dir = self.config.path(s.log_dir).absolute()
         _no_newline(str(log_dir), "config backend.log_dir")
         fixed_args = " ".join(condor_arg(a, "config job.command") for a in command[1:])
@@ -180,6 +187,7 @@ class HTCondorBackend(Backend):
     # ------------------------------------------------------------- submit / cancel
     def submit(self, works: Sequence[CcdWork]) -> list[SubmittedJob]:
         """One ``schedd.submit`` of the visit's cluster with one item per CCD."""
+        self.prepare(works)
         sub = htcondor2.Submit(self.description(works))
         items = self.itemdata(works)
         self.config.path(self.settings.log_dir).mkdir(parents=True, exist_ok=True)
@@ -201,7 +209,8 @@ class HTCondorBackend(Backend):
     # ------------------------------------------------------------- status
     def _constraint(self, job_ids: Sequence[str]) -> tuple[str, set[str]]:
         ids = {_checked_id(j) for j in job_ids}
-        clusters = sorted({int(_JOB_ID.match(j).group("cluster")) for j in ids})
+        # every id matched _JOB_ID in _checked_id: the cluster id is what precedes "."
+        clusters = sorted({int(j.split(".", 1)[0]) for j in ids})
         return " || ".join(f"ClusterId == {c}" for c in clusters), ids
 
     def _to_status(self, ads, wanted: set[str]) -> dict[str, JobStatus]:

@@ -11,6 +11,7 @@ a restarted daemon loses nothing::
     jobs/<id>/job.json       argv, env, work (written at submit)
     jobs/<id>/started.json   pid, process start time (written when it starts)
     jobs/<id>/exit           exit code (written when it ends)
+    jobs/<id>/reason         why it could not start (exit 127: not found, 126: not executable)
     jobs/<id>/cancel         cancel requested
     jobs/<id>/out.log        the job's stdout + stderr
 
@@ -35,9 +36,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
+from ..atomic import write_atomic
+from ..config import LocalBackendConfig
 from ..errors import BadInputError
+from ..states import start_failure_reason
 from ..work import CcdWork
 from .base import Backend, JobState, JobStatus, SubmittedJob, check_visit, render_shell_script
 
@@ -47,9 +51,7 @@ _log = logging.getLogger(__name__)
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text, durable=False)  # queue state: many small files, a rename suffices
 
 
 @contextlib.contextmanager
@@ -102,8 +104,13 @@ class LocalBackend(Backend):
         "lost": JobState.FAILED,
     }
 
-    def __init__(self, *args, python: str | None = None, **kwargs):
+    def __init__(self, *args: Any, python: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        settings = self.config.backend
+        if not isinstance(settings, LocalBackendConfig):
+            raise BadInputError("backend.kind", f"is {settings.kind!r}, not 'local'",
+                                "use make_backend(config)")
+        self.settings: LocalBackendConfig = settings
         self.python = python or sys.executable
         self.max_workers = self.settings.max_workers or os.cpu_count() or 1
         self._runners: list[subprocess.Popen] = []
@@ -130,6 +137,7 @@ class LocalBackend(Backend):
     def submit(self, works: Sequence[CcdWork]) -> list[SubmittedJob]:
         """Queue one process per CCD and make sure a runner is working on the queue."""
         check_visit(works)
+        self.prepare(works)
         env = self.job_env()
         root = self.state_dir
         (root / "queue").mkdir(parents=True, exist_ok=True)
@@ -182,7 +190,8 @@ class LocalBackend(Backend):
         cancelled = (job_dir / "cancel").exists()
         if (job_dir / "exit").exists():
             code = int((job_dir / "exit").read_text())
-            return self.map_state(job_id, "cancelled" if cancelled else "exited", code)
+            reason = (job_dir / "reason").read_text().strip() if (job_dir / "reason").exists() else ""
+            return self.map_state(job_id, "cancelled" if cancelled else "exited", code, reason)
         if (job_dir / "started.json").exists():
             started = json.loads((job_dir / "started.json").read_text())
             if _proc_start_ticks(started["pid"]) == started["ticks"]:
@@ -238,8 +247,8 @@ def run_queue(state_dir: Path, max_workers: int, poll: float = 0.05) -> None:
             waiting = queued()
             for job_id in waiting[:max(0, max_workers - len(running))]:
                 job_dir = jobs / job_id
-                if not (job_dir / "cancel").exists() and (proc := _start(job_dir)) is not None:
-                    running[job_id] = proc
+                if not (job_dir / "cancel").exists() and (started := _start(job_dir)) is not None:
+                    running[job_id] = started
                 (queue / job_id).unlink()
                 if (job_dir / "cancel").exists():  # cancel() may have missed started.json
                     _kill_if_running(job_dir)
@@ -257,9 +266,12 @@ def _start(job_dir: Path) -> subprocess.Popen | None:
         try:
             proc = subprocess.Popen(spec["argv"], env={**os.environ, **spec["env"]}, stdin=subprocess.DEVNULL,
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        except OSError as exc:  # e.g. no such command: the job fails as a shell's would
-            log.write(f"apbatch: cannot start {spec['argv'][0]!r}: {exc}\n".encode())
-            _write_atomic(job_dir / "exit", "127")
+        except OSError as exc:  # the job fails as a shell's would: 127 not found, 126 cannot execute
+            code = 127 if isinstance(exc, FileNotFoundError) else 126
+            why = start_failure_reason(code)
+            log.write(f"apbatch: {why}: {spec['argv'][0]!r}: {exc.strerror or exc}\n".encode())
+            _write_atomic(job_dir / "reason", f"{why}: {spec['argv'][0]}: {exc.strerror or exc}")
+            _write_atomic(job_dir / "exit", str(code))
             return None
     _write_atomic(job_dir / "started.json",
                   json.dumps({"pid": proc.pid, "ticks": _proc_start_ticks(proc.pid), "started": time.time()}))

@@ -21,8 +21,9 @@ import re
 import shlex
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
+from ..config import SlurmBackendConfig
 from ..errors import BadInputError, SchedulerError
 from ..work import CcdWork
 from .base import Backend, JobState, JobStatus, SubmittedJob, check_visit, compress_ids, render_shell_script
@@ -106,16 +107,18 @@ def read_jobcomp(path: Path, job_ids: Sequence[str]) -> dict[str, tuple[str, int
     found; an array task is matched as ``<ArrayJobId>_<ArrayTaskId>``. The last record of a
     job wins (a requeued job is logged once per run).
     """
-    wanted, found = set(job_ids), {}
+    wanted = set(job_ids)
+    found: dict[str, tuple[str, int | None]] = {}
     if not path.exists():
         return found
     for line in _reverse_lines(path):
         fields = {k: (m.group(1) if (m := rx.search(line)) else None) for k, rx in _JOBCOMP_FIELDS.items()}
+        key: str | None
         if fields["array_job"] is not None and fields["array_task"] is not None:
             key = f"{fields['array_job']}_{fields['array_task']}"
         else:
             key = fields["job"]
-        if key in wanted and key not in found and fields["state"]:
+        if key is not None and key in wanted and key not in found and fields["state"]:
             found[key] = (fields["state"], parse_exit_code(fields["exit"] or ""))
             if len(found) == len(wanted):
                 break
@@ -132,8 +135,13 @@ class SlurmBackend(Backend):
     id_pattern = re.compile(r"^(?P<id>\d+)(?:;\S+)?$")  # sbatch --parsable: "id" or "id;cluster"
     state_table = _STATES
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        settings = self.config.backend
+        if not isinstance(settings, SlurmBackendConfig):
+            raise BadInputError("backend.kind", f"is {settings.kind!r}, not 'slurm'",
+                                "use make_backend(config)")
+        self.settings: SlurmBackendConfig = settings
         self._sacct_disabled = False
 
     # ------------------------------------------------------------- script
@@ -179,7 +187,7 @@ class SlurmBackend(Backend):
         """The exact batch script :meth:`submit` feeds to ``sbatch``."""
         check_visit(works)
         header = [f"#SBATCH {d}" for d in self.directives(works)]
-        cmd = " ".join(shlex.quote(a) for a in self.config.job.command)
+        cmd = " ".join(shlex.quote(a) for a in self.job_command(works[0].day_obs))
         lines = ['case "${SLURM_ARRAY_TASK_ID:?not a Slurm array task}" in']
         for w in works:
             lines.append(f"  {w.detector}) args=({' '.join(shlex.quote(a) for a in w.job_args())}) ;;")
@@ -193,6 +201,7 @@ class SlurmBackend(Backend):
     # ------------------------------------------------------------- submit / cancel
     def submit(self, works: Sequence[CcdWork]) -> list[SubmittedJob]:
         """One ``sbatch --parsable`` of the rendered array script (on stdin)."""
+        self.prepare(works)
         script = self.render(works)
         self._log_dir().mkdir(parents=True, exist_ok=True)
         argv = ["sbatch", "--parsable"]
@@ -210,7 +219,8 @@ class SlurmBackend(Backend):
     # ------------------------------------------------------------- status
     def _query_queue(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
         wanted = {_checked_id(j) for j in job_ids}
-        jobs = sorted({_SLURM_ID.match(j).group("job") for j in wanted}, key=int)
+        # every id matched _SLURM_ID in _checked_id: the array job id is what precedes "_"
+        jobs = sorted({j.split("_", 1)[0] for j in wanted}, key=int)
         argv = ["squeue", "-h", "-r", "-t", "all", "-j", ",".join(jobs), "-O", _SQUEUE_FORMAT]
         result = self.run(argv, check=False)
         if result.returncode != 0:

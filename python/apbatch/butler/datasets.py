@@ -15,6 +15,10 @@ name                                     type          holds
 
 ``bias`` has dimensions {instrument, detector}; ``flat`` also has ``physical_filter``, as
 Rubin's flats do (a flat is specific to the filter it was taken through).
+
+``preliminary_visit_image`` and ``difference_image`` are `lsst.images.VisitImage` and
+`lsst.images.DifferenceImage` (daf_butler's ``VisitImage``/``DifferenceImage`` storage classes);
+bias, flat and templates stay apbatch ``Image`` files (see `apbatch.butler.formatters`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ __all__ = [
     "CALIBRATIONS",
     "DATASET_TYPES",
     "DIA_SOURCES",
+    "DIFFERENCE_IMAGE_STORAGE_CLASS",
     "DIFFIM",
     "FLAT",
     "IMAGE_STORAGE_CLASS",
@@ -36,6 +41,7 @@ __all__ = [
     "RAW_STORAGE_CLASS",
     "SKYMAP",
     "TEMPLATE",
+    "VISIT_IMAGE_STORAGE_CLASS",
     "DatasetTypeSpec",
     "calib_collection",
     "calib_run",
@@ -46,6 +52,9 @@ __all__ = [
 ]
 
 IMAGE_STORAGE_CLASS = "ApbatchImage"
+# daf_butler's own storage classes for lsst-images types (configs/storageClasses.yaml)
+VISIT_IMAGE_STORAGE_CLASS = "VisitImage"
+DIFFERENCE_IMAGE_STORAGE_CLASS = "DifferenceImage"
 RAW_STORAGE_CLASS = "ApbatchRaw"
 METRICS_STORAGE_CLASS = "ApbatchMetrics"
 
@@ -80,8 +89,8 @@ DATASET_TYPES: tuple[DatasetTypeSpec, ...] = (
     DatasetTypeSpec(FLAT, ("instrument", "detector", "physical_filter"), IMAGE_STORAGE_CLASS, True),
     DatasetTypeSpec(SKYMAP, ("skymap",), "StructuredDataDict"),
     DatasetTypeSpec(TEMPLATE, ("skymap", "tract", "patch", "band"), IMAGE_STORAGE_CLASS),
-    DatasetTypeSpec(CALEXP, _CCD_VISIT, IMAGE_STORAGE_CLASS),
-    DatasetTypeSpec(DIFFIM, _CCD_VISIT, IMAGE_STORAGE_CLASS),
+    DatasetTypeSpec(CALEXP, _CCD_VISIT, VISIT_IMAGE_STORAGE_CLASS),
+    DatasetTypeSpec(DIFFIM, _CCD_VISIT, DIFFERENCE_IMAGE_STORAGE_CLASS),
     DatasetTypeSpec(DIA_SOURCES, _CCD_VISIT, "DataFrame"),
     DatasetTypeSpec(METRICS, _CCD_VISIT, METRICS_STORAGE_CLASS),
 )

@@ -4,9 +4,14 @@ The classes are referred to by their full names in the repository's ``butler.yam
 (:data:`REPO_CONFIG`, written by :func:`apbatch.butler.repo.create_repo`), so they must be
 importable in every process that opens the repository; they import nothing heavy.
 
-* :class:`ImageFormatter`: `apbatch.image.Image` <-> FITS (``IMAGE``/``MASK``/``VARIANCE``).
+* :class:`ImageFormatter`: `apbatch.image.Image` <-> FITS (``IMAGE``/``MASK``/``VARIANCE``), for
+  calibrations and templates (the job's sub-box template reads; see ``bench/bench_butler_images.py``).
 * :class:`RawFormatter`: camera raw FITS -> `apbatch.raw.RawExposure` (read; write for tests).
 * Metrics dicts use the butler's own ``JsonFormatter``; DataFrames its ``ParquetFormatter``.
+* Calibrated and difference images use daf_butler's own ``VisitImage`` and ``DifferenceImage``
+  storage classes with lsst-images' ``GenericFormatter`` (daf_butler's bundled config defines
+  both); :data:`REPO_CONFIG` only adds the lossy compression recipe, so ``butler.yaml`` names
+  nothing from apbatch for them and users read them with daf_butler and lsst-images alone.
 """
 
 from __future__ import annotations
@@ -16,9 +21,15 @@ from typing import Any
 from lsst.daf.butler import FormatterV2
 from lsst.resources import ResourcePath
 
-from .datasets import IMAGE_STORAGE_CLASS, METRICS_STORAGE_CLASS, RAW_STORAGE_CLASS
+from .datasets import (
+    DIFFERENCE_IMAGE_STORAGE_CLASS,
+    IMAGE_STORAGE_CLASS,
+    METRICS_STORAGE_CLASS,
+    RAW_STORAGE_CLASS,
+    VISIT_IMAGE_STORAGE_CLASS,
+)
 
-__all__ = ["REPO_CONFIG", "ImageFormatter", "RawFormatter"]
+__all__ = ["LOSSY_RECIPE", "LSST_IMAGES_FORMATTER", "REPO_CONFIG", "ImageFormatter", "RawFormatter"]
 
 
 class ImageFormatter(FormatterV2):
@@ -61,13 +72,25 @@ class RawFormatter(FormatterV2):
     def read_from_local_file(self, path: str, component: str | None = None, expected_size: int = -1) -> Any:
         from ..raw import read_raw  # noqa: PLC0415
 
-        return read_raw(path, instrument=self.data_id["instrument"])
+        return read_raw(path, instrument=str(self.data_id["instrument"]))
 
     def write_local_file(self, in_memory_dataset: Any, uri: ResourcePath) -> None:
         from ..raw import write_raw  # noqa: PLC0415
 
         write_raw(in_memory_dataset, uri.ospath)
 
+
+LSST_IMAGES_FORMATTER = "lsst.images.formatters.GenericFormatter"
+_RICE = {"algorithm": "RICE_1", "tile_shape": [512, 512]}
+# Rubin's lossy recipe (lsst.images.fits.FitsCompressionOptions.LOSSY: 1/16 of each tile's noise,
+# dithered; the dither seed comes from the data ID) for image and variance; the mask is lossless.
+# Square tiles: ~15% faster to write and read than row tiles here, and cutouts read only their tiles.
+LOSSY_RECIPE: dict[str, Any] = {
+    "image": _RICE | {"quantization": {"dither": "SUBTRACTIVE_DITHER_2", "level": 16.0}},
+    "variance": _RICE | {"quantization": {"dither": "NO_DITHER", "level": 16.0}},
+    "mask": _RICE,
+}
+"""FITS compression of stored visit and difference images, per array."""
 
 REPO_CONFIG: dict[str, Any] = {
     "storageClasses": {
@@ -80,6 +103,15 @@ REPO_CONFIG: dict[str, Any] = {
             IMAGE_STORAGE_CLASS: f"{__name__}.ImageFormatter",
             RAW_STORAGE_CLASS: f"{__name__}.RawFormatter",
             METRICS_STORAGE_CLASS: "lsst.daf.butler.formatters.json.JsonFormatter",
+            VISIT_IMAGE_STORAGE_CLASS: {
+                "formatter": LSST_IMAGES_FORMATTER,
+                "parameters": {"recipe": "lossy"},
+            },
+            DIFFERENCE_IMAGE_STORAGE_CLASS: {
+                "formatter": LSST_IMAGES_FORMATTER,
+                "parameters": {"recipe": "lossy"},
+            },
+            "write_recipes": {LSST_IMAGES_FORMATTER: {"lossy": LOSSY_RECIPE}},
         },
     },
 }

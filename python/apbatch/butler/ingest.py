@@ -125,7 +125,7 @@ def _time(value: Any, field: str) -> Time | None:
 def _label(timespan: Timespan) -> str:
     """Name of the RUN of calibrations valid from ``timespan.begin`` (a dataset id is unique per RUN)."""
     begin = timespan.begin
-    return "unbounded" if begin is None else begin.tai.strftime("%Y%m%dT%H%M%S")
+    return begin.tai.strftime("%Y%m%dT%H%M%S") if isinstance(begin, Time) else "unbounded"
 
 
 def ingest_manifest(butler: Butler, directory: str | Path, transfer: str = "copy") -> int:

@@ -9,7 +9,6 @@ exposure's dimension records if the night's registration did not, then ``butler.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,37 +20,19 @@ from lsst.daf.butler import (
     DatasetIdGenEnum,
     DatasetRef,
     FileDataset,
-    MissingCollectionError,
     Timespan,
 )
-from lsst.daf.butler.registry import ConflictingDefinitionError
-from sqlalchemy.exc import IntegrityError, OperationalError
 
-from ..errors import BadInputError, RetriableError
+from ..errors import BadInputError
 from ..instruments import get_instrument
 from ..raw import RawExposure, camera_name, read_raw_header, translate_header
 from . import datasets as ds
+from .outputs import DB_ERRORS, OutputsMixin, retry_once
 from .repo import exposure_records, visit_records
 
 __all__ = ["ButlerIO"]
 
 log = logging.getLogger(__name__)
-
-_DB_ERRORS = (IntegrityError, OperationalError, ConflictingDefinitionError)
-
-
-def _retry_once(what: str, fn, *args, **kwargs):
-    """Run ``fn``; on a concurrent-insert database error wait a moment and run it once more."""
-    try:
-        return fn(*args, **kwargs)
-    except _DB_ERRORS as exc:
-        log.info("%s: %s; retrying once", what, type(exc).__name__)
-        time.sleep(0.05)
-        try:
-            return fn(*args, **kwargs)
-        except _DB_ERRORS as exc2:
-            raise RetriableError(f"{what} failed twice: {exc2}") from exc2
-
 
 def _as_time(when: Any) -> Time:
     if isinstance(when, Time):
@@ -61,10 +42,11 @@ def _as_time(when: Any) -> Time:
     return Time(when, scale="tai")
 
 
-class ButlerIO:
+class ButlerIO(OutputsMixin):
     """Butler reads and writes of one per-CCD job.
 
-    Lifetime: one per job process; not thread-safe (the butler it wraps is not).
+    Lifetime: one per job process; not thread-safe (the butler it wraps is not). Its output
+    methods (``put_outputs``, ``discard_outputs``) come from `OutputsMixin`.
 
     Parameters
     ----------
@@ -149,6 +131,7 @@ class ButlerIO:
             Raised if registering the exposure failed twice on concurrent inserts.
         """
         det = self.camera.detector(detector)
+        names: tuple[str, ...]
         if isinstance(group_or_obs_ids, str):
             group, names = group_or_obs_ids, ()
         else:
@@ -194,7 +177,7 @@ class ButlerIO:
         )
         try:
             self.butler.ingest(FileDataset(str(Path(path).absolute()), ref), transfer=self.transfer)
-        except _DB_ERRORS:  # a rerun of this job ingested it at the same moment
+        except DB_ERRORS:  # a rerun of this job ingested it at the same moment
             found = self.butler.find_dataset(ds.RAW, data_id, collections=run)
             if found is None:
                 raise
@@ -213,17 +196,22 @@ class ButlerIO:
         ):
             return False
         recs = exposure_records(meta)
-        visits, definitions, members = visit_records([meta])
+        visits, definitions, members, regions = visit_records([meta])  # none for a calibration exposure
 
         def insert():
             with registry.transaction():
                 for element in ("day_obs", "group", "exposure"):
                     registry.insertDimensionData(element, recs[element], skip_existing=True)
-                registry.insertDimensionData("visit", *visits, skip_existing=True)
-                registry.insertDimensionData("visit_definition", *definitions, skip_existing=True)
-                registry.insertDimensionData("visit_system_membership", *members, skip_existing=True)
+                for element, rows in (
+                    ("visit", visits),
+                    ("visit_definition", definitions),
+                    ("visit_system_membership", members),
+                    ("visit_detector_region", regions),
+                ):
+                    if rows:
+                        registry.insertDimensionData(element, *rows, skip_existing=True)
 
-        _retry_once(f"registering exposure {meta.obs_id}", insert)
+        retry_once(f"registering exposure {meta.obs_id}", insert)
         return True
 
     # ------------------------------------------------------------------ calibrations, templates
@@ -283,15 +271,16 @@ class ButlerIO:
                         f"{len(refs)} sky maps in {self.collections}",
                         "ingest templates with their sky map, or name the sky map",
                     )
-                ref = refs[0]
-                self._skymap_name = ref.dataId["skymap"]
+                found = refs[0]
+                self._skymap_name = str(found.dataId["skymap"])
             else:
-                ref = self.butler.find_dataset(
+                maybe = self.butler.find_dataset(
                     ds.SKYMAP, skymap=self._skymap_name, collections=self.collections
                 )
-                if ref is None:
+                if maybe is None:
                     raise BadInputError("skymap", f"no sky map {self._skymap_name!r} in {self.collections}")
-            self._skymap = SkyMap.from_dict(self.butler.get(ref))
+                found = maybe
+            self._skymap = SkyMap.from_dict(self.butler.get(found))
         return self._skymap
 
     def get_templates(self, corners: Any, band: str, margin: int = 64) -> list[Any]:
@@ -321,52 +310,6 @@ class ButlerIO:
             if ref is not None and bbox is not None:
                 out.append(self.butler.get(ref, parameters={"bbox": bbox}))
         return out
-
-    # ------------------------------------------------------------------ outputs
-    def put_outputs(
-        self,
-        visit: int,
-        detector: int | str,
-        calexp: Any = None,
-        diffim: Any = None,
-        dia_sources: Any = None,
-        metrics: dict | None = None,
-        run: str | None = None,
-    ) -> list[DatasetRef]:
-        """Store a CCD's outputs (``None`` ones are skipped), replacing those of an earlier attempt.
-
-        ``run`` defaults to ``<instrument>/prompt/<day_obs of the visit>``; it is created if
-        missing (it should have been, by ``apbatch repo register``).
-        """
-        det = self.camera.detector(detector)
-        data_id = {"instrument": self.instrument, "visit": int(visit), "detector": det.id}
-        if run is None:
-            rec = next(iter(self.butler.registry.queryDimensionRecords("visit", dataId=data_id)), None)
-            if rec is None:
-                raise BadInputError("visit", f"{visit} is not registered", "register the night first")
-            run = ds.output_run(self.instrument, rec.day_obs)
-        refs = []
-        for name, obj in (
-            (ds.CALEXP, calexp),
-            (ds.DIFFIM, diffim),
-            (ds.DIA_SOURCES, dia_sources),
-            (ds.METRICS, metrics),
-        ):
-            if obj is not None:
-                refs.append(self._put(obj, name, data_id, run))
-        return refs
-
-    def _put(self, obj: Any, name: str, data_id: dict, run: str) -> DatasetRef:
-        old = None
-        try:
-            old = self.butler.find_dataset(name, data_id, collections=run)
-        except MissingCollectionError:
-            log.warning("output run %s missing: creating it (register runs before jobs start)", run)
-            _retry_once(f"creating run {run}", self.butler.collections.register, run)
-        if old is not None:
-            self.butler.pruneDatasets([old], disassociate=True, unstore=True, purge=True)
-        return self.butler.put(obj, name, data_id, run=run)
-
 
 def _patch_bbox(info: Any, corners: np.ndarray, margin: int) -> tuple[int, int, int, int] | None:
     """Pixel box ``(x0, x1, y0, y1)`` of a patch that covers ``corners``; `None` if it misses them."""

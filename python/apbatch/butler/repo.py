@@ -8,9 +8,14 @@ same new records or RUN collections at once fail (FIELD-NOTES), so :func:`regist
 :func:`register_exposures` and :func:`register_output_run` are meant for ``apbatch repo`` and
 the daemon, ahead of the jobs; jobs only fill gaps (`apbatch.butler.io`).
 
-Visits: every exposure belongs to the visit whose id obs_lsst derives from its group
+Visits: every on-sky exposure belongs to the visit whose id obs_lsst derives from its group
 (``RawMetadata.visit_id``); the visit's exposure time is the sum over its snaps, its
-timespan the union. Exposures without a group (camera-only calibrations) are their own visit.
+timespan the union, its sky region the convex hull of the science CCDs' corners, and each
+science CCD gets a ``visit_detector_region`` record (so spatial queries work, e.g.
+``butler query-dimension-records REPO visit_detector_region --where
+"visit_detector_region.region OVERLAPS POINT(53.1, -28.1)"``). Calibration exposures
+(``observation_type`` bias, dark, flat...) are exposures only, never visits, as in Rubin's
+repositories.
 """
 
 from __future__ import annotations
@@ -29,11 +34,14 @@ from ..errors import BadInputError
 from ..instruments import get_instrument
 from . import datasets as ds
 from .formatters import REPO_CONFIG
+from .regions import visit_regions
 
 __all__ = [
+    "CALIBRATION_TYPES",
     "create_repo",
     "day_obs_timespan",
     "exposure_records",
+    "is_visit",
     "register_dataset_types",
     "register_exposures",
     "register_instrument",
@@ -192,7 +200,7 @@ def day_obs_timespan(day_obs: int) -> Timespan:
 
 
 def _as_dict(meta: Any) -> dict[str, Any]:
-    if dataclasses.is_dataclass(meta):
+    if dataclasses.is_dataclass(meta) and not isinstance(meta, type):
         return dataclasses.asdict(meta)
     if isinstance(meta, Mapping):
         return dict(meta)
@@ -264,22 +272,45 @@ def exposure_records(meta: Any) -> dict[str, dict[str, Any]]:
     }
 
 
-def visit_records(metas: Iterable[Any]) -> tuple[list[dict], list[dict], list[dict]]:
-    """``visit``, ``visit_definition`` and ``visit_system_membership`` records for exposures.
+# observation types of calibration exposures: exposure records, never visits
+CALIBRATION_TYPES = frozenset({"bias", "dark", "flat", "spot", "ccob"})
 
-    Exposures are grouped by ``visit_id`` (falling back to ``exposure_id``).
+
+def is_visit(meta: Any) -> bool:
+    """`True` if the exposure (RawMetadata or dict) belongs to a visit: not a calibration exposure."""
+    return str(_as_dict(meta).get("observation_type") or "").lower() not in CALIBRATION_TYPES
+
+
+def visit_records(metas: Iterable[Any]) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
+    """``visit``, ``visit_definition``, ``visit_system_membership`` and ``visit_detector_region`` records.
+
+    Exposures are grouped by ``visit_id`` (falling back to ``exposure_id``); calibration
+    exposures (:data:`CALIBRATION_TYPES`) get none. A visit with a pointing (``ra``, ``dec``;
+    ``rotation`` defaults to 0) gets its sky region, and one ``visit_detector_region`` per
+    science CCD; without a pointing the regions are left empty.
     """
     by_visit: dict[tuple[str, int], list[dict]] = {}
     for meta in metas:
         m = _as_dict(meta)
+        if not is_visit(m):
+            continue
         visit = int(m.get("visit_id") or m["exposure_id"])
         by_visit.setdefault((m["instrument"], visit), []).append(m)
-    visits, definitions, members = [], [], []
+    visits, definitions, members, detector_regions = [], [], [], []
     for (inst, visit), ms in by_visit.items():
         ms.sort(key=lambda m: m["seq_num"])
         first = ms[0]
         spans = [t for t in (_exposure_timespan(m) for m in ms) if t is not None]
-        timespan = Timespan(min(t.begin for t in spans), max(t.end for t in spans)) if spans else None
+        begins = [t.begin for t in spans if isinstance(t.begin, Time)]
+        ends = [t.end for t in spans if isinstance(t.end, Time)]
+        timespan = Timespan(min(begins), max(ends)) if begins and ends else None
+        region = None
+        if first.get("ra") is not None and first.get("dec") is not None:
+            region, ccds = visit_regions(inst, first["ra"], first["dec"], first.get("rotation") or 0.0)
+            detector_regions += [
+                {"instrument": inst, "visit": visit, "detector": det, "region": poly}
+                for det, poly in ccds.items()
+            ]
         visits.append(
             {
                 "instrument": inst,
@@ -291,16 +322,20 @@ def visit_records(metas: Iterable[Any]) -> tuple[list[dict], list[dict], list[di
                 "exposure_time": float(sum(m["exposure_time"] for m in ms)),
                 "observation_reason": first.get("reason") or "unknown",
                 "science_program": first.get("science_program"),
+                "region": region,
                 "timespan": timespan,
             }
         )
         definitions += [{"instrument": inst, "exposure": int(m["exposure_id"]), "visit": visit} for m in ms]
         members.append({"instrument": inst, "visit": visit, "visit_system": _VISIT_SYSTEM})
-    return visits, definitions, members
+    return visits, definitions, members, detector_regions
 
 
 def register_exposures(butler: Butler, metas: Iterable[Any]) -> int:
     """Insert the exposure and visit records of many exposures in one transaction (idempotent).
+
+    Visits get their sky regions and one ``visit_detector_region`` per science CCD; calibration
+    exposures get exposure records only (see :func:`visit_records`).
 
     Parameters
     ----------
@@ -322,7 +357,7 @@ def register_exposures(butler: Butler, metas: Iterable[Any]) -> int:
     """
     metas = list({_as_dict(m)["obs_id"]: _as_dict(m) for m in metas}.values())
     recs = [exposure_records(m) for m in metas]
-    visits, definitions, members = visit_records(metas)
+    visits, definitions, members, detector_regions = visit_records(metas)
     registry = butler.registry
     with registry.transaction():
         for element in ("day_obs", "group", "exposure"):
@@ -333,6 +368,7 @@ def register_exposures(butler: Butler, metas: Iterable[Any]) -> int:
             ("visit", visits),
             ("visit_definition", definitions),
             ("visit_system_membership", members),
+            ("visit_detector_region", detector_regions),
         ):
             if rows:
                 registry.insertDimensionData(element, *rows, skip_existing=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+import traceback
 
 import click
 
@@ -23,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "daemon": "apbatch.cli.cmd_daemon:daemon",
     "status": "apbatch.cli.cmd_status:status",
     "cancel": "apbatch.cli.cmd_cancel:cancel",
+    "resubmit": "apbatch.cli.cmd_resubmit:resubmit",
     "render-job": "apbatch.cli.cmd_render:render_job",
     "process-ccd": "apbatch.cli.cmd_process_ccd:process_ccd",
     "sim": "apbatch.cli.cmd_sim:sim",
@@ -52,7 +54,8 @@ class _LazyGroup(click.Group):
             raise
 
 
-@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=_LazyGroup,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               help="Logging level; DEBUG also shows tracebacks.")
@@ -64,14 +67,34 @@ def cli(ctx: click.Context, log_level: str) -> None:
     ctx.obj = {"log_level": log_level.upper()}
 
 
+def _debug(argv: list[str]) -> bool:
+    """`True` if the command line asks for ``--log-level DEBUG`` (tracebacks wanted)."""
+    for i, arg in enumerate(argv):
+        if arg == "--log-level" and i + 1 < len(argv) and argv[i + 1].upper() == "DEBUG":
+            return True
+        if arg.upper() == "--LOG-LEVEL=DEBUG":
+            return True
+    return False
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the group, turning apbatch errors into one line and an exit code."""
-    debug = "DEBUG" in [a.upper() for a in (argv if argv is not None else sys.argv[1:])]
+    """Entry point: run the group; every failure ends as one line on stderr and a documented code.
+
+    `ApbatchError` exits with its own code; click usage errors with 2; anything else (a bug
+    or an environment failure nobody classified) with 5, "needs a person", since nobody can
+    tell whether a rerun is safe. Tracebacks are logged only with ``--log-level DEBUG``.
+    """
+    args = list(argv if argv is not None else sys.argv[1:])
+    debug = _debug(args)
     try:
-        cli.main(args=argv, standalone_mode=False)
+        cli.main(args=args, standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
-        sys.exit(1)
+        sys.exit(130)
     except click.ClickException as exc:
         exc.show()
         sys.exit(ExitCode.BAD_INPUT if exc.exit_code == 2 else exc.exit_code)
@@ -79,9 +102,15 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except ApbatchError as exc:
         if debug:
-            logging.getLogger("apbatch").exception("failed")
-        click.echo(f"error: {exc}", err=True)
+            click.echo(traceback.format_exc(), err=True, nl=False)
+        click.echo(f"error: {_one_line(str(exc))}", err=True)
         sys.exit(int(exc.exit_code))
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:
+        if debug:
+            click.echo(traceback.format_exc(), err=True, nl=False)
+        click.echo(f"error: unexpected {type(exc).__name__}: {_one_line(str(exc))} "
+                   "(rerun with --log-level DEBUG for the traceback)", err=True)
+        sys.exit(int(ExitCode.NON_RETRIABLE))
     sys.exit(0)

@@ -18,7 +18,8 @@ def alerts() -> None:
 
 @alerts.command()
 @config_option
-@click.option("--timeout", type=float, default=None, help="s to wait per CCD-visit (default: alerts.send_timeout).")
+@click.option("--timeout", type=float, default=None,
+              help="s to wait per CCD-visit (default: alerts.send_timeout).")
 def flush(config_paths: tuple[str, ...], timeout: float | None) -> None:
     """Send spooled, undelivered alerts, oldest first; exit 4 if some are still pending."""
     from ..config import load_config
@@ -52,5 +53,6 @@ def dump(file: str, as_json: bool, limit: int) -> None:
                f"{'nSrc':>4} {'prv':>4} {'prvF':>4} {'cutoutB':>8}")
     for r in summary["rows"][:limit]:
         click.echo(f"{r['diaSourceId']:>20} {r['diaObjectId']:>20} {r['ra']:>11.6f} {r['dec']:>10.6f} "
-                   f"{(r['psfFlux'] or float('nan')):>10.1f} {r['band'] or '-':>4} {r['nDiaSources'] or 0:>4} "
-                   f"{r['prvDiaSources']:>4} {r['prvDiaForcedSources']:>4} {r['cutoutBytes']:>8}")
+                   f"{(r['psfFlux'] or float('nan')):>10.1f} {r['band'] or '-':>4} "
+                   f"{r['nDiaSources'] or 0:>4} {r['prvDiaSources']:>4} {r['prvDiaForcedSources']:>4} "
+                   f"{r['cutoutBytes']:>8}")

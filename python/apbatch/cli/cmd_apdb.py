@@ -16,8 +16,10 @@ def apdb() -> None:
 
 @apdb.command()
 @config_option
-@click.option("--url", default=None, help="SQLAlchemy URL (default: apdb.url); sqlite:///... or postgresql+psycopg2://...")
-@click.option("--config-file", default=None, help="dax_apdb config file to write (default: apdb.config_file).")
+@click.option("--url", default=None,
+              help="SQLAlchemy URL (default: apdb.url); sqlite:///... or postgresql+psycopg2://...")
+@click.option("--config-file", default=None,
+              help="dax_apdb config file to write (default: apdb.config_file).")
 def create(config_paths: tuple[str, ...], url: str | None, config_file: str | None) -> None:
     """Create an empty APDB with the lsst-sdm-schemas schema."""
     from ..config import load_config

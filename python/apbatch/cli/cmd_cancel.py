@@ -24,6 +24,6 @@ def cancel(group: str | None, visit: int | None, detector: str | None, instrumen
     config, _ = load_cli_config(config_paths)
     rows = cancel_jobs(config, group=group, visit=visit, detector=detector, instrument=instrument)
     for r in rows:
-        click.echo(f"{r['job_id'] or '-'}\t{r['instrument']}\t{r['visit']}\t{r['detector_name']}")
+        click.echo(f"{r.job_id or '-'}\t{r.instrument}\t{r.visit}\t{r.detector_name}")
     if not rows:
         click.echo("nothing to cancel: every matching job has finished", err=True)

@@ -30,7 +30,7 @@ def daemon(source_kind: str | None, max_events: int | None, max_seconds: float |
     """
     from ..script.daemon import run_daemon
 
-    config, config_file = load_cli_config(config_paths)
+    config, _ = load_cli_config(config_paths)
     counts = run_daemon(config, source_kind=source_kind, max_events=max_events, max_seconds=max_seconds,
-                        status_interval=status_interval, config_file=config_file)
+                        status_interval=status_interval)
     click.echo(json.dumps(counts, sort_keys=True))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import click
 
@@ -31,19 +32,21 @@ def night() -> None:
               help="Seconds after which a CCD claimed but never submitted is submitted.")
 @click.option("--lost-after", type=click.FloatRange(min=0), default=3600.0, show_default=True,
               help="Seconds after submission after which a job the scheduler does not know is resubmitted.")
+@click.option("--include-final", is_flag=True,
+              help="Also resubmit CCDs that failed for good or ran out of attempts (after fixing the cause).")
 @config_option
 @json_option
 def reprocess(day_obs: str | None, dry_run: bool, max_attempts: int | None, claim_timeout: float,
-              lost_after: float, config_paths: tuple[str, ...], as_json: bool) -> None:
+              lost_after: float, include_final: bool, config_paths: tuple[str, ...], as_json: bool) -> None:
     """Refresh job states; resubmit retriable (exit 3/4) and lost jobs; submit missed CCDs."""
     from ..errors import RetriableError
     from ..night import parse_day_obs
     from ..script.night import reprocess_night
 
     day = parse_day_obs(day_obs)
-    config, config_file = load_cli_config(config_paths)
+    config, _ = load_cli_config(config_paths)
     res = reprocess_night(config, day_obs=day, dry_run=dry_run, max_attempts=max_attempts,
-                          claim_timeout=claim_timeout, lost_after=lost_after, config_file=config_file)
+                          claim_timeout=claim_timeout, lost_after=lost_after, include_final=include_final)
     if as_json:
         click.echo(json.dumps(res, indent=2))
     else:
@@ -64,7 +67,11 @@ def reprocess(day_obs: str | None, dry_run: bool, max_attempts: int | None, clai
 @config_option
 @json_option
 def report(day_obs: str | None, out: str | None, config_paths: tuple[str, ...], as_json: bool) -> None:
-    """The night's summary: states, exit codes, attempts, missed CCDs, dead letters, latencies."""
+    """The night's summary: states, exit codes, attempts, missed CCDs, dead letters, latencies.
+
+    Exits 6 (after writing the report) when CCDs need attention, 2 when there is no ledger.
+    """
+    from ..errors import ExitCode
     from ..night import parse_day_obs
     from ..script.night import format_report, night_report, write_atomic
 
@@ -76,6 +83,8 @@ def report(day_obs: str | None, out: str | None, config_paths: tuple[str, ...], 
         click.echo(text, nl=False)
     else:
         click.echo(f"wrote {write_atomic(out, text, day)}", err=True)
+    if rep["needs_attention"]:
+        sys.exit(ExitCode.NEEDS_ATTENTION)
 
 
 @night.command()

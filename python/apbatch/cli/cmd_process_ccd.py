@@ -27,17 +27,21 @@ __all__ = ["process_ccd"]
 @click.option("--dec", type=click.FloatRange(-90, 90), help="Boresight Dec, deg.")
 @click.option("--rotation", type=float, help="Sky rotator angle, deg.")
 @click.option("--filter", "physical_filter", help="Physical filter (compared with the header).")
-@click.option("--image", "image_names", multiple=True, help="Image name(s) (obs ids); default: any of the group.")
+@click.option("--image", "image_names", multiple=True,
+              help="Image name(s) (obs ids); default: any of the group.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
               help="Seconds to wait for the raw(s) [default: job.raw_timeout, 120].")
 @click.option("--repo", help="Butler repository [default: job.repo].")
 @click.option("--collections", help="Input collection [default: job.input_collection].")
-@click.option("--output-run", help="Output RUN collection [default: <instrument>/prompt/<day_obs>].")
+@click.option("--output-run", help="Output RUN collection [default: job.output_run].")
 @config_option
 def process_ccd(config_paths, timeout, repo, collections, output_run, detector, **fields):
     """Process one CCD: raw -> ISR -> subtraction -> DIA sources -> APDB -> alerts.
 
-    Exit codes: 0 done, 2 bad input, 3 raw timeout (nothing written), 4 retriable, 5 non-retriable.
+    Every other setting comes from the config (--config FILE, repeatable, or $APBATCH_CONFIG):
+    the daemon passes the night's resolved config file. Exit codes: 0 done, 2 bad input,
+    3 raw timeout, 4 retriable (nothing reached the APDB), 5 non-retriable; 2-4 leave nothing
+    written.
     """
     from ..config import load_config
     from ..instruments import get_instrument

@@ -18,6 +18,6 @@ def render_job(event_file: str, detector: str | None, config_paths: tuple[str, .
     """Print what would be submitted for EVENT_FILE ('-' for stdin), without submitting."""
     from ..script.render import render_job as render
 
-    config, config_file = load_cli_config(config_paths)
-    text = render(config, event_file, detector=detector, config_file=config_file)
+    config, _ = load_cli_config(config_paths)
+    text = render(config, event_file, detector=detector)
     click.echo(text if text.endswith("\n") else text + "\n", nl=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
@@ -23,10 +24,17 @@ __all__ = ["status"]
 @json_option
 def status(visit: int | None, group: str | None, instrument: str | None, limit: int, no_live: bool,
            config_paths: tuple[str, ...], as_json: bool) -> None:
-    """Per-visit counts of job states (and per-CCD rows with --visit/--group)."""
+    """Per-visit counts of job states (and per-CCD rows with --visit/--group).
+
+    Exits 6 when CCDs shown need attention (failed for good, out of attempts, refused by the
+    scheduler, lost), 2 when there is no ledger at ledger.url (none is created).
+    """
+    from ..errors import ExitCode
     from ..script.status import collect_status, format_status
 
     config, _ = load_cli_config(config_paths)
     report = collect_status(config, visit=visit, group=group, instrument=instrument, live=not no_live,
                             limit=limit)
     click.echo(json.dumps(report, indent=2, default=str) if as_json else format_status(report))
+    if report["attention"]:
+        sys.exit(ExitCode.NEEDS_ATTENTION)

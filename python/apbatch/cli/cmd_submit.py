@@ -13,7 +13,11 @@ __all__ = ["load_cli_config", "submit"]
 
 
 def load_cli_config(config_paths: tuple[str, ...]):
-    """The configuration of ``--config`` (or ``$APBATCH_CONFIG``), and the file jobs should read."""
+    """The configuration of ``--config`` (or ``$APBATCH_CONFIG``), and its one file if there is one.
+
+    Jobs do not read that file: submission writes the resolved configuration for them
+    (`apbatch.jobconfig.write_config_snapshot`); cron lines need the one file.
+    """
     from ..config import load_config
 
     config = load_config(list(config_paths) or None)
@@ -41,8 +45,8 @@ def submit(event_file: str, dry_run: bool, check_age: bool, config_paths: tuple[
     from ..errors import BadInputError, RetriableError
     from ..script.submit import submit_events
 
-    config, config_file = load_cli_config(config_paths)
-    results = submit_events(config, event_file, dry_run=dry_run, check_age=check_age, config_file=config_file)
+    config, _ = load_cli_config(config_paths)
+    results = submit_events(config, event_file, dry_run=dry_run, check_age=check_age)
     if as_json:
         click.echo(json.dumps(results, indent=2))
     else:

@@ -16,7 +16,6 @@ import hashlib
 import http.client
 import json
 import logging
-import os
 import tempfile
 import time
 import urllib.error
@@ -25,6 +24,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..atomic import replacing
 from ..errors import BadInputError, RawTimeoutError
 from .store import DistributorStore, RawEntry, check_name, group_key
 
@@ -52,6 +52,10 @@ def select_raws(entries: Sequence[RawEntry], nimages: int, image_names: Sequence
 def _wanted(nimages: int, image_names: Sequence[str]) -> int:
     return len(image_names) if image_names else nimages
 
+
+
+class _ShortDownloadError(Exception):
+    """A download that came back short or with the wrong checksum (nothing is kept)."""
 
 class DistributorClient(abc.ABC):
     """Blocking access to raws at a distributor; see the module docstring.
@@ -172,14 +176,14 @@ class LocalDistributorClient(DistributorClient):
 
     def wait_for_raws(
         self,
-        instrument,
-        group_id,
-        detector_name,
-        nimages=1,
-        image_names=(),
-        timeout=120.0,
-        allow_partial=False,
-    ):
+        instrument: str,
+        group_id: str,
+        detector_name: str,
+        nimages: int = 1,
+        image_names: Sequence[str] = (),
+        timeout: float = 120.0,
+        allow_partial: bool = False,
+    ) -> list[Path]:
         self._check_args(instrument, group_id, detector_name, nimages, image_names)
         image_names = tuple(image_names)
         want = _wanted(nimages, image_names)
@@ -251,14 +255,14 @@ class HttpDistributorClient(DistributorClient):
 
     def wait_for_raws(
         self,
-        instrument,
-        group_id,
-        detector_name,
-        nimages=1,
-        image_names=(),
-        timeout=120.0,
-        allow_partial=False,
-    ):
+        instrument: str,
+        group_id: str,
+        detector_name: str,
+        nimages: int = 1,
+        image_names: Sequence[str] = (),
+        timeout: float = 120.0,
+        allow_partial: bool = False,
+    ) -> list[Path]:
         self._check_args(instrument, group_id, detector_name, nimages, image_names)
         image_names = tuple(image_names)
         want = _wanted(nimages, image_names)
@@ -325,25 +329,18 @@ class HttpDistributorClient(DistributorClient):
         dest.parent.mkdir(parents=True, exist_ok=True)
         url = f"{self.base_url}/file/{instrument}/{group_key(group_id)}/{d['file']}"
         h = hashlib.sha256()
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
         try:
-            with urllib.request.urlopen(url, timeout=60) as resp, os.fdopen(fd, "wb") as out:  # noqa: S310
-                expected = resp.headers.get("X-Checksum-SHA256", d["sha256"])
-                size = 0
-                while chunk := resp.read(1 << 20):
-                    out.write(chunk)
-                    h.update(chunk)
-                    size += len(chunk)
-            if size != d["size"] or (self.verify_checksum and h.hexdigest() != expected):
-                log.warning("%s: got %d bytes (want %d) or bad SHA-256; will retry", url, size, d["size"])
-                Path(tmp).unlink(missing_ok=True)
-                return None
-            os.replace(tmp, dest)
-        except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+            with replacing(dest, durable=False) as tmp:
+                with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as out:  # noqa: S310
+                    expected = resp.headers.get("X-Checksum-SHA256", d["sha256"])
+                    size = 0
+                    while chunk := resp.read(1 << 20):
+                        out.write(chunk)
+                        h.update(chunk)
+                        size += len(chunk)
+                if size != d["size"] or (self.verify_checksum and h.hexdigest() != expected):
+                    raise _ShortDownloadError(f"got {size} bytes (want {d['size']}) or bad SHA-256")
+        except (urllib.error.URLError, http.client.HTTPException, OSError, _ShortDownloadError) as exc:
             log.warning("%s: download failed (%s); will retry", url, exc)
-            Path(tmp).unlink(missing_ok=True)
             return None
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return dest

@@ -136,6 +136,8 @@ class DistributorServer(ThreadingHTTPServer):
     def url(self) -> str:
         """``http://host:port`` the server answers on."""
         host, port = self.server_address[:2]
+        if isinstance(host, bytes):  # typeshed allows bytes (AF_UNIX); a TCP server has str
+            host = host.decode()
         return f"http://{host}:{port}"
 
     def start(self) -> DistributorServer:

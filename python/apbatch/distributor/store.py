@@ -30,11 +30,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
+import stat
 import time
 from pathlib import Path
 from typing import Any
 
+from ..atomic import replacing, write_atomic
 from ..errors import BadInputError
 
 __all__ = ["DistributorStore", "RawEntry", "check_name", "file_sha256", "group_key"]
@@ -202,7 +203,7 @@ def _metadata_dict(src: Path, metadata: Any) -> dict[str, Any]:
         from ..raw import read_raw_header, translate_header  # noqa: PLC0415 (heavy, rarely needed)
 
         metadata = translate_header(read_raw_header(src))
-    if dataclasses.is_dataclass(metadata):
+    if dataclasses.is_dataclass(metadata) and not isinstance(metadata, type):
         metadata = dataclasses.asdict(metadata)
     if not isinstance(metadata, dict):
         raise BadInputError("metadata", f"expected RawMetadata or dict, got {type(metadata).__name__}")
@@ -226,27 +227,16 @@ def _copy_atomic(src: Path, dest: Path) -> tuple[str, int]:
     """Copy ``src`` to a temporary file next to ``dest``, hashing on the way, then rename."""
     h = hashlib.sha256()
     size = 0
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
+    mode = stat.S_IMODE(os.stat(src).st_mode)
+    with replacing(dest, mode=mode, durable=False) as tmp:
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
             while chunk := fin.read(_CHUNK):
                 h.update(chunk)
                 fout.write(chunk)
                 size += len(chunk)
         shutil.copystat(src, tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return h.hexdigest(), size
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(data, indent=1), durable=False)

@@ -10,7 +10,8 @@ matrices, one numpy pass per field type, plus the number of bytes each row uses)
 used bytes in row order, which gives all rows' encodings back to back in one buffer.
 
 :func:`alert_encoders` gives the encoders of the alert schema's three row types when the
-schema has the layout (11.x) that ``alerts.AlertBuilder`` assembles from pieces.
+schema has the layout (11.x) that ``alerts.AlertBuilder`` assembles from pieces. Which schema
+version is written, and which ones can be, is `alert_schemas`' business.
 
 The output is byte-identical to ``fastavro.schemaless_writer`` of the dicts that
 :func:`records_of` makes (NaN/NA -> ``None``). Columns that fastavro would reject or treat
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import Any
 
 import fastavro
 import numpy as np
@@ -139,7 +141,8 @@ class RecordEncoder:
     """
 
     def __init__(self, record: dict):
-        self.fields = []  # (name, primitive, null branch or None, value branch)
+        # (name, primitive, null branch or None, value branch)
+        self.fields: list[tuple[str, str, int | None, int]] = []
         for f in record["fields"]:
             t = f["type"]
             if isinstance(t, str) and t in _PRIMITIVES:
@@ -207,8 +210,8 @@ class RecordEncoder:
                     raise UnsupportedError(f"{[self.names[k] for k in members]}: value out of int range")
             block, nbytes = _encode_group(prim, data, null)
             if nullable:
-                null_at = np.array([self.fields[k][2] for k in members])[None, :]
-                branch = _branch(null, null_at, 1 - null_at)
+                null_branch = np.array([self.fields[k][2] for k in members])[None, :]
+                branch = _branch(null, null_branch, 1 - null_branch)
                 block = np.concatenate([branch[:, :, None], block], axis=2)
                 nbytes = np.where(null, 1, 1 + nbytes)
             for m, k in enumerate(members):
@@ -270,7 +273,8 @@ def _columns(df: pd.DataFrame, names: list[str]) -> dict[str, tuple]:
     per column: the per-column pandas overhead dominates for a few dozen rows).
     """
     wanted = set(names)
-    out, by_dtype = {}, {}
+    out: dict[str, tuple[Any, np.ndarray]] = {}
+    by_dtype: dict[np.dtype, list[str]] = {}
     unique = df.columns.is_unique
     for name, dtype in zip(df.columns, df.dtypes, strict=True):
         if name not in wanted:

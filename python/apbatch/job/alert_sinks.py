@@ -16,7 +16,6 @@ import abc
 import json
 import logging
 import os
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -24,7 +23,9 @@ from pathlib import Path
 
 import fastavro
 
-from ..errors import BadInputError
+from ..atomic import replacing
+from ..errors import RetriableError
+from ..kafka_settings import kafka_settings
 
 __all__ = [
     "AlertSink",
@@ -34,6 +35,7 @@ __all__ = [
     "deliver",
     "flush_spool",
     "kafka_settings",
+    "make_sink",
     "write_alert_container",
 ]
 
@@ -46,17 +48,8 @@ _AVRO_MAGIC = b"Obj\x01"
 
 
 def _atomic_write(path: Path, write: Callable) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(path) as tmp, open(tmp, "wb") as fh:  # durable: the spool is what survives a crash
+        write(fh)
 
 
 def _zigzag(n: int) -> bytes:
@@ -122,8 +115,9 @@ class AlertSpool:
         """Spool the alerts of one CCD-visit, replacing an earlier, never-delivered spool."""
         token = uuid.uuid4().hex
         records = [{"diaSourceId": int(i), "payload": p} for i, p in alerts]
-        _atomic_write(self._data(name), lambda fh: fastavro.writer(
-            fh, _SPOOL_SCHEMA, records, metadata={"apbatch.token": token, "apbatch.schema_id": str(schema_id)}))
+        metadata = {"apbatch.token": token, "apbatch.schema_id": str(schema_id)}
+        _atomic_write(self._data(name),
+                      lambda fh: fastavro.writer(fh, _SPOOL_SCHEMA, records, metadata=metadata))
         self._save_state(name, {"token": token, "total": len(records), "delivered": []})
 
     def entries(self, name: str) -> list[tuple[int, bytes]]:
@@ -131,8 +125,13 @@ class AlertSpool:
         path = self._data(name)
         if not path.exists():
             return []
+        out = []
         with path.open("rb") as fh:
-            return [(r["diaSourceId"], r["payload"]) for r in fastavro.reader(fh)]
+            for r in fastavro.reader(fh):
+                if not isinstance(r, dict):  # _SPOOL_SCHEMA is a record: always a dict
+                    raise ValueError(f"{path}: spool entry is {type(r).__name__}, not a record")
+                out.append((r["diaSourceId"], r["payload"]))
+        return out
 
     def _token(self, name: str) -> str | None:
         with self._data(name).open("rb") as fh:
@@ -178,8 +177,23 @@ class AlertSink(abc.ABC):
     def send(self, name: str, alerts: Sequence[tuple[int, bytes]], timeout: float) -> list[bool]:
         """Send alerts in order; return, per alert, whether it was confirmed delivered."""
 
+    def check(self, timeout: float) -> None:
+        """Fail early if the sink cannot take alerts (before a job does any work).
+
+        Raises
+        ------
+        RetriableError
+            Raised if the sink is unreachable within ``timeout`` seconds.
+
+        Notes
+        -----
+        Deliberately a no-op here: a sink with nothing to reach (a file) is always ready.
+        """
+        return None
+
     def close(self) -> None:
-        """Release connections."""
+        """Release connections; deliberately a no-op here, for sinks that hold none."""
+        return None
 
 
 class FileAlertSink(AlertSink):
@@ -190,48 +204,38 @@ class FileAlertSink(AlertSink):
     crash rewrites the whole file with the same alerts.
     """
 
-    def __init__(self, directory: str | Path, schema=None):
+    def __init__(self, directory: str | Path):
         self.directory = Path(directory)
-        self._schema = schema
 
     def send(self, name, alerts, timeout):
+        from .alert_schemas import alert_schema, schema_by_id
         from .alerts import unframe
 
-        if self._schema is None:
-            from lsst.alert.packet import Schema
-
-            self._schema = Schema.from_file()
+        framed = [unframe(p) for _, p in alerts]
+        ids = {schema_id for schema_id, _ in framed}
+        if len(ids) > 1:
+            raise ValueError(f"{name}: alerts of several schema ids {sorted(ids)} cannot share one file")
+        # the container declares the schema the packets were written with (their framing says which)
+        schema = schema_by_id(ids.pop()) if ids else alert_schema()
         path = self.directory / f"{name}.avro"
-        write_alert_container(path, json.dumps(self._schema.definition), [unframe(p)[1] for _, p in alerts])
+        write_alert_container(path, json.dumps(schema.definition), [b for _, b in framed])
         return [True] * len(alerts)
 
 
-def kafka_settings(kafka, environ: Mapping[str, str] | None = None) -> dict:
-    """librdkafka settings from a `apbatch.config.KafkaConfig`; secrets from env or file only.
+def make_sink(cfg, environ: Mapping[str, str] | None = None) -> AlertSink:
+    """The alert sink an `apbatch.config.ApbatchConfig` names (``alerts.sink``: file or kafka).
+
+    Kafka settings come from `apbatch.kafka_settings.kafka_settings` (the one place they are
+    resolved). No I/O: a Kafka producer connects on its first use.
 
     Raises
     ------
     BadInputError
-        Raised if SASL is configured but the username or password is not available.
+        Raised if Kafka with SASL is configured and the credentials are not available.
     """
-    environ = os.environ if environ is None else environ
-    settings = {"bootstrap.servers": kafka.bootstrap_servers, "security.protocol": kafka.security_protocol}
-    if kafka.sasl_mechanism:
-        settings["sasl.mechanism"] = kafka.sasl_mechanism
-        user = environ.get(kafka.username_env)
-        password = environ.get(kafka.password_env)
-        if password is None and kafka.password_file:
-            try:
-                password = Path(kafka.password_file).read_text().strip()
-            except OSError as exc:
-                raise BadInputError("kafka.password_file", f"cannot read it: {exc.strerror}") from None
-        if not user:
-            raise BadInputError("kafka.username_env", f"${kafka.username_env} is not set", "export it")
-        if not password:
-            raise BadInputError("kafka.password_env", f"${kafka.password_env} is not set and no password_file",
-                                "export it or set kafka.password_file")
-        settings["sasl.username"], settings["sasl.password"] = user, password
-    return settings
+    if cfg.alerts.sink == "kafka":
+        return KafkaAlertSink(kafka_settings(cfg.kafka, environ, root=cfg.root), cfg.alerts.topic)
+    return FileAlertSink(cfg.path(cfg.alerts.directory))
 
 
 class KafkaAlertSink(AlertSink):
@@ -286,7 +290,8 @@ class KafkaAlertSink(AlertSink):
         for i, (source_id, payload) in enumerate(alerts):
             while True:
                 try:
-                    producer.produce(self.topic, value=payload, key=str(source_id).encode(), on_delivery=report(i))
+                    producer.produce(self.topic, value=payload, key=str(source_id).encode(),
+                                     on_delivery=report(i))
                     break
                 except BufferError:  # local queue full: serve delivery reports, then retry
                     producer.poll(0.05)
@@ -300,6 +305,17 @@ class KafkaAlertSink(AlertSink):
             producer.purge(in_queue=True, in_flight=False)
             producer.flush(5.0)
         return ok
+
+    def check(self, timeout: float) -> None:
+        """Ask the brokers for the cluster's metadata; `RetriableError` if none answers in time."""
+        from confluent_kafka import KafkaException
+
+        try:
+            self._get().list_topics(timeout=timeout)
+        except KafkaException as exc:
+            raise RetriableError(f"alerts.sink: no Kafka broker at {self.settings.get('bootstrap.servers')} "
+                                 f"answered within {timeout:g} s ({exc.args[0].str() if exc.args else exc})"
+                                 ) from None
 
     def close(self) -> None:
         if self._producer is not None:

@@ -14,6 +14,8 @@ alert body is the concatenation of those pieces (an Avro record is its fields ba
 array is a count, the items and a 0), byte-identical to ``fastavro.schemaless_writer`` of the
 :meth:`AlertBuilder.records` dict. Packets are framed as Rubin does on Kafka: magic byte 0, a
 4-byte big-endian schema id (major*100+minor, 1101 for 11.1), then the schemaless Avro body.
+The schema is the one ``alerts.schema_version`` names (`alert_schemas.alert_schema`), so a site
+can write what its consumers read (lsst-alert-stream's default registry knows 11.0 only).
 
 :func:`process_ccd_alerts` is the kill-safe per-CCD sequence: associate -> build -> spool
 (atomic) -> APDB store (one transaction) -> deliver from the spool.
@@ -34,6 +36,7 @@ import pandas as pd
 
 from ..image import Image, MaskBits
 from .alert_avro import RecordEncoder, alert_encoders, encoded_long, record_schema, records_of
+from .alert_schemas import alert_schema
 from .alert_sinks import AlertSink, AlertSpool, deliver
 from .apdb import Association, AssociationResult, CcdVisit
 
@@ -88,12 +91,21 @@ def _pad(data: bytes, fill: bytes) -> bytes:
     return data + fill * (-len(data) % _BLOCK)
 
 
+def _extension(bitpix: int, size: int) -> list[bytes]:
+    """The leading cards of a ``size`` x ``size`` image extension."""
+    return [_card("XTENSION", "IMAGE"), _card("BITPIX", bitpix), _card("NAXIS", 2), _card("NAXIS1", size),
+            _card("NAXIS2", size), _card("PCOUNT", 0), _card("GCOUNT", 1)]
+
+
 class CutoutWriter:
     """Writes ``size`` x ``size`` FITS cutouts of one `Image` at many positions.
 
     Build one per image per CCD (the header template is made here, or taken from ``like``, a
     writer of an image with the very same WCS object); not thread-safe.
     """
+
+    image: Image
+    size: int
 
     def __init__(self, image: Image, size: int, like: CutoutWriter | None = None):
         if like is not None and like.size == size and like.image.wcs is image.wcs:
@@ -114,13 +126,11 @@ class CutoutWriter:
         self._crpix_at = [i for i, c in enumerate(head) if c[:8] in (b"CRPIX1  ", b"CRPIX2  ")]
         self._head = head
         end = [b"END".ljust(80)]
-        ext = [_card("XTENSION", "IMAGE"), None, _card("NAXIS", 2), _card("NAXIS1", size),
-               _card("NAXIS2", size), _card("PCOUNT", 0), _card("GCOUNT", 1)]
-        ext[1] = _card("BITPIX", 32)
-        self._mask_hdr = _pad(b"".join(ext + [_card("EXTNAME", "MASK")] + end), b" ")
-        ext[1] = _card("BITPIX", -32)
-        var_cards = [_card("EXTNAME", "UNCERT"), _card("UTYPE", "VarianceUncertainty")]
-        self._var_hdr = _pad(b"".join(ext + var_cards + end), b" ")
+        mask_cards = _extension(32, size) + [_card("EXTNAME", "MASK")]
+        self._mask_hdr = _pad(b"".join(mask_cards + end), b" ")
+        var_cards = _extension(-32, size) + [_card("EXTNAME", "UNCERT"),
+                                             _card("UTYPE", "VarianceUncertainty")]
+        self._var_hdr = _pad(b"".join(var_cards + end), b" ")
         self._end = end
         self._pad_bytes = b"\0" * (-(size * size * 4) % _BLOCK)
 
@@ -173,7 +183,8 @@ class AlertBuilder:
     Parameters
     ----------
     schema : `lsst.alert.packet.Schema`, optional
-        Default: the latest shipped (``Schema.from_file()``).
+        The schema alerts are written with (``alert_schemas.alert_schema(alerts.schema_version)``);
+        default: the newest shipped. Packets are framed with its id.
     cutout_size : `int`
         Cutout side, pixels.
     history_days : `float`
@@ -185,15 +196,12 @@ class AlertBuilder:
     """
 
     def __init__(self, schema=None, cutout_size: int = 30, history_days: float = 365.0):
-        if schema is None:
-            from lsst.alert.packet import Schema
-
-            schema = Schema.from_file()
-        self.schema = schema
+        self.schema = schema = alert_schema() if schema is None else schema
         self.schema_id = int(schema.get_schema_id())
         self._parsed = fastavro.parse_schema(schema.definition)
         self.cutout_size, self.history_days = int(cutout_size), float(history_days)
         d = schema.definition
+        self._top_fields = [f["name"] for f in d["fields"]]
         self._src_fields, self._obj_fields = _fields(d, "diaSource"), _fields(d, "diaObject")
         self._frc_fields = _fields(d, "prvDiaForcedSources")
         self._encoders = alert_encoders(d)
@@ -217,7 +225,7 @@ class AlertBuilder:
         """Alert dicts, one per DiaSource of ``result``, in DiaSource order."""
         src = result.sources
 
-        def by_object(df, fields):
+        def by_object(df: pd.DataFrame, fields: list[str]) -> dict[int, list[dict]]:
             df = self._history(df, result.ccd)
             out: dict[int, list[dict]] = {}
             for oid, rec in zip(df["diaObjectId"].to_numpy(np.int64), records_of(df, fields), strict=False):
@@ -230,13 +238,14 @@ class AlertBuilder:
         cut = self._cutouts(src, science, template, difference)
         for i, rec in enumerate(records_of(src, self._src_fields)):
             oid = rec["diaObjectId"]
-            yield {
-                "diaSourceId": rec["diaSourceId"], "observation_reason": None, "target_name": None,
-                "diaSource": rec, "prvDiaSources": prv_src.get(oid, []),
-                "prvDiaForcedSources": prv_frc.get(oid, []), "diaObject": objects.get(oid),
-                "ssSource": None, "mpc_orbits": None, "cutoutDifference": cut["Difference"][i],
+            values = {
+                "diaSourceId": rec["diaSourceId"], "alertId": rec["diaSourceId"], "diaSource": rec,
+                "prvDiaSources": prv_src.get(oid, []), "prvDiaForcedSources": prv_frc.get(oid, []),
+                "diaObject": objects.get(oid), "cutoutDifference": cut["Difference"][i],
                 "cutoutScience": cut["Science"][i], "cutoutTemplate": cut["Template"][i],
             }
+            # exactly the schema's fields: what an older schema lacks is dropped, the rest null
+            yield {name: values.get(name) for name in self._top_fields}
 
     def _history_arrays(self, encoder: RecordEncoder, df: pd.DataFrame, ccd: CcdVisit) -> dict[int, bytes]:
         """Per DiaObject id: the Avro array body (count, records, end) of its history rows."""
@@ -250,10 +259,11 @@ class AlertBuilder:
         return {oid: encoded_long(n) + buf[off[s]:off[s + n]] + b"\0"
                 for oid, s, n in zip(uniq.tolist(), first.tolist(), count.tolist(), strict=True)}
 
-    def _bodies(self, result: AssociationResult, science: Image, template: Image, difference: Image
-                ) -> list[tuple[int, bytes]]:
-        """:meth:`payloads` assembled from per-row encodings (Avro concatenates record fields)."""
-        enc_src, enc_frc, enc_obj = self._encoders
+    def _bodies(self, encoders: tuple[RecordEncoder, RecordEncoder, RecordEncoder], result: AssociationResult,
+                science: Image, template: Image, difference: Image) -> list[tuple[int, bytes]]:
+        """:meth:`payloads` assembled from per-row encodings (Avro concatenates record fields);
+        ``encoders`` are the DiaSource, DiaForcedSource and DiaObject ones."""
+        enc_src, enc_frc, enc_obj = encoders
         src = result.sources
         buf, off = enc_src.encode(src)
         obuf, ooff = enc_obj.encode(result.objects)
@@ -267,8 +277,11 @@ class AlertBuilder:
         ids = src["diaSourceId"].tolist()
         rows = zip(ids, _object_ids(src), off[:-1].tolist(), off[1:].tolist(), strict=True)
         for i, (sid, oid, a, b) in enumerate(rows):
-            parts = [head, encoded_long(sid), null2, buf[a:b], b"\2", prv_src.get(oid, empty), b"\2",
-                     prv_frc.get(oid, empty), objects.get(oid, empty), null2]
+            # an unassociated source (null diaObjectId) has no history and no DiaObject
+            src_hist = empty if oid is None else prv_src.get(oid, empty)
+            frc_hist = empty if oid is None else prv_frc.get(oid, empty)
+            parts = [head, encoded_long(sid), null2, buf[a:b], b"\2", src_hist, b"\2", frc_hist,
+                     objects.get(oid, empty), null2]
             for name in ("Difference", "Science", "Template"):
                 blob = cut[name][i]
                 parts += (b"\2", encoded_long(len(blob)), blob)
@@ -290,8 +303,8 @@ class AlertBuilder:
         encoded once, vectorised, and the alert body is assembled from the pieces.
         """
         if self._encoders is not None:
-            return self._bodies(result, science, template, difference)
-        return [(r["diaSourceId"], self.serialize(r))
+            return self._bodies(self._encoders, result, science, template, difference)
+        return [(r["diaSource"]["diaSourceId"], self.serialize(r))
                 for r in self.records(result, science, template, difference)]
 
     def deserialize(self, payload: bytes) -> dict:
@@ -299,7 +312,10 @@ class AlertBuilder:
         schema_id, body = unframe(payload)
         if schema_id != self.schema_id:
             raise ValueError(f"packet has schema id {schema_id}, this builder {self.schema_id}")
-        return fastavro.schemaless_reader(io.BytesIO(body), self._parsed)
+        record = fastavro.schemaless_reader(io.BytesIO(body), self._parsed)
+        if not isinstance(record, dict):  # an alert schema is a record: always a dict
+            raise ValueError(f"packet decodes to {type(record).__name__}, not an alert record")
+        return record
 
 
 @dataclasses.dataclass
@@ -331,8 +347,9 @@ def process_ccd_alerts(ccd: CcdVisit, dia_sources: pd.DataFrame, science: Image,
     Parameters
     ----------
     checkpoint : callable, optional
-        Called with ``"associated"``, ``"spooled"``, ``"stored"``, ``"delivered"``; tests inject
-        crashes here.
+        Called with ``"associated"``, ``"spooled"`` (the APDB store comes next), ``"stored"``,
+        ``"delivered"``, and ``"already_stored"`` instead of the first three on a rerun; tests
+        inject crashes here, the job boundary learns from it whether the APDB was reached.
 
     Raises
     ------
@@ -351,6 +368,7 @@ def process_ccd_alerts(ccd: CcdVisit, dia_sources: pd.DataFrame, science: Image,
             raise NonRetriableError(f"{name} is in the APDB but its alert spool is missing; "
                                     "alerts cannot be rebuilt without changing the APDB")
         _LOG.info("%s already stored; delivering what its spool still owes", name)
+        hook("already_stored")
     else:
         result = association.run(ccd, dia_sources, difference, science, psf_fwhm_pix)
         hook("associated")

@@ -330,10 +330,12 @@ class Association:
         ra_first = g["ra"].first()
         out["ra"] = ((ra_first + ra_m["mean"].fillna(plain["dra"])) % 360.0).reindex(ids).to_numpy()
         out["dec"] = dec_m["mean"].fillna(plain["dec"]).reindex(ids).to_numpy()
-        out["raErr"], out["decErr"] = ra_m["err"].reindex(ids).to_numpy(), dec_m["err"].reindex(ids).to_numpy()
+        out["raErr"] = ra_m["err"].reindex(ids).to_numpy()
+        out["decErr"] = dec_m["err"].reindex(ids).to_numpy()
         if "ra_dec_Cov" in hist:
             w_ra, w_dec = 1.0 / hist["raErr"].astype(float) ** 2, 1.0 / hist["decErr"].astype(float) ** 2
-            num = (w_ra * w_dec * hist["ra_dec_Cov"].astype(float)).groupby(hist["diaObjectId"]).sum(min_count=1)
+            cov = w_ra * w_dec * hist["ra_dec_Cov"].astype(float)
+            num = cov.groupby(hist["diaObjectId"]).sum(min_count=1)
             den = w_ra.groupby(hist["diaObjectId"]).sum() * w_dec.groupby(hist["diaObjectId"]).sum()
             out["ra_dec_Cov"] = (num / den).reindex(ids).to_numpy()
         else:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
+from ..atomic import replacing
 from ..errors import BadInputError
 
 __all__ = ["create_apdb", "open_apdb"]
@@ -53,15 +52,8 @@ def create_apdb(url: str, config_path: str | Path):
     except Exception as exc:  # a database the user pointed us at refused: one line, their fix
         raise BadInputError("apdb.url", f"cannot create the APDB: {str(exc).splitlines()[0]}",
                             "check the URL, credentials and that the server is running") from None
-    config_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{config_path.name}.", suffix=".tmp", dir=config_path.parent)
-    os.close(fd)
-    try:
-        config.save(tmp)
-        os.replace(tmp, config_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(config_path) as tmp:
+        config.save(str(tmp))
     return config
 
 

@@ -28,6 +28,7 @@ from ..image import Image
 from ..instruments import get_instrument
 from ..raw import RawExposure
 from ..work import CcdWork
+from .photometry import photometric_scale, to_njy
 from .steps.astrometry import AstrometryError, fit_wcs
 from .steps.background import subtract_background
 from .steps.detection import detect_bright_sources, detect_sources
@@ -128,9 +129,11 @@ def check_headers(raws: list[RawExposure], work: CcdWork) -> list[str]:
             raise BadInputError("raw", f"{m.obs_id} is detector {m.detector}, the job is for {work.detector}",
                                 "the distributor delivered the wrong CCD")
         if work.group_id and m.group_id != work.group_id:
-            raise BadInputError("raw", f"{m.obs_id} has GROUPID {m.group_id!r}, the job's group is {work.group_id!r}")
+            raise BadInputError("raw", f"{m.obs_id} has GROUPID {m.group_id!r}, "
+                                f"the job's group is {work.group_id!r}")
         if work.physical_filter and m.physical_filter != work.physical_filter:
-            out.append(f"{m.obs_id}: header FILTER {m.physical_filter!r} but the job was told {work.physical_filter!r}"
+            out.append(f"{m.obs_id}: header FILTER {m.physical_filter!r} but the job was told "
+                       f"{work.physical_filter!r}"
                        " (using the job's filter)")
         exptime = m.requested_exposure_time or m.exposure_time
         snaps = max(m.images_in_sequence or work.nimages or 1, 1)
@@ -139,9 +142,9 @@ def check_headers(raws: list[RawExposure], work: CcdWork) -> list[str]:
                                       abs(exptime * snaps - work.exposure_time)) > 0.5:
             out.append(f"{m.obs_id}: header EXPTIME {exptime:.3f} s but the job expected "
                        f"{work.exposure_time:.3f} s (using the header)")
-        if work.ra is not None and m.ra is not None:
+        if work.ra is not None and work.dec is not None and m.ra is not None and m.dec is not None:
             dra = (m.ra - work.ra + 180.0) % 360.0 - 180.0
-            sep = float(np.hypot(dra * np.cos(np.radians(work.dec or 0.0)), m.dec - work.dec)) * 3600
+            sep = float(np.hypot(dra * np.cos(np.radians(work.dec)), m.dec - work.dec)) * 3600
             if sep > 60.0:
                 out.append(f"{m.obs_id}: header pointing is {sep:.0f} arcsec from the job's boresight "
                            "(using the header)")
@@ -161,7 +164,8 @@ def _pointing(raw: RawExposure, work: CcdWork) -> tuple[float, float, float]:
     return float(ra), float(dec), float(rot)
 
 
-def run_ccd(work: CcdWork, deps: JobDeps, *, timeout: float = 120.0, output_run: str | None = None) -> CcdResult:
+def run_ccd(work: CcdWork, deps: JobDeps, *, timeout: float = 120.0, output_run: str | None = None,
+            region_padding_arcsec: float = 10.0) -> CcdResult:
     """Run the AP pipeline for one CCD.
 
     Parameters
@@ -174,6 +178,9 @@ def run_ccd(work: CcdWork, deps: JobDeps, *, timeout: float = 120.0, output_run:
         Seconds to wait for the raw(s).
     output_run : `str`, optional
         Butler RUN for the outputs (default: the butler I/O's nightly run).
+    region_padding_arcsec : `float`
+        Padding of the CCD's sky region for the APDB (``apdb.region_padding_arcsec``): objects
+        this far outside the CCD are loaded for association.
 
     Raises
     ------
@@ -198,15 +205,16 @@ def run_ccd(work: CcdWork, deps: JobDeps, *, timeout: float = 120.0, output_run:
     physical_filter = work.physical_filter or meta.physical_filter
 
     try:
-        return _process(work, deps, raws, res, step, cam, det, physical_filter, output_run)
+        return _process(work, deps, raws, res, step, cam, det, physical_filter, output_run,
+                        region_padding_arcsec)
     except ApbatchError:
         raise
     except Exception as exc:  # anything unexpected before the APDB stage: safe to rerun
-        log.exception("unexpected failure")
+        log.debug("unexpected failure", exc_info=True)  # the job boundary reports it in one line
         raise RetriableError(f"{type(exc).__name__}: {exc}") from exc
 
 
-def _process(work, deps, raws, res, step, cam, det, physical_filter, output_run) -> CcdResult:
+def _process(work, deps, raws, res, step, cam, det, physical_filter, output_run, padding) -> CcdResult:
     when = raws[0].metadata.mjd_begin
     with step("calib_retrieval"):
         bias = deps.butler_io.get_calib("bias", det.id, when) if when is not None else None
@@ -233,12 +241,15 @@ def _process(work, deps, raws, res, step, cam, det, physical_filter, output_run)
         subtract_background(calexp)
         sources = detect_sources(calexp)
         psf = measure_psf(calexp, sources)
+    # the stored image's PSF (lsst-images VisitImage); the difference image inherits it
+    calexp.metadata["PSFSIGMA"] = float(psf.sigma)
     res.n_sources = len(sources)
     corners = cam.footprint(det, ra, dec, rot, pad_arcsec=30.0)
     with step("template_retrieval"):
         templates = deps.butler_io.get_templates(corners, band)
     if not templates:
-        return _no_template(deps, work, res, output_run, calexp, f"no template covers this CCD in band {band}")
+        why = f"no template covers this CCD in band {band}"
+        return _no_template(deps, work, res, output_run, calexp, why)
 
     with step("astrometry"):
         _fit_astrometry(calexp, sources, templates, cam, res)
@@ -252,28 +263,36 @@ def _process(work, deps, raws, res, step, cam, det, physical_filter, output_run)
     with step("subtract"):
         diff, sub = subtract_images(calexp, warped, psf.sigma, tmpl_sigma, sources)
     res.subtraction = {"n_stamps": sub.n_stamps, "kernel_sum": float(sub.kernel_sum),
-                       "noise_scale": float(sub.noise_scale), "coverage": float(warped.metadata.get("COVERAGE", 1))}
+                       "noise_scale": float(sub.noise_scale),
+                       "coverage": float(warped.metadata.get("COVERAGE", 1))}
     with step("measure"):
-        njy = _photometric_scale(calexp, warped, sub.kernel_sum)
+        njy = photometric_scale(calexp, warped, sub.kernel_sum)
         dia = measure_dia_sources(diff, psf, science=calexp, njy_per_e=njy)
+        # from here on every image is in nJy, like the DIA fluxes: the butler outputs, the APDB's
+        # forced photometry and the alert cutouts (the warped template already is)
+        for img in (calexp, diff):
+            to_njy(img, njy)
     res.n_dia_sources = len(dia)
-    with step("write_outputs"):
-        _put(deps, work, res, output_run, calexp=calexp, diffim=diff, dia_sources=dia)
+    from .apdb import CcdVisit
+
+    m = raws[0].metadata
+    mid = (m.mjd_begin + m.mjd_end) / 2 if m.mjd_begin and m.mjd_end else m.mjd_begin
+    ccd = CcdVisit(work.instrument, work.visit, det.id, band, float(mid),
+                   tuple(map(tuple, cam.footprint(det, ra, dec, rot, pad_arcsec=padding))), m.exposure_time)
+    dia = _with_context(dia, ccd)
+    with step("write_catalog"):
+        _put(deps, work, res, output_run, dia_sources=dia)
 
     if deps.alerts is not None:
-        from .apdb import CcdVisit
-
-        m = raws[0].metadata
-        mid = (m.mjd_begin + m.mjd_end) / 2 if m.mjd_begin and m.mjd_end else m.mjd_begin
-        ccd = CcdVisit(work.instrument, work.visit, det.id, band, float(mid),
-                       tuple(map(tuple, cam.footprint(det, ra, dec, rot, pad_arcsec=10.0))), m.exposure_time)
         with step("associate_alerts"):
-            # the APDB and alert cutouts are in nJy, like the DIA source fluxes
-            sci, tmpl, dif = (_in_njy(i, njy) for i in (calexp, warped, diff))
-            report = deps.alerts(ccd, dia, sci, tmpl, dif, psf.fwhm)
+            report = deps.alerts(ccd, dia, calexp, warped, diff, psf.fwhm)
         res.alerts = report.to_dict() if hasattr(report, "to_dict") else dict(report)
+    # The images go into the butler after the alerts are out: as lsst-images types they take
+    # 2-4 s to compress and write (bench/bench_butler_images.py), time the alerts need not wait.
+    with step("write_outputs"):
+        _put(deps, work, res, output_run, calexp=calexp, diffim=diff)
     res.status = "done"
-    _put(deps, work, res, output_run)  # final metrics, with the alert counts
+    _put(deps, work, res, output_run)  # final metrics, with the alert counts and every step's time
     return res
 
 
@@ -284,37 +303,32 @@ def _template_psf_sigma(templates: list[Image], warped: Image, pixel_scale: floa
     and ``PSFBETA`` for a Moffat, else a Gaussian), as a coadd carries its PSF model;
     otherwise measured on the warped template (one more detection pass over the CCD).
     """
-    fwhm = [t.metadata.get("PSFFWHM") for t in templates]
-    if fwhm and all(isinstance(f, (int, float)) and f > 0 for f in fwhm):
+    fwhm = [f for t in templates if isinstance(f := t.metadata.get("PSFFWHM"), (int, float)) and f > 0]
+    if templates and len(fwhm) == len(templates):
         f_px = float(np.median(fwhm)) / pixel_scale
-        betas = [t.metadata.get("PSFBETA") for t in templates]
-        if all(isinstance(b, (int, float)) and b > 1 for b in betas):
+        betas = [b for t in templates if isinstance(b := t.metadata.get("PSFBETA"), (int, float)) and b > 1]
+        if len(betas) == len(templates):
             return moffat_psf(f_px, float(np.median(betas))).sigma
         return f_px / 2.3548
     return measure_psf(warped, detect_sources(warped)).sigma
 
 
-def _photometric_scale(calexp: Image, template: Image, kernel_sum: float) -> float:
-    """nJy per electron of the science image.
+def _with_context(dia, ccd) -> Any:
+    """The DIA source table with its ids and context, as Rubin's ``dia_source_detector`` has them.
 
-    Templates are calibrated coadds in nJy; the PSF-matching kernel maps template flux onto
-    science flux, so its sum is electrons per nJy. Without an nJy template, fall back to the
-    image's ``NJY_PER_E`` metadata (or 1: fluxes then stay in electrons).
+    ``diaSourceId`` is the same deterministic id the APDB stores (`apbatch.job.apdb_ids.pack_id`
+    over the table's row order), so the butler table and the APDB join on it.
     """
-    if str(template.metadata.get("BUNIT", "")).lower() == "njy" and kernel_sum > 0:
-        scale = 1.0 / float(kernel_sum)
-    else:
-        scale = float(calexp.metadata.get("NJY_PER_E", 1.0))
-    calexp.metadata["NJY_PER_E"] = scale
-    return scale
+    from .apdb_ids import pack_id
 
-
-def _in_njy(img: Image, njy_per_e: float) -> Image:
-    """A copy of ``img`` (electrons) scaled to nJy; the same object when the scale is 1."""
-    if njy_per_e == 1.0 or str(img.metadata.get("BUNIT", "")).lower() == "njy":
-        return img
-    return Image(img.image * np.float32(njy_per_e), img.variance * np.float32(njy_per_e**2), img.mask, img.wcs,
-                 dict(img.metadata, BUNIT="nJy"))
+    out = dia.reset_index(drop=True)
+    out.insert(0, "diaSourceId", pack_id(ccd.visit, ccd.detector, np.arange(len(out))).astype(np.int64))
+    out["visit"] = np.int64(ccd.visit)
+    out["detector"] = np.int64(ccd.detector)
+    out["band"] = ccd.band
+    out["midpointMjdTai"] = float(ccd.midpoint_mjd_tai)
+    out.attrs = dict(dia.attrs)
+    return out
 
 
 def _fit_astrometry(calexp: Image, sources, templates: list[Image], cam, res: CcdResult) -> None:
@@ -322,7 +336,7 @@ def _fit_astrometry(calexp: Image, sources, templates: list[Image], cam, res: Cc
     refs = []
     for t in templates:
         ts = detect_bright_sources(t, threshold=20.0)
-        if len(ts):
+        if len(ts) and t.wcs is not None:
             ra, dec = t.wcs.pixel_to_world_values(ts["x"].to_numpy(), ts["y"].to_numpy())
             refs.append(np.column_stack([ra, dec, ts["flux"].to_numpy()]))
     if not refs:
@@ -332,7 +346,8 @@ def _fit_astrometry(calexp: Image, sources, templates: list[Image], cam, res: Cc
     ref = ref[np.argsort(-ref[:, 2])][:, :2]
     good = sources[(sources["flag"] == 0) & (~sources["masked"])].sort_values("flux", ascending=False)
     try:
-        wcs, fit = fit_wcs(calexp.wcs, good[["x", "y"]].to_numpy(), ref, pixel_scale_arcsec=cam.pixel_scale_arcsec)
+        wcs, fit = fit_wcs(calexp.wcs, good[["x", "y"]].to_numpy(), ref,
+                           pixel_scale_arcsec=cam.pixel_scale_arcsec)
     except AstrometryError as exc:
         log.warning("astrometric fit failed (%s); keeping the header WCS", exc)
         res.astrometry = {"status": f"failed: {exc}"}
@@ -341,7 +356,8 @@ def _fit_astrometry(calexp: Image, sources, templates: list[Image], cam, res: Cc
     res.astrometry = {"status": "fitted", **{k: float(v) for k, v in dataclasses.asdict(fit).items()}}
 
 
-def _no_template(deps: JobDeps, work: CcdWork, res: CcdResult, output_run, calexp: Image, why: str) -> CcdResult:
+def _no_template(deps: JobDeps, work: CcdWork, res: CcdResult, output_run, calexp: Image,
+                 why: str) -> CcdResult:
     """Early in a survey there may be no template: keep the calibrated image, record why."""
     log.warning("%s: calibrated image only", why)
     res.status = "no_template"

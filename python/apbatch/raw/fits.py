@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +9,7 @@ from typing import Any
 import fitsio
 import numpy as np
 
+from ..atomic import replacing
 from ..errors import BadInputError
 from ..instruments import Amplifier, Detector, get_instrument
 from .header import STRUCTURAL_KEYS, camera_name, translate_header
@@ -68,7 +67,8 @@ def read_raw(path: str | Path, instrument: str | None = None, verify_checksum: b
     ------
     BadInputError
         Raised if the file cannot be read, is truncated or corrupt, lacks a segment, or a
-        segment has the wrong shape or ``DATASEC``; the message names the file and HDU.
+        segment has the wrong shape or ``DATASEC`` or non-finite pixels; the message names the
+        file and HDU.
     """
     try:
         fits = fitsio.FITS(str(path))
@@ -81,10 +81,10 @@ def read_raw(path: str | Path, instrument: str | None = None, verify_checksum: b
             raise _bad(path, "[0]", f"cannot read the primary header: {exc}") from None
         meta = translate_header(header, instrument)
         amps = get_instrument(camera_name(meta.instrument)).amplifiers(meta.detector)
-        index = {}
-        for i in range(1, len(fits)):
+        index: dict[str, int] = {}
+        for k in range(1, len(fits)):
             try:
-                index[str(fits[i].get_extname()).strip()] = i
+                index[str(fits[k].get_extname()).strip()] = k
             except (OSError, ValueError):
                 continue
         segments = []
@@ -109,7 +109,12 @@ def read_raw(path: str | Path, instrument: str | None = None, verify_checksum: b
                     raise _bad(path, where, f"DATASEC {datasec!r}, expected {amp.datasec!r}")
                 if verify_checksum and "DATASUM" in fits_header:
                     hdu.verify_checksum()
-                data = np.asarray(hdu.read(), dtype=np.int32)
+                pixels = hdu.read()
+                if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
+                    # a camera writes integer ADU: NaN or inf means a broken file, not data
+                    # (cast to int32 they would become arbitrary numbers)
+                    raise _bad(path, where, f"{int((~np.isfinite(pixels)).sum())} non-finite pixel(s)")
+                data = np.asarray(pixels, dtype=np.int32)
             except BadInputError:
                 raise
             except (OSError, ValueError) as exc:
@@ -171,30 +176,25 @@ def write_raw(
     path : `Path`
         The written file. Each HDU carries ``CHECKSUM``/``DATASUM``.
     """
+    header: Mapping[str, Any]
+    segments: Sequence[RawSegment]
     if isinstance(raw_or_parts, RawExposure):
         header, segments = raw_or_parts.header, raw_or_parts.segments
     else:
         header, segments = raw_or_parts
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with fitsio.FITS(tmp, "rw", clobber=True) as f:
-            f.write(None, header=_records(header))
-            f[0].write_checksum()
-            for seg in segments:
-                hdr = dict(seg.header) or {"EXTNAME": seg.amp.extname}
-                kw = {"compress": compress, "tile_dims": [1, seg.data.shape[1]]} if compress else {}
-                f.write(
-                    np.ascontiguousarray(seg.data, dtype=np.int32),
-                    extname=str(hdr.pop("EXTNAME")),
-                    header=_records(hdr),
-                    **kw,
-                )
-                f[-1].write_checksum()
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(path, durable=False) as tmp, fitsio.FITS(str(tmp), "rw", clobber=True) as f:
+        f.write(None, header=_records(header))
+        f[0].write_checksum()
+        for seg in segments:
+            hdr = dict(seg.header) or {"EXTNAME": seg.amp.extname}
+            kw = {"compress": compress, "tile_dims": [1, seg.data.shape[1]]} if compress else {}
+            f.write(
+                np.ascontiguousarray(seg.data, dtype=np.int32),
+                extname=str(hdr.pop("EXTNAME")),
+                header=_records(hdr),
+                **kw,
+            )
+            f[-1].write_checksum()
     return path

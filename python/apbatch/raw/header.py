@@ -22,7 +22,9 @@ _SCIENCE_TYPES = {"object": "science", "skyexp": "science"}
 # Image types that never look at the sky: no pointing, no airmass.
 _NON_SKY_TYPES = {"bias", "dark", "flat", "spot", "ccob", "unknown"}
 # Primary-header keys that describe the FITS structure, not the observation.
-STRUCTURAL_KEYS = frozenset({"SIMPLE", "BITPIX", "NAXIS", "EXTEND", "COMMENT", "HISTORY", "CHECKSUM", "DATASUM", ""})
+STRUCTURAL_KEYS = frozenset(
+    {"SIMPLE", "BITPIX", "NAXIS", "EXTEND", "COMMENT", "HISTORY", "CHECKSUM", "DATASUM", ""}
+)
 
 
 def camera_name(instrument: str) -> str:
@@ -194,6 +196,7 @@ def translate_header(header: Mapping[str, Any], instrument: str | None = None) -
             ra = dec = None
 
     vignette = _val(header, "VIGNETTE")
+    can_see_sky: bool | None
     if vignette is not None:
         can_see_sky = str(vignette).upper() != "FULLY"
     else:

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from ..backends.base import Backend
 from ..config import ApbatchConfig
 from ..dispatcher import cancel_rows
 from ..errors import BadInputError
-from ..ledger import CLAIMED, SUBMIT_FAILED, UNFINISHED, Ledger
+from ..ledger import CLAIMED, SUBMIT_FAILED, Ledger
+from ..submission import Submission
 
 __all__ = ["cancel_jobs"]
 
 
 def cancel_jobs(config: ApbatchConfig, *, group: str | None = None, visit: int | None = None,
                 detector: str | None = None, instrument: str | None = None,
-                backend: Backend | None = None, ledger: Ledger | None = None) -> list[dict[str, Any]]:
+                backend: Backend | None = None, ledger: Ledger | None = None) -> list[Submission]:
     """Cancel unfinished jobs at the scheduler and mark them CANCELLED (never retried).
 
     Parameters
@@ -31,7 +30,7 @@ def cancel_jobs(config: ApbatchConfig, *, group: str | None = None, visit: int |
 
     Returns
     -------
-    cancelled : `list` [`dict`]
+    cancelled : `list` [`Submission`]
         The ledger rows of the cancelled jobs.
 
     Raises
@@ -51,11 +50,11 @@ def cancel_jobs(config: ApbatchConfig, *, group: str | None = None, visit: int |
                                 f"no submissions recorded for {what}", "see `apbatch status`")
         if detector is not None:
             key = detector.strip()
-            rows = [r for r in rows if str(r["detector"]) == key or r["detector_name"] == key]
+            rows = [r for r in rows if str(r.detector) == key or r.detector_name == key]
             if not rows:
                 raise BadInputError("--detector", f"{what} has no detector {detector!r}",
                                     "use a detector id or name listed by `apbatch status`")
-        live = [r for r in rows if r["state"] in (*UNFINISHED, CLAIMED, SUBMIT_FAILED)]
+        live = [r for r in rows if r.state.unfinished or r.state in (CLAIMED, SUBMIT_FAILED)]
         if not live:
             return []
         if backend is None:

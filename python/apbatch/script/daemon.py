@@ -41,7 +41,7 @@ def run_daemon(config: ApbatchConfig, *, source_kind: str | None = None, max_eve
                max_seconds: float | None = None, status_interval: float = 5.0,
                stop_event: threading.Event | None = None, install_signals: bool = True,
                backend: Backend | None = None, ledger: Ledger | None = None,
-               source: EventSource | None = None, config_file: str | None = None) -> dict[str, int]:
+               source: EventSource | None = None) -> dict[str, int]:
     """Run the dispatcher loop (see `apbatch.dispatcher`) until stopped.
 
     Parameters
@@ -58,8 +58,6 @@ def run_daemon(config: ApbatchConfig, *, source_kind: str | None = None, max_eve
         Set to stop; SIGTERM and SIGINT set it too when ``install_signals``.
     backend, ledger, source : optional
         Injected for tests; default from the configuration.
-    config_file : `str`, optional
-        Config file the jobs should read (``APBATCH_CONFIG``).
 
     Returns
     -------
@@ -73,7 +71,7 @@ def run_daemon(config: ApbatchConfig, *, source_kind: str | None = None, max_eve
         if backend is None:
             from ..backends import make_backend
 
-            backend = make_backend(config, config_file=config_file)
+            backend = make_backend(config)
         source = source or make_source(config, source_kind)
         dispatcher = Dispatcher(config, ledger, backend, source, status_interval=status_interval)
         _log.info("daemon started: source %s, backend %s, mode %s", source.name, dispatcher.kind,

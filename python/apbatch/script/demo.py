@@ -8,40 +8,39 @@ print the status table, the night report and what reached the alert files.
 
 from __future__ import annotations
 
+import collections
 import json
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
+from ..atomic import write_atomic
 from ..config import load_config
-from ..errors import RETRIABLE_EXIT_CODES, BadInputError, RetriableError
+from ..errors import BadInputError, RetriableError
+from ..submission import Category, Submission
 
 __all__ = ["run_demo"]
 
 
 def _site_config(out: Path, instrument: str, detectors: list[int], workers: int | None,
                  extra: dict | None = None) -> Path:
-    """Write the demo's config file; every job process reads it through APBATCH_CONFIG."""
+    """Write the demo's config file (the jobs get the daemon's resolved config with --config)."""
     work = out / "work"
-    data = {
+    data: dict[str, Any] = {
         "root": str(work),
         "backend": {"kind": "local", "max_workers": workers},
-        "job": {"distributor": str(work / "distributor"), "repo": "butler",
-                "command": [sys.executable, "-m", "apbatch", "process-ccd"]},
+        "job": {"distributor": str(work / "distributor"), "repo": "butler"},
         "events": {"detectors": {instrument: detectors}},
         "alerts": {"sink": "file"},
     }
     for section, values in (extra or {}).items():
         data[section] = {**data.get(section, {}), **values}
     path = out / "apbatch.yaml"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    tmp.replace(path)
-    return path
+    return write_atomic(path, yaml.safe_dump(data, sort_keys=False))
 
 
 def run_demo(out: str | Path, *, instrument: str = "LSSTComCam", visits: int = 3,
@@ -91,7 +90,8 @@ def run_demo(out: str | Path, *, instrument: str = "LSSTComCam", visits: int = 3
     if out.exists() and any(out.iterdir()):
         raise BadInputError("--out", f"{out} is not empty", "choose a new directory or remove it")
     cam = get_instrument(instrument)
-    dets = [cam.detector(d, field="--detectors").id for d in detectors] or [d.id for d in cam.science_detectors]
+    dets = ([cam.detector(d, field="--detectors").id for d in detectors]
+            or [d.id for d in cam.science_detectors])
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = _site_config(out, cam.name, dets, workers, extra_config)
     cfg = load_config(cfg_path, environ={})
@@ -113,7 +113,7 @@ def run_demo(out: str | Path, *, instrument: str = "LSSTComCam", visits: int = 3
     counts: dict = {}
     daemon = threading.Thread(
         target=lambda: counts.update(run_daemon(cfg, stop_event=stop, install_signals=False,
-                                                status_interval=2.0, config_file=str(cfg_path))),
+                                                status_interval=2.0)),
         name="apbatch-daemon", daemon=True)
     daemon.start()
     replayed = sim_replay(night, cfg.path(cfg.source.spool_dir), cfg.path(cfg.job.distributor), speed=speed)
@@ -124,12 +124,13 @@ def run_demo(out: str | Path, *, instrument: str = "LSSTComCam", visits: int = 3
     try:
         while True:
             rows = ledger.rows()
-            done = [r for r in rows if _settled(r, cfg.events.max_attempts)]
+            done = [r for r in rows if _settled(r, cfg.events.max_attempts, time.time())]
             if rows and len(done) == len(rows):
                 break
             if time.monotonic() > deadline:
                 stop.set()
-                raise RetriableError(f"{len(rows) - len(done)} of {len(rows)} jobs unfinished after {timeout:.0f} s")
+                raise RetriableError(f"{len(rows) - len(done)} of {len(rows)} jobs unfinished after "
+                                     f"{timeout:.0f} s")
             time.sleep(2.0)
     finally:
         stop.set()
@@ -138,12 +139,12 @@ def run_demo(out: str | Path, *, instrument: str = "LSSTComCam", visits: int = 3
     say("[5/5] results")
     say(format_status(collect_status(cfg, ledger=ledger, live=False)))
     # replay retimes the events to "now", so the ledger's night is today's day_obs
-    for night_day in sorted({r["day_obs"] for r in rows}):
+    for night_day in sorted({r.day_obs for r in rows}):
         say(format_report(night_report(cfg, day_obs=night_day, ledger=ledger)))
     alert_files = sorted(cfg.path(cfg.alerts.directory).rglob("*.avro"))
     n_alerts = sum(_count_alerts(p) for p in alert_files)
     summary = {
-        "jobs": {s: sum(1 for r in rows if r["state"] == s) for s in sorted({r["state"] for r in rows})},
+        "jobs": dict(sorted(collections.Counter(str(r.state) for r in rows).items())),
         "alert_files": len(alert_files),
         "alerts": n_alerts,
         "dia_sources": _count_dia_sources(cfg),
@@ -154,14 +155,10 @@ def run_demo(out: str | Path, *, instrument: str = "LSSTComCam", visits: int = 3
     return summary
 
 
-def _settled(row: dict, max_attempts: int) -> bool:
+def _settled(row: Submission, max_attempts: int, now: float) -> bool:
     """A job that will not change any more (a retriable failure will be resubmitted)."""
-    if row["state"] in ("COMPLETED", "CANCELLED", "TIMEOUT"):
-        return True
-    if row["state"] == "FAILED":
-        retriable = row["exit_code"] in RETRIABLE_EXIT_CODES
-        return not (retriable and row["retry"] and row["attempts"] < max_attempts)
-    return False
+    cat = row.category(max_attempts=max_attempts, claim_timeout=300.0, lost_after=3600.0, now=now)
+    return cat in (Category.COMPLETED, Category.FINAL, Category.EXHAUSTED)
 
 
 def _count_dia_sources(cfg) -> int:

@@ -7,22 +7,21 @@ in `apbatch.night`; these are the commands' plain functions.
 from __future__ import annotations
 
 import collections
-import json
+import dataclasses
 import os
 import re
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from ..backends.base import Backend, JobState, JobStatus
+from ..atomic import write_atomic as _write_file
+from ..backends.base import Backend
 from ..config import ApbatchConfig
 from ..errors import BadInputError, RetriableError
-from ..ledger import UNFINISHED, Ledger
+from ..ledger import Ledger
 from ..night import (
-    ENDED,
     classify,
     event_day_obs,
     expected_works,
@@ -31,17 +30,25 @@ from ..night import (
     night_rows,
     night_span,
     percentile,
-    submit_works,
 )
+from ..states import JobStatus, SubmissionState
+from ..submission import Category, Submission
+from ..submitter import Submitter
 from ..work import CcdWork
 
 __all__ = ["crontab_text", "format_report", "install_paths", "night_report", "reprocess_night",
            "write_atomic"]
 
+_REDO = (Category.RETRY, Category.LOST)
+_REDO_FINAL = (*_REDO, Category.EXHAUSTED, Category.FINAL)
+
 
 # ----------------------------------------------------------------------------- reprocess
-def _refresh(ledger: Ledger, backend: Backend, kind: str, rows: list[dict], write: bool, now: float) -> dict:
-    ids = [r["job_id"] for r in rows if r["job_id"] and r["backend"] == kind and r["state"] in UNFINISHED]
+def _refresh(ledger: Ledger, backend: Backend, kind: str, rows: list[Submission], write: bool,
+             now: float) -> tuple[dict, list[Submission]]:
+    """Ask the scheduler about the unfinished rows; store (or, in a dry run, apply in memory) what changed."""
+    mine = [r for r in rows if r.job_id and r.backend == kind and r.state.unfinished]
+    ids = [r.job_id for r in mine if r.job_id]
     statuses: dict[str, JobStatus] = {}
     for i in range(0, len(ids), 500):  # query everything before writing anything
         try:
@@ -49,27 +56,27 @@ def _refresh(ledger: Ledger, backend: Backend, kind: str, rows: list[dict], writ
         except Exception as exc:
             raise RetriableError(f"backend {kind}: status query of {len(ids)} job(s) failed ({exc}); "
                                  "the ledger was not changed and nothing was resubmitted") from exc
-    changed = {}
-    for r in rows:
-        st = statuses.get(r["job_id"]) if r["backend"] == kind and r["state"] in UNFINISHED else None
+    changed: dict[str, JobStatus] = {}
+    seen: dict[int, Submission] = {}
+    for r in mine:
+        st = statuses.get(r.job_id or "")
         if st is None:
             continue
-        bad = st.state == JobState.COMPLETED and st.exit_code not in (None, 0)
-        new = {"state": (JobState.FAILED if bad else st.state).value, "exit_code": st.exit_code,
-               "reason": st.reason}
-        if any(r[k] != v for k, v in new.items()):
+        st = st.settled()
+        state = SubmissionState.of(st.state)
+        if (r.state, r.exit_code, r.reason) != (state, st.exit_code, st.reason):
             changed[st.job_id] = st
-            if not write:
-                r.update(new)  # dry run: in memory only
-    # only what changed is written: Ledger.update_states costs ~0.5 ms a job on SQLite
+            seen[r.id] = dataclasses.replace(r, state=state, exit_code=st.exit_code, reason=st.reason)
+    # only what changed is written
     updated = ledger.update_states(changed, kind, now=now) if write else 0
-    return {"polled": len(ids), "updated": updated}
+    rows = night_rows(ledger, rows[0].day_obs) if write and rows else [seen.get(r.id, r) for r in rows]
+    return {"polled": len(ids), "updated": updated}, rows
 
 
 def reprocess_night(config: ApbatchConfig, *, day_obs: int, dry_run: bool = False,
                     max_attempts: int | None = None, claim_timeout: float = 300.0, lost_after: float = 3600.0,
-                    backend: Backend | None = None, ledger: Ledger | None = None,
-                    config_file: str | None = None, now: float | None = None) -> dict[str, Any]:
+                    include_final: bool = False, backend: Backend | None = None, ledger: Ledger | None = None,
+                    now: float | None = None) -> dict[str, Any]:
     """Refresh the night's job states, resubmit what failed retriably or was lost, submit what was missed.
 
     Parameters
@@ -85,10 +92,11 @@ def reprocess_night(config: ApbatchConfig, *, day_obs: int, dry_run: bool = Fals
     claim_timeout, lost_after : `float`
         Seconds after which a never-submitted claim, or a job the scheduler has no record of,
         is resubmitted.
+    include_final : `bool`
+        Also resubmit CCDs that failed for good (exit 2/5, no exit code, TIMEOUT) or ran out of
+        attempts -- after a person fixed the cause. CANCELLED CCDs stay cancelled.
     backend, ledger, now : optional
         Injected for tests; default from the configuration and the clock.
-    config_file : `str`, optional
-        Config file the jobs should read (``APBATCH_CONFIG``).
 
     Returns
     -------
@@ -111,38 +119,36 @@ def reprocess_night(config: ApbatchConfig, *, day_obs: int, dry_run: bool = Fals
         if backend is None:
             from ..backends import make_backend
 
-            backend = make_backend(config, config_file=config_file)
-        kind = backend.kind or type(backend).__name__
-        rows = night_rows(ledger, day_obs)
-        refreshed = _refresh(ledger, backend, kind, rows, not dry_run, now)
-        if not dry_run:
-            rows = night_rows(ledger, day_obs)
-        cats = {r["id"]: classify(r, max_attempts=max_attempts, claim_timeout=claim_timeout,
-                                  lost_after=lost_after, now=now) for r in rows}
-        redo = [r for r in rows if cats[r["id"]] in ("retry", "lost")]
+            backend = make_backend(config)
+        submitter = Submitter(ledger, backend, clock=lambda: now)
+        kind = submitter.kind
+        refreshed, rows = _refresh(ledger, backend, kind, night_rows(ledger, day_obs), not dry_run, now)
+        cats = {r.id: classify(r, max_attempts=max_attempts, claim_timeout=claim_timeout,
+                               lost_after=lost_after, now=now) for r in rows}
+        wanted = _REDO_FINAL if include_final else _REDO
+        redo = [r for r in rows if cats[r.id] in wanted and r.state is not SubmissionState.CANCELLED]
         missed = missing_works(ledger, expected_works(config, ledger, day_obs))
         summary: dict[str, Any] = {"day_obs": day_obs, "dry_run": dry_run, **refreshed,
-                                   "counts": dict(collections.Counter(cats.values())), "errors": []}
-        why = {(r["instrument"], r["group_id"], r["detector"]):
-               f"{cats[r['id']]}: {r['state']} exit {r['exit_code']}" for r in redo}
-        redo_works = [CcdWork.from_dict(json.loads(r["work"])) for r in redo]
+                                   "counts": dict(collections.Counter(str(c) for c in cats.values())),
+                                   "errors": []}
+        why = {r.key: f"{cats[r.id]}: {r.state} exit {r.exit_code}" for r in redo}
         if dry_run:
-            summary["resubmitted"] = [_item(w, None, why[w.key]) for w in redo_works]
+            summary["resubmitted"] = [_item(r.work, None, why[r.key]) for r in redo]
             summary["missed"] = [_item(w, None, "missed") for w, _ in missed]
             return summary
         # compare-and-set: a CCD a running daemon has just resubmitted is left to it
-        won = set(ledger.reclaim(redo, now=now))
-        redo_works = [CcdWork.from_dict(json.loads(r["work"])) for r in redo if r["id"] in won]
-        jobs, errors = submit_works(ledger, backend, kind, redo_works, now)
-        summary["resubmitted"] = [_item(j.work, j.job_id, why[j.work.key]) for j in jobs]
+        res = submitter.resubmit(redo)
+        summary["resubmitted"] = [_item(j.work, j.job_id, why[j.work.key]) for j in res.jobs]
         by_event: dict[float, list[CcdWork]] = {}
         for w, received in missed:
             by_event.setdefault(received, []).append(w)
-        claimed = [w for received, ws in by_event.items()
-                   for w in ledger.claim(ws, received_at=received, now=now)]
-        new_jobs, new_errors = submit_works(ledger, backend, kind, claimed, now)
+        new_jobs, errors = [], list(res.errors)
+        for received, works in by_event.items():
+            new = submitter.submit_new(works, received_at=received)
+            new_jobs += new.jobs
+            errors += new.errors
         summary["missed"] = [_item(j.work, j.job_id, "missed") for j in new_jobs]
-        summary["errors"] = errors + new_errors
+        summary["errors"] = errors
         return summary
     finally:
         if own_ledger:
@@ -170,7 +176,9 @@ def night_report(config: ApbatchConfig, *, day_obs: int, ledger: Ledger | None =
         (with a ledger row), ``submitted`` (with a job id); ``states``, ``exit_codes`` and
         ``attempts`` (counts; keys are strings); ``resubmissions`` (submissions beyond the
         first); ``to_resubmit`` (what ``reprocess`` would resubmit now); ``needs_attention``
-        (failed for good or out of attempts); ``dead_letters`` (received during the night);
+        (failed for good, out of attempts, refused by the scheduler or lost;
+        `Submission.needs_attention`) and ``attention`` (those CCDs); ``dead_letters``
+        (received during the night);
         ``missing_ccds`` (called for by an event, never claimed);
         ``latency``: ``event_to_submit`` (first submissions only: a resubmission's time says
         nothing about the event) and ``submit_to_finish`` (latest submission; finish as seen by
@@ -178,46 +186,48 @@ def night_report(config: ApbatchConfig, *, day_obs: int, ledger: Ledger | None =
     """
     max_attempts = config.events.max_attempts if max_attempts is None else max_attempts
     own_ledger = ledger is None
-    ledger = ledger or Ledger.from_config(config)
+    ledger = ledger or Ledger.from_config(config, create=False)
     try:
         rows = night_rows(ledger, day_obs)
         kinds = collections.Counter(ev.kind for _, ev in night_events(ledger, day_obs)
                                     if event_day_obs(ev) in (day_obs, None))
         missing = missing_works(ledger, expected_works(config, ledger, day_obs))
-        start, end = night_span(day_obs)
-        dead = sum(1 for d in ledger.dead_letter_rows() if start <= d["received_at"] < end)
+        dead = len(ledger.dead_letter_rows(*night_span(day_obs)))
     finally:
         if own_ledger:
             ledger.close()
     now = time.time()
     cats = [classify(r, max_attempts=max_attempts, claim_timeout=300.0, lost_after=3600.0, now=now)
             for r in rows]
-    attention = sum(1 for r, cat in zip(rows, cats, strict=True)
-                    if cat == "exhausted" or (cat == "final" and r["state"] != JobState.CANCELLED.value))
-    first = [r["submitted_at"] - r["event_received_at"] for r in rows
-             if r["attempts"] == 1 and r["submitted_at"] is not None and r["event_received_at"] is not None]
-    ran = [r["finished_at"] - r["submitted_at"] for r in rows
-           if r["state"] in ENDED and r["finished_at"] is not None and r["submitted_at"] is not None]
+    attention = [r for r in rows if r.needs_attention(max_attempts=max_attempts, claim_timeout=300.0,
+                                                      lost_after=3600.0, now=now)]
+    first = [r.submitted_at - r.event_received_at for r in rows
+             if r.attempts == 1 and r.submitted_at is not None and r.event_received_at is not None]
+    ran = [r.finished_at - r.submitted_at for r in rows
+           if r.state.ended and r.finished_at is not None and r.submitted_at is not None]
     per_visit: dict[tuple, dict[str, Any]] = {}
     for r in rows:
-        v = per_visit.setdefault((r["instrument"], r["group_id"]), {
-            "instrument": r["instrument"], "group_id": r["group_id"], "visit": r["visit"],
-            "intent": r["intent"], "ccds": 0, "states": collections.Counter(), "resubmissions": 0})
+        v = per_visit.setdefault((r.instrument, r.group_id), {
+            "instrument": r.instrument, "group_id": r.group_id, "visit": r.visit,
+            "intent": r.intent, "ccds": 0, "states": collections.Counter(), "resubmissions": 0})
         v["ccds"] += 1
-        v["states"][r["state"]] += 1
-        v["resubmissions"] += max(r["attempts"] - 1, 0)
+        v["states"][str(r.state)] += 1
+        v["resubmissions"] += max(r.attempts - 1, 0)
     for v in per_visit.values():
         v["states"] = dict(sorted(v["states"].items()))
     return {
         "day_obs": day_obs, "events": dict(sorted(kinds.items())), "visits": len(per_visit),
         "ccds": len(rows),
-        "submitted": sum(1 for r in rows if r["job_id"]),
-        "states": dict(sorted(collections.Counter(r["state"] for r in rows).items())),
+        "submitted": sum(1 for r in rows if r.job_id),
+        "states": dict(sorted(collections.Counter(str(r.state) for r in rows).items())),
         "exit_codes": {str(k): n for k, n in sorted(collections.Counter(
-            r["exit_code"] for r in rows if r["exit_code"] is not None).items())},
-        "attempts": {str(k): n for k, n in sorted(collections.Counter(r["attempts"] for r in rows).items())},
-        "resubmissions": sum(max(r["attempts"] - 1, 0) for r in rows),
-        "to_resubmit": sum(1 for cat in cats if cat in ("retry", "lost")), "needs_attention": attention,
+            r.exit_code for r in rows if r.exit_code is not None).items())},
+        "attempts": {str(k): n for k, n in sorted(collections.Counter(r.attempts for r in rows).items())},
+        "resubmissions": sum(max(r.attempts - 1, 0) for r in rows),
+        "to_resubmit": sum(1 for cat in cats if cat in _REDO), "needs_attention": len(attention),
+        "attention": [{"label": r.label, "group_id": r.group_id, "detector_name": r.detector_name,
+                       "state": str(r.state), "exit_code": r.exit_code, "reason": r.reason}
+                      for r in attention],
         "dead_letters": dead, "missing_ccds": len(missing),
         "latency": {"event_to_submit": _spread(first), "submit_to_finish": _spread(ran)},
         "per_visit": list(per_visit.values()),
@@ -256,6 +266,12 @@ def format_report(report: dict[str, Any]) -> str:
         widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
         lines.append("")
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
+    if report.get("attention"):
+        lines += ["", "needs attention (after fixing the cause: apbatch resubmit GROUP [DETECTORS...]"
+                  " or night reprocess --include-final):"]
+        lines += ["  " + "  ".join([a["group_id"], a["detector_name"], a["state"],
+                                    "-" if a["exit_code"] is None else f"exit {a['exit_code']}",
+                                    (a["reason"] or "")[:80]]).rstrip() for a in report["attention"]]
     return "\n".join(lines) + "\n"
 
 
@@ -268,25 +284,15 @@ def write_atomic(path: str, text: str, day_obs: int | None = None) -> Path:
         Raised if the file cannot be written; no partial file is left.
     """
     target = Path(path.replace("{day_obs}", str(day_obs)) if day_obs is not None else path)
-    tmp = None
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
+        return _write_file(target, text)
     except OSError as exc:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
         raise BadInputError("--out", f"cannot write {str(target)!r}: {exc.strerror}",
                             "choose a writable path") from None
-    return target
 
 
 # ----------------------------------------------------------------------------- crontab
-def _cron_word(text: str) -> str:
+def _cron_word(text: str | Path) -> str:
     return shlex.quote(str(text)).replace("%", "\\%")  # cron turns a bare % into a newline
 
 

@@ -15,12 +15,13 @@ __all__ = ["render_job"]
 
 
 def render_job(config: ApbatchConfig, path: str, *, detector: str | None = None,
-               backend: Backend | None = None, config_file: str | None = None,
-               stdin: TextIO | None = None) -> str:
+               backend: Backend | None = None, stdin: TextIO | None = None) -> str:
     """What ``backend.submit`` would use for the first event of ``path`` that makes jobs.
 
     Nothing is claimed or submitted. A science startIntegration uses the nextVisit of the
-    same group when the file holds it (for the pointing and filter).
+    same group when the file holds it (for the pointing and filter). The job command is
+    shown as submission resolves it (this install's ``apbatch``, ``--config`` with the night's
+    config file, which is written only when jobs are submitted).
 
     Raises
     ------
@@ -28,7 +29,7 @@ def render_job(config: ApbatchConfig, path: str, *, detector: str | None = None,
         Raised if an event is invalid, the detector is unknown, or no event makes jobs.
     """
     events = read_events(path, stdin)
-    visits = {}
+    visits: dict[tuple[str, str | None], NextVisit] = {}
     for event, _, _ in events:
         if isinstance(event, NextVisitCanceled):
             continue
@@ -40,7 +41,7 @@ def render_job(config: ApbatchConfig, path: str, *, detector: str | None = None,
             if backend is None:
                 from ..backends import make_backend
 
-                backend = make_backend(config, config_file=config_file)
+                backend = make_backend(config)
             return backend.render(works)
     raise BadInputError("EVENT_FILE", f"no event in {path!r} makes jobs",
                         "give a nextVisit or startIntegration")

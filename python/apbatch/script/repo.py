@@ -47,9 +47,13 @@ def _butler(root: str | Path):
 
 def create(root: str | Path, db_url: str | None = None) -> dict[str, Any]:
     """Create an empty repository (see `apbatch.butler.repo.create_repo`); returns a summary."""
+    from lsst.daf.butler.direct_butler import DirectButler  # noqa: PLC0415
+
     from ..butler.repo import create_repo  # noqa: PLC0415
 
     butler = create_repo(root, db_url)
+    if not isinstance(butler, DirectButler):  # a repository on a local root always gives one
+        raise TypeError(f"{root}: expected a DirectButler, got {type(butler).__name__}")
     return {
         "root": str(root),
         "registry": str(butler._config["registry", "db"]),
@@ -131,7 +135,7 @@ def register(
     butler = _butler(root)
     name = register_instrument(butler, instrument)
     exposures = load_night_plan(night) if night is not None else []
-    others = sorted({e.get("instrument") for e in exposures} - {name})
+    others = sorted({str(e.get("instrument")) for e in exposures} - {name})
     if others:
         raise BadInputError(
             "--night",

@@ -8,34 +8,43 @@ ledger itself is not written: the daemon owns it).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import datetime
+import time
 from typing import Any
 
-from ..backends.base import Backend, JobState
+from ..backends.base import Backend
 from ..config import ApbatchConfig
-from ..ledger import UNFINISHED, Ledger
+from ..ledger import Ledger
+from ..states import SubmissionState
+from ..submission import Submission
 
 __all__ = ["collect_status", "format_status"]
 
 _CCD_FIELDS = ("instrument", "group_id", "visit", "detector", "detector_name", "intent", "backend", "job_id",
-               "state", "exit_code", "attempts", "reason", "claimed_at", "submitted_at", "started_at",
-               "finished_at", "last_polled_at")
+               "state", "exit_code", "attempts", "reason", "command", "claimed_at", "submitted_at",
+               "started_at", "finished_at", "last_polled_at")
 
 
 def collect_status(config: ApbatchConfig, *, visit: int | None = None, group: str | None = None,
                    instrument: str | None = None, live: bool = True, limit: int = 50,
-                   backend: Backend | None = None, ledger: Ledger | None = None) -> dict[str, Any]:
+                   backend: Backend | None = None, ledger: Ledger | None = None,
+                   now: float | None = None) -> dict[str, Any]:
     """Gather the report that :func:`format_status` prints (and ``--json`` dumps).
+
+    Never creates a ledger: a missing one is a `BadInputError` naming where it was looked for.
 
     Returns
     -------
     report : `dict`
-        ``{"visits": [...], "ccds": [...] (only with visit/group), "live": bool, "live_error": str}``;
-        each visit has ``instrument, group_id, visit, intent, ccds, states`` (count per state),
-        ``claimed_at`` and ``last_finished_at``.
+        ``{"visits": [...], "ccds": [...] (only with visit/group), "attention": [...],
+        "live": bool, "live_error": str}``; each visit has ``instrument, group_id, visit,
+        intent, ccds, states`` (count per state), ``claimed_at`` and ``last_finished_at``;
+        ``attention`` lists the CCDs shown that need a person (`Submission.needs_attention`).
     """
+    now = time.time() if now is None else now
     own_ledger = ledger is None
-    ledger = ledger or Ledger.from_config(config)
+    ledger = ledger or Ledger.from_config(config, create=False)
     try:
         if visit is not None or group is not None:
             rows = ledger.rows(instrument=instrument, visit=visit, group_id=group)
@@ -44,51 +53,60 @@ def collect_status(config: ApbatchConfig, *, visit: int | None = None, group: st
             for v in ledger.visits(instrument=instrument, limit=limit):
                 rows += ledger.rows(instrument=v["instrument"], group_id=v["group_id"])
         report: dict[str, Any] = {"live": False, "live_error": ""}
-        if live and any(r["state"] in UNFINISHED and r["job_id"] for r in rows):
+        if live and any(r.state.unfinished and r.job_id for r in rows):
             try:
-                _apply_live(config, rows, backend)
+                rows = _apply_live(config, rows, backend)
                 report["live"] = True
             except Exception as exc:  # status must still show the ledger when the scheduler is down
                 report["live_error"] = f"{type(exc).__name__}: {exc}"
         report["visits"] = _summarize(rows)
         if visit is not None or group is not None:
-            report["ccds"] = [{k: r[k] for k in _CCD_FIELDS} for r in rows]
+            report["ccds"] = [_ccd(r) for r in rows]
+        report["attention"] = [_ccd(r) for r in rows if r.needs_attention(
+            max_attempts=config.events.max_attempts, now=now)]
         return report
     finally:
         if own_ledger:
             ledger.close()
 
 
-def _apply_live(config: ApbatchConfig, rows: list[dict], backend: Backend | None) -> None:
+def _ccd(r: Submission) -> dict[str, Any]:
+    d = r.to_dict()
+    return {k: d[k] for k in _CCD_FIELDS}
+
+
+def _apply_live(config: ApbatchConfig, rows: list[Submission], backend: Backend | None) -> list[Submission]:
+    """The rows with the scheduler's current answer for the unfinished ones (the ledger is not written)."""
     if backend is None:
         from ..backends import make_backend
 
         backend = make_backend(config)
     kind = backend.kind or type(backend).__name__
-    ids = [r["job_id"] for r in rows if r["state"] in UNFINISHED and r["job_id"] and r["backend"] == kind]
+    ids = [r.job_id for r in rows if r.state.unfinished and r.job_id and r.backend == kind]
     statuses = backend.status(ids) if ids else {}
+    out = []
     for r in rows:
-        st = statuses.get(r["job_id"]) if r["backend"] == kind else None
-        if st is not None and r["state"] in UNFINISHED:
-            state = st.state
-            if state == JobState.COMPLETED and st.exit_code not in (None, 0):
-                state = JobState.FAILED
-            r.update(state=state.value, exit_code=st.exit_code, reason=st.reason or r["reason"])
+        st = statuses.get(r.job_id or "") if r.backend == kind and r.state.unfinished else None
+        if st is not None:
+            st = st.settled()
+            r = dataclasses.replace(r, state=SubmissionState.of(st.state), exit_code=st.exit_code,
+                                    reason=st.reason or r.reason)
+        out.append(r)
+    return out
 
 
-def _summarize(rows: list[dict]) -> list[dict[str, Any]]:
+def _summarize(rows: list[Submission]) -> list[dict[str, Any]]:
     visits: dict[tuple, dict[str, Any]] = {}
     for r in rows:
-        key = (r["instrument"], r["group_id"])
-        v = visits.setdefault(key, {"instrument": r["instrument"], "group_id": r["group_id"],
-                                    "visit": r["visit"],
-                                        "intent": r["intent"], "ccds": 0, "states": collections.Counter(),
-                                        "claimed_at": r["claimed_at"], "last_finished_at": None})
+        v = visits.setdefault(r.key[:2], {"instrument": r.instrument, "group_id": r.group_id,
+                                          "visit": r.visit, "intent": r.intent, "ccds": 0,
+                                          "states": collections.Counter(),
+                                          "claimed_at": r.claimed_at, "last_finished_at": None})
         v["ccds"] += 1
-        v["states"][r["state"]] += 1
-        v["claimed_at"] = min(v["claimed_at"], r["claimed_at"])
-        if r["finished_at"] is not None:
-            v["last_finished_at"] = max(v["last_finished_at"] or 0.0, r["finished_at"])
+        v["states"][str(r.state)] += 1
+        v["claimed_at"] = min(v["claimed_at"], r.claimed_at)
+        if r.finished_at is not None:
+            v["last_finished_at"] = max(v["last_finished_at"] or 0.0, r.finished_at)
     out = sorted(visits.values(), key=lambda v: v["claimed_at"], reverse=True)
     for v in out:
         v["states"] = dict(sorted(v["states"].items()))
@@ -116,7 +134,7 @@ def format_status(report: dict[str, Any]) -> str:
                     [[v["instrument"], str(v["visit"]), v["group_id"], v["intent"], str(v["ccds"]),
                       " ".join(f"{s}={n}" for s, n in v["states"].items()), _when(v["claimed_at"])]
                      for v in report["visits"]])
-    total = collections.Counter()
+    total: collections.Counter[str] = collections.Counter()
     for v in report["visits"]:
         total.update(v["states"])
     lines.append(f"total: {len(report['visits'])} visit(s), {sum(total.values())} CCD(s): "
@@ -127,8 +145,15 @@ def format_status(report: dict[str, Any]) -> str:
                          "REASON"],
                         [[str(c["detector"]), c["detector_name"], c["job_id"] or "-", c["state"],
                           "-" if c["exit_code"] is None else str(c["exit_code"]), str(c["attempts"]),
-                          _when(c["submitted_at"]), _when(c["finished_at"]), (c["reason"] or "")[:60]]
+                          _when(c["submitted_at"]), _when(c["finished_at"]), (c["reason"] or "")[:80]]
                          for c in report["ccds"]])
+    if report.get("attention"):
+        lines.append("")
+        lines.append(f"needs attention: {len(report['attention'])} CCD(s) (after fixing the cause: "
+                     "apbatch resubmit GROUP_OR_VISIT [DETECTORS...])")
+        lines += ["  " + "  ".join([c["group_id"], c["detector_name"], c["state"],
+                                    "-" if c["exit_code"] is None else f"exit {c['exit_code']}",
+                                    (c["reason"] or "")[:80]]).rstrip() for c in report["attention"]]
     if report.get("live_error"):
         lines.append(f"warning: scheduler not queried ({report['live_error']}); states are from the ledger")
     return "\n".join(lines)

@@ -60,7 +60,7 @@ def read_events(path: str, stdin: TextIO | None = None) -> list[tuple[Event, Any
 
 def submit_events(config: ApbatchConfig, path: str, *, dry_run: bool = False, check_age: bool = False,
                   backend: Backend | None = None, ledger: Ledger | None = None,
-                  config_file: str | None = None, stdin: TextIO | None = None) -> list[dict[str, Any]]:
+                  stdin: TextIO | None = None) -> list[dict[str, Any]]:
     """Submit the per-CCD jobs of the events in ``path`` (nextVisits are submitted at once).
 
     Parameters
@@ -75,8 +75,6 @@ def submit_events(config: ApbatchConfig, path: str, *, dry_run: bool = False, ch
         Reject events older than ``events.max_age`` (the daemon always does).
     backend, ledger : optional
         Injected for tests; default from the configuration.
-    config_file : `str`, optional
-        Config file the jobs should read (``APBATCH_CONFIG``).
 
     Returns
     -------
@@ -98,7 +96,7 @@ def submit_events(config: ApbatchConfig, path: str, *, dry_run: bool = False, ch
         if backend is None:
             from ..backends import make_backend
 
-            backend = make_backend(config, config_file=config_file)
+            backend = make_backend(config)
         dispatcher = Dispatcher(config, ledger, backend, mode="dynamic", check_age=check_age)
         results = []
         for event, payload, origin in events:
@@ -117,7 +115,8 @@ def submit_events(config: ApbatchConfig, path: str, *, dry_run: bool = False, ch
 
 def _dry_run(config: ApbatchConfig, event: Event, origin: str, events: Sequence[tuple[Event, Any, str]],
              check_age: bool) -> dict[str, Any]:
-    base = {"origin": origin, "kind": event.kind, "group_id": event.groupId, "reason": "", "jobs": []}
+    base: dict[str, Any] = {"origin": origin, "kind": event.kind, "group_id": event.groupId, "reason": "",
+                            "jobs": []}
     reason = rejection_reason(event, config.events.max_age if check_age else None, time.time(),
                               config.events.process_calibrations)
     if reason is not None:

@@ -23,15 +23,15 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..atomic import write_atomic
 from ..errors import BadInputError
 from ..ids import exposure_id
 from ..instruments import get_instrument
+from ..timeutil import TAI_MINUS_UTC
 from .night import READOUT, NightPlan
 from .raws import ExposureSpec
 
@@ -49,7 +49,6 @@ __all__ = [
 _log = logging.getLogger(__name__)
 CAMERA_COMPONENTS = {"LSSTCam": "MTCamera", "LSSTComCam": "CCCamera", "LATISS": "ATCamera"}
 _SAL_INDEX = {"LSSTCam": 1, "LSSTComCam": 1, "LATISS": 2}  # ScriptQueue: 1 MainTel, 2 AuxTel
-_TAI_UTC = 37.0
 _TIME_FIELDS = (
     "private_sndStamp",
     "private_rcvStamp",
@@ -69,7 +68,7 @@ def _private(t: float, seq: int, identity: str) -> dict:
     return {
         "private_sndStamp": t,
         "private_rcvStamp": t + 0.002,
-        "private_efdStamp": t - _TAI_UTC,
+        "private_efdStamp": t - TAI_MINUS_UTC,
         "private_kafkaStamp": t + 0.001,
         "private_seqNum": seq,
         "private_revCode": "apbatch-sim",
@@ -78,7 +77,7 @@ def _private(t: float, seq: int, identity: str) -> dict:
     }
 
 
-def _escape(v: str) -> str:
+def _escape(v: object) -> str:
     return str(v).replace("\\", "\\\\").replace(":", "\\:")
 
 
@@ -201,7 +200,7 @@ def spec_exposure_id(spec: ExposureSpec) -> int:
 
 def write_timeline(items: list[dict], path: str | Path) -> None:
     """Write a timeline as JSON lines (atomically)."""
-    _write_atomic(Path(path), "".join(json.dumps(r) + "\n" for r in items))
+    write_atomic(Path(path), "".join(json.dumps(r) + "\n" for r in items))
 
 
 def read_timeline(path: str | Path) -> list[dict]:
@@ -219,18 +218,6 @@ def read_timeline(path: str | Path) -> list[dict]:
         raise BadInputError("--night", f"no timeline at {path}", "run `apbatch sim night` first") from None
     except json.JSONDecodeError as exc:
         raise BadInputError("--night", f"{path}: bad JSON line: {exc}") from None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def store_deliver(distributor_dir: str | Path) -> Deliver:
@@ -251,7 +238,7 @@ def _retimed(event: dict, t0: float, now_tai: float, speed: float) -> dict:
         if isinstance(ev.get(key), int | float):
             ev[key] = now_tai + (ev[key] - t0) / speed
     if "private_sndStamp" in ev:
-        ev["private_efdStamp"] = ev["private_sndStamp"] - _TAI_UTC
+        ev["private_efdStamp"] = ev["private_sndStamp"] - TAI_MINUS_UTC
     return ev
 
 
@@ -318,9 +305,9 @@ def replay(
         if wait > 0:
             sleep(wait)
         if item["type"] == "event":
-            ev = _retimed(item["event"], t0, start + _TAI_UTC, speed) if retime else item["event"]
+            ev = _retimed(item["event"], t0, start + TAI_MINUS_UTC, speed) if retime else item["event"]
             kind = ev["topic"].rsplit("_", 1)[-1]
-            _write_atomic(spool / f"{n:07d}-{kind}.json", json.dumps(ev))
+            write_atomic(spool / f"{n:07d}-{kind}.json", json.dumps(ev), durable=False)
             n_events += 1
         else:
             path = night / item["path"]

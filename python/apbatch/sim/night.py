@@ -34,6 +34,7 @@ import numpy as np
 from .. import ids
 from ..errors import BadInputError
 from ..instruments import get_instrument
+from ..timeutil import local_sidereal_deg
 from .raws import ExposureSpec
 from .sky import MovingObject, SkyModel, rate_to_mag, snr_to_rate
 
@@ -155,11 +156,6 @@ class NightPlan:
             raise BadInputError("--night", f"{path} is not a night plan: {exc}") from None
 
 
-def _lst_deg(t_tai: float, lon: float = -70.749417) -> float:
-    jd = 2440587.5 + (t_tai - 37.0) / 86400.0
-    return (280.46061837 + 360.98564736629 * (jd - 2451545.0) + lon) % 360.0
-
-
 def _filters(instrument: str) -> list[str]:
     inst = get_instrument(instrument)
     by_band = {b: f for f, b in inst.filters.items()}
@@ -247,7 +243,7 @@ def plan_night(
             )
             seq += 1
             t += exptime + READOUT + 3.0
-    lst = _lst_deg(t_night)
+    lst = local_sidereal_deg(t_night)
     fields = []
     for f in range(n_fields):
         fields.append((float((lst - 10 + 12 * f + rng.uniform(-2, 2)) % 360), float(rng.uniform(-40, -20))))
@@ -325,7 +321,7 @@ def plan_night(
         e = first.exposures[0]
         det = inst.detector(dets[int(rng.integers(len(dets)))])
         x, y = rng.uniform(0.3, 0.7) * det.nx, rng.uniform(0.3, 0.7) * det.ny
-        ra_m, dec_m = inst.sky_wcs(det, e.ra_start, e.dec_start, e.rotation).pixel_to_world_values(x, y)
+        ra_m, dec_m = inst.sky_wcs(det, *e.pointing()).pixel_to_world_values(x, y)
         speed, ang = rng.uniform(0.5, 2.0), rng.uniform(0, 2 * math.pi)
         mag = float(rate_to_mag(snr_to_rate(rng.uniform(15, 50))))
         movers.append(

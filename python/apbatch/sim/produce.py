@@ -79,7 +79,7 @@ def simulate_night(
     skymap = night_skymap(plan, patch_size=patch_size)
     (out / "skymap.yaml").write_text(yaml.safe_dump(skymap.to_dict(), sort_keys=False))
     sky = plan.sky()
-    counts = collections.Counter()
+    counts: collections.Counter[str] = collections.Counter()
     filters = sorted(
         {v.physical_filter for v in plan.visits}
         | {c.physical_filter for c in plan.calibrations if c.image_type == "FLAT"}
@@ -92,7 +92,9 @@ def simulate_night(
         sig = detector_signature(inst.name, det.id, plan.seed)
         bias_rel = Path(inst.name) / "bias" / f"bias_{det.name}.fits"
         write_image(make_bias(sig, plan.seed), out / "calibs" / bias_rel)
-        calib_entries.append({"dataset_type": "bias", "file": bias_rel.as_posix(), "data_id": {"detector": det.id}})
+        calib_entries.append(
+            {"dataset_type": "bias", "file": bias_rel.as_posix(), "data_id": {"detector": det.id}}
+        )
         for f in filters:
             flat_rel = Path(inst.name) / "flat" / f / f"flat_{f}_{det.name}.fits"
             write_image(make_flat(sig, f, plan.seed), out / "calibs" / flat_rel)
@@ -112,7 +114,8 @@ def simulate_night(
             if snaps:
                 write_truth(visit_truth(snaps), truth_path(out / "truth", inst.name, v.visit_id, det.name))
                 counts["truth"] += 1
-                fp = inst.footprint(det, v.exposures[0].ra_start, v.exposures[0].dec_start, v.rotation, 10.0)
+                ra0, dec0, _ = v.exposures[0].pointing()
+                fp = inst.footprint(det, ra0, dec0, v.rotation, 10.0)
                 band = inst.filters[v.physical_filter].split("~")[0]
                 for p in skymap.patches_overlapping(fp):
                     needed[(p.tract, p.patch)].add(band)

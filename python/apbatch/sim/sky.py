@@ -23,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
+from typing import TypedDict
 
 import numpy as np
 import pandas as pd
@@ -39,14 +41,26 @@ __all__ = [
     "snr_to_rate",
 ]
 
+# AB magnitude of 1 nJy: 2.5 log10(3631 Jy / 1 nJy); fluxes in nJy are 10^(-0.4 (m - NJY_ZEROPOINT)).
+NJY_ZEROPOINT = 31.4
 # Magnitude giving 1 e-/s in the Simonyi telescope + LSST camera (per band).
 ZERO_POINTS = {"u": 26.5, "g": 28.3, "r": 28.1, "i": 27.9, "z": 27.5, "y": 26.6}
 # Dark-sky brightness, mag per square arcsecond.
 SKY_MAG = {"u": 22.9, "g": 22.3, "r": 21.2, "i": 20.5, "z": 19.6, "y": 18.6}
 # Colour terms: mag_band = mag_r + COLOR_TERMS[band] * (g-r - 0.6).
 COLOR_TERMS = {"u": 2.0, "g": 1.0, "r": 0.0, "i": -0.4, "z": -0.6, "y": -0.7}
+
+
+class _Nominal(TypedDict):
+    band: str
+    exptime: float  # s
+    fwhm_arcsec: float
+    pixel_scale: float  # arcsec/px
+    read_noise: float  # e-
+
+
 # Conditions the transient S/N range refers to: r band, 30 s, 0.8" seeing, 0.2"/px, 9 e- read noise.
-NOMINAL = {"band": "r", "exptime": 30.0, "fwhm_arcsec": 0.8, "pixel_scale": 0.2, "read_noise": 9.0}
+NOMINAL: _Nominal = {"band": "r", "exptime": 30.0, "fwhm_arcsec": 0.8, "pixel_scale": 0.2, "read_noise": 9.0}
 _KINDS = ("star", "galaxy", "variable", "new")
 
 
@@ -216,7 +230,8 @@ class SkyModel:
         for kind, density in ((2, cfg.variable_density), (3, cfg.new_density)):
             k = rng.poisson(density * area)
             ra, dec = positions(k)
-            snr = np.exp(rng.uniform(*np.log(cfg.snr_range), k))
+            log_lo, log_hi = np.log(cfg.snr_range)
+            snr = np.exp(rng.uniform(log_lo, log_hi, k))
             frames.append(
                 {
                     "kind": np.full(k, kind),
@@ -259,6 +274,7 @@ class SkyModel:
             n = self._ncells(j)
             d0, d1 = self._band_edges(j)
             cosd = min(math.cos(math.radians(d0)), math.cos(math.radians(d1)))
+            cells: Sequence[int]
             if cosd < 1e-3 or radius / cosd >= 180.0:
                 cells = range(n)
             else:

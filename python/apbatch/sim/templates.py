@@ -19,11 +19,10 @@ import numpy as np
 from ..image import Image, write_image
 from ..skymap import PatchInfo
 from . import camera
-from .sky import SKY_MAG, ZERO_POINTS, SkyModel
+from .sky import NJY_ZEROPOINT, SKY_MAG, ZERO_POINTS, SkyModel
 
 __all__ = ["NJY_ZEROPOINT", "render_template", "template_offset", "write_template"]
 
-NJY_ZEROPOINT = 31.4
 
 
 def template_offset(seed: int, tract: int, offset_arcsec: float) -> tuple[float, float]:

@@ -6,18 +6,20 @@ the assembled CCD, mean over the snaps), mag (reference r-band), flux_e (electro
 visit, all snaps, as a flat-fielded image measures them), template_flux_e (the same source
 in the template sky, scaled to the visit), diff_flux_e, fwhm_px, noise_var_e (sky + read
 noise variance under the PSF, all snaps), snr and diff_snr (expected point-source S/N of the
-source and of its change), saturated, nsnaps``.
+source and of its change), saturated, nsnaps``, and ``flux_njy``, ``template_flux_njy``,
+``diff_flux_njy``: the same fluxes in nJy through the snap's true zero point (a flux density:
+a visit's value is the mean over its snaps, not the sum).
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from ..atomic import replacing
 
 __all__ = ["read_truth", "truth_path", "visit_truth", "write_truth"]
 
@@ -36,6 +38,7 @@ def visit_truth(snaps: Sequence[pd.DataFrame]) -> pd.DataFrame:
     agg = dict.fromkeys(_SUMMED, "sum")
     agg |= dict.fromkeys(("kind", "ra", "dec", "mag", "fwhm_px"), "first")
     agg |= {"x": "mean", "y": "mean", "saturated": "any"}
+    agg |= {c: "mean" for c in ("flux_njy", "template_flux_njy", "diff_flux_njy") if c in df}
     out = df.groupby("id", sort=True).agg(agg)
     out["nsnaps"] = df.groupby("id", sort=True).size()
     out = out.reset_index()
@@ -53,15 +56,8 @@ def truth_path(root: str | Path, instrument: str, visit: int, detector_name: str
 def write_truth(df: pd.DataFrame, path: str | Path) -> Path:
     """Write a truth table as Parquet, atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with replacing(path, durable=False) as tmp:
         df.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -1,8 +1,9 @@
 """`KafkaSource`: JSON-encoded observatory events from Kafka topics (confluent-kafka).
 
-The consumer joins ``source.kafka_group_id``, does not auto-commit, and commits a message's
-offset only after the daemon has handled it (recorded it in the ledger and submitted its
-jobs, or dead-lettered it), so a restarted daemon resumes after the last handled event.
+The consumer joins ``source.kafka_group_id``, does not auto-commit, and commits a partition's
+position only over events the daemon has handled (recorded in the ledger and submitted, or
+dead-lettered) without a gap: an event whose handling failed holds the position back, so a
+restarted daemon gets it again instead of skipping it.
 A group with no committed offset starts at the earliest message: events that arrived
 before the group's first join are not lost, and old ones are dropped as stale by the
 policy. Values must be JSON (the SAL topics' Avro must be converted upstream); the topic
@@ -13,11 +14,10 @@ file (`apbatch.config.KafkaConfig`), never from a command line.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
+from ..kafka_settings import kafka_settings
 from .base import RawEvent
 
 __all__ = ["KafkaSource", "consumer_config"]
@@ -26,27 +26,19 @@ _log = logging.getLogger(__name__)
 
 
 def consumer_config(config, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """librdkafka settings of the daemon's consumer from an `ApbatchConfig`."""
-    environ = os.environ if environ is None else environ
-    k = config.kafka
-    conf: dict[str, Any] = {
-        "bootstrap.servers": k.bootstrap_servers,
-        "group.id": config.source.kafka_group_id,
-        "enable.auto.commit": False,
-        "auto.offset.reset": "earliest",
-        "security.protocol": k.security_protocol,
-    }
-    if k.sasl_mechanism:
-        conf["sasl.mechanism"] = k.sasl_mechanism
-        user = environ.get(k.username_env)
-        password = environ.get(k.password_env)
-        if password is None and k.password_file:
-            password = Path(config.path(k.password_file)).read_text().strip()
-        if user is not None:
-            conf["sasl.username"] = user
-        if password is not None:
-            conf["sasl.password"] = password
-    return conf
+    """librdkafka settings of the daemon's consumer from an `ApbatchConfig`.
+
+    The cluster and its credentials come from `apbatch.kafka_settings.kafka_settings` (the
+    same as the alert producer's); this adds the group and the commit policy.
+
+    Raises
+    ------
+    BadInputError
+        Raised if SASL is configured and the credentials are not available.
+    """
+    return {**kafka_settings(config.kafka, environ, root=config.root),
+            "group.id": config.source.kafka_group_id, "enable.auto.commit": False,
+            "auto.offset.reset": "earliest"}
 
 
 class KafkaSource:
@@ -71,18 +63,28 @@ class KafkaSource:
         self.topics = list(topics)
         self.batch = batch
         self._consumer = None
+        # per (topic, partition): offsets delivered by poll and not yet committed, in delivery
+        # (= offset) order, each with whether it was handled
+        self._open: dict[tuple[str, int], dict[int, bool]] = {}
 
     @classmethod
     def from_config(cls, config, consumer: Any = None, extra: Mapping[str, Any] | None = None,
                     environ: Mapping[str, str] | None = None) -> KafkaSource:
-        """A source on ``source.kafka_topics`` of ``kafka.bootstrap_servers``; ``consumer`` for tests."""
+        """A source on ``source.kafka_topics`` of ``kafka.bootstrap_servers``; ``consumer`` for tests.
+
+        Raises
+        ------
+        BadInputError
+            Raised if SASL is configured and the credentials are not available.
+        """
         if consumer is not None:
             return cls(lambda: consumer, config.source.kafka_topics)
+        settings = {**consumer_config(config, environ), **dict(extra or {})}
 
         def factory():
             from confluent_kafka import Consumer
 
-            return Consumer({**consumer_config(config, environ), **dict(extra or {})})
+            return Consumer(settings)
 
         return cls(factory, config.source.kafka_topics)
 
@@ -93,8 +95,16 @@ class KafkaSource:
     def _get(self):
         if self._consumer is None:
             self._consumer = self._factory()
-            self._consumer.subscribe(self.topics)
+            self._consumer.subscribe(self.topics, on_revoke=self._revoked, on_lost=self._revoked)
         return self._consumer
+
+    def _revoked(self, consumer, partitions) -> None:
+        """Forget what was in flight on partitions this consumer no longer owns.
+
+        Their new owner resumes at the last commit, so unhandled events are redelivered there.
+        """
+        for tp in partitions:
+            self._open.pop((tp.topic, tp.partition), None)
 
     def poll(self, timeout: float) -> list[RawEvent]:
         """Messages available within ``timeout`` seconds; broker errors are logged, not raised."""
@@ -106,20 +116,41 @@ class KafkaSource:
                     _log.warning("kafka: %s", err)
                 continue
             origin = f"kafka:{msg.topic()}[{msg.partition()}]@{msg.offset()}"
+            self._open.setdefault((msg.topic(), msg.partition()), {})[msg.offset()] = False
             out.append(RawEvent(msg.value(), origin, topic=msg.topic(),
                                 token=(msg.topic(), msg.partition(), msg.offset())))
         return out
 
     def ack(self, events: Sequence[RawEvent], ok: bool = True) -> None:
-        """Commit, synchronously, the offsets after the handled messages."""
-        from confluent_kafka import TopicPartition
+        """Record events as handled and commit, per partition, the handled prefix.
 
-        latest: dict[tuple[str, int], int] = {}
+        Kafka commits are positions: committing offset N+1 says that everything up to N was
+        handled. So a partition's commit only advances over the events handled without a gap
+        since the last commit; an event that was delivered but never acknowledged (its
+        handling failed) holds the position back, and it is delivered again, with the events
+        after it, after a restart (the ledger makes the repeats harmless). Bad events
+        (``ok=False``, dead-lettered) count as handled. Until then the handled offsets after
+        the gap are kept in memory (a few bytes each), and dropped if the partition is revoked.
+        """
+        touched = set()
         for ev in events:
             topic, partition, offset = ev.token
-            latest[(topic, partition)] = max(offset, latest.get((topic, partition), -1))
-        if latest and self._consumer is not None:
-            self._consumer.commit(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in latest.items()],
+            pending = self._open.get((topic, partition))
+            if pending is not None and offset in pending:
+                pending[offset] = True
+                touched.add((topic, partition))
+        commits = []
+        for key in sorted(touched):
+            pending, last = self._open[key], None
+            while pending and pending[next(iter(pending))]:
+                last = next(iter(pending))
+                del pending[last]
+            if last is not None:
+                commits.append((key, last + 1))
+        if commits and self._consumer is not None:
+            from confluent_kafka import TopicPartition
+
+            self._consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in commits],
                                   asynchronous=False)
 
     def close(self) -> None:

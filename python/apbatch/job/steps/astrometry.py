@@ -100,7 +100,8 @@ def fit_wcs(
     ref = ref[np.isfinite(ref).all(axis=1)]
     tree = cKDTree(ref)
     pairs = tree.query_ball_point(xy, search_radius)
-    dxs, dys = [], []
+    dxs: list[np.ndarray] = []
+    dys: list[np.ndarray] = []
     for i, js in enumerate(pairs):
         if js:
             d = xy[i] - ref[js]
@@ -108,9 +109,9 @@ def fit_wcs(
             dys.append(d[:, 1])
     if not dxs:
         raise AstrometryError("no reference source within the search radius of any science source")
-    dxs, dys = np.concatenate(dxs), np.concatenate(dys)
+    dx_all, dy_all = np.concatenate(dxs), np.concatenate(dys)
     r = int(np.ceil(search_radius))
-    hist, xe, ye = np.histogram2d(dxs, dys, bins=2 * r, range=[[-r, r], [-r, r]])
+    hist, xe, ye = np.histogram2d(dx_all, dy_all, bins=2 * r, range=[[-r, r], [-r, r]])
     hist = ndimage.uniform_filter(hist, 3, mode="constant")
     ix, iy = np.unravel_index(np.argmax(hist), hist.shape)
     off = np.array([0.5 * (xe[ix] + xe[ix + 1]), 0.5 * (ye[iy] + ye[iy + 1])])
@@ -123,8 +124,7 @@ def fit_wcs(
         raise AstrometryError(f"only {keep.sum()} matches with the voted offset {off.round(1)} px")
     src, dst = src_all[keep], xy[idx[keep]] - c
     w = np.ones(len(src))
-    sol = None
-    for _ in range(4):
+    for _ in range(4):  # runs at least once: sol and res are bound after the loop
         sol = _similarity(src, dst, w)
         a, b, tx, ty = sol
         pred = np.column_stack([a * src[:, 0] - b * src[:, 1] + tx, b * src[:, 0] + a * src[:, 1] + ty])

@@ -55,8 +55,9 @@ def detect_sources(
         ``flag`` (sep flags), ``masked`` (a saturated/bad/CR/interpolated pixel within 2 px).
     """
     data = np.ascontiguousarray(img.image, dtype=np.float32)
+    mask = img.mask
     err = np.sqrt(np.maximum(img.variance, 1e-6)).astype(np.float32)
-    nodata = (img.mask & int(MaskBits.NO_DATA)) != 0
+    nodata = (mask & int(MaskBits.NO_DATA)) != 0
     sep.set_extract_pixstack(max(300000, data.size // 20))
     sep.set_sub_object_limit(4096)
     objs = sep.extract(
@@ -80,7 +81,7 @@ def detect_sources(
     bad = np.zeros(len(x), bool)
     for dy in range(-2, 3):
         for dx in range(-2, 3):
-            bad |= (img.mask[np.clip(yi + dy, 0, ny - 1), np.clip(xi + dx, 0, nx - 1)] & _MASKED) != 0
+            bad |= (mask[np.clip(yi + dy, 0, ny - 1), np.clip(xi + dx, 0, nx - 1)] & _MASKED) != 0
     df = pd.DataFrame(
         {
             "x": x,

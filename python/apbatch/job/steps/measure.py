@@ -85,14 +85,15 @@ def psf_flux(img: Image, psf: PsfModel, x: np.ndarray, y: np.ndarray, noise_scal
     ny, nx = img.shape
     flux = np.full(len(x), np.nan)
     err = np.full(len(x), np.nan)
+    variance, mask = img.variance, img.mask
     for k, (xc, yc) in enumerate(zip(np.asarray(x, float), np.asarray(y, float), strict=False)):
         xi, yi = int(round(xc)), int(round(yc))
         if xi - half < 0 or yi - half < 0 or xi + half >= nx or yi + half >= ny:
             continue
         box = (slice(yi - half, yi + half + 1), slice(xi - half, xi + half + 1))
         p = psf.stamp(xc - xi, yc - yi, size)
-        w = 1.0 / np.maximum(img.variance[box].astype(float), 1e-6)
-        w[(img.mask[box] & _ZERO) != 0] = 0.0
+        w = 1.0 / np.maximum(variance[box].astype(float), 1e-6)
+        w[(mask[box] & _ZERO) != 0] = 0.0
         den = (p * p * w).sum()
         if den <= 0:
             continue
@@ -102,13 +103,14 @@ def psf_flux(img: Image, psf: PsfModel, x: np.ndarray, y: np.ndarray, noise_scal
 
 
 def _filtered_snr(diff: Image, sigma: float, fwhm: float):
-    zero = (diff.mask & _ZERO) != 0
-    near_sat = dilate_bits(diff.mask, int(MaskBits.SAT), int(np.ceil(3 * fwhm)))
-    near_sat |= saturation_halos(diff.mask, fwhm)
+    mask = diff.mask
+    zero = (mask & _ZERO) != 0
+    near_sat = dilate_bits(mask, int(MaskBits.SAT), int(np.ceil(3 * fwhm)))
+    near_sat |= saturation_halos(mask, fwhm)
     zero |= near_sat
     # interpolated defects (bad columns, cosmic rays) leave residuals in the pixels beside them
     # when a star crosses them: keep detections 2 px clear of interpolated pixels
-    zero |= dilate_bits(diff.mask, int(MaskBits.INTRP | MaskBits.BAD), 2)
+    zero |= dilate_bits(mask, int(MaskBits.INTRP | MaskBits.BAD), 2)
     d = np.where(zero, np.float32(0), diff.image)
     num = ndimage.gaussian_filter(d, sigma, truncate=3.0, output=d)
     v = np.where(zero, np.float32(0), diff.variance)

@@ -36,7 +36,10 @@ class PsfModel:
         return 2.3548 * self.sigma
 
     def stamp(self, dx: float = 0.0, dy: float = 0.0, size: int | None = None) -> np.ndarray:
-        """The PSF shifted by (``dx``, ``dy``) px (cubic spline), cropped or zero-padded to ``size``, sum 1."""
+        """The PSF shifted by (``dx``, ``dy``) px (cubic spline), normalised to sum 1.
+
+        Cropped or zero-padded to ``size`` px square; ``None`` keeps the model's own size.
+        """
         img = self.image
         if dx or dy:
             img = ndimage.shift(img, (dy, dx), order=3, mode="constant")

@@ -316,7 +316,8 @@ def subtract_images(
     kernels = [_kernel_image(coef[j, :-1], funcs, terms).astype(np.float32) for j in range(3)]
     ny, nx = science.shape
     fshape = (sfft.next_fast_len(ny + h + 1, real=True), sfft.next_fast_len(nx + h + 1, real=True))
-    timg = np.where((template.mask & int(MaskBits.NO_DATA)) != 0, 0.0, template.image).astype(np.float32)
+    tmask = template.mask
+    timg = np.where((tmask & int(MaskBits.NO_DATA)) != 0, 0.0, template.image).astype(np.float32)
     c0, c1, c2 = _fft_convolve_terms(timg, coef[:, :-1], funcs, terms, fshape)
     del timg
     xs = ((np.arange(nx, dtype=np.float32) - nx / 2) / (nx / 2))[None, :]
@@ -336,13 +337,14 @@ def subtract_images(
     del c0
     diff -= bg[0] + bg[1] * xs  # a row
     diff -= bg[2] * ys  # a column
-    var = np.multiply(template.variance, np.float32((kernels[0].astype(float) ** 2).sum()), dtype=np.float32)
+    kernel_power = np.float32((kernels[0].astype(float) ** 2).sum())
+    var = np.multiply(template.variance, kernel_power, dtype=np.float32)
     var += science.variance
     var += floor
     del floor
     mask = science.mask.copy()
-    grow = dilate_bits(template.mask, int(MaskBits.NO_DATA | MaskBits.SAT | MaskBits.BAD), h)
-    mask |= template.mask
+    grow = dilate_bits(tmask, int(MaskBits.NO_DATA | MaskBits.SAT | MaskBits.BAD), h)
+    mask |= tmask
     mask[grow] |= MaskBits.NO_DATA
     edge = np.zeros(mask.shape, bool)
     edge[:h, :], edge[-h:, :], edge[:, :h], edge[:, -h:] = True, True, True, True

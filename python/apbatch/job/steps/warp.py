@@ -21,7 +21,7 @@ from scipy.interpolate import CubicSpline
 from ...errors import BadInputError
 from ...image import Image, MaskBits
 
-__all__ = ["NoTemplateOverlapError", "pixel_map", "warp_template"]
+__all__ = ["NoTemplateOverlapError", "pixel_map", "template_unit", "warp_template"]
 
 
 class NoTemplateOverlapError(BadInputError):
@@ -98,11 +98,14 @@ def _or_dilate(m: np.ndarray) -> np.ndarray:
     return b
 
 
-def _check_template(t: Image, k: int) -> None:
+def _check_template(t: Image, k: int) -> tuple[WCS, np.ndarray, np.ndarray]:
+    """The template's WCS, variance and mask, checked to exist and to match the image's shape."""
     if t.wcs is None:
         raise BadInputError(f"template[{k}]", "has no WCS", "templates must carry a sky WCS")
-    if t.image.ndim != 2 or t.variance.shape != t.image.shape or t.mask.shape != t.image.shape:
+    t_var, t_msk = t.variance, t.mask
+    if t.image.ndim != 2 or t_var.shape != t.image.shape or t_msk.shape != t.image.shape:
         raise BadInputError(f"template[{k}]", "planes have inconsistent shapes", "rebuild the template")
+    return t.wcs, t_var, t_msk
 
 
 def warp_template(
@@ -141,13 +144,13 @@ def warp_template(
     msk = np.full(shape, int(MaskBits.NO_DATA), np.int32)
     filled = np.zeros(shape, bool)
     for k, t in enumerate(templates):
-        _check_template(t, k)
+        t_wcs, t_var, t_msk = _check_template(t, k)
         tny, tnx = t.image.shape
         # coarse check first: skip patches that miss the CCD entirely
         gx = np.linspace(0, nx - 1, 17)
         gy = np.linspace(0, ny - 1, 17)
         X, Y = np.meshgrid(gx, gy)
-        cx, cy = t.wcs.world_to_pixel_values(*sci_wcs.pixel_to_world_values(X.ravel(), Y.ravel()))
+        cx, cy = t_wcs.world_to_pixel_values(*sci_wcs.pixel_to_world_values(X.ravel(), Y.ravel()))
         cx, cy = np.asarray(cx), np.asarray(cy)
         cell_x, cell_y = (nx - 1) / 16.0, (ny - 1) / 16.0
         mgn = 1.5 * max(cell_x, cell_y, grid)  # a node-to-node cell, in (about equal) template pixels
@@ -163,7 +166,7 @@ def warp_template(
         # float32 template coordinates relative to the patch centre (rounding < 5e-4 px for
         # patches up to 16k px), stacked as map_coordinates wants them
         oy, ox = 0.5 * (tny - 1), 0.5 * (tnx - 1)
-        (ay, by), (ax, bx) = _map_factors(sci_wcs, t.wcs, shape, grid, region, origin=(oy, ox))
+        (ay, by), (ax, bx) = _map_factors(sci_wcs, t_wcs, shape, grid, region, origin=(oy, ox))
         coords = np.empty((2, r1 - r0, c1 - c0), np.float32)
         np.matmul(ay.astype(np.float32), by.astype(np.float32), out=coords[0])
         np.matmul(ax.astype(np.float32), bx.astype(np.float32), out=coords[1])
@@ -198,8 +201,8 @@ def warp_template(
             coords = coords[:, cov]
         crop = (slice(ty0, ty1), slice(tx0, tx1))
         img = np.asarray(t.image[crop], np.float32)
-        tmask = np.asarray(t.mask[crop], np.int32)
-        tvar = np.asarray(t.variance[crop], np.float32)
+        tmask = np.asarray(t_msk[crop], np.int32)
+        tvar = np.asarray(t_var[crop], np.float32)
         bad = ~np.isfinite(img) | ~np.isfinite(tvar)
         if bad.any():
             img = np.where(bad, np.float32(0), img)
@@ -235,4 +238,27 @@ def warp_template(
     coverage = float(filled.mean())
     if coverage == 0.0 or coverage < min_coverage:
         raise NoTemplateOverlapError(f"template patches cover {coverage:.1%} of the science image")
-    return Image(out, var, msk, sci_wcs, {"COVERAGE": coverage, "NPATCH": len(templates)})
+    meta: dict[str, float | str] = {"COVERAGE": coverage, "NPATCH": len(templates)}
+    unit = template_unit(templates)
+    if unit:
+        meta["BUNIT"] = unit
+    return Image(out, var, msk, sci_wcs, meta)
+
+
+def template_unit(templates: list[Image]) -> str:
+    """The pixel unit (``BUNIT``) the template patches share; ``""`` when none says.
+
+    Resampling keeps the unit, so the warped template says it too: the job's flux calibration
+    reads it from there (a warped template without ``BUNIT`` once left every DIA flux in
+    electrons while the alerts said nJy).
+
+    Raises
+    ------
+    BadInputError
+        Raised if the patches disagree (one nJy, another electrons).
+    """
+    units = {str(t.metadata.get("BUNIT", "")).strip() for t in templates}
+    if len(units) > 1:
+        raise BadInputError("template_coadd.BUNIT", f"patches disagree: {sorted(units)}",
+                            "rebuild the templates in one unit (nJy)")
+    return units.pop() if units else ""
