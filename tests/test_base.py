@@ -48,7 +48,7 @@ class ToyBackend(Backend):
     def render(self, works):
         return ""
 
-    def submit(self, works):
+    def submit(self, works, token=None):
         return []
 
     def cancel(self, job_ids):
@@ -222,3 +222,15 @@ def test_rendered_jobs_hold_no_secret(tmp_path, monkeypatch, kind):
     leaked = [name for name, value in os.environ.items()
               if re.search("PASSWORD|SECRET|TOKEN", name) and value and value in text]
     assert leaked == []
+
+
+def test_submission_tokens_are_unique_and_checked_before_reaching_a_scheduler(config):
+    from apbatch.backends.base import checked_token, new_token
+
+    tokens = {new_token() for _ in range(1000)}
+    assert len(tokens) == 1000 and all(checked_token(t) == t for t in tokens)
+    for bad in ("", "ABC", "abc", "abcd0000abcd0000abcd; rm -rf /", 'a" || true || "', "g" * 20):
+        with pytest.raises(BadInputError, match="submission token"):
+            checked_token(bad)
+    # a backend that cannot be asked finds nothing: the caller then resubmits (the old behaviour)
+    assert ToyBackend(config).find_submitted([work(0), work(1)], new_token(), 0.0) == []

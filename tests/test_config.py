@@ -67,6 +67,101 @@ def test_missing_config_file(tmp_path):
         load_config(tmp_path / "absent.yaml", environ={})
 
 
+def _one_line_error(call) -> str:
+    with pytest.raises(BadInputError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message and "Traceback" not in message
+    return message
+
+
+@pytest.mark.parametrize("content", [
+    b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe",  # binary, not UTF-8
+    b"\x00\x01\x02binary\x00",  # UTF-8 (NULs), not YAML
+    b"backend: " + b"[" * 5000,  # nested past any parser's patience
+    b"\xef\xbb\xbf- a\n",  # a BOM and a list, not a mapping
+])
+def test_unreadable_config_file_is_one_line_naming_config(tmp_path, content):
+    f = tmp_path / "bad.yaml"
+    f.write_bytes(content)
+    message = _one_line_error(lambda: load_config(f, environ={}))
+    assert message.startswith(f"--config: {f}") and "YAML file" in message
+
+
+def test_config_path_that_is_a_directory(tmp_path):
+    message = _one_line_error(lambda: load_config(tmp_path, environ={}))
+    assert message.startswith(f"--config: cannot read {tmp_path}")
+
+
+def test_cli_exits_2_with_one_line_for_a_binary_config(tmp_path, capsys):
+    from apbatch.cli import main
+    from apbatch.errors import ExitCode
+
+    f = tmp_path / "bad.yaml"
+    f.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(SystemExit) as info:
+        main(["status", "--config", str(f)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == ExitCode.BAD_INPUT
+    assert len(err) == 1 and err[0].startswith("error: --config: ")
+
+
+# ------------------------------------------------------------- backend fields from the environment
+def test_backend_env_field_applies_to_the_configured_kind(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("backend: {kind: slurm}\n")
+    cfg = load_config(f, environ={"APBATCH_BACKEND__TIME_LIMIT": "01:00:00"})  # YAML 1.1 would say 3600
+    assert isinstance(cfg.backend, SlurmBackendConfig) and cfg.backend.time_limit == "01:00:00"
+    # a field the default (local) backend has needs no KIND
+    assert load_config(environ={"APBATCH_BACKEND__MAX_WORKERS": "3"}).backend.max_workers == 3
+
+
+def test_backend_env_field_the_kind_lacks_names_the_variable_and_the_fix():
+    message = _one_line_error(lambda: load_config(environ={"APBATCH_BACKEND__PARTITION": "ap"}))
+    assert message.startswith("APBATCH_BACKEND__PARTITION: the configured backend is 'local'")
+    assert "set APBATCH_BACKEND__KIND to slurm" in message
+    message = _one_line_error(lambda: load_config(environ={"APBATCH_BACKEND__TIME_LIMIT": "00:20:00"}))
+    assert message.startswith("APBATCH_BACKEND__TIME_LIMIT: ")
+    assert "APBATCH_BACKEND__KIND to one of" in message  # slurm and htcondor have one
+    cfg = load_config(environ={"APBATCH_BACKEND__TIME_LIMIT": "00:20:00", "APBATCH_BACKEND__KIND": "slurm"})
+    assert cfg.backend.time_limit == "00:20:00"
+
+
+def test_backend_file_field_the_kind_lacks(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("backend: {partition: ap}\n")
+    message = _one_line_error(lambda: load_config(f, environ={}))
+    assert message.startswith("config backend.partition: the configured backend is 'local'")
+    assert "set backend.kind to slurm" in message
+    f.write_text("backend: {max_workers: 2}\n")  # the default kind has it: no kind needed
+    assert load_config(f, environ={}).backend.max_workers == 2
+
+
+def test_env_strings_stay_strings_and_lists_stay_lists():
+    cfg = load_config(environ={"APBATCH_JOB__INPUT_COLLECTION": "010", "APBATCH_JOB__RAW_TIMEOUT": "30",
+                               "APBATCH_JOB__COMMAND": "[apbatch, process-ccd]"})
+    assert cfg.job.input_collection == "010" and cfg.job.raw_timeout == 30.0
+    assert cfg.job.command == ["apbatch", "process-ccd"]
+
+
+# ------------------------------------------------------------------- detector subsets at start-up
+@pytest.mark.parametrize(("detectors", "field", "problem"), [
+    ({"LSSTCam": [999]}, "events.detectors.LSSTCam", "LSSTCam has no detector 999"),
+    ({"LSSTCam": [191]}, "events.detectors.LSSTCam", "is a wavefront CCD"),
+    ({"LSSTCam": []}, "events.detectors.LSSTCam", "is empty"),
+    ({"HSC": [1]}, "events.detectors.HSC", "HSC"),
+    ({"LSSTCam": [1], "lsstcam": [2]}, "events.detectors.LSSTCam", "given twice"),
+])
+def test_bad_detector_subset_fails_at_load(detectors, field, problem):
+    message = _one_line_error(lambda: load_config(environ={}, overrides={"events": {"detectors": detectors}}))
+    assert message.startswith(f"config {field}: ") and problem in message
+
+
+def test_detector_subset_keyed_by_butler_name():
+    cfg = load_config(environ={}, overrides={"events": {"detectors": {"lsstcam": [94, 0]}}})
+    assert cfg.events.detectors == {"LSSTCam": [94, 0]}
+
+
 # ---------------------------------------------------------------- every field is read somewhere
 # Fields read in a way the attribute scan below cannot see, each with why:
 _READ_BY_NAME = {

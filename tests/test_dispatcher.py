@@ -40,6 +40,9 @@ class FakeBackend(Backend):
         self.status_calls = 0
         self.fail_submits = fail_submits
         self._n = 0
+        self.tokens: dict[str, list[SubmittedJob]] = {}  # what the "scheduler" holds per submission token
+        self.finds: list[str] = []
+        self.find_error: Exception | None = None
 
     def job_command(self, day_obs: int) -> list[str]:
         return ["fake-job", "--config", f"/night/{day_obs}.yaml"]
@@ -48,7 +51,7 @@ class FakeBackend(Backend):
         return "\n".join(" ".join(["fake-job", w.label, w.detector_name,
                                    *w.job_args()]) for w in works) + "\n"
 
-    def submit(self, works: Sequence[CcdWork]) -> list[SubmittedJob]:
+    def submit(self, works: Sequence[CcdWork], token: str | None = None) -> list[SubmittedJob]:
         if self.fail_submits:
             self.fail_submits -= 1
             raise SchedulerError(["sbatch"], 1, "", "sbatch: error: Batch job submission failed")
@@ -58,7 +61,16 @@ class FakeBackend(Backend):
             self._n += 1
             jobs.append(SubmittedJob(w, f"fake-{self._n}"))
             self.states[f"fake-{self._n}"] = JobStatus(f"fake-{self._n}", JobState.PENDING)
+        if token is not None:
+            self.tokens[token] = jobs
         return jobs
+
+    def find_submitted(self, works: Sequence[CcdWork], token: str, since: float) -> list[SubmittedJob]:
+        self.finds.append(token)
+        if self.find_error is not None:
+            raise self.find_error
+        keys = {w.key for w in works}
+        return [j for j in self.tokens.get(token, []) if j.work.key in keys]
 
     def status(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
         self.status_calls += 1
@@ -337,3 +349,134 @@ def test_daemon_jobs_get_the_resolved_config_and_a_start_failure_is_explained(tm
     assert row.command == ("/bin/sh", "-c", DUMP, "apjob", "--config", args[1])
     assert disp.poll_jobs()["resubmitted"] == 0  # cannot start: a person fixes job.command
     ledger.close()
+
+
+# ---------------------------------------------------------------- issue 11: cancel, start-up reconciliation
+def test_cancel_acts_on_the_schedulers_states_and_never_relabels_finished_rows(setup):
+    from apbatch.script.cancel import cancel_jobs
+
+    disp, ledger, backend, _ = setup()
+    out = handle(disp, "nextVisit_LSSTComCam.json")
+    ids = [j.job_id for j in out.jobs]
+    # the scheduler is ahead of the ledger (not polled since): 0 done, 1 failed retriably, 2 running
+    backend.states[ids[0]] = JobStatus(ids[0], JobState.COMPLETED, 0)
+    backend.states[ids[1]] = JobStatus(ids[1], JobState.FAILED, 4)
+    backend.states[ids[2]] = JobStatus(ids[2], JobState.RUNNING)
+    visit = out.jobs[0].work.visit
+    cancelled = cancel_jobs(disp.config, visit=visit, backend=backend, ledger=ledger)
+    assert sorted(backend.cancelled) == sorted(ids[2:]) and len(cancelled) == len(ids) - 2
+    rows = {r.job_id: r for r in ledger.rows()}
+    assert (rows[ids[0]].state, rows[ids[0]].exit_code) == ("COMPLETED", 0)
+    assert (rows[ids[1]].state, rows[ids[1]].exit_code, rows[ids[1]].retry) == ("FAILED", 4, True)
+    assert {rows[i].state for i in ids[2:]} == {"CANCELLED"}
+    # a second cancel finds nothing unfinished and changes nothing
+    backend.cancelled.clear()
+    assert cancel_jobs(disp.config, visit=visit, backend=backend, ledger=ledger) == []
+    assert backend.cancelled == [] and {r.job_id: r.state for r in ledger.rows()} == {
+        i: r.state for i, r in rows.items()}
+    assert disp.poll_jobs()["resubmitted"] == 1  # the exit-4 neighbour is still retried
+
+
+def test_cancel_refuses_to_touch_the_ledger_when_the_scheduler_cannot_be_asked(setup):
+    from apbatch.script.cancel import cancel_jobs
+
+    disp, ledger, backend, _ = setup()
+    out = handle(disp, "nextVisit_LSSTComCam.json")
+
+    def down(job_ids):
+        raise SchedulerError(["squeue"], 1, "", "slurm_load_jobs error: Unable to contact slurm controller")
+
+    backend.status = down
+    with pytest.raises(SchedulerError):
+        cancel_jobs(disp.config, visit=out.jobs[0].work.visit, backend=backend, ledger=ledger)
+    assert {r.state for r in ledger.rows()} == {"PENDING"} and backend.cancelled == []
+
+
+def test_daemon_start_records_jobs_a_killed_daemon_submitted_but_never_recorded(setup, tmp_path, caplog):
+    from apbatch.submitter import Submitter
+
+    disp, ledger, backend, _ = setup()
+    ev = parse_event(fresh("nextVisit_LSSTComCam.json", NOW))
+    from apbatch.fanout import fan_out
+
+    class Killed(BaseException):
+        pass
+
+    def kill(point):
+        if point == "submitted":
+            raise Killed
+
+    with pytest.raises(Killed):  # sbatch accepted the array; the daemon died before the ledger update
+        Submitter(ledger, backend, clock=lambda: NOW, fault=kill).submit_new(fan_out(ev, disp.config))
+    assert {r.state for r in ledger.rows()} == {"CLAIMED"}
+    disp.source = SpoolSource(tmp_path / "spool")
+    disp.run(max_seconds=0.1)  # a new daemon starts
+    rows = ledger.rows()
+    assert {r.state for r in rows} == {"PENDING"} and {r.attempts for r in rows} == {1}
+    assert [r.job_id for r in rows] == [f"fake-{i}" for i in range(1, len(rows) + 1)]
+    assert len(backend.batches) == 1 and "recorded now, not resubmitted" in caplog.text
+    # a scheduler that is down at start-up: logged, the daemon still runs
+    backend.find_error = SchedulerError(["squeue"], 1, "", "controller down")
+    lat = parse_event(fresh("nextVisit_LATISS.json", NOW))
+    ledger.claim(fan_out(lat, disp.config), now=NOW, tokens={("LATISS", lat.groupId): "dddd0000dddd0000dddd"})
+    assert disp.run(max_seconds=0.1) == {}
+    assert "controller down" in caplog.text and ledger.rows(instrument="LATISS")[0].state == "CLAIMED"
+
+
+class QueueSource:
+    """Events handed over by the test through a queue (no file-system delays)."""
+
+    name = "queue"
+    exhausted = False
+
+    def __init__(self):
+        import queue
+
+        self.q: queue.Queue = queue.Queue()
+
+    def poll(self, timeout):
+        import queue
+
+        try:
+            return [self.q.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+
+    def ack(self, events, ok=True):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_intake_never_waits_on_a_slow_poll(setup):
+    from apbatch.sources.base import RawEvent
+
+    disp, ledger, backend, clock = setup()
+    handle(disp, "nextVisit_LSSTComCam.json")  # 9 unfinished jobs to poll
+    in_status, real_status = threading.Event(), backend.status
+
+    def slow_status(job_ids):
+        in_status.set()
+        time.sleep(1.5)  # squeue + sacct for a thousand jobs
+        return real_status(job_ids)
+
+    backend.status = slow_status
+    disp.source, disp.status_interval = QueueSource(), 0.01
+    stop = threading.Event()
+    loop = threading.Thread(target=disp.run, kwargs={"stop_event": stop})
+    loop.start()
+    try:
+        assert in_status.wait(5), "the poll never started"
+        t0 = time.monotonic()
+        body = fresh("nextVisit_LSSTCam.json", clock[0])
+        disp.source.q.put(RawEvent(body, origin="test"))
+        while len(backend.batches) < 2 and time.monotonic() - t0 < 5:
+            time.sleep(0.005)
+        took = time.monotonic() - t0
+        assert len(backend.batches) == 2 and len(backend.batches[1]) == 189
+        assert took < 0.5, f"intake waited {took:.2f} s on the poll"
+    finally:
+        stop.set()
+        loop.join(10)
+    assert not loop.is_alive()

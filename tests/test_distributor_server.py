@@ -98,6 +98,23 @@ def test_bad_requests(server, path, code):
     assert info.value.code == code and "error" in json.loads(info.value.read())
 
 
+@pytest.mark.parametrize(("query", "field"), [
+    ("n=1&wait=nan", "wait"),  # would escape the 60 s cap: no comparison with NaN is ever true
+    ("n=1&wait=-inf", "wait"),
+    ("n=1&wait=inf", "wait"),
+    ("n=1&wait=-1", "wait"),
+    ("n=-5&wait=0", "n"),
+    ("n=0&wait=0", "n"),
+    ("n=1.5&wait=0", "n"),
+])
+def test_long_poll_arguments_are_checked_before_waiting(server, query, field):
+    start = time.monotonic()
+    with pytest.raises(urllib.error.HTTPError) as info:
+        get(f"{server.url}/raw/LSSTComCam/g/R22_S11?{query}")
+    assert info.value.code == 400 and time.monotonic() - start < 5
+    assert json.loads(info.value.read())["error"].startswith(f"{field}: ")
+
+
 def test_long_poll_answers_when_raw_arrives(server, store, raw):
     threading.Timer(0.5, store.deliver, (raw, meta())).start()
     t0 = time.monotonic()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -206,11 +207,127 @@ def test_unknown_kind_and_topic():
         parse_event({"hello": 1})
 
 
-def test_group_id_with_shell_metacharacters_is_kept_verbatim():
-    nasty = "2025-06-10T07:31:26.692; rm -rf / $(touch pwned) `id` \"'|&>"
+def test_group_id_with_shell_metacharacters():
+    # a calibration group that is not a time is kept verbatim (the backends pass it as one argument) ...
+    nasty = "bias; rm -rf / $(touch pwned) `id` \"'|&>"
+    d = bare_start()
+    d["additionalKeys"], d["additionalValues"] = "imageType:groupId", f"BIAS:{nasty}"
+    assert parse_event(d).groupId == nasty
+    # ... but a nextVisit's group is a time, and this is not one
     d = bare_next_visit()
-    d["groupId"] = nasty
-    assert parse_event({"kind": "nextVisit", **d}).groupId == nasty
+    d["groupId"] = "2025-06-10T07:31:26.692; rm -rf / $(touch pwned)"
+    with pytest.raises(BadInputError, match=r"^event\.groupId: .* not an ISO-time group id"):
+        parse_event({"kind": "nextVisit", **d})
+
+
+# ------------------------------------------------------------- one group string per visit id
+@pytest.mark.parametrize(("group", "canonical"), [
+    ("2025-06-10T07:31:26.692\n", None),  # a regex "$" matches before the newline
+    (" 2025-06-10T07:31:26.692", None),
+    ("2025-06-10T07:31:26.692000", "'2025-06-10T07:31:26.692'"),
+    ("2025-06-10T07:31:26.6921", "'2025-06-10T07:31:26.692'"),
+    ("2025-06-10T07:31:26.69", "'2025-06-10T07:31:26.690'"),
+    ("2025-06-10T07:31:26", "'2025-06-10T07:31:26.000'"),
+    ("2025-06-10T07:31:26.692#0", "'2025-06-10T07:31:26.692'"),
+    ("2025-06-10T07:31:26.692+0", "'2025-06-10T07:31:26.692'"),
+    ("2025-06-10T07:31:26.692#01", "'2025-06-10T07:31:26.692#1'"),
+    ("2025-06-10T07:31:26.692+1", "'2025-06-10T07:31:26.692#1'"),
+    ("2025-06-10T07:31:26.\u0666\u0669\u0662", None),  # Arabic-Indic digits
+    ("2014-12-31T23:59:59.000", None),  # before the visit-id epoch: a negative visit id
+])
+def test_non_canonical_group_ids_are_refused(group, canonical):
+    nv = bare_next_visit()
+    nv["groupId"] = group
+    cancel = {"kind": "nextVisitCanceled", "salIndex": 1, "scriptSalIndex": 5, "groupId": group}
+    for event in ({"kind": "nextVisit", **nv}, cancel):
+        with pytest.raises(BadInputError) as info:
+            parse_event(event)
+        assert str(info.value).startswith("event.groupId: ") and "\n" not in str(info.value)
+        if canonical:
+            assert f"send {canonical}" in str(info.value)
+    if canonical:  # the same spellings inside a startIntegration's additionalValues
+        start = bare_start()
+        start["additionalValues"] = start["additionalValues"].replace("2025-06-10T07:31:26.692", group, 1)
+        with pytest.raises(BadInputError, match=rf"^event\.groupId: .*send {re.escape(canonical)}"):
+            parse_event(start)
+
+
+def test_start_integration_values_are_stripped_so_one_group_remains():
+    start = bare_start()
+    start["additionalValues"] = start["additionalValues"].replace("2025-06-10T07:31:26.692",
+                                                                  " 2025-06-10T07:31:26.692\n", 1)
+    assert parse_event(start).groupId == "2025-06-10T07:31:26.692"
+
+
+def test_canonical_group_ids_are_kept():
+    for group in ("2025-06-10T07:31:26.692", "2024-06-25T01:26:31.895#1", "2024-06-25T01:26:31.895#9999"):
+        d = bare_next_visit()
+        d["groupId"] = group
+        assert parse_event({"kind": "nextVisit", **d}).groupId == group
+
+
+def test_calibration_group_with_control_character_refused():
+    d = bare_start()
+    d["additionalKeys"], d["additionalValues"] = "imageType:groupId", "BIAS:seq\x07-7"
+    with pytest.raises(BadInputError, match=r"^event\.groupId: .* white space or control characters"):
+        parse_event(d)
+
+
+# ---------------------------------------------------------------- ranges the job relies on
+def test_nimages_the_job_would_refuse_is_refused():
+    from apbatch.work import MAX_NIMAGES
+
+    d = bare_next_visit()
+    assert parse_event({"kind": "nextVisit", **d, "nimages": MAX_NIMAGES}).nimages == MAX_NIMAGES
+    with pytest.raises(BadInputError, match=rf"^event\.nimages: 1000 is out of range .*0 to {MAX_NIMAGES}"):
+        parse_event({"kind": "nextVisit", **d, "nimages": 1000})
+    s = bare_start()
+    with pytest.raises(BadInputError, match=r"^event\.imagesInSequence: 11 is out of range"):
+        parse_event({**s, "imagesInSequence": 11, "imageIndex": 1})
+    with pytest.raises(BadInputError, match=r"^event\.imageIndex: 3 is out of range .*<= 2"):
+        parse_event({**s, "imageIndex": 3})
+
+
+@pytest.mark.parametrize("field", ["startTime", "private_sndStamp"])
+@pytest.mark.parametrize("value", [1e18, 4.2e9, -1.0])
+def test_times_out_of_range_are_bad_input_not_overflow(field, value):
+    d = bare_next_visit()
+    d[field] = value
+    with pytest.raises(BadInputError, match=rf"^event\.{field}: .* out of range"):
+        parse_event({"kind": "nextVisit", **d})
+
+
+def test_time_of_start_integration_out_of_range():
+    with pytest.raises(BadInputError, match=r"^event\.timestampAcquisitionStart: 1e\+18 is out of range"):
+        parse_event({**bare_start(), "timestampAcquisitionStart": 1e18})
+
+
+def test_science_exposure_time_zero_refused_bias_allowed():
+    with pytest.raises(BadInputError, match=r"^event\.exposureTime: 0 s for a science image"):
+        parse_event({**bare_start(), "exposureTime": 0})
+    bias = load("calib_bias_LSSTCam.json")
+    assert bias["exposureTime"] == 0.0 and parse_event(bias).exposureTime == 0.0
+
+
+@pytest.mark.parametrize(("keys", "values", "message"), [
+    # four keys, one ISO group: the pieces of the time are not taken for three more values
+    ("groupId:imageType:reason:program", "2025-06-10T07:31:26.692",
+     r"^event\.additionalValues: 1 values for 4 keys"),
+    ("groupId:imageType", "2025-06-10T07:31:26.692:OBJECT:extra",
+     r"^event\.additionalValues: 3 values for 2 keys"),
+    ("groupId:groupId", "2025-06-10T07:31:26.692:2025-06-10T07:31:27.000",
+     r"^event\.additionalKeys: .* repeated"),
+])
+def test_key_value_mismatch_reported_under_its_own_field(keys, values, message):
+    with pytest.raises(BadInputError, match=message):
+        parse_event({**bare_start(), "additionalKeys": keys, "additionalValues": values})
+
+
+def test_deeply_nested_or_huge_json_is_bad_input():
+    with pytest.raises(BadInputError, match=r"^event: JSON nested too deeply"):
+        parse_event("[" * 100_000)
+    with pytest.raises(BadInputError, match=r"^event: malformed JSON"):
+        parse_event('{"nimages": ' + "9" * 5000 + "}")
 
 
 # ---------------------------------------------------------------------------------- policy

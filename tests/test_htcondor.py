@@ -7,6 +7,7 @@ itemdata); the schedd calls go to a recording fake with `htcondor2.Schedd`'s int
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import classad2
 import htcondor2
 import pytest
 from apbatch.backends.base import JobState
-from apbatch.backends.htcondor import HTCondorBackend, condor_arg
+from apbatch.backends.htcondor import HTCondorBackend, condor_arg, executable_argv
 from apbatch.config import load_config
 from apbatch.errors import BadInputError, SchedulerError
 from apbatch.work import CcdWork
@@ -132,6 +133,9 @@ batch_name = ap-LSSTComCam-2025061000578
 request_memory = 4GB
 request_cpus = 1
 max_retries = 2
+success_exit_code = 0
+retry_until = ExitBySignal == false
+periodic_remove = JobStatus == 2 && time() - JobCurrentStartDate > 600
 output = {log}_$(ClusterId).$(ProcId).out
 error = {log}_$(ClusterId).$(ProcId).out
 log = {log}.log
@@ -287,3 +291,79 @@ def test_default_schedd_without_daemons_is_a_scheduler_error(tmp_path, monkeypat
     with pytest.raises(SchedulerError) as err:
         HTCondorBackend(cfg).status(["1.0"])
     assert err.value.argv == ["htcondor2.Schedd"]
+
+
+# ---------------------------------------------------------------- issue 11: token, retries, wall time, exe
+def test_submission_token_is_an_attribute_and_finds_the_procs_queue_then_history(tmp_path):
+    token = "abcd0000abcd0000abcd"
+    schedd = FakeSchedd(cluster=500)
+    backend = make(tmp_path, schedd)
+    works = works_of(3)
+    backend.submit(works, token=token)
+    sub = htcondor2.Submit(schedd.calls[0][1])  # what reached the schedd, parsed by the real bindings
+    assert sub["MY.ApSubmitToken"] == f'"{token}"'
+    mine = classad2.ClassAd({"ApSubmitToken": token})
+    # the procs as the schedd would hold them (attributes from the description and the item data)
+    schedd.queue = [ad(500, i, 1, ApDetector=i, ApSubmitToken=token) for i in (0, 2)] + [
+        ad(499, 0, 1, ApDetector=1, ApSubmitToken="ffff0000ffff0000ffff"), ad(498, 0, 2, ApDetector=1)]
+    assert classad2.ExprTree('ApSubmitToken =?= "abcd0000abcd0000abcd"').eval(mine) is True
+    found = backend.find_submitted(works, token, since=0.0)
+    assert [(j.work.detector, j.job_id) for j in found] == [(0, "500.0"), (2, "500.2")]
+    assert schedd.calls[-1][0] == "query"  # found in the queue: history not read
+    schedd.queue = []
+    schedd.history_ads = [ad(500, 1, 4, ApDetector=1, ApSubmitToken=token, ExitCode=0)]
+    assert [j.job_id for j in backend.find_submitted(works, token, since=0.0)] == ["500.1"]
+    assert [c[0] for c in schedd.calls[-2:]] == ["query", "history"]
+    assert backend.find_submitted(works, "0000000000000000aaaa", since=0.0) == []
+    with pytest.raises(BadInputError, match="submission token"):
+        backend.find_submitted(works, 'x" || true || "', since=0.0)
+    schedd.fail = None
+    schedd.query = lambda **kw: (_ for _ in ()).throw(htcondor2.HTCondorException("no schedd"))
+    with pytest.raises(SchedulerError, match="no schedd"):
+        backend.find_submitted(works, token, since=0.0)
+
+
+@pytest.mark.parametrize("code", [0, 2, 3, 4, 5, 126, 127])
+def test_htcondor_never_reruns_a_job_that_exited_the_daemon_owns_retries(tmp_path, code):
+    desc = htcondor2.Submit(make(tmp_path).description(works_of(1)))
+    assert desc["success_exit_code"] == "0" and desc["max_retries"] == "2"
+    until = classad2.ExprTree(desc["retry_until"])
+    # retry_until true = retries cease: for every documented exit code; a signal-killed job is rerun
+    assert until.eval(classad2.ClassAd({"ExitBySignal": False, "ExitCode": code})) is True
+    assert until.eval(classad2.ClassAd({"ExitBySignal": True, "ExitSignal": 9})) is False
+
+
+def test_wall_time_limit_removes_a_long_job_and_it_reads_as_timeout(tmp_path):
+    desc = htcondor2.Submit(make(tmp_path, time_limit="00:05:00").description(works_of(1)))
+    remove = classad2.ExprTree(desc["periodic_remove"])
+    assert str(remove) == "JobStatus == 2 && time() - JobCurrentStartDate > 300"
+    assert remove.eval(classad2.ClassAd({"JobStatus": 2, "JobCurrentStartDate": 0})) is True
+    assert remove.eval(classad2.ClassAd({"JobStatus": 1, "JobCurrentStartDate": 0})) is False
+    assert remove.eval(classad2.ClassAd({"JobStatus": 2, "JobCurrentStartDate": 2**40})) is False
+    why = ("The job attribute PeriodicRemove expression "
+           "'JobStatus == 2 && time() - JobCurrentStartDate > 300' evaluated to TRUE")
+    schedd = FakeSchedd(history=[ad(7, 0, 3, RemoveReason=why), ad(7, 1, 3, RemoveReason="apbatch cancel")])
+    states = make(tmp_path, schedd).status(["7.0", "7.1"])
+    assert states["7.0"].state is JobState.TIMEOUT and "time limit" in states["7.0"].reason
+    assert states["7.1"].state is JobState.CANCELLED
+    for bad in ("soon", "0", "00:00"):
+        with pytest.raises(BadInputError, match="time_limit"):
+            make(tmp_path, time_limit=bad)
+
+
+def test_env_shebang_executable_runs_by_its_resolved_interpreter(tmp_path):
+    """``getenv = false`` gives the job no PATH: ``#!/usr/bin/env python3`` would not start."""
+    shim = tmp_path / "apbatch-shim"
+    shim.write_text("#!/usr/bin/env python3\nprint('hi')\n")
+    shim.chmod(0o755)
+    cfg = load_config(environ={}, overrides={"root": str(tmp_path), "backend": {"kind": "htcondor"},
+                                             "job": {"command": [str(shim), "process-ccd"]}})
+    desc = htcondor2.Submit(HTCondorBackend(cfg, schedd=FakeSchedd()).description(works_of(1)))
+    python3 = str(Path(shutil.which("python3")).absolute())
+    assert desc["executable"] == python3 and desc["getenv"] == "false"
+    assert condor_split(desc["arguments"].replace(" $(ApArgs)", ""))[:2] == [str(shim), "process-ccd"]
+    # the install's own script has an absolute interpreter: used as it is
+    assert executable_argv([sys.executable, "-V"]) == [sys.executable, "-V"]
+    shim.write_text("#!/usr/bin/env no-such-interpreter-xyz\n")
+    with pytest.raises(BadInputError, match="no-such-interpreter-xyz"):
+        executable_argv([str(shim)])

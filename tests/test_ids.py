@@ -4,7 +4,7 @@ import datetime
 
 import pytest
 from apbatch.errors import BadInputError
-from apbatch.ids import day_obs_of, exposure_id, parse_obs_id, visit_id_from_group
+from apbatch.ids import check_group_id, day_obs_of, exposure_id, parse_obs_id, visit_id_from_group
 
 
 @pytest.mark.parametrize(
@@ -20,7 +20,9 @@ def test_visit_id_from_group(group, visit):
     assert visit_id_from_group(group) == visit
 
 
-@pytest.mark.parametrize("bad", ["", "yesterday", "2025-13-40T99:99:99", "2025-06-10T07:31:26.692; rm -rf /"])
+@pytest.mark.parametrize("bad", ["", "yesterday", "2025-13-40T99:99:99", "2025-06-10T07:31:26.692; rm -rf /",
+                                 "2025-06-10T07:31:26.692\n", "2025-06-10T07:31:26.\u0666\u0669\u0662",
+                                 "2014-12-31T23:59:59.999"])
 def test_visit_id_rejects_bad_groups(bad):
     with pytest.raises(BadInputError, match="groupId"):
         visit_id_from_group(bad)
@@ -54,3 +56,22 @@ def test_parse_obs_id_rejects(bad):
 def test_day_obs_rolls_over_at_noon():
     assert day_obs_of(datetime.datetime(2025, 6, 10, 7, 31)) == 20250609
     assert day_obs_of(datetime.datetime(2025, 6, 10, 12, 0, 1)) == 20250610
+
+
+@pytest.mark.parametrize("spelling", ["2025-06-10T07:31:26.692000", "2025-06-10T07:31:26.692#0",
+                                      "2025-06-10T07:31:26.692+0", "2025-06-10T07:31:26.6925"])
+def test_one_canonical_spelling_per_visit(spelling):
+    canonical = "2025-06-10T07:31:26.692"
+    assert visit_id_from_group(spelling) == visit_id_from_group(canonical)  # why the rule is needed
+    assert check_group_id(canonical) == canonical
+    with pytest.raises(BadInputError, match=f"send '{canonical}'"):
+        check_group_id(spelling)
+
+
+def test_check_group_id_keeps_other_groups_unless_a_time_is_required():
+    assert check_group_id("bias-seq-7") == "bias-seq-7"
+    assert check_group_id("2024-06-25T01:26:31.895#12") == "2024-06-25T01:26:31.895#12"
+    with pytest.raises(BadInputError, match="not an ISO-time group id"):
+        check_group_id("bias-seq-7", time_required=True)
+    with pytest.raises(BadInputError, match="white space or control characters"):
+        check_group_id("bias-seq-7 ")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import multiprocessing
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -94,6 +95,72 @@ def test_unsupported_database():
     engine.dialect.name = "oracle"
     with pytest.raises(BadInputError, match="ledger.url: database 'oracle' is not supported"):
         Ledger(engine)
+
+
+# ---------------------------------------------------- a ledger that cannot be opened: one line, code 2
+def _open_error(url: str, create: bool = True) -> str:
+    with pytest.raises(BadInputError) as info:
+        Ledger.open(url, create=create)
+    message = str(info.value)
+    assert message.startswith("ledger.url: ") and "\n" not in message and "secret" not in message
+    return message
+
+
+@pytest.mark.parametrize("url", ["mysql://u:secret@localhost/db", "oracle://u:secret@h/db", "mssql://u:secret@h/db"])
+def test_unsupported_database_url(url):
+    assert "is not supported" in _open_error(url) and "postgresql://" in _open_error(url)
+
+
+def test_postgresql_driver_unknown():
+    assert "cannot use postgresql+nodriver://u:***@" in _open_error("postgresql+nodriver://u:secret@127.0.0.1/db")
+
+
+def test_ledger_path_under_a_regular_file(tmp_path):
+    (tmp_path / "plain").write_text("not a directory")
+    message = _open_error(f"sqlite:///{tmp_path}/plain/sub/ledger.sqlite3")
+    assert "cannot make the directory" in message and "writable directory" in message
+    assert (tmp_path / "plain").read_text() == "not a directory"
+
+
+def test_ledger_path_that_is_a_directory(tmp_path):
+    (tmp_path / "dir.sqlite3").mkdir()
+    assert "unable to open database file" in _open_error(f"sqlite:///{tmp_path}/dir.sqlite3")
+
+
+def test_read_only_ledger_is_refused_by_writers_only(url):
+    led = Ledger.open(url)
+    led.claim(works(2))
+    led.close()
+    read_only = f"sqlite:///file:{url.removeprefix('sqlite:///')}?mode=ro&uri=true"
+    assert "readonly" in _open_error(read_only)  # a writer learns it at start-up, not at the first claim
+    reader = Ledger.open(read_only, create=False)  # status and reports may still read it
+    assert len(reader.rows()) == 2
+    reader.close()
+
+
+def test_unreachable_postgresql_is_bad_input():
+    from conftest import free_port
+
+    url = f"postgresql+psycopg2://apbatch:secret@127.0.0.1:{free_port()}/ledger"
+    for create in (True, False):
+        message = _open_error(url, create=create)
+        assert "cannot open the ledger at postgresql+psycopg2://apbatch:***@127.0.0.1" in message
+        assert "server is running" in message
+
+
+def test_cli_exits_2_with_one_line_when_the_ledger_cannot_be_made(tmp_path, monkeypatch, capsys):
+    from apbatch.cli import main
+
+    (tmp_path / "plain").write_text("")
+    monkeypatch.delenv("APBATCH_CONFIG", raising=False)
+    monkeypatch.setenv("APBATCH_ROOT", str(tmp_path / "work"))
+    monkeypatch.setenv("APBATCH_LEDGER__URL", f"sqlite:///{tmp_path}/plain/ledger.sqlite3")
+    event = Path(__file__).parent / "data" / "events" / "nextVisit_LSSTComCam.json"
+    with pytest.raises(SystemExit) as info:
+        main(["submit", str(event)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert info.value.code == 2 and len(err) == 1 and err[0].startswith("error: ledger.url: cannot make")
+    assert list(tmp_path.rglob("*.sqlite3*")) == []  # nothing half-written
 
 
 def test_record_submitted_and_states(ledger):
@@ -348,3 +415,73 @@ def test_postgresql_bulk_updates_and_reader(postgres_url):
         assert led.reclaim([by["j0"]], now=801.0) == []
     finally:
         led.close()
+
+
+# ---------------------------------------------------------------- submission tokens (issue 11, High 2)
+def test_claim_and_reclaim_store_the_visits_token_before_any_submission(ledger):
+    ws = works(3)
+    ledger.claim(ws, now=10.0, tokens={("LSSTCam", GROUP): "aaaa0000aaaa0000aaaa"})
+    rows = ledger.rows()
+    assert {r.submit_token for r in rows} == {"aaaa0000aaaa0000aaaa"} and all(r.unconfirmed for r in rows)
+    assert [r.id for r in ledger.unconfirmed()] == [r.id for r in rows]
+    won = ledger.reclaim(rows[:2], now=400.0, tokens={("LSSTCam", GROUP): "bbbb0000bbbb0000bbbb"})
+    assert [r.submit_token for r in ledger.rows()] == ["bbbb0000bbbb0000bbbb"] * 2 + ["aaaa0000aaaa0000aaaa"]
+    assert won == [rows[0].id, rows[1].id]
+    ledger.claim(works(1, group="g2", visit=7), now=10.0)  # no token (an older caller): never unconfirmed
+    assert not ledger.rows(group_id="g2")[0].unconfirmed and len(ledger.unconfirmed()) == 3
+
+
+def test_record_submitted_under_a_token_is_a_compare_and_set(ledger):
+    ws = works(3)
+    ledger.claim(ws, now=10.0, tokens={("LSSTCam", GROUP): "aaaa0000aaaa0000aaaa"})
+    jobs = [SubmittedJob(w, f"7_{w.detector}") for w in ws]
+    assert ledger.record_submitted(jobs, "fake", now=20.0, token="bbbb0000bbbb0000bbbb") == 0  # not its claim
+    assert ledger.record_submitted(jobs, "fake", now=20.0, token="aaaa0000aaaa0000aaaa") == 3
+    # a second recording of the same claim (the submitter and a reconciliation) counts once
+    assert ledger.record_submitted(jobs, "fake", now=30.0, token="aaaa0000aaaa0000aaaa") == 0
+    assert {(r.state, r.attempts, r.submitted_at) for r in ledger.rows()} == {("PENDING", 1, 20.0)}
+    assert ledger.unconfirmed() == []
+    # a refused submission keeps its token: the scheduler may have accepted it after all
+    ledger.claim(works(2, group="g2", visit=7), now=10.0, tokens={("LSSTCam", "g2"): "cccc0000cccc0000cccc"})
+    ledger.record_submit_failed(works(2, group="g2", visit=7), "sbatch timed out")
+    assert [(r.state, r.submit_token) for r in ledger.unconfirmed()] == [
+        ("SUBMIT_FAILED", "cccc0000cccc0000cccc")] * 2
+
+
+def test_mark_cancelled_never_relabels_a_finished_row(ledger):
+    ws = works(4)
+    ledger.claim(ws, now=10.0)
+    jobs = submit(ledger, ws)
+    ledger.update_states({"j0": JobStatus("j0", JobState.COMPLETED, 0),
+                          "j1": JobStatus("j1", JobState.FAILED, 4)}, "fake", now=20.0)
+    ids = [r.id for r in ledger.rows()]
+    assert ledger.mark_cancelled(ids, "first cancel", now=30.0) == ids[2:]
+    assert ledger.mark_cancelled(ids, "second cancel", now=40.0) == []
+    rows = ledger.rows()
+    assert [(r.state, r.retry, r.reason) for r in rows] == [
+        ("COMPLETED", True, ""), ("FAILED", True, ""), ("CANCELLED", False, "first cancel"),
+        ("CANCELLED", False, "first cancel")]
+    assert rows[2].finished_at == 30.0 and len(jobs) == 4 and ledger.mark_cancelled([], "x") == []
+
+
+def test_sqlite_ledger_file_is_not_world_readable(url, tmp_path):
+    import os
+    import stat
+
+    path = tmp_path / "sub" / "ledger.sqlite3"
+    old = os.umask(0o022)
+    try:
+        led = Ledger.open(url)
+        led.claim(works(1))
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+        for extra in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            if extra.exists():
+                assert stat.S_IMODE(extra.stat().st_mode) & 0o007 == 0
+        led.close()
+        path.chmod(0o666)  # a ledger made by an older version: tightened on the next open
+        led = Ledger.open(url, create=False)
+        led.rows()
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+        led.close()
+    finally:
+        os.umask(old)

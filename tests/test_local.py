@@ -181,7 +181,8 @@ def test_missing_command_fails_with_127_and_says_why(tmp_path, out):
     assert (status.state, status.exit_code) == (JobState.FAILED, 127)
     assert status.reason.startswith("cannot start: the job command was not found")
     assert str(tmp_path / "no-such-program") in status.reason
-    assert "cannot start" in (backend.state_dir / "jobs" / job / "out.log").read_text()
+    log = backend.state_dir / "jobs" / job / "out.log"
+    assert "cannot start" in log.read_text() and stat.S_IMODE(log.stat().st_mode) == 0o640
 
 
 def test_command_that_is_not_executable_fails_with_126_and_says_why(tmp_path, out):
@@ -225,3 +226,46 @@ def test_run_queue_returns_at_once_on_an_empty_queue(tmp_path):
     start = time.monotonic()
     run_queue(tmp_path, 2)
     assert time.monotonic() - start < 1.0
+
+
+# ---------------------------------------------------------------- submission tokens (issue 11)
+def test_find_submitted_by_token_and_a_job_never_queued_is_queued(tmp_path, out):
+    backend = make(tmp_path, out, max_workers=4)
+    token = "abcd0000abcd0000abcd"
+    since = time.time()
+    jobs = backend.submit(works_of(3), token=token)
+    other = backend.submit(works_of(2, group="2025-06-10T07:40:00.000"), token="ffff0000ffff0000ffff")
+    spec = json.loads((backend.state_dir / "jobs" / jobs[0].job_id / "job.json").read_text())
+    assert spec["token"] == token
+    assert backend.find_submitted(works_of(3), token, since) == jobs
+    assert backend.find_submitted(works_of(3)[1:], token, since) == jobs[1:]  # only the CCDs asked about
+    assert backend.find_submitted(works_of(3), "0000000000000000aaaa", since) == []
+    assert backend.find_submitted(works_of(3), token, time.time() + 60) == []  # older than the claim
+    assert [j.job_id for j in other] == ["local-4", "local-5"]
+    # killed after writing job.json, before queueing it: found, and queued now (it runs)
+    queued = backend.submit(works_of(1, group="2025-06-10T07:50:00.000"), token="eeee0000eeee0000eeee")
+    assert wait_for(lambda: all(s.state.finished for s in backend.status([j.job_id for j in jobs + other
+                                                                           + queued]).values()), 30)
+    lone = backend.state_dir / "jobs" / "local-7"
+    lone.mkdir()
+    spec = json.loads((backend.state_dir / "jobs" / "local-6" / "job.json").read_text())
+    (lone / "job.json").write_text(json.dumps({**spec, "token": "9999000099990000aaaa",
+                                               "submitted": time.time()}))
+    (backend.state_dir / "jobs" / "local-8").mkdir()  # killed before job.json: skipped
+    found = backend.find_submitted(works_of(1, group="2025-06-10T07:50:00.000"), "9999000099990000aaaa",
+                                   since)
+    assert [j.job_id for j in found] == ["local-7"]
+    assert wait_for(lambda: backend.status(["local-7"])["local-7"].state.finished, 30)
+    with pytest.raises(BadInputError, match="submission token"):
+        backend.find_submitted(works_of(1), "../../etc", since)
+
+
+def test_jobs_get_only_the_documented_environment(tmp_path, out, monkeypatch):
+    monkeypatch.setenv("APBATCH_KAFKA_PASSWORD", "hunter2-secret")  # in the daemon's environment
+    backend = make(tmp_path, out, command=["/bin/sh", "-c", 'env > "$APTEST_OUT/env.txt"', "j"])
+    jobs = backend.submit(works_of(1))
+    assert wait_finished(backend, [j.job_id for j in jobs])[jobs[0].job_id].state is JobState.COMPLETED
+    env = dict(line.split("=", 1) for line in (out / "env.txt").read_text().splitlines() if "=" in line)
+    assert "APBATCH_KAFKA_PASSWORD" not in env and "hunter2-secret" not in (out / "env.txt").read_text()
+    assert env["APTEST_OUT"] == str(out) and env["OMP_NUM_THREADS"] == "1"
+    assert env["PATH"] == os.environ["PATH"]

@@ -155,11 +155,11 @@ def test_reprocess_leaves_a_ccd_to_the_daemon_that_claimed_it_first(night):
     real_reclaim = n.ledger.reclaim
     daemon_won = []
 
-    def daemon_first(rows, now=None):
+    def daemon_first(rows, now=None, tokens=None):
         # the daemon's poll lands between reprocess reading the rows and claiming them
         n.ledger.reclaim = real_reclaim
         daemon_won.extend(w.detector_name for w in n.ledger.claim_retriable(3, now=LATER - 1))
-        return real_reclaim(rows, now=now)
+        return real_reclaim(rows, now=now, tokens=tokens)
 
     n.ledger.reclaim = daemon_first
     res = reprocess(n)

@@ -48,12 +48,40 @@ def site(tmp_path, monkeypatch):
     ({"--dec": None}, "--ra/--dec"),
     ({"--visit": "many"}, "--visit"),
     ({"--ra": "400"}, "--ra"),
+    ({"--nimages": "1000"}, "--nimages"),
+    ({"--nimages": "-1"}, "--nimages"),
 ])
 def test_bad_arguments_exit_2_with_one_line(site, capsys, over, field):
     code, err = _run(_args(site / "dist", **over), capsys)
     assert code == ExitCode.BAD_INPUT
     lines = [x for x in err.strip().splitlines() if x.strip()]
     assert field in lines[-1]
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+def test_nimages_one_rule_for_events_and_jobs(site, capsys, offset):
+    """An event the daemon accepts never becomes a job that process-ccd refuses, and vice versa."""
+    import copy
+    import json
+
+    from apbatch.errors import BadInputError
+    from apbatch.events import parse_event
+    from apbatch.work import MAX_NIMAGES
+
+    n = MAX_NIMAGES + offset
+    nv = json.loads((Path(__file__).parent / "data" / "events" / "nextVisit_LSSTComCam.json").read_text())
+    nv = copy.deepcopy(nv)
+    (nv["value"] if "value" in nv else nv)["nimages"] = n
+    try:
+        parse_event(nv)
+        event_ok = True
+    except BadInputError as exc:
+        event_ok, event_error = False, str(exc)
+    code, err = _run(_args(site / "dist", **{"--nimages": str(n)}), capsys)
+    job_ok = "--nimages" not in err  # accepted: fails later, on the missing repository
+    assert code == ExitCode.BAD_INPUT and event_ok == job_ok == (offset == 0)
+    if not event_ok:
+        assert event_error.startswith(f"event.nimages: {n} is out of range")
 
 
 def test_missing_repository_is_bad_input(site, capsys):

@@ -112,3 +112,18 @@ def test_resubmit_refuses_to_create_a_ledger(tmp_path):
     with pytest.raises(BadInputError, match="no ledger at"):
         resubmit_ccds(cfg, VISIT)
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_resubmit_of_a_claim_whose_submitter_died_after_the_scheduler_took_it_records_it(env):
+    """``apbatch resubmit`` of a stale CLAIMED row: the scheduler has its jobs (token) -> recorded."""
+    ledger, backend = env["ledger"], env["backend"]
+    row = next(r for r in ledger.rows() if r.detector_name == "R22_S01")  # FAILED 5
+    token = "abcd0000abcd0000abcd"
+    assert ledger.reclaim([row], now=1000.0, tokens={(row.instrument, row.group_id): token}) == [row.id]
+    backend.submit([row.work], token=token)  # accepted; the resubmitting process died before recording
+    n_batches = len(backend.batches)
+    res = resubmit_ccds(env["cfg"], VISIT, detectors=["R22_S01"], ledger=ledger, backend=backend, now=2000.0)
+    assert res["resubmitted"] == [] and res["taken"] == 0 and len(backend.batches) == n_batches
+    assert [i["job_id"] for i in res["recovered"]] == [backend.tokens[token][0].job_id]
+    after = next(r for r in ledger.rows() if r.detector_name == "R22_S01")
+    assert (after.state, after.attempts, after.job_id) == ("PENDING", 2, backend.tokens[token][0].job_id)

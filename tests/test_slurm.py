@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -54,14 +55,15 @@ def ok(stdout: str = "", rc: int = 0, stderr: str = "") -> CommandResult:
 # ---------------------------------------------------------------- golden script
 def test_render_golden_comcam(tmp_path):
     backend = make(tmp_path, time_limit="00:05:00", max_array_parallel=4, partition="ap", requeue=False)
-    script = backend.render(works_of("LSSTComCam", detectors={0, 1}))
+    script = backend.render(works_of("LSSTComCam", detectors={0, 1}), token="abcd0000abcd0000abcd")
     apbatch = resolve_command(["apbatch"])[0]  # this install's script, never the one on PATH
     args = ("--visit 2025061000578 --day-obs 20250610 --intent science --exposure-time 30.0 --nimages 2 "
             "--distributor http://127.0.0.1:8000 --ra 10.5 --dec -20.25 --rotation 45.0 --filter r_57")
     assert script == f"""#!/bin/bash
 #SBATCH --job-name=ap-LSSTComCam-2025061000578
 #SBATCH --array=0-1%4
-#SBATCH --comment="apbatch group=2025-06-10T07:31:26.692 visit=2025061000578 detectors=0-1 n=2"
+#SBATCH --comment="apbatch group=2025-06-10T07:31:26.692 visit=2025061000578 detectors=0-1 n=2 token=abcd0000abcd0000abcd"
+#SBATCH --export=PATH,HOME,LANG
 #SBATCH --time=00:05:00
 #SBATCH --no-requeue
 #SBATCH --output={tmp_path}/logs/slurm/%x_%A_%a.out
@@ -72,13 +74,15 @@ set -euo pipefail
 export OMP_NUM_THREADS=1
 export OPENBLAS_NUM_THREADS=1
 export MKL_NUM_THREADS=1
+umask 027
+chmod 0640 "{tmp_path}/logs/slurm/${{SLURM_JOB_NAME:-}}_${{SLURM_ARRAY_JOB_ID:-}}_${{SLURM_ARRAY_TASK_ID:-}}.out" 2>/dev/null || true
 case "${{SLURM_ARRAY_TASK_ID:?not a Slurm array task}}" in
   0) args=(--instrument LSSTComCam --detector 0 --group 2025-06-10T07:31:26.692 {args}) ;;
   1) args=(--instrument LSSTComCam --detector 1 --group 2025-06-10T07:31:26.692 {args}) ;;
   *) echo "apbatch: no CCD for array task $SLURM_ARRAY_TASK_ID" >&2; exit 2 ;;
 esac
 exec {apbatch} process-ccd --config {tmp_path}/config/20250610.yaml "${{args[@]}}"
-"""
+"""  # noqa: E501
 
 
 def test_render_full_lsstcam_is_one_array_of_189(tmp_path):
@@ -382,3 +386,102 @@ def test_real_slurm_job_that_cannot_start_says_why_and_jobs_get_the_resolved_con
     job_config = load_config(args[1], environ={})  # what process-ccd --config reads
     assert job_config.events.max_attempts == 7 and job_config.backend.kind == "slurm"
     assert job_config.root == str(tmp_path)
+
+
+# ---------------------------------------------------------------- issue 11: token, environment, file modes
+TOKEN = "abcd0000abcd0000abcd"
+
+
+def test_find_submitted_reads_the_token_from_squeue_then_sacct_then_jobcomp(tmp_path):
+    works = works_of("LSSTComCam", detectors={0, 4})
+    label = works[0].label
+    mine = f"apbatch group=g visit=1 detectors=0,4 n=2 token={TOKEN}"
+    other = "apbatch group=g visit=1 detectors=0 n=1 token=ffff0000ffff"
+    queue = ok(f"700_0|{mine}\n700_4|{mine}\n699_0|{other}\n")
+    runner = FakeRunner(squeue=queue)
+    backend = make(tmp_path, runner)
+    assert [j.job_id for j in backend.find_submitted(works, TOKEN, time.time())] == ["700_0", "700_4"]
+    assert runner.calls[0][0] == ["squeue", "-h", "-r", "-t", "all", "-n", label,
+                                  "-O", "JobArrayID:48|,Comment:400"]
+    # left the queue: sacct by name since the claim (the comment is stored: AccountingStoreFlags=job_comment)
+    runner = FakeRunner(squeue=ok(""), sacct=ok(f"701_0|{mine}\n701_4|{mine}\n"))
+    backend = make(tmp_path, runner)
+    assert [j.job_id for j in backend.find_submitted(works, TOKEN, time.time() - 5)] == ["701_0", "701_4"]
+    argv = runner.calls[1][0]
+    assert argv[:6] == ["sacct", "-n", "-P", "-X", "--name", label] and argv[-2:] == ["-o", "JobID,Comment"]
+    # nothing anywhere: [] (the caller resubmits); a squeue or sacct failure raises (it must not)
+    runner = FakeRunner(squeue=ok(""), sacct=ok(""))
+    assert make(tmp_path, runner).find_submitted(works, TOKEN, time.time()) == []
+    for runner in (FakeRunner(squeue=ok("", 1, "Unable to contact slurm controller")),
+                   FakeRunner(squeue=ok(""), sacct=ok("", 1, "sacct: error: Problem talking to the db"))):
+        with pytest.raises(SchedulerError):
+            make(tmp_path, runner).find_submitted(works, TOKEN, time.time())
+    with pytest.raises(BadInputError, match="submission token"):
+        make(tmp_path, FakeRunner()).find_submitted(works, "x; scancel -u root", time.time())
+
+
+def test_find_submitted_without_accounting_reads_the_jobcomp_log_by_name_time_and_ccds(tmp_path):
+    works = works_of("LSSTComCam", detectors={0, 4})
+    since = time.mktime((2026, 11, 26, 2, 30, 0, 0, 0, -1))
+
+    def rec(job, task, name, submit, end):
+        return (f"JobId={job + task} Name={name} JobState=COMPLETED SubmitTime={submit} EndTime={end} "
+                f"ArrayJobId={job} ArrayTaskId={task} ExitCode=0:0")
+
+    label = works[0].label
+    log = tmp_path / "jobcomp.txt"
+    log.write_text("\n".join([
+        rec(800, 0, label, "2026-11-26T02:20:00", "2026-11-26T02:20:05"),   # ended before the claim
+        rec(810, 0, label, "2026-11-26T02:29:00", "2026-11-26T02:30:05"),   # submitted before the claim
+        rec(820, 4, label, "2026-11-26T02:30:01", "2026-11-26T02:30:09"),   # ours
+        rec(830, 1, label, "2026-11-26T02:30:02", "2026-11-26T02:30:09"),   # another claim's CCD
+        rec(840, 0, "ap-LSSTComCam-1", "2026-11-26T02:30:02", "2026-11-26T02:30:09"),  # another visit
+    ]) + "\n")
+    runner = FakeRunner(squeue=ok(""), sacct=ok("", 1, "Slurm accounting storage is disabled\n"))
+    backend = make(tmp_path, runner, jobcomp_log=str(log))
+    assert [j.job_id for j in backend.find_submitted(works, TOKEN, since)] == ["820_0", "820_4"]
+    assert make(tmp_path, FakeRunner(squeue=ok(""), sacct=ok("", 1, "accounting storage is disabled")),
+                jobcomp_log=str(tmp_path / "none.txt")).find_submitted(works, TOKEN, since) == []
+
+
+@pytest.mark.slurm
+def test_real_slurm_jobs_get_only_the_documented_environment_and_private_logs(slurm_cluster, tmp_path,
+                                                                              monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setenv("APBATCH_KAFKA_PASSWORD", "hunter2-secret")  # in the daemon's environment
+    monkeypatch.setenv("SOME_OTHER_VAR", "leaks")
+    cfg = load_config(environ={}, overrides={
+        "root": str(tmp_path), "backend": {"kind": "slurm", "jobcomp_log": str(slurm_cluster.jobcomp_log),
+                                           "time_limit": "00:02:00", "mem": None},
+        "job": {"command": ["/bin/sh", "-c", 'env > "$APTEST_OUT/$SLURM_ARRAY_TASK_ID.env"; echo logged',
+                            "j"],
+                "env": {"APTEST_OUT": str(out), "OMP_NUM_THREADS": "1"}}})
+    backend = SlurmBackend(cfg)
+    since = time.time()
+    jobs = backend.submit(works_of("LSSTComCam", detectors={0, 1}), token=TOKEN)
+    found = backend.find_submitted(works_of("LSSTComCam", detectors={0, 1}), TOKEN, since)
+    assert [j.job_id for j in found] == [j.job_id for j in jobs]
+    states = wait_for(lambda: (s := backend.status([j.job_id for j in jobs])) and all(
+        v.state.finished for v in s.values()) and s, 60, 0.5)
+    assert states and {v.state for v in states.values()} == {JobState.COMPLETED}
+    env = dict(line.split("=", 1) for line in (out / "0.env").read_text().splitlines() if "=" in line)
+    assert "APBATCH_KAFKA_PASSWORD" not in env and "SOME_OTHER_VAR" not in env
+    assert "hunter2-secret" not in (out / "0.env").read_text()
+    assert env["APTEST_OUT"] == str(out) and env["OMP_NUM_THREADS"] == "1" and env["PATH"]
+    logs = sorted((tmp_path / "logs" / "slurm").glob("*.out"))
+    assert len(logs) == 2 and all(p.read_text() == "logged\n" for p in logs)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in logs} == {0o640}
+    assert stat.S_IMODE((tmp_path / "logs" / "slurm").stat().st_mode) == 0o750
+
+
+def test_find_submitted_two_arrays_under_one_token_is_reported_and_bad_names_refused(tmp_path, caplog):
+    works = works_of("LSSTComCam", detectors={0})
+    mine = f"apbatch n=1 token={TOKEN}"
+    runner = FakeRunner(squeue=ok(f"712_0|{mine}\n711_0|{mine}\n"))
+    with caplog.at_level(logging.ERROR):
+        found = make(tmp_path, runner).find_submitted(works, TOKEN, time.time())
+    assert [j.job_id for j in found] == ["711_0"] and "2 Slurm arrays carry submission token" in caplog.text
+    odd = [CcdWork("LSST Cam", 0, "R22_S00", GROUP, 1, 20250610, "science", 30.0, 2, "http://x")]
+    with pytest.raises(BadInputError, match="not a valid Slurm job name"):
+        make(tmp_path, FakeRunner()).find_submitted(odd, TOKEN, time.time())

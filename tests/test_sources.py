@@ -29,15 +29,63 @@ def drop(directory, name, text, mtime=None):
 
 
 # ---------------------------------------------------------------------------------- spool
+def values(records):
+    """Payloads of decoded records; the error's text (field: problem) for bad ones."""
+    return [rec.payload if rec.error is None else f"BAD {rec.error.field}: {rec.error.problem}"
+            for rec in records]
+
+
 def test_split_events_formats():
-    assert split_events(b'{"a": 1}', ".json") == [{"a": 1}]
-    assert split_events(b'[{"a": 1}, {"b": 2}]', ".json") == [{"a": 1}, {"b": 2}]
-    assert split_events(b'{"a": 1}\n\n{"b": 2}\n', ".jsonl") == [{"a": 1}, {"b": 2}]
-    assert split_events(b'{"a": 1}\n{"b": 2}\n', ".json") == [{"a": 1}, {"b": 2}]  # JSON lines in .json
-    assert split_events(b'{"a": 1}\n{"b": \n', ".jsonl") == [{"a": 1}, '{"b": ']
-    assert split_events(b'{"a": ', ".json") == ['{"a": ']
-    assert split_events(b"", ".json") == [""]
-    assert split_events(b"\xff\xfe", ".json") == [b"\xff\xfe"]
+    assert values(split_events(b'{"a": 1}', ".json")) == [{"a": 1}]
+    assert values(split_events(b'[{"a": 1}, {"b": 2}]', ".json")) == [{"a": 1}, {"b": 2}]
+    assert values(split_events(b'{"a": 1}\n\n{"b": 2}\n', ".jsonl")) == [{"a": 1}, {"b": 2}]
+    assert values(split_events(b'{"a": 1}\n{"b": 2}\n', ".json")) == [{"a": 1}, {"b": 2}]  # JSON lines
+    recs = split_events(b'{"a": 1}\n{"b": \n', ".jsonl")
+    assert recs[0].payload == {"a": 1} and recs[1].payload == '{"b": '
+    assert values(recs)[1].startswith("BAD event: malformed JSON")
+    (rec,) = split_events(b'{"a": ', ".json")
+    assert rec.payload == '{"a": ' and "malformed JSON" in str(rec.error)
+    (rec,) = split_events(b"", ".json")
+    assert rec.payload == "" and "malformed JSON" in str(rec.error)
+    (rec,) = split_events(b"\xff\xfe", ".json")
+    assert rec.payload == b"\xff\xfe" and "not UTF-8 text (invalid start byte at byte 0)" in str(rec.error)
+
+
+def test_split_events_one_record_per_malformed_document():
+    pretty = b'{\n  "kind": "nextVisit",\n  "groupId": "g"\n  "salIndex": 1\n}\n'  # missing comma
+    (rec,) = split_events(pretty, ".json")
+    assert rec.payload == pretty.decode() and "malformed JSON" in str(rec.error)
+    # in JSON lines, a run of bad lines is one record; the good lines around it stay events
+    recs = split_events(b'{"n": 1}\n' + pretty + b'{"n": 2}\n', ".jsonl")
+    assert [r.payload for r in recs if r.error is None] == [{"n": 1}, {"n": 2}]
+    (bad,) = [r for r in recs if r.error is not None]
+    assert bad.error.field == "event (lines 2-6)" and bad.payload == pretty.decode().rstrip("\n")
+    # JSON lines in a .json file only if every line is an event; else one record for the file
+    (rec,) = split_events(b'{"n": 1}\n{"n": \n', ".json")
+    assert rec.error is not None and rec.payload == '{"n": 1}\n{"n": \n'
+    (rec,) = split_events(b"1\n2\n", ".json")  # a text file of numbers is not two events
+    assert "malformed JSON" in str(rec.error)
+    (rec,) = split_events(b"1\n2\n", ".jsonl")
+    assert rec.payload == "1\n2" and str(rec.error) == ("event (lines 1-2): expected a JSON object per line "
+                                                        "(send one JSON object per line)")
+
+
+def test_split_events_limits():
+    assert "nested deeper than 32 levels" in str(split_events(b"[" * 50_000, ".json")[0].error)
+    assert "100000 bytes, over the limit of 65536" in str(split_events(b"[" * 100_000, ".json")[0].error)
+    assert "nested deeper than 32 levels" in str(split_events(b"[" * 40 + b"]" * 40, ".json")[0].error)
+    assert split_events(b"[" * 31 + b"]" * 31, ".json")[0].error is None
+    big = json.dumps({"x": "y" * 2000}).encode()
+    (rec,) = split_events(big, ".json", max_event_bytes=1024)
+    assert str(rec.error) == (f"event: {len(big)} bytes, over the limit of 1024 (send smaller events or "
+                              "raise source.max_event_bytes)") and len(rec.payload) == 1024
+    recs = split_events(b"[" + big + b', {"n": 1}]', ".json", max_event_bytes=1024)
+    assert recs[0].error is not None and recs[1] == ({"n": 1}, None)  # per event of a list
+    recs = split_events(big + b'\n{"n": 1}\n', ".jsonl", max_event_bytes=1024)
+    assert "over the limit" in str(recs[0].error) and recs[1].payload == {"n": 1}
+    # Python refuses to convert an integer of over 4300 digits: malformed, not a crash
+    (rec,) = split_events(b'{"salIndex": ' + b"1" * 5000 + b"}", ".json")
+    assert "malformed JSON" in str(rec.error)
 
 
 def test_spool_reads_oldest_first_and_moves_files(tmp_path):
@@ -97,6 +145,146 @@ def test_spool_max_batch(tmp_path):
     assert len(src.poll(0)) == 2 and len(src.poll(0)) == 1
 
 
+def test_spool_refuses_links_without_reading_the_target(tmp_path):
+    spool, outside = tmp_path / "incoming", tmp_path / "outside"
+    spool.mkdir()
+    outside.mkdir()
+    (outside / "event.json").write_text('{"n": 1}')
+    os.mkfifo(outside / "pipe")  # opening it to read would block the test: proof it is never opened
+    (spool / "event.json").symlink_to(outside / "event.json")
+    (spool / "passwd.json").symlink_to("/etc/passwd")
+    (spool / "pipe.jsonl").symlink_to(outside / "pipe")
+    (spool / "dangling.json").symlink_to(outside / "nothing")
+    src = SpoolSource(spool, settle_time=60)  # links are refused at once, stable or not
+    got = {e.origin: e for e in src.poll(0.0)}
+    assert sorted(got) == ["spool:dangling.json#0", "spool:event.json#0", "spool:passwd.json#0",
+                           "spool:pipe.jsonl#0"]
+    for ev in got.values():
+        assert ev.payload == "" and "is a symbolic link" in ev.error and "not followed" in ev.error
+    assert got["spool:passwd.json#0"].error.startswith("passwd.json: is a symbolic link (to '/etc/passwd')")
+    src.ack(list(got.values()), ok=False)
+    moved = spool / "failed" / "event.json"
+    assert moved.is_symlink() and os.readlink(moved) == str(outside / "event.json")  # the link, not the file
+    assert (outside / "event.json").read_text() == '{"n": 1}' and sorted(p.name for p in spool.iterdir()) == [
+        "failed"]
+
+
+def test_spool_refuses_special_files(tmp_path):
+    os.mkfifo(tmp_path / "fifo.json")
+    (tmp_path / "dir.json").mkdir()
+    src = SpoolSource(tmp_path, settle_time=60)
+    got = src.poll(0.0)
+    assert sorted(e.error for e in got) == [
+        "dir.json: is not a regular file (write regular files into the spool directory)",
+        "fifo.json: is not a regular file (write regular files into the spool directory)"]
+    src.ack(got, ok=False)
+    assert (tmp_path / "failed" / "dir.json").is_dir()
+
+
+def test_spool_link_swapped_in_after_listing_is_not_followed(tmp_path, monkeypatch):
+    (tmp_path / "a.json").write_text('{"n": 1}')
+    os.utime(tmp_path / "a.json", (1, 1))
+    src = SpoolSource(tmp_path, settle_time=0.0)
+    real_open = os.open
+
+    def swap_then_open(path, flags, *args):  # a producer replaces the file by a link in between
+        if str(path).endswith("a.json") and not os.path.islink(path):
+            os.remove(path)
+            os.symlink("/etc/passwd", path)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", swap_then_open)
+    (ev,) = src.poll(0.0)
+    assert ev.payload == "" and ev.error.startswith("a.json: is a symbolic link (to '/etc/passwd')")
+
+
+def test_spool_waits_for_a_file_written_in_place(tmp_path):
+    """A producer that writes the final name directly: nothing is read until the file is stable."""
+    event = json.dumps({"kind": "nextVisit", "groupId": "g", "pad": "x" * 1000})
+    src = SpoolSource(tmp_path, settle_time=0.8)
+    with open(tmp_path / "direct.json", "w") as fh:
+        fh.write(event[:500])
+        fh.flush()
+        assert src.poll(0.1) == []  # half an event: not complete, not stable
+        time.sleep(0.2)
+        fh.write(event[500:800])
+        fh.flush()
+        assert src.poll(0.3) == []  # changed 0.3 s ago: the clock restarted, not yet stable
+        fh.write(event[800:])
+    t0 = time.monotonic()
+    (ev,) = src.poll(1.0)  # one complete JSON document: read at once, no settle wait
+    assert ev.payload == json.loads(event) and ev.error is None and time.monotonic() - t0 < 0.3
+
+
+def test_spool_json_lines_and_broken_files_wait_for_settle_time(tmp_path):
+    src = SpoolSource(tmp_path, settle_time=0.3)
+    (tmp_path / "lines.jsonl").write_text('{"n": 1}\n')  # more lines may follow
+    (tmp_path / "broken.json").write_text('{"n": ')  # may still be being written
+    assert src.poll(0.0) == []
+    time.sleep(0.35)
+    got = {e.origin: e for e in src.poll(0.0)}
+    assert got["spool:lines.jsonl#0"].payload == {"n": 1}
+    assert "malformed JSON" in got["spool:broken.json#0"].error
+    (tmp_path / "old.jsonl").write_text('{"n": 2}\n')
+    os.utime(tmp_path / "old.jsonl", (time.time() - 1, time.time() - 1))  # untouched for longer
+    assert [e.payload for e in src.poll(0.0)] == [{"n": 2}]
+
+
+def test_spool_file_changed_between_stat_and_read_is_read_later(tmp_path, monkeypatch):
+    (tmp_path / "a.jsonl").write_text('{"n": 1}\n')
+    os.utime(tmp_path / "a.jsonl", (1, 1))
+    src = SpoolSource(tmp_path, settle_time=0.2)
+    real_open = os.open
+
+    def append_then_open(path, flags, *args):
+        if str(path).endswith("a.jsonl"):
+            with open(path, "a") as fh:
+                fh.write('{"n": 2}\n')
+            monkeypatch.setattr(os, "open", real_open)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", append_then_open)
+    assert src.poll(0.0) == []  # it changed under the reader: not stable after all
+    time.sleep(0.25)
+    assert [e.payload for e in src.poll(0.0)] == [{"n": 1}, {"n": 2}]
+
+
+def test_spool_oversized_file_not_read_whole(tmp_path):
+    (tmp_path / "big.jsonl").write_bytes(b'{"n": 1}\n' * 1000)
+    os.utime(tmp_path / "big.jsonl", (1, 1))
+    (ev,) = SpoolSource(tmp_path, max_file_bytes=4096).poll(0.0)
+    assert ev.error == ("big.jsonl: 9000 bytes, over the limit of 4096 (send smaller events or raise "
+                        "source.max_file_bytes)")
+    assert ev.payload == (b'{"n": 1}\n' * 1000)[:1024]
+
+
+def test_spool_unreadable_file(tmp_path, monkeypatch):
+    (tmp_path / "a.json").write_text("{}")
+    os.utime(tmp_path / "a.json", (1, 1))
+    real_open = os.open
+
+    def refuse(path, flags, *args):
+        if str(path).endswith("a.json"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refuse)
+    (ev,) = SpoolSource(tmp_path).poll(0.0)
+    assert ev.error == "a.json: cannot open: Permission denied (check its permissions)"
+
+
+def test_spool_odd_file_names_are_escaped_in_origins(tmp_path):
+    name = os.fsdecode(b"a\xff\nb.json")  # not UTF-8, and a newline: would forge a log line
+    (tmp_path / name).write_text('{"n": 1}')
+    os.symlink("/etc/passwd", tmp_path / os.fsdecode(b"l\xfe\x1b.json"))
+    src = SpoolSource(tmp_path)
+    got = sorted(src.poll(0.0), key=lambda e: e.origin)
+    assert [e.origin for e in got] == ["spool:a\\xff\\nb.json#0", "spool:l\\xfe\\x1b.json#0"]
+    assert got[0].payload == {"n": 1} and got[1].error.startswith("l\\xfe\\x1b.json: is a symbolic link")
+    src.ack(got)
+    assert (tmp_path / "done" / name).exists()  # moved under its real name
+
+
 # ---------------------------------------------------------------------------------- stdin
 def test_stdin_lines_and_eof():
     src = StdinSource(io.StringIO('{"n": 1}\n\n  \n{"n": 2}\nnot json\n'))
@@ -107,6 +295,51 @@ def test_stdin_lines_and_eof():
     assert [e.payload for e in got] == ['{"n": 1}', '{"n": 2}', "not json"]
     assert [e.origin for e in got] == ["stdin:1", "stdin:4", "stdin:5"]
     assert src.exhausted and src.poll(0.1) == []
+
+
+def read_all(src):
+    got = []
+    deadline = time.monotonic() + 5
+    while not src.exhausted and time.monotonic() < deadline:
+        got += src.poll(0.1)
+    assert src.exhausted
+    return got
+
+
+def test_stdin_reads_bytes_so_invalid_utf8_is_one_bad_line():
+    stream = io.TextIOWrapper(io.BytesIO(b'{"n": 1}\n{"s": "\xff\xfe"}\n{"n": 2}\n'), encoding="utf-8")
+    got = read_all(StdinSource(stream))
+    assert [e.payload for e in got] == [b'{"n": 1}', b'{"s": "\xff\xfe"}', b'{"n": 2}']  # decoded later
+
+
+def test_stdin_overlong_line_is_never_held_whole():
+    big = b'{"x": "' + b"y" * 5000 + b'"}'
+    got = read_all(StdinSource(io.BytesIO(big + b'\n{"n": 2}\n' + big), max_event_bytes=1024))
+    assert [e.origin for e in got] == ["stdin:1", "stdin:2", "stdin:3"]
+    assert got[0].error == got[2].error == (f"event: {len(big)} bytes, over the limit of 1024 (send smaller "
+                                            "events or raise source.max_event_bytes)")  # newline or not
+    assert got[0].payload == big[:1024] and got[1].payload == b'{"n": 2}' and got[1].error is None
+
+
+class BrokenStream:
+    """A text stream without ``.buffer`` whose second read fails (a terminal hung up, bad bytes)."""
+
+    def __init__(self, error):
+        self.lines, self.error = ['{"n": 1}\n'], error
+
+    def readline(self, size=-1):
+        if self.lines:
+            return self.lines.pop(0)
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [OSError(5, "Input/output error"),
+                                   UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")])
+def test_stdin_read_error_ends_input_with_one_bad_event(error):
+    got = read_all(StdinSource(BrokenStream(error)))
+    assert got[0].payload == '{"n": 1}' and got[0].error is None
+    assert got[1].origin == "stdin:2" and got[1].error.startswith("stdin: cannot read past line 1:")
+    assert len(got) == 2
 
 
 # ---------------------------------------------------------------------------------- kafka
@@ -263,6 +496,11 @@ def test_make_source(tmp_path):
     assert isinstance(make_source(cfg), SpoolSource)
     assert make_source(cfg).directory == tmp_path / "events" / "incoming"
     assert isinstance(make_source(cfg, "stdin", stream=io.StringIO("")), StdinSource)
+    limited = load_config(environ={}, overrides={"root": str(tmp_path), "source": {
+        "settle_time": 2.5, "max_event_bytes": 2000, "max_file_bytes": 3000}})
+    spool = make_source(limited)
+    assert (spool.settle_time, spool.max_event_bytes, spool.max_file_bytes) == (2.5, 2000, 3000)
+    assert make_source(limited, "stdin").max_event_bytes == 2000
     assert isinstance(make_source(cfg, "kafka", consumer=FakeConsumer([])), KafkaSource)
     with pytest.raises(BadInputError, match="source.kind"):
         make_source(cfg, "carrier-pigeon")

@@ -29,10 +29,10 @@ class RefusingBackend(FakeBackend):
         super().__init__()
         self.refuse = refuse
 
-    def submit(self, ws):
+    def submit(self, ws, token=None):
         if ws[0].group_id in self.refuse:
             self.fail_submits = 1
-        return super().submit(ws)
+        return super().submit(ws, token)
 
 
 @pytest.fixture
@@ -121,3 +121,111 @@ def test_two_concurrent_resubmitters_sqlite_exactly_one_wins(sqlite_url, tmp_pat
 @pytest.mark.postgres
 def test_two_concurrent_resubmitters_postgresql_exactly_one_wins(postgres_url, tmp_path):
     _two_resubmitters_race(postgres_url, tmp_path)
+
+
+# ---------------------------------------------------------------- crash between claim and record (issue 11)
+class Crash(BaseException):
+    """Stands for kill -9 at a fault point (nothing after it runs in this Submitter call)."""
+
+
+def crash_at(point: str):
+    def fault(where: str) -> None:
+        if where == point:
+            raise Crash(point)
+    return fault
+
+
+@pytest.mark.parametrize("point,accepted", [("claimed", False), ("submitted", True)])
+def test_a_claim_whose_submitter_died_is_reconciled_before_any_resubmission(sqlite_url, point, accepted):
+    ledger, backend = Ledger.open(sqlite_url), FakeBackend()
+    with pytest.raises(Crash):
+        Submitter(ledger, backend, clock=lambda: 100.0, fault=crash_at(point)).submit_new(works())
+    rows = ledger.rows()
+    assert {(r.state, r.attempts) for r in rows} == {(SubmissionState.CLAIMED, 0)}
+    token = rows[0].submit_token
+    assert token and all(r.unconfirmed and r.submit_token == token for r in rows)
+    assert (token in backend.tokens) is accepted  # the token went to the "scheduler" with the jobs
+    # the claim goes stale; the daemon's retry resubmits through Submitter.resubmit
+    stale = ledger.retriable(3, claim_timeout=300.0, now=500.0)
+    res = Submitter(ledger, backend, clock=lambda: 500.0).resubmit(stale)
+    assert backend.finds == [token]  # asked first
+    after = ledger.rows()
+    if accepted:  # recorded as submitted, not run again
+        assert len(backend.batches) == 1 and res.jobs == [] and len(res.recovered) == 4
+        assert [r.job_id for r in after] == [j.job_id for j in backend.tokens[token]]
+    else:  # nothing at the scheduler: submitted now, under a new token
+        assert len(backend.batches) == 1 and len(res.jobs) == 4 and res.recovered == []
+        assert {r.submit_token for r in after} != {token}
+    assert {(r.state, r.attempts) for r in after} == {(SubmissionState.PENDING, 1)}
+    assert ledger.unconfirmed() == []
+
+
+def test_daemon_start_reconciles_every_unconfirmed_claim_at_once(sqlite_url):
+    ledger, backend = Ledger.open(sqlite_url), FakeBackend()
+    with pytest.raises(Crash):
+        Submitter(ledger, backend, fault=crash_at("submitted")).submit_new(works(GROUPS[0]))
+    with pytest.raises(Crash):
+        Submitter(ledger, backend, fault=crash_at("claimed")).submit_new(works(GROUPS[1]))
+    recovered, held = Submitter(ledger, backend).reconcile()  # what Dispatcher.run does first
+    assert {j.work.group_id for j in recovered} == {GROUPS[0]} and len(held) == 4
+    states = {(r.group_id, str(r.state)) for r in ledger.rows()}
+    assert states == {(GROUPS[0], "PENDING"), (GROUPS[1], "CLAIMED")}  # the other waits for its timeout
+
+
+def test_a_scheduler_that_cannot_be_asked_holds_the_resubmission(sqlite_url, caplog):
+    ledger, backend = Ledger.open(sqlite_url), FakeBackend()
+    with pytest.raises(Crash):
+        Submitter(ledger, backend, clock=lambda: 100.0, fault=crash_at("submitted")).submit_new(works())
+    backend.find_error = RuntimeError("squeue: slurm_load_jobs error: Unable to contact slurm controller")
+    res = Submitter(ledger, backend, clock=lambda: 500.0).resubmit(ledger.retriable(3, now=500.0))
+    assert res.jobs == [] and res.claimed == [] and len(backend.batches) == 1
+    assert "cannot ask the scheduler" in caplog.text and "Unable to contact" in caplog.text
+    assert {str(r.state) for r in ledger.rows()} == {"CLAIMED"}
+    backend.find_error = None  # the next retry finds them
+    assert len(Submitter(ledger, backend, clock=lambda: 600.0).resubmit(
+        ledger.retriable(3, now=600.0)).recovered) == 4
+
+
+def test_a_refused_submission_that_the_scheduler_accepted_after_all_is_recorded(sqlite_url):
+    """sbatch timed out (SUBMIT_FAILED) after slurmctld had queued the array."""
+    ledger = Ledger.open(sqlite_url)
+
+    class LateAccept(FakeBackend):
+        def submit(self, ws, token=None):
+            super().submit(ws, token)
+            raise RuntimeError("sbatch timed out after 30 s")
+
+    backend = LateAccept()
+    Submitter(ledger, backend, clock=lambda: 100.0).submit_new(works())
+    assert {(str(r.state), r.attempts) for r in ledger.rows()} == {("SUBMIT_FAILED", 1)}
+    res = Submitter(ledger, backend, clock=lambda: 200.0).resubmit(ledger.rows())
+    assert len(res.recovered) == 4 and res.jobs == [] and len(backend.batches) == 1  # recorded, not rerun
+    assert {(str(r.state), r.attempts, r.reason) for r in ledger.rows()} == {("PENDING", 1, "")}
+
+
+def test_jobs_for_rows_cancelled_during_the_scheduler_call_are_cancelled(sqlite_url):
+    ledger, backend = Ledger.open(sqlite_url), FakeBackend()
+
+    def cancel_meanwhile(where: str) -> None:
+        if where == "submitted":  # `apbatch cancel` lands while sbatch runs
+            ledger.mark_cancelled([r.id for r in ledger.rows()[:2]], "cancelled by apbatch cancel")
+
+    res = Submitter(ledger, backend, fault=cancel_meanwhile).submit_new(works())
+    assert backend.cancelled == ["fake-1", "fake-2"]  # no job the ledger does not know keeps running
+    assert [j.job_id for j in res.jobs] == ["fake-3", "fake-4"]
+    assert [str(r.state) for r in ledger.rows()] == ["CANCELLED", "CANCELLED", "PENDING", "PENDING"]
+
+
+def test_an_orphan_that_cannot_be_cancelled_is_logged_and_not_returned(sqlite_url, caplog):
+    ledger, backend = Ledger.open(sqlite_url), FakeBackend()
+
+    def cancel_meanwhile(where: str) -> None:
+        if where == "submitted":
+            ledger.mark_cancelled([ledger.rows()[0].id], "cancelled by apbatch cancel")
+
+    def refuse(job_ids):
+        raise RuntimeError("scancel: error: Kill job error on job id fake-1")
+
+    backend.cancel = refuse
+    res = Submitter(ledger, backend, fault=cancel_meanwhile).submit_new(works(n=2))
+    assert [j.job_id for j in res.jobs] == ["fake-2"] and "could not cancel fake-1" in caplog.text

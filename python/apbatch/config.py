@@ -13,12 +13,13 @@ Every path that is not absolute is relative to ``root`` (default ``./apbatch-wor
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .config_sources import deep_merge, env_overrides, read_yaml
 from .errors import BadInputError
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "SlurmBackendConfig",
     "SourceConfig",
     "load_config",
+    "time_limit_seconds",
 ]
 
 
@@ -76,9 +78,45 @@ class HTCondorBackendConfig(_Model):
     collector: str | None = None
     request_memory: str = "4GB"
     request_cpus: int = Field(1, ge=1)
-    max_retries: int = Field(2, ge=0)
+    max_retries: int = Field(2, ge=0, description=(
+        "HTCondor reruns of a job killed by a signal (a lost node), like Slurm's --requeue; a job "
+        "that exits is never rerun by HTCondor: the daemon owns retries of exit codes 3 and 4"))
+    time_limit: str = Field("00:10:00", description="wall time ([[D-]HH:]MM:SS or minutes, as Slurm's "
+                            "--time): a job running longer is removed and reported TIMEOUT")
     extra_attributes: dict[str, str] = {}
     log_dir: str = "logs/htcondor"
+
+    @field_validator("time_limit")
+    @classmethod
+    def _time_limit(cls, value: str) -> str:
+        time_limit_seconds(value)
+        return value
+
+
+def time_limit_seconds(text: str) -> int:
+    """Seconds of a Slurm-style time limit: ``M``, ``MM:SS``, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``.
+
+    Raises
+    ------
+    ValueError
+        Raised if ``text`` is none of these, or not positive.
+    """
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if m is None:
+        raise ValueError(f"{text!r} is not a time limit (M, MM:SS, HH:MM:SS or D-HH:MM:SS)")
+    days, a, b, c = (int(x) if x is not None else None for x in m.groups())
+    assert a is not None
+    if days is not None:
+        seconds = days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+    elif c is not None:
+        seconds = a * 3600 + (b or 0) * 60 + c
+    elif b is not None:
+        seconds = a * 60 + b
+    else:
+        seconds = a * 60
+    if seconds <= 0:
+        raise ValueError(f"{text!r} is not a positive time limit")
+    return seconds
 
 
 BackendConfig = Annotated[
@@ -105,6 +143,13 @@ class SourceConfig(_Model):
         "lsst.sal.ATCamera.logevent_startIntegration",
     ]
     kafka_group_id: str = "apbatch-daemon"
+    settle_time: float = Field(
+        0.5, ge=0, description="seconds a spool file's size and mtime must stay unchanged before it is "
+                               "read (a .json file holding one complete JSON document is read at once)")
+    max_event_bytes: int = Field(65536, ge=1024,
+                                 description="largest event (a line, a message, a one-event file) accepted")
+    max_file_bytes: int = Field(16 * 1024 * 1024, ge=1024,
+                                description="largest spool or `apbatch submit` file accepted")
 
 
 class EventsConfig(_Model):
@@ -122,6 +167,38 @@ class EventsConfig(_Model):
     detectors: dict[str, list[int]] = Field(
         default_factory=dict, description="per instrument: only these detector ids (partial focal plane)")
     max_attempts: int = Field(3, ge=1, description="submissions per CCD, retries of exit codes 3/4 included")
+
+    @field_validator("detectors")
+    @classmethod
+    def _known_science_detectors(cls, value: dict[str, list[int]]) -> dict[str, list[int]]:
+        """Check each subset at start-up (not at the first event), keyed by the butler name.
+
+        Raises a `BadInputError` naming ``events.detectors.<instrument>`` (`load_config` passes
+        it on) if an instrument is unknown, a subset is empty, or a detector is unknown or not a
+        science CCD.
+        """
+        if not value:
+            return value
+        from .instruments import get_instrument  # numpy and astropy: only when a subset is configured
+
+        out: dict[str, list[int]] = {}
+        for name, ids in value.items():
+            try:
+                inst = get_instrument(name)
+            except BadInputError as exc:
+                raise BadInputError(f"events.detectors.{name}", exc.problem, exc.fix) from None
+            field = f"events.detectors.{inst.name}"
+            if inst.name in out:
+                raise BadInputError(field, f"given twice (as {name!r})", "list each instrument once")
+            if not ids:
+                raise BadInputError(field, "is empty: no CCD would ever be processed",
+                                    "list at least one detector id, or remove the entry")
+            for det in (inst.detector(i, field=field) for i in ids):
+                if not det.is_science:
+                    raise BadInputError(field, f"{det.name} ({det.id}) is a {det.purpose.lower()} CCD",
+                                        "AP jobs run on science CCDs only")
+            out[inst.name] = list(ids)
+        return out
 
 
 class KafkaConfig(_Model):
@@ -202,34 +279,38 @@ class ApbatchConfig(_Model):
         return url
 
 
-def _deep_merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+_BACKENDS = {cls.model_fields["kind"].default: cls
+             for cls in (LocalBackendConfig, SlurmBackendConfig, HTCondorBackendConfig)}
 
 
-def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
-    """``APBATCH_SECTION__FIELD=value`` -> ``{"section": {"field": value}}`` (YAML-parsed values)."""
-    out: dict[str, Any] = {}
-    for key, raw in environ.items():
-        if not key.startswith("APBATCH_") or key == "APBATCH_CONFIG":
+def _check_backend_fields(data: dict[str, Any], env: dict[str, Any]) -> None:
+    """Give the backend section its configured ``kind``, and refuse a field that kind lacks.
+
+    ``APBATCH_BACKEND__TIME_LIMIT`` alone (or a file's backend section without ``kind``)
+    applies to the backend the files configure, or to the default, ``local``; if that backend
+    has no such field, one line names the variable (or ``config backend.<field>``) and the
+    kinds that have it, instead of pydantic's complaint about the discriminator.
+    """
+    backend = data.get("backend")
+    if not isinstance(backend, dict):
+        return
+    data["backend"] = backend = dict(backend)
+    kind = backend.setdefault("kind", LocalBackendConfig.model_fields["kind"].default)
+    cls = _BACKENDS.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        return  # pydantic's error names backend.kind
+    env_backend = env.get("backend")
+    from_env: dict[str, Any] = env_backend if isinstance(env_backend, dict) else {}
+    for name in backend:
+        if name in cls.model_fields:
             continue
-        parts = key[len("APBATCH_"):].lower().split("__")
-        if len(parts) == 1 and parts[0] != "root":
-            continue  # not a config field (e.g. a secret like APBATCH_KAFKA_PASSWORD)
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
-        node = out
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return out
+        owners = [k for k, c in _BACKENDS.items() if name in c.model_fields]
+        field, set_kind = ((f"APBATCH_BACKEND__{name.upper()}", "APBATCH_BACKEND__KIND") if name in from_env
+                           else (f"config backend.{name}", "backend.kind"))
+        fix = (f"set {set_kind} to {owners[0]}" if len(owners) == 1
+               else f"set {set_kind} to one of {', '.join(owners)}" if owners
+               else f"{kind} backend fields: {', '.join(cls.model_fields)}")
+        raise BadInputError(field, f"the configured backend is {kind!r}, which has no {name!r}", fix)
 
 
 def load_config(paths: list[str | Path] | str | Path | None = None, overrides: dict[str, Any] | None = None,
@@ -248,7 +329,10 @@ def load_config(paths: list[str | Path] | str | Path | None = None, overrides: d
     Raises
     ------
     BadInputError
-        Raised if a file cannot be read or a value is invalid; names the field.
+        Raised, as one line naming the field (``--config``, ``config <section>.<field>`` or
+        the ``APBATCH_*`` variable) and the fix, if a file cannot be read as UTF-8 YAML
+        holding a mapping, or a value is invalid (a backend variable the configured
+        ``backend.kind`` lacks, an unknown detector in ``events.detectors``...).
     """
     environ = dict(os.environ if environ is None else environ)
     if paths is None:
@@ -257,21 +341,19 @@ def load_config(paths: list[str | Path] | str | Path | None = None, overrides: d
         paths = [paths]
     data: dict[str, Any] = {}
     for p in paths:
-        try:
-            loaded = yaml.safe_load(Path(p).read_text()) or {}
-        except FileNotFoundError:
-            raise BadInputError("--config", f"no such file {str(p)!r}", "check the path") from None
-        except yaml.YAMLError as exc:
-            raise BadInputError("--config", f"{p} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(loaded, dict):
-            raise BadInputError("--config", f"{p} must hold a mapping of sections")
-        data = _deep_merge(data, loaded)
-    data = _deep_merge(data, _env_overrides(environ))
-    data = _deep_merge(data, overrides or {})
+        data = deep_merge(data, read_yaml(p))
+    env = env_overrides(environ)
+    data = deep_merge(data, env)
+    data = deep_merge(data, overrides or {})
+    _check_backend_fields(data, env)
     try:
         return ApbatchConfig.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
+        cause = err.get("ctx", {}).get("error")
+        if isinstance(cause, BadInputError):  # a validator's own one-line error (events.detectors)
+            raise BadInputError(f"config {cause.field}", cause.problem, cause.fix) from None
         field = ".".join(str(x) for x in err["loc"])
-        raise BadInputError(f"config {field}", err["msg"],
+        msg = str(cause) if err["type"] == "value_error" and cause is not None else err["msg"]
+        raise BadInputError(f"config {field}", " ".join(msg.split()),
                             "fix the YAML file or APBATCH_* variable") from None

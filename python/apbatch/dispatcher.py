@@ -16,7 +16,12 @@ startIntegration. A nextVisitCanceled cancels the group's jobs that have not sta
 stops retries of the others (a running job may already have images to process).
 
 A `Dispatcher` is used from one thread; :meth:`Dispatcher.run` stops on its ``stop_event``
-(set by SIGTERM/SIGINT in ``apbatch daemon``), after finishing the event at hand.
+(set by SIGTERM/SIGINT in ``apbatch daemon``), after finishing the event at hand. Intake never
+waits on a poll: in :meth:`Dispatcher.run` the slow part of a poll -- asking the scheduler for
+the states of every unfinished job and storing them -- runs in a background thread (the
+`Ledger` is thread-safe: its own connection), while claims, submissions and resubmissions
+stay in the loop's thread; a backend whose status query cannot run next to a submission
+(``Backend.concurrent_status`` false: HTCondor's schedd client) is polled in the loop as before.
 """
 
 from __future__ import annotations
@@ -39,8 +44,7 @@ from .fanout import fan_out
 from .ledger import NOT_STARTED, Ledger
 from .sources.base import EventSource, RawEvent
 from .states import SubmittedJob
-from .submission import Submission
-from .submitter import Submitter
+from .submitter import NOT_STARTED_JOBS, Submitter, cancel_rows
 from .work import CcdWork
 
 __all__ = ["Dispatcher", "Outcome", "cancel_rows"]
@@ -61,28 +65,6 @@ class Outcome:
     reason: str = ""
     jobs: list[SubmittedJob] = dataclasses.field(default_factory=list)
     event: Event | None = None
-
-
-def cancel_rows(ledger: Ledger, backend: Backend, rows: Sequence[Submission],
-                reason: str) -> list[Submission]:
-    """Cancel the jobs of ledger rows (those with a job id at this backend) and mark them CANCELLED.
-
-    Raises
-    ------
-    SchedulerError
-        Raised if the scheduler refuses; the ledger is then left unchanged.
-    """
-    kind = backend.kind or type(backend).__name__
-    ids = [r.job_id for r in rows if r.job_id and r.backend == kind]
-    other = [r for r in rows if r.job_id and r.backend != kind]
-    for r in other:
-        _log.warning("job %s of %s was submitted with backend %r, not %r: not cancelled there",
-                     r.job_id, r.detector_name, r.backend, kind)
-    if ids:
-        backend.cancel(ids)
-    done = [r for r in rows if r not in other]
-    ledger.mark_cancelled([r.id for r in done], reason)
-    return done
 
 
 class Dispatcher:
@@ -130,14 +112,30 @@ class Dispatcher:
 
     # ----------------------------------------------------------------- one event
     def handle_raw(self, raw: RawEvent) -> Outcome:
-        """Parse and handle one raw event; a bad one is dead-lettered, never raised."""
+        """Decode, parse and handle one raw event; a bad one is dead-lettered, never raised.
+
+        Text and bytes are decoded by `apbatch.sources.base.decode_json` (the limits of every
+        intake: ``source.max_event_bytes``, nesting depth, UTF-8); an event the source already
+        found bad (``raw.error``) is dead-lettered as it is.
+        """
+        from .sources.base import decode_json
+
         received = self.clock()
-        try:
-            event = parse_event(raw.payload, topic=raw.topic)
-        except BadInputError as exc:
-            self.dead_letter(raw.payload, str(exc), raw.origin, received)
-            return Outcome("bad", str(exc))
-        return self.handle(event, raw.payload, raw.origin, received)
+        payload, error = raw.payload, raw.error
+        if error is None and isinstance(payload, str | bytes | bytearray):
+            payload, bad = decode_json(payload, self.config.source.max_event_bytes)
+            error = None if bad is None else str(bad)
+        if error is None:
+            try:
+                event = parse_event(payload, topic=raw.topic)
+            except BadInputError as exc:
+                error = str(exc)
+            except (ValueError, TypeError, RecursionError) as exc:  # a value no validator foresaw
+                error = str(BadInputError("event", f"cannot be read: {type(exc).__name__}: {exc}"))
+        if error is not None:
+            self.dead_letter(payload, error, raw.origin, received)
+            return Outcome("bad", error)
+        return self.handle(event, payload, raw.origin, received)
 
     def handle(self, event: Event, payload: Any = None, origin: str = "",
                received_at: float | None = None) -> Outcome:
@@ -214,24 +212,34 @@ class Dispatcher:
         rows = self.ledger.rows(instrument=instrument or None, group_id=group_id, states=NOT_STARTED)
         self.ledger.disable_retry(group_id, instrument or None)
         try:
-            return len(cancel_rows(self.ledger, self.backend, rows, reason))
+            return len(cancel_rows(self.ledger, self.backend, rows, reason, only=NOT_STARTED_JOBS))
         except Exception as exc:
             _log.error("could not cancel jobs of group %s: %s", group_id, exc)
             return 0
 
     def dead_letter(self, payload: Any, error: str, origin: str, received_at: float) -> None:
-        """Record a bad event in the ledger and append it to the dead-letter file."""
+        """Record a bad event in the ledger and append it to the dead-letter file (mode 0600).
+
+        The error is kept as one line; the payload as text, undecodable bytes escaped and cut
+        at ``source.max_event_bytes`` characters (`apbatch.sources.base.payload_text`).
+        """
+        from .sources.base import payload_text
+
+        error = " ".join(error.split())
         _log.warning("bad event from %s: %s", origin or "?", error)
+        text = payload_text(payload, self.config.source.max_event_bytes)
         try:
-            self.ledger.record_dead_letter(payload, error, origin, received_at)
+            self.ledger.record_dead_letter(text, error, origin, received_at)
         except Exception as exc:
             _log.error("could not store dead letter in the ledger: %s", exc)
-        if isinstance(payload, bytes | bytearray):
-            payload = payload.decode("utf-8", errors="replace")
-        line = json.dumps({"received_at": received_at, "origin": origin, "error": error, "payload": payload},
+        cut = len(text) > self.config.source.max_event_bytes
+        kept = payload if isinstance(payload, dict | list) and not cut else text  # JSON stays JSON
+        line = json.dumps({"received_at": received_at, "origin": origin, "error": error, "payload": kept},
                           default=str)
         try:
             self.dead_letter_path.parent.mkdir(parents=True, exist_ok=True)
+            self.dead_letter_path.touch(mode=0o600, exist_ok=True)  # event payloads: owner only
+            self.dead_letter_path.chmod(0o600)
             with open(self.dead_letter_path, "a", encoding="utf-8") as fh:
                 fh.write(line + "\n")
         except OSError as exc:
@@ -240,6 +248,13 @@ class Dispatcher:
     # ----------------------------------------------------------------- polling
     def poll_jobs(self) -> dict[str, int]:
         """Store the scheduler's view of unfinished jobs, then resubmit retriable failures."""
+        counts = self.refresh_states()
+        retried = self.retry_failed()
+        return {**counts, "resubmitted": len(retried)}
+
+    def refresh_states(self) -> dict[str, int]:
+        """Store the scheduler's view of unfinished jobs (the slow part of a poll; it submits
+        nothing, so :meth:`run` does it in a background thread)."""
         ids = self.ledger.unfinished_job_ids(self.kind)
         updated = 0
         for i in range(0, len(ids), 500):
@@ -250,8 +265,17 @@ class Dispatcher:
                 _log.warning("status query of %d job(s) failed: %s", len(chunk), exc)
                 continue
             updated += self.ledger.update_states(statuses, self.kind, now=self.clock())
-        retried = self.retry_failed()
-        return {"polled": len(ids), "updated": updated, "resubmitted": len(retried)}
+        return {"polled": len(ids), "updated": updated}
+
+    def _poll_in_background(self, stop: threading.Event, refreshed: threading.Event) -> None:
+        """Every ``status_interval`` s until ``stop``: :meth:`refresh_states`, then set ``refreshed``
+        (the loop then resubmits what failed retriably)."""
+        while not stop.wait(self.status_interval):
+            try:
+                self.refresh_states()
+            except Exception:
+                _log.exception("polling job states failed")
+            refreshed.set()
 
     def retry_failed(self) -> list[SubmittedJob]:
         """Resubmit CCDs that failed retriably (or were never submitted), up to ``max_attempts``."""
@@ -267,14 +291,30 @@ class Dispatcher:
         """Handle events until stopped; returns the count of each outcome.
 
         Stops when ``stop_event`` is set, after ``max_events`` events or ``max_seconds``
-        seconds, or when the source is exhausted (end of stdin). Polls the scheduler every
-        ``status_interval`` seconds and once more before returning.
+        seconds, or when the source is exhausted (end of stdin). First reconciles the claims
+        that a stopped process left unconfirmed (`Submitter.reconcile`: jobs the scheduler
+        accepted are recorded, never submitted again); polls the scheduler every
+        ``status_interval`` seconds (in a background thread, see the module docstring) and once
+        more before returning.
         """
         if self.source is None:
             raise BadInputError("source", "the dispatcher has no event source")
+        try:
+            recovered, _ = self.submitter.reconcile()
+            if recovered:
+                _log.warning("start-up: %d job(s) of unconfirmed claims found at the scheduler and recorded",
+                             len(recovered))
+        except Exception:  # the ledger or scheduler is down: retries reconcile their rows again
+            _log.exception("start-up reconciliation of unconfirmed claims failed")
         stop_event = stop_event or threading.Event()
         counts: collections.Counter[str] = collections.Counter()
         start = last_poll = time.monotonic()
+        background = bool(getattr(self.backend, "concurrent_status", True))
+        stop_poller, refreshed = threading.Event(), threading.Event()
+        poller = threading.Thread(target=self._poll_in_background, args=(stop_poller, refreshed),
+                                  name="apbatch-poll", daemon=True)
+        if background:
+            poller.start()
         interval = self.config.source.poll_interval
         handled = 0
 
@@ -297,11 +337,23 @@ class Dispatcher:
                 handled += 1
                 if done():
                     break
-            if time.monotonic() - last_poll >= self.status_interval:
+            if background and refreshed.is_set():  # states are fresh: resubmit from this thread
+                refreshed.clear()
+                self._safe_retry()
+            elif not background and time.monotonic() - last_poll >= self.status_interval:
                 self._safe_poll()
                 last_poll = time.monotonic()
+        if background:
+            stop_poller.set()
+            poller.join()
         self._safe_poll()
         return dict(counts)
+
+    def _safe_retry(self) -> None:
+        try:
+            self.retry_failed()
+        except Exception:
+            _log.exception("resubmitting failed jobs failed")
 
     def _safe_poll(self) -> None:
         try:

@@ -18,6 +18,12 @@ envelope holding them under ``"value"``, with the kind given by ``"kind"`` (``ne
 fields present. The camera of a startIntegration comes from ``"instrument"``, else from the
 topic's component, else from ``imageSource`` (``MC``/``CC``/``AT``).
 
+Beyond types, an event is refused (never submitted) if it would only fail later: a ``groupId``
+that is not the one spelling of its visit's group (`apbatch.ids.check_group_id`: the ledger
+keys submissions on it), ``nimages``/``imagesInSequence`` beyond what a job waits for
+(`apbatch.work.check_nimages`, the rule ``process-ccd`` applies too), a time past 2100
+(`apbatch.event_fields.MAX_TAI`), a science image with no exposure time.
+
 :func:`rejection_reason` is the pure accept/reject policy, as Rubin's fan-out applies it.
 """
 
@@ -31,9 +37,11 @@ import re
 from typing import Any, ClassVar
 
 from .errors import BadInputError
-from .event_fields import Fields
-from .instruments import instrument_names, normalize_instrument
+from .event_fields import Fields, instrument_of_start, kind_of, known_or_verbatim, split_key_values
+from .ids import check_group_id
+from .instruments import instrument_names
 from .timeutil import TAI_MINUS_UTC, tai_datetime
+from .work import check_nimages
 
 __all__ = [
     "CALIBRATION_INTENTS",
@@ -51,20 +59,10 @@ __all__ = [
     "tai_datetime",
 ]
 
-# TAI - UTC in seconds since 2017-01-01 (no leap second announced since).
-
 CALIBRATION_INTENTS = frozenset({"bias", "dark", "flat", "cbp"})
 # imageType (IMGTYPE) -> intent; anything else is its lower-case self ("cwfs", "acq", "unknown"...).
 _INTENTS = {"OBJECT": "science", "SKYEXP": "science", "ENGTEST": "science", "BIAS": "bias",
             "DARK": "dark", "FLAT": "flat", "CBP": "cbp"}
-_CAMERAS = {"MTCamera": "LSSTCam", "CCCamera": "LSSTComCam", "ATCamera": "LATISS"}
-_CAMCODES = {"MC": "LSSTCam", "CC": "LSSTComCam", "AT": "LATISS"}
-_KINDS = {"logevent_nextVisit": "nextVisit", "logevent_nextVisitCanceled": "nextVisitCanceled",
-          "logevent_startIntegration": "startIntegration"}
-# Pieces of an ISO time that a ':'-split cut apart: "2025-06-10T07", "31", "26.692#1".
-_ISO_HEAD = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}$")
-_ISO_MIN = re.compile(r"^\d{2}$")
-_ISO_SEC = re.compile(r"^\d{2}(\.\d+)?([#+]\d{1,4})?$")
 
 
 class CoordSys(enum.IntEnum):
@@ -193,86 +191,6 @@ def intent_of(image_type: str | None) -> str:
 
 
 # ------------------------------------------------------------------------------------- parsing
-def _split_key_values(keys: str, values: str) -> tuple[tuple[str, str], ...]:
-    """Pair ``additionalKeys`` with ``additionalValues`` (both ':'-separated).
-
-    ``\\:`` is read as a literal colon (assumed: ts_xml cites CAP-572 but does not spell it
-    out). An unescaped ISO time such as ``2025-06-10T07:31:26.692`` in the values is put back
-    together when the split would otherwise leave more values than keys: group ids are ISO
-    times and are sent that way.
-    """
-    def split(text: str) -> list[str]:
-        return [part.replace("\\:", ":") for part in re.split(r"(?<!\\):", text)]
-
-    key_list = [k.strip() for k in split(keys)] if keys.strip() else []
-    raw = split(values) if values.strip() or key_list else []
-    if len(raw) > len(key_list):
-        merged: list[str] = []
-        i = 0
-        while i < len(raw):
-            if (i + 2 < len(raw) and _ISO_HEAD.match(raw[i]) and _ISO_MIN.match(raw[i + 1])
-                    and _ISO_SEC.match(raw[i + 2])):
-                merged.append(":".join(raw[i:i + 3]))
-                i += 3
-            else:
-                merged.append(raw[i])
-                i += 1
-        raw = merged
-    if len(raw) != len(key_list):
-        raise BadInputError("event.additionalValues", f"{len(raw)} values for {len(key_list)} keys",
-                            "additionalKeys and additionalValues must be ':'-separated lists of equal length")
-    return tuple(zip(key_list, (v.strip() for v in raw), strict=True))
-
-
-def _instrument_of_start(data: dict, topic: str | None) -> str:
-    """Camera of a startIntegration: explicit field, else topic component, else imageSource."""
-    name = data.get("instrument")
-    if name is not None:
-        if not isinstance(name, str):
-            raise BadInputError("event.instrument", f"expected a string, got {name!r}")
-        return _known_or_verbatim(name)
-    if topic:
-        parts = topic.split(".")
-        if len(parts) >= 3:
-            if parts[-2] in _CAMERAS:
-                return _CAMERAS[parts[-2]]
-            return parts[-2]  # an unknown camera: the policy rejects it with a reason
-    source = data.get("imageSource")
-    if isinstance(source, str) and source in _CAMCODES:
-        return _CAMCODES[source]
-    raise BadInputError("event.instrument", "cannot tell which camera sent this startIntegration",
-                        "give \"instrument\" or the Kafka \"topic\" in the event envelope")
-
-
-def _known_or_verbatim(name: str) -> str:
-    try:
-        return normalize_instrument(name)
-    except BadInputError:
-        return name.strip()
-
-
-def _kind_of(data: dict, topic: str | None) -> str:
-    kind = data.get("kind")
-    if kind is not None:
-        if kind not in _KINDS.values():
-            raise BadInputError("event.kind", f"unknown kind {kind!r}",
-                                f"use one of {', '.join(_KINDS.values())}")
-        return kind
-    if topic:
-        for suffix, name in _KINDS.items():
-            if topic.endswith("." + suffix):
-                return name
-        raise BadInputError("event.topic", f"{topic!r} is not an event apbatch handles",
-                            "expected a ScriptQueue nextVisit(Canceled) or a camera startIntegration topic")
-    if "imageName" in data:
-        return "startIntegration"
-    if "position" in data or "coordinateSystem" in data:
-        return "nextVisit"
-    if "groupId" in data:
-        return "nextVisitCanceled"
-    raise BadInputError("event", "cannot tell the kind of event", "add \"kind\" or \"topic\" to the envelope")
-
-
 def parse_event(obj: Any, topic: str | None = None) -> Event:
     """Validate and convert one event.
 
@@ -297,7 +215,9 @@ def parse_event(obj: Any, topic: str | None = None) -> Event:
     if isinstance(obj, str):
         try:
             obj = json.loads(obj)
-        except json.JSONDecodeError as exc:
+        except RecursionError:
+            raise BadInputError("event", "JSON nested too deeply", "send one flat JSON object") from None
+        except ValueError as exc:  # JSONDecodeError, or an integer of more than 4300 digits
             raise BadInputError("event", f"malformed JSON: {exc}", "send one JSON object per event") from None
     if not isinstance(obj, dict):
         raise BadInputError("event", f"expected a JSON object, got {type(obj).__name__}")
@@ -307,44 +227,63 @@ def parse_event(obj: Any, topic: str | None = None) -> Event:
         raise BadInputError("event.topic", f"expected a string, got {topic!r}")
     if isinstance(obj.get("value"), dict):
         data = {**obj["value"], **{k: v for k, v in obj.items() if k in ("kind", "instrument")}}
-    kind = _kind_of(data, topic)
+    kind = kind_of(data, topic)
     f = Fields(data)
-    snd = f.get("private_sndStamp", float, None, lo=0.0)
+    snd = f.tai("private_sndStamp", None)
     if kind == "nextVisitCanceled":
-        return NextVisitCanceled(salIndex=f.get("salIndex", int, 0), scriptSalIndex=f.get("scriptSalIndex",
-                                                                                          int, 0),
-                                 groupId=f.get("groupId", str, nonblank=True), private_sndStamp=snd,
-                                 instrument=_known_or_verbatim(f.get("instrument", str, "")))
+        return NextVisitCanceled(
+            salIndex=f.get("salIndex", int, 0), scriptSalIndex=f.get("scriptSalIndex", int, 0),
+            groupId=_group(f.get("groupId", str, nonblank=True), time_required=True),
+            private_sndStamp=snd, instrument=known_or_verbatim(f.get("instrument", str, "")),
+        )
     if kind == "nextVisit":
         return NextVisit(
             salIndex=f.get("salIndex", int, lo=0), scriptSalIndex=f.get("scriptSalIndex", int),
-            groupId=f.get("groupId", str, nonblank=True),
+            groupId=_group(f.get("groupId", str, nonblank=True), time_required=True),
             coordinateSystem=f.enum("coordinateSystem", CoordSys), position=f.position(),
-            startTime=f.get("startTime", float, lo=0.0), rotationSystem=f.enum("rotationSystem", RotSys),
+            startTime=f.tai("startTime"), rotationSystem=f.enum("rotationSystem", RotSys),
             cameraAngle=f.get("cameraAngle", float), filters=f.get("filters", str),
             dome=f.enum("dome", Dome), duration=f.get("duration", float, lo=0.0),
-            nimages=f.get("nimages", int, lo=0), instrument=_known_or_verbatim(f.get("instrument", str)),
+            nimages=check_nimages(f.get("nimages", int), "event.nimages"),
+            instrument=known_or_verbatim(f.get("instrument", str)),
             survey=f.get("survey", str), totalCheckpoints=f.get("totalCheckpoints", int, lo=0),
             private_sndStamp=snd,
         )
+    return _start_integration(f, data, topic, snd)
+
+
+def _group(group_id: str, time_required: bool) -> str:
+    return check_group_id(group_id, "event.groupId", time_required=time_required)
+
+
+def _start_integration(f: Fields, data: dict, topic: str | None, snd: float | None) -> StartIntegration:
     keys, values = f.get("additionalKeys", str, ""), f.get("additionalValues", str, "")
-    pairs = _split_key_values(keys, values)
+    pairs = split_key_values(keys, values)
     extra = dict(pairs)
     image_date = f.get("imageDate", str)
-    if not re.fullmatch(r"\d{8}", image_date):
+    if not re.fullmatch(r"\d{8}", image_date, re.ASCII):
         raise BadInputError("event.imageDate", f"{image_date!r} is not YYYYMMDD")
+    image_type = extra.get("imageType") or None
+    science = intent_of(image_type) == "science"
     group = extra.get("groupId") or None
+    if group is not None:
+        group = _group(group, time_required=science)  # a science image's visit id is its group's time
+    sequence = check_nimages(f.get("imagesInSequence", int), "event.imagesInSequence", lo=1)
+    index = f.get("imageIndex", int, lo=1, hi=sequence)
+    exposure = f.get("exposureTime", float, lo=0.0)
+    if science and exposure <= 0.0:
+        raise BadInputError("event.exposureTime", f"{exposure:g} s for a science image",
+                            "a science image has a positive exposure time")
     return StartIntegration(
-        instrument=_instrument_of_start(data, topic),
-        imageName=f.get("imageName", str, nonblank=True), imageIndex=f.get("imageIndex", int, lo=1),
-        imagesInSequence=f.get("imagesInSequence", int, lo=1),
-        exposureTime=f.get("exposureTime", float, lo=0.0), mode=f.get("mode", str, ""),
+        instrument=instrument_of_start(data, topic),
+        imageName=f.get("imageName", str, nonblank=True), imageIndex=index, imagesInSequence=sequence,
+        exposureTime=exposure, mode=f.get("mode", str, ""),
         timeout=f.get("timeout", float, 0.0, lo=0.0), imageSource=f.get("imageSource", str, ""),
         imageController=f.get("imageController", str, ""), imageDate=image_date,
         imageNumber=f.get("imageNumber", int, lo=0),
-        timestampAcquisitionStart=f.get("timestampAcquisitionStart", float, 0.0, lo=0.0),
+        timestampAcquisitionStart=f.tai("timestampAcquisitionStart", 0.0),
         additionalKeys=keys, additionalValues=values, private_sndStamp=snd, groupId=group,
-        imageType=extra.get("imageType") or None, reason=extra.get("reason") or None,
+        imageType=image_type, reason=extra.get("reason") or None,
         program=extra.get("program") or None, additional=pairs,
     )
 
@@ -359,8 +298,10 @@ def rejection_reason(event: Event, max_age: float | None, now_utc: float,
     event : `Event`
         A parsed event.
     max_age : `float` or `None`
-        Events whose ``private_sndStamp`` (TAI) is older than this many seconds are stale;
-        `None` skips the check (``apbatch submit`` of an old event on purpose).
+        Events whose ``private_sndStamp`` (TAI) is older than this many seconds are stale,
+        and those stamped more than this far in the future are suspect (a wrong clock or a
+        made-up stamp: never stale, they would otherwise always pass); `None` skips both
+        checks (``apbatch submit`` of an old event on purpose).
     now_utc : `float`
         Current UTC unix time.
     process_calibrations : `bool`
@@ -370,6 +311,9 @@ def rejection_reason(event: Event, max_age: float | None, now_utc: float,
         age = now_utc + TAI_MINUS_UTC - event.private_sndStamp
         if age > max_age:
             return f"stale: sent {age:.0f} s ago (events.max_age = {max_age:g} s)"
+        if -age > max_age:
+            return (f"suspect: private_sndStamp is {-age:.0f} s in the future "
+                    f"(events.max_age = {max_age:g} s); check the sender's clock")
     if isinstance(event, NextVisitCanceled):
         return None
     if event.instrument not in instrument_names():

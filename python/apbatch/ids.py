@@ -7,6 +7,11 @@ The rules follow obs_lsst's metadata translators (see ``shared/data/headers/READ
   simulation/test controllers in ``"OCHPQS"`` (``S`` -> 7000 years, as imSim data have);
 * ``visit_id`` = whole seconds from 2015-01-01T00:00 (TAI) to the GROUPID time, then its three
   millisecond digits, then a ``#N``/``+N`` suffix as four digits.
+
+Several strings map to one visit id (``...26.692``, ``...26.692000``, ``...26.692#0``,
+``...26.692+0``); the ledger keys a submission on the group string, so events must carry one
+spelling per visit: :func:`check_group_id` accepts only the canonical one
+(``YYYY-MM-DDTHH:MM:SS.fff``, then ``#N`` with 1 <= N <= 9999 and no leading zero).
 """
 
 from __future__ import annotations
@@ -17,14 +22,19 @@ import re
 
 from .errors import BadInputError
 
-__all__ = ["ObsId", "exposure_id", "parse_obs_id", "visit_id_from_group", "day_obs_of"]
+__all__ = ["ObsId", "check_group_id", "day_obs_of", "exposure_id", "parse_obs_id", "visit_id_from_group"]
 
 _OBS_ID_RE = re.compile(
-    r"^(?P<camcode>[A-Z]{2})_(?P<controller>[A-Z])_(?P<day_obs>\d{8})_(?P<seq_num>\d{6})$"
+    r"(?P<camcode>[A-Z]{2})_(?P<controller>[A-Z])_(?P<day_obs>\d{8})_(?P<seq_num>\d{6})", re.ASCII
 )
+# ASCII digits only (\d would take any Unicode digit, another spelling of the same visit).
 _GROUP_RE = re.compile(
-    r"^(?P<date>\d{4}-\d{2}-\d{2})T(?P<time>\d{2}:\d{2}:\d{2})(?:\.(?P<frac>\d{1,6}))?(?:[#+](?P<suffix>\d{1,4}))?$"
+    r"(?P<date>\d{4}-\d{2}-\d{2})T(?P<time>\d{2}:\d{2}:\d{2})(?:\.(?P<frac>\d{1,6}))?(?:[#+](?P<suffix>\d{1,4}))?",
+    re.ASCII,
 )
+# A group id that starts like this is meant as a time, and must be a canonical one.
+_TIME_LIKE = re.compile(r"\d{4}-\d{2}-\d{2}T", re.ASCII)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _EPOCH = datetime.datetime(2015, 1, 1)
 # Controllers whose counters are offset by multiples of 1000 years (obs_lsst: "OCHPQS".index * 1e7).
 _CONTROLLER_OFFSETS = "OCHPQS"
@@ -56,7 +66,7 @@ def parse_obs_id(obs_id: str, field: str = "imageName") -> ObsId:
     BadInputError
         Raised if ``obs_id`` is not of the form ``MC_O_20250609_000578``.
     """
-    m = _OBS_ID_RE.match(obs_id or "")
+    m = _OBS_ID_RE.fullmatch(obs_id or "")
     if not m:
         raise BadInputError(field, f"{obs_id!r} is not an image name", "expected e.g. MC_O_20250609_000578")
     return ObsId(m["camcode"], m["controller"], int(m["day_obs"]), int(m["seq_num"]))
@@ -80,7 +90,8 @@ def visit_id_from_group(group_id: str, field: str = "groupId") -> int:
     BadInputError
         Raised if ``group_id`` is not an ISO time with an optional ``#N``/``+N`` suffix.
     """
-    m = _GROUP_RE.match(group_id or "")
+    # fullmatch: a "$" would match before a trailing newline, and "...692\n" is not a group id.
+    m = _GROUP_RE.fullmatch(group_id or "")
     if not m:
         raise BadInputError(field, f"{group_id!r} is not an ISO-time group id",
                             "expected e.g. 2025-06-10T07:31:26.692 or 2024-06-25T01:26:31.895#1")
@@ -90,8 +101,52 @@ def visit_id_from_group(group_id: str, field: str = "groupId") -> int:
         raise BadInputError(field, f"{group_id!r} is not a valid time: {exc}") from None
     frac = (m["frac"] or "0").ljust(3, "0")[:3]
     seconds = int((t - _EPOCH).total_seconds())
+    if seconds < 0:
+        raise BadInputError(field, f"{group_id!r} is before 2015-01-01", "group ids are times of this survey")
     suffix = int(m["suffix"] or 0)
     return int(f"{seconds}{frac}{suffix:04d}")
+
+
+def check_group_id(group_id: str, field: str = "groupId", time_required: bool = False) -> str:
+    """Return ``group_id`` if it is the one spelling of its visit's group, else refuse it.
+
+    A group id that looks like a time (``YYYY-MM-DDT...``) must be canonical:
+    ``YYYY-MM-DDTHH:MM:SS.fff`` with exactly three millisecond digits, then optionally ``#N``
+    (``1 <= N <= 9999``, no leading zero). Other strings (calibration groups such as
+    ``bias-seq-7``) are kept verbatim, but never with white space around them or control
+    characters in them.
+
+    Parameters
+    ----------
+    group_id : `str`
+        The group id as received.
+    field : `str`
+        Name of the field, for the error message.
+    time_required : `bool`
+        If `True` (nextVisit), the group id must be a time: its visit id comes from it.
+
+    Raises
+    ------
+    BadInputError
+        Raised if ``group_id`` has surrounding white space or control characters, is not a
+        time when one is required, or is a non-canonical spelling of a time group (the
+        message gives the canonical one).
+    """
+    if group_id != group_id.strip() or _CONTROL.search(group_id):
+        raise BadInputError(field, f"{group_id!r} has surrounding white space or control characters",
+                            "send the group id exactly as the camera writes GROUPID")
+    if not time_required and not _TIME_LIKE.match(group_id):
+        return group_id
+    visit = visit_id_from_group(group_id, field)
+    m = _GROUP_RE.fullmatch(group_id)
+    assert m is not None  # visit_id_from_group matched it
+    suffix = visit % 10_000
+    millis = (m["frac"] or "").ljust(3, "0")[:3]
+    canonical = f"{m['date']}T{m['time']}.{millis}" + (f"#{suffix}" if suffix else "")
+    if group_id != canonical:
+        raise BadInputError(field, f"{group_id!r} is not the canonical spelling of its group (visit {visit})",
+                            f"send {canonical!r}: 3 millisecond digits, a '#N' counter only if N >= 1")
+    return group_id
 
 
 def day_obs_of(t: datetime.datetime) -> int:

@@ -13,7 +13,8 @@ IMMEDIATE`` so that concurrent daemons serialize instead of failing) or PostgreS
   the daemon finds a group's nextVisit here when its startIntegration arrives, even after a
   restart. ``dead_letters``: events that could not be parsed. (Queries: `apbatch.ledger_events`.)
 
-Every SQL statement on these tables is in `Ledger`: nobody else queries them.
+Every SQL statement on these tables is in `Ledger` (and its base classes, kept in their own
+modules for size: `apbatch.ledger_reads`, `apbatch.ledger_events`): nobody else queries them.
 A `Ledger` holds an engine (a connection pool) and is safe to share between threads.
 """
 
@@ -22,14 +23,15 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .errors import BadInputError
+from .ledger_connect import make_engine, no_ledger
 from .ledger_events import EventTables
+from .ledger_reads import SubmissionReads
 from .ledger_schema import (
     ADDED_COLUMNS,
     CLAIMED,
@@ -49,21 +51,7 @@ _CHUNK = 200
 """Rows per statement in bulk updates (keeps bound parameters well under SQLite's limit)."""
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
-    dbapi_conn.isolation_level = None  # let the "begin" hook below issue BEGIN IMMEDIATE
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA busy_timeout=30000")
-    cur.execute("PRAGMA synchronous=NORMAL")
-    cur.close()
-
-
-def _no_ledger(where: str) -> BadInputError:
-    return BadInputError("ledger.url", f"no ledger at {where}",
-                         "check ledger.url (and root) in the --config file(s) / APBATCH_LEDGER__URL")
-
-
-class Ledger(EventTables):
+class Ledger(SubmissionReads, EventTables):
     """Record of submissions; see the module docstring.
 
     Parameters
@@ -94,32 +82,31 @@ class Ledger(EventTables):
         Raises
         ------
         BadInputError
-            Raised if the URL is malformed or names an unsupported database, or, without
-            ``create``, if there is no ledger there (the message names the path).
+            Raised, with one line naming ``ledger.url`` and the fix (never the password), if the
+            URL is malformed, names an unsupported database or one whose driver is not
+            installed, if a SQLite ledger's directory cannot be made (a path under a regular
+            file) or the ledger cannot be opened or written (read-only), if a server cannot be
+            reached, or, without ``create``, if there is no ledger there.
         """
-        try:
-            sa_url = sa.engine.make_url(url)
-        except sa.exc.ArgumentError as exc:
-            raise BadInputError("ledger.url", f"{url!r} is not a database URL: {exc}") from None
-        if sa_url.get_backend_name() == "sqlite":
-            db = sa_url.database
-            if db and db != ":memory:":
-                if not create and not Path(db).is_file():
-                    raise _no_ledger(db)
-                if create:
-                    Path(db).parent.mkdir(parents=True, exist_ok=True)
-            engine = sa.create_engine(sa_url, connect_args={"timeout": 30})
-            sa.event.listen(engine, "connect", _sqlite_pragmas)
-            sa.event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
-        else:
-            engine = sa.create_engine(sa_url, pool_pre_ping=True)
+        engine, shown, sqlite_file = make_engine(url, create=create)
         ledger = cls(engine)
-        if create:
-            metadata.create_all(engine)
-        elif not sa.inspect(engine).has_table(submissions.name):
+        try:
+            if create:
+                metadata.create_all(engine)
+            elif not sa.inspect(engine).has_table(submissions.name):
+                engine.dispose()
+                raise no_ledger(shown)
+            ledger._add_columns()
+            if create:  # the caller will record submissions: find out now if it cannot (read-only)
+                with engine.begin() as conn:
+                    conn.execute(sa.update(submissions).where(sa.false()).values(state=submissions.c.state))
+        except (sa.exc.SQLAlchemyError, engine.dialect.loaded_dbapi.Error) as exc:
             engine.dispose()
-            raise _no_ledger(sa_url.render_as_string(hide_password=True))
-        ledger._add_columns()
+            cause = " ".join(str(getattr(exc, "orig", None) or exc).split())
+            fix = ("check that the file and its directory exist and are writable by this user"
+                   if sqlite_file else "check that the server is running and reachable, and the user and "
+                   "database in ledger.url")
+            raise BadInputError("ledger.url", f"cannot open the ledger at {shown}: {cause}", fix) from None
         return ledger
 
     def _add_columns(self) -> None:
@@ -144,17 +131,21 @@ class Ledger(EventTables):
 
     # ------------------------------------------------------------------- claims
     def claim(self, works: Sequence[CcdWork], received_at: float | None = None,
-              now: float | None = None) -> list[CcdWork]:
+              now: float | None = None, tokens: Mapping[tuple[str, str], str] | None = None) -> list[CcdWork]:
         """Claim CCDs for submission in one transaction; return those not claimed before.
 
         Claiming is atomic per row (``INSERT ... ON CONFLICT DO NOTHING``), so two processes
-        claiming the same CCD at once get it exactly once between them.
+        claiming the same CCD at once get it exactly once between them. ``tokens``: the
+        submission token of each visit, ``(instrument, group_id) -> token``, stored with its
+        rows before anything reaches the scheduler.
         """
         if not works:
             return []
         now = time.time() if now is None else now
-        rows = [{"instrument": w.instrument, "group_id": w.group_id, "detector": w.detector,
-                 "detector_name": w.detector_name, "visit": w.visit, "day_obs": w.day_obs, "intent": w.intent,
+        tokens = tokens or {}
+        rows = [{"submit_token": tokens.get((w.instrument, w.group_id)), "instrument": w.instrument,
+                 "group_id": w.group_id, "detector": w.detector, "detector_name": w.detector_name,
+                 "visit": w.visit, "day_obs": w.day_obs, "intent": w.intent,
                  "state": CLAIMED, "reason": "", "attempts": 0, "retry": True, "job_history": "[]",
                  "work": json.dumps(w.to_dict(), sort_keys=True), "event_received_at": received_at,
                  "claimed_at": now} for w in works]
@@ -166,13 +157,15 @@ class Ledger(EventTables):
             won = {tuple(r) for r in conn.execute(stmt, rows)}
         return [w for w in works if w.key in won]
 
-    def reclaim(self, rows: Sequence[Submission], now: float | None = None) -> list[int]:
+    def reclaim(self, rows: Sequence[Submission], now: float | None = None,
+                tokens: Mapping[tuple[str, str], str] | None = None) -> list[int]:
         """Claim rows again for a resubmission, each only if it is unchanged since it was read.
 
         A compare-and-set on ``(state, attempts, job_id, claimed_at)``, one UPDATE ... RETURNING
         per batch of rows: of two processes resubmitting the same CCD, exactly one wins it. A
         won row is ``CLAIMED`` at ``now`` until it is recorded as submitted or refused (or, if
-        its process dies first, until its claim is older than the claim timeout).
+        its process dies first, until its claim is older than the claim timeout), with its
+        visit's new submission token from ``tokens`` (see :meth:`claim`).
 
         Returns
         -------
@@ -182,32 +175,46 @@ class Ledger(EventTables):
         now = time.time() if now is None else now
         c = submissions.c
         won: list[int] = []
+        tokens = tokens or {}
+        visits: dict[str | None, list[Submission]] = {}
+        for r in rows:
+            visits.setdefault(tokens.get((r.instrument, r.group_id)), []).append(r)
         with self.engine.begin() as conn:
-            for i in range(0, len(rows), _CHUNK):
-                same = [sa.and_(c.id == r.id, c.state == str(r.state), c.attempts == r.attempts,
-                                c.job_id.is_(None) if r.job_id is None else c.job_id == r.job_id,
-                                c.claimed_at == r.claimed_at) for r in rows[i:i + _CHUNK]]
-                stmt = (submissions.update().where(sa.or_(*same)).values(state=CLAIMED, claimed_at=now)
-                        .returning(c.id))
-                won += [int(x) for x in conn.execute(stmt).scalars()]
+            for token, batch in visits.items():
+                for i in range(0, len(batch), _CHUNK):
+                    same = [sa.and_(c.id == r.id, c.state == str(r.state), c.attempts == r.attempts,
+                                    c.job_id.is_(None) if r.job_id is None else c.job_id == r.job_id,
+                                    c.claimed_at == r.claimed_at) for r in batch[i:i + _CHUNK]]
+                    stmt = (submissions.update().where(sa.or_(*same))
+                            .values(state=CLAIMED, claimed_at=now, submit_token=token).returning(c.id))
+                    won += [int(x) for x in conn.execute(stmt).scalars()]
         return sorted(won)
 
     # ------------------------------------------------------------------- outcomes
     def record_submitted(self, jobs: Sequence[SubmittedJob], backend: str, now: float | None = None,
-                         command: Sequence[str] = ()) -> None:
+                         command: Sequence[str] = (), token: str | None = None) -> int:
         """Store the scheduler's job ids of submitted (or resubmitted) CCDs; counts an attempt.
 
-        ``command`` is the job command they were submitted with (`Backend.job_command`).
+        ``command`` is the job command they were submitted with (`Backend.job_command`). With
+        ``token`` (the claim's submission token), a compare-and-set: only rows still CLAIMED
+        (or SUBMIT_FAILED) under that token are recorded, so a submission that a reconciliation
+        (or the submitter itself) already recorded is never counted twice; a row refused under
+        that token keeps its attempt count (the refusal was this submission).
+
+        Returns
+        -------
+        recorded : `int`
+            The number of rows recorded.
         """
         if not jobs:
-            return
+            return 0
         now = time.time() if now is None else now
         c = submissions.c
         cmd = json.dumps(list(command)) if command else None
         with self.engine.begin() as conn:
             cur = {}
             for inst, group in {(j.work.instrument, j.work.group_id) for j in jobs}:
-                q = sa.select(c.detector, c.job_id, c.attempts, c.job_history).where(
+                q = sa.select(c.detector, c.job_id, c.attempts, c.job_history, c.state, c.submit_token).where(
                     c.instrument == inst, c.group_id == group)
                 cur.update({(inst, group, r.detector): r for r in conn.execute(q)})
             values = []
@@ -217,16 +224,24 @@ class Ledger(EventTables):
                 history = json.loads(row.job_history) if row is not None else []
                 if row is not None and row.job_id:
                     history.append(row.job_id)
+                # refused under this very claim, yet accepted: that refusal was this attempt
+                same = row is not None and token is not None and (row.state, row.submit_token) == (
+                    SUBMIT_FAILED, token)
                 values.append({
                     "k_instrument": w.instrument, "k_group": w.group_id, "k_detector": w.detector,
                     "backend": backend, "job_id": job.job_id, "state": SubmissionState.PENDING.value,
-                    "exit_code": None, "reason": "", "attempts": (row.attempts if row else 0) + 1,
+                    "exit_code": None, "reason": "",
+                    "attempts": (row.attempts if row else 0) + (0 if same else 1),
                     "job_history": json.dumps(history), "submitted_at": now, "started_at": None,
                     "finished_at": None, "work": json.dumps(w.to_dict(), sort_keys=True), "command": cmd})
             stmt = submissions.update().where(
                 c.instrument == sa.bindparam("k_instrument"), c.group_id == sa.bindparam("k_group"),
                 c.detector == sa.bindparam("k_detector"))
-            conn.execute(stmt, values)
+            if token is None:
+                conn.execute(stmt, values)
+                return len(values)
+            stmt = stmt.where(c.submit_token == token, c.state.in_([CLAIMED, SUBMIT_FAILED]))
+            return sum(conn.execute(stmt, v).rowcount for v in values)
 
     def record_submit_failed(self, works: Sequence[CcdWork], error: str, now: float | None = None) -> None:
         """Mark CCDs whose submission the scheduler refused; counts an attempt (one UPDATE per visit)."""
@@ -282,15 +297,23 @@ class Ledger(EventTables):
                 changed += res.rowcount
         return changed
 
-    def mark_cancelled(self, row_ids: Sequence[int], reason: str, now: float | None = None) -> None:
-        """Set rows to CANCELLED (never retried)."""
+    def mark_cancelled(self, row_ids: Sequence[int], reason: str, now: float | None = None) -> list[int]:
+        """Set rows to CANCELLED (never retried), each only if it has not finished: a row that is
+        COMPLETED, FAILED, TIMEOUT or CANCELLED keeps its state. Returns the ids changed."""
         if not row_ids:
-            return
+            return []
         now = time.time() if now is None else now
+        c = submissions.c
+        open_states = [CLAIMED, SUBMIT_FAILED, *UNFINISHED]
+        changed: list[int] = []
         with self.engine.begin() as conn:
-            conn.execute(submissions.update().where(submissions.c.id.in_(list(row_ids))).values(
-                state=SubmissionState.CANCELLED.value, reason=reason, retry=False,
-                finished_at=sa.func.coalesce(submissions.c.finished_at, now)))
+            for i in range(0, len(row_ids), _CHUNK):
+                ids = list(row_ids[i:i + _CHUNK])
+                stmt = (submissions.update().where(c.id.in_(ids), c.state.in_(open_states))
+                        .values(state=SubmissionState.CANCELLED.value, reason=reason, retry=False,
+                                finished_at=sa.func.coalesce(c.finished_at, now)).returning(c.id))
+                changed += [int(x) for x in conn.execute(stmt).scalars()]
+        return sorted(changed)
 
     def disable_retry(self, group_id: str, instrument: str | None = None) -> None:
         """Never resubmit any CCD of this group automatically (its nextVisit was cancelled)."""
@@ -301,87 +324,15 @@ class Ledger(EventTables):
         with self.engine.begin() as conn:
             conn.execute(q.values(retry=False))
 
-    # ------------------------------------------------------------------- reads
-    def rows(self, *, instrument: str | None = None, group_id: str | None = None, visit: int | None = None,
-             detector: int | None = None, day_obs: int | None = None, states: Sequence[str] | None = None,
-             retry: bool | None = None, max_attempts: int | None = None) -> list[Submission]:
-        """Submission rows matching every given filter, in claim order.
-
-        ``max_attempts`` keeps rows with fewer submissions than that.
-        """
-        c = submissions.c
-        q = sa.select(submissions)
-        for col, val in ((c.instrument, instrument), (c.group_id, group_id), (c.visit, visit),
-                         (c.detector, detector), (c.day_obs, day_obs)):
-            if val is not None:
-                q = q.where(col == val)
-        if states is not None:
-            q = q.where(c.state.in_([str(s) for s in states]))
-        if retry is not None:
-            q = q.where(c.retry.is_(retry))
-        if max_attempts is not None:
-            q = q.where(c.attempts < max_attempts)
-        with self.engine.connect() as conn:
-            return [Submission.from_row(dict(r._mapping)) for r in conn.execute(q.order_by(c.id))]
-
-    def unfinished_job_ids(self, backend: str) -> list[str]:
-        """Job ids the scheduler still has to report a final state for."""
-        c = submissions.c
-        q = sa.select(c.job_id).where(c.backend == backend, c.job_id.is_not(None), c.state.in_(UNFINISHED))
-        with self.engine.connect() as conn:
-            return [r.job_id for r in conn.execute(q.order_by(c.id))]
-
-    def retriable(self, max_attempts: int, claim_timeout: float = 300.0,
-                  now: float | None = None) -> list[Submission]:
-        """Rows to resubmit automatically now (`Submission.is_retriable`); a read-only query.
-
-        To resubmit them, use :meth:`claim_retriable`.
-        """
-        now = time.time() if now is None else now
-        # SQL narrows to the candidates; the rule itself is Submission.is_retriable, in one place
-        rows = self.rows(states=[CLAIMED, SUBMIT_FAILED, SubmissionState.FAILED.value], retry=True,
-                         max_attempts=max_attempts)
-        return [r for r in rows if r.is_retriable(max_attempts, claim_timeout, now)]
-
-    def claim_retriable(self, max_attempts: int, claim_timeout: float = 300.0,
-                        now: float | None = None) -> list[Submission]:
-        """The :meth:`retriable` rows, each claimed again (:meth:`reclaim`) for resubmission.
+    def claim_retriable(self, max_attempts: int, claim_timeout: float = 300.0, now: float | None = None,
+                        tokens: Mapping[tuple[str, str], str] | None = None) -> list[Submission]:
+        """The :meth:`retriable` rows, each claimed again (:meth:`reclaim`, with ``tokens``) for
+        resubmission.
 
         Two processes asking at once (a daemon and ``night reprocess``) get each CCD once.
         Returns the rows as they were before this claim.
         """
         now = time.time() if now is None else now
         rows = self.retriable(max_attempts, claim_timeout, now)
-        won = set(self.reclaim(rows, now=now))
+        won = set(self.reclaim(rows, now=now, tokens=tokens))
         return [r for r in rows if r.id in won]
-
-    def existing_keys(self, group_ids: Sequence[str]) -> set[tuple[str, str, int]]:
-        """``(instrument, group_id, detector)`` of every submission row of these groups."""
-        groups = sorted(set(group_ids))
-        c = submissions.c
-        out: set[tuple[str, str, int]] = set()
-        with self.engine.connect() as conn:
-            for i in range(0, len(groups), 500):
-                q = sa.select(c.instrument, c.group_id, c.detector).where(c.group_id.in_(groups[i:i + 500]))
-                out.update((r.instrument, r.group_id, int(r.detector)) for r in conn.execute(q))
-        return out
-
-    def visits(self, instrument: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-        """Per-visit summary, newest first: counts per state, attempts, first/last times."""
-        c = submissions.c
-        keys = (c.instrument, c.group_id, c.visit)
-        q = (sa.select(*keys, sa.func.count().label("ccds"), sa.func.min(c.claimed_at).label("claimed_at"),
-                       sa.func.max(c.finished_at).label("last_finished_at"),
-                       sa.func.max(c.attempts).label("max_attempts"), sa.func.min(c.intent).label("intent"))
-             .group_by(*keys).order_by(sa.func.min(c.claimed_at).desc(), c.visit.desc()).limit(limit))
-        if instrument:
-            q = q.where(c.instrument == instrument)
-        out = []
-        with self.engine.connect() as conn:
-            for r in conn.execute(q):
-                d = dict(r._mapping)
-                counts = conn.execute(sa.select(c.state, sa.func.count()).where(
-                    c.instrument == r.instrument, c.group_id == r.group_id).group_by(c.state))
-                d["states"] = dict(counts.all())
-                out.append(d)
-        return out

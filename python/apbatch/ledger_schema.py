@@ -41,6 +41,10 @@ submissions = sa.Table(
     sa.Column("job_history", sa.Text, nullable=False, default="[]"),
     sa.Column("work", sa.Text, nullable=False),
     sa.Column("command", sa.Text),  # JSON list: the job command of the latest submission
+    # unique per claim of one visit, written before the scheduler call and given to the scheduler
+    # with the jobs (Slurm --comment, HTCondor ApSubmitToken, local job.json): a claim whose
+    # process died before recording the outcome is found at the scheduler by it, not resubmitted
+    sa.Column("submit_token", sa.String(64)),
     sa.Column("event_received_at", sa.Float),
     sa.Column("claimed_at", sa.Float, nullable=False),
     sa.Column("submitted_at", sa.Float),
@@ -49,7 +53,7 @@ submissions = sa.Table(
     sa.Column("last_polled_at", sa.Float),
     sa.UniqueConstraint("instrument", "group_id", "detector", name="uq_submissions_ccd"),
 )
-ADDED_COLUMNS = {"submissions": ("command",)}
+ADDED_COLUMNS = {"submissions": ("command", "submit_token")}
 """Nullable columns added after the first release: `Ledger.open` adds them to older ledgers."""
 
 events = sa.Table(

@@ -72,6 +72,7 @@ class Submission:
     reason: str = ""
     job_history: tuple[str, ...] = ()
     command: tuple[str, ...] = ()
+    submit_token: str | None = None
     event_received_at: float | None = None
     submitted_at: float | None = None
     started_at: float | None = None
@@ -117,6 +118,14 @@ class Submission:
         return ((s is SubmissionState.FAILED and is_retriable_exit(self.exit_code))
                 or s is SubmissionState.SUBMIT_FAILED
                 or (s is SubmissionState.CLAIMED and self.claimed_at < now - claim_timeout))
+
+    @property
+    def unconfirmed(self) -> bool:
+        """Claimed (or refused) with a submission token: the scheduler may hold jobs the ledger
+        has not recorded (the submitting process died, or the submit command failed after the
+        scheduler accepted it); `apbatch.submitter.Submitter.reconcile` asks it first."""
+        return bool(self.submit_token) and self.state in (SubmissionState.CLAIMED,
+                                                          SubmissionState.SUBMIT_FAILED)
 
     def is_lost(self, lost_after: float, now: float) -> bool:
         """UNKNOWN to the scheduler (not an unknown state code) since ``lost_after`` after submission."""

@@ -9,7 +9,39 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["CcdWork"]
+from .errors import BadInputError
+
+__all__ = ["MAX_NIMAGES", "CcdWork", "check_nimages"]
+
+MAX_NIMAGES = 10
+"""Most images one job waits for (``--nimages``; a visit has 1 or 2 snaps)."""
+
+
+def check_nimages(value: int, field: str, lo: int = 0) -> int:
+    """Return ``value`` if a job can wait for that many images, else refuse it.
+
+    The one rule for both sides of the job command line: the event parser applies it to
+    ``nimages``/``imagesInSequence`` (so no job is submitted that ``process-ccd`` would
+    refuse), and ``process-ccd`` to ``--nimages``.
+
+    Parameters
+    ----------
+    value : `int`
+        The number of images.
+    field : `str`
+        Name of the field, for the error message.
+    lo : `int`
+        Smallest allowed value (0 for ``nimages``: unknown).
+
+    Raises
+    ------
+    BadInputError
+        Raised if ``value`` is not in ``[lo, MAX_NIMAGES]``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= MAX_NIMAGES:
+        raise BadInputError(field, f"{value!r} is out of range",
+                            f"a job waits for {lo} to {MAX_NIMAGES} images of one group")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,9 +3,13 @@
 Public API (used by the dispatcher, ``apbatch status``/``cancel``/``render-job``):
 
 * ``Backend.render(works) -> str``: the exact script / submit description, without submitting;
-* ``Backend.submit(works) -> list[SubmittedJob]``: one visit's CCDs as one batch submission
-  (a Slurm array, an HTCondor cluster, a set of local processes); one `SubmittedJob` per CCD,
-  in the order of ``works``;
+* ``Backend.submit(works, token) -> list[SubmittedJob]``: one visit's CCDs as one batch
+  submission (a Slurm array, an HTCondor cluster, a set of local processes); one
+  `SubmittedJob` per CCD, in the order of ``works``; the claim's submission token is written
+  with the jobs (Slurm ``--comment``, HTCondor ``ApSubmitToken``, the local ``job.json``);
+* ``Backend.find_submitted(works, token, since)``: the jobs the scheduler accepted under a
+  token (a submitter that died before recording them), so that they are recorded, not
+  submitted twice;
 * ``Backend.status(job_ids) -> dict[str, JobStatus]``: batched state query; jobs that left
   the queue are looked up in history, never assumed done;
 * ``Backend.cancel(job_ids)``.
@@ -39,6 +43,7 @@ import logging
 import re
 import shlex
 import subprocess
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from typing import ClassVar
 
@@ -51,12 +56,15 @@ from ..work import CcdWork
 __all__ = [
     "Backend",
     "CommandResult",
+    "EXPORTED",
     "JobState",
     "JobStatus",
     "Runner",
     "SubmittedJob",
     "check_visit",
+    "checked_token",
     "compress_ids",
+    "new_token",
     "render_shell_script",
     "run_command",
 ]
@@ -64,6 +72,11 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+EXPORTED = ("PATH", "HOME", "LANG")
+"""The only variables of the submitter's environment a job gets (Slurm ``--export``, the local
+backend's processes); ``job.env`` comes on top. Secrets in the daemon's environment (a Kafka
+password) never reach a job: jobs read them from files."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +126,28 @@ def run_command(argv: Sequence[str], timeout: float, input: str | None = None,
     if check and proc.returncode != 0:
         raise SchedulerError(argv, proc.returncode, proc.stdout, proc.stderr)
     return CommandResult(tuple(argv), proc.returncode, proc.stdout, proc.stderr)
+
+
+def new_token() -> str:
+    """A new submission token: 20 hex digits, unique per claim of one visit, safe in any
+    scheduler field (Slurm comment, ClassAd string, file content)."""
+    return uuid.uuid4().hex[:20]
+
+
+_TOKEN = re.compile(r"^[0-9a-f]{8,64}$")
+
+
+def checked_token(token: str) -> str:
+    """``token`` if it looks like one `new_token` made (it reaches scheduler queries).
+
+    Raises
+    ------
+    BadInputError
+        Raised if it does not.
+    """
+    if not _TOKEN.match(str(token)):
+        raise BadInputError("submit_token", f"{token!r} is not a submission token", "expected hex digits")
+    return str(token)
 
 
 def check_visit(works: Sequence[CcdWork]) -> None:
@@ -181,6 +216,9 @@ class Backend(abc.ABC):
     state_table: ClassVar[dict[str, JobState]] = {}
     batch_size: ClassVar[int] = 200
     """Job ids per status query (keeps command lines short)."""
+    concurrent_status: ClassVar[bool] = True
+    """:meth:`status` may run in one thread while :meth:`submit` runs in another (the daemon
+    polls in a background thread); `False` where the scheduler client is not known to allow it."""
 
     def __init__(self, config: ApbatchConfig, *, runner: Runner | None = None,
                  executable: str | None = None):
@@ -301,8 +339,26 @@ class Backend(abc.ABC):
         """The exact script or submit description that :meth:`submit` would use."""
 
     @abc.abstractmethod
-    def submit(self, works: Sequence[CcdWork]) -> list[SubmittedJob]:
-        """Submit one visit's CCDs as one batch; one `SubmittedJob` per work item, same order."""
+    def submit(self, works: Sequence[CcdWork], token: str | None = None) -> list[SubmittedJob]:
+        """Submit one visit's CCDs as one batch; one `SubmittedJob` per work item, same order.
+
+        ``token`` (the claim's submission token, `new_token`) is written with the jobs where
+        the scheduler keeps it, for :meth:`find_submitted`.
+        """
+
+    def find_submitted(self, works: Sequence[CcdWork], token: str, since: float) -> list[SubmittedJob]:
+        """The jobs of ``works`` that the scheduler accepted under ``token`` (submitted after
+        ``since``, UTC unix time), queue and history; ``[]`` if it has none.
+
+        The base class cannot ask anyone and answers ``[]``: a backend that does not override
+        this has the old behaviour (a claim whose process died is submitted again).
+
+        Raises
+        ------
+        SchedulerError
+            Raised if the scheduler cannot be asked; the caller must then not resubmit.
+        """
+        return []
 
     @abc.abstractmethod
     def cancel(self, job_ids: Sequence[str]) -> None:

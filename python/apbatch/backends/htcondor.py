@@ -12,6 +12,16 @@ in event data becomes ``$(DOLLAR)`` so the submit language's macro expansion lea
 the job is exec'd without a shell. A line break cannot be expressed in a submit
 description at all, and is refused.
 
+Retries belong to the daemon (exit codes 3 and 4, `apbatch.errors.ExitCode`): the description
+says ``success_exit_code = 0`` and ``retry_until = ExitBySignal == false``, so HTCondor reruns
+a job (up to ``backend.max_retries`` times) only when it was killed by a signal -- a lost
+node, as Slurm's ``--requeue`` -- and never one that exited, whatever its code. A job running
+longer than ``backend.time_limit`` is removed by ``periodic_remove`` and reported TIMEOUT.
+The executable is an absolute path; a ``#!/usr/bin/env`` script (which needs a ``PATH``
+that ``getenv = false`` does not give) is run by its resolved interpreter instead.
+Each cluster carries the claim's submission token as ``ApSubmitToken``
+(:meth:`HTCondorBackend.find_submitted`).
+
 The schedd is an injected dependency (``schedd=`` or ``schedd_factory=``); by default
 `htcondor2.Schedd` is located through the collector on first use (the constructor does no I/O).
 """
@@ -21,18 +31,19 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 import shutil
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import htcondor2
 
-from ..config import HTCondorBackendConfig
+from ..config import HTCondorBackendConfig, time_limit_seconds
 from ..errors import BadInputError, SchedulerError
 from ..work import CcdWork
-from .base import Backend, JobState, JobStatus, SubmittedJob, check_visit
+from .base import Backend, JobState, JobStatus, SubmittedJob, check_visit, checked_token
 
-__all__ = ["HTCondorBackend", "condor_arg", "condor_string"]
+__all__ = ["HTCondorBackend", "condor_arg", "condor_string", "executable_argv"]
 
 _log = logging.getLogger(__name__)
 
@@ -66,6 +77,30 @@ def _executable(name: str) -> str:
     return name if os.path.isabs(name) else (shutil.which(name) or name)
 
 
+def executable_argv(command: Sequence[str]) -> list[str]:
+    """``command`` with an absolute program that runs without ``PATH``.
+
+    A script starting ``#!/usr/bin/env prog [args]`` would look ``prog`` up in a ``PATH`` that a
+    ``getenv = false`` job does not have: it becomes ``/abs/prog [args] script ...``.
+    """
+    program = _executable(command[0])
+    try:
+        with open(program, "rb") as f:
+            first = f.readline(512)
+    except OSError:
+        return [program, *command[1:]]
+    if not first.startswith(b"#!"):
+        return [program, *command[1:]]
+    words = shlex.split(first[2:].decode(errors="replace"))
+    if len(words) >= 2 and os.path.basename(words[0]) == "env" and not words[1].startswith("-"):
+        interpreter = shutil.which(words[1])
+        if interpreter is None:
+            raise BadInputError("config job.command", f"{program} needs {words[1]!r}, which is not on PATH",
+                                "use an absolute interpreter in its #! line")
+        return [os.path.abspath(interpreter), *words[2:], program, *command[1:]]
+    return [program, *command[1:]]
+
+
 def _default_schedd(settings) -> Any:
     if settings.collector or settings.schedd_name:
         collector = htcondor2.Collector(settings.collector) if settings.collector else htcondor2.Collector()
@@ -92,6 +127,7 @@ class HTCondorBackend(Backend):
 
     kind: ClassVar[str] = "htcondor"
     id_pattern = re.compile(r"^(?P<id>\d+\.\d+)$")
+    concurrent_status = False  # one schedd client; its thread safety is not documented
     state_table = {
         "1": JobState.PENDING,    # Idle
         "2": JobState.RUNNING,    # Running
@@ -128,11 +164,13 @@ class HTCondorBackend(Backend):
             raise SchedulerError([what], 1, "", f"{type(exc).__name__}: {exc}") from exc
 
     # ------------------------------------------------------------- description
-    def description(self, works: Sequence[CcdWork]) -> dict[str, str]:
-        """The submit description of one visit (without its queue statement)."""
+    def description(self, works: Sequence[CcdWork], token: str | None = None) -> dict[str, str]:
+        """The submit description of one visit (without its queue statement); ``token``: the
+        claim's submission token (``+ApSubmitToken``)."""
         check_visit(works)
         s, first = self.settings, works[0]
-        command = self.job_command(first.day_obs)
+        command = executable_argv(self.job_command(first.day_obs))
+        limit = time_limit_seconds(s.time_limit)
         log_dir = self.config.path(s.log_dir).absolute()
         _no_newline(str(log_dir), "config backend.log_dir")
         fixed_args = " ".join(condor_arg(a, "config job.command") for a in command[1:])
@@ -149,6 +187,9 @@ class HTCondorBackend(Backend):
             "request_memory": s.request_memory,
             "request_cpus": str(s.request_cpus),
             "max_retries": str(s.max_retries),
+            "success_exit_code": "0",
+            "retry_until": "ExitBySignal == false",
+            "periodic_remove": f"JobStatus == 2 && time() - JobCurrentStartDate > {limit}",
             "output": f"{log_dir}/{first.label}_$(ClusterId).$(ProcId).out",
             "error": f"{log_dir}/{first.label}_$(ClusterId).$(ProcId).out",
             "log": f"{log_dir}/{first.label}.log",
@@ -160,6 +201,8 @@ class HTCondorBackend(Backend):
             "+ApDetector": "$(ApDetector)",
             "+ApDetectorName": '"$(ApDetectorName)"',
         }
+        if token is not None:
+            desc["+ApSubmitToken"] = f'"{checked_token(token)}"'
         for name, value in s.extra_attributes.items():
             desc[name if name.startswith("+") else f"+{name}"] = _no_newline(value, f"config backend.{name}")
         return desc
@@ -175,9 +218,9 @@ class HTCondorBackend(Backend):
                           "ApArgs": args})
         return items
 
-    def render(self, works: Sequence[CcdWork]) -> str:
+    def render(self, works: Sequence[CcdWork], token: str | None = None) -> str:
         """The submit description with its inline item data, as ``condor_submit`` would read it."""
-        desc = self.description(works)
+        desc = self.description(works, token)
         lines = [f"{k} = {v}" for k, v in desc.items()]
         lines.append(f"queue {','.join(ITEM_KEYS)} from (")
         lines += [f"  {i['ApDetector']}, {i['ApDetectorName']}, {i['ApArgs']}" for i in self.itemdata(works)]
@@ -185,12 +228,14 @@ class HTCondorBackend(Backend):
         return "\n".join(lines) + "\n"
 
     # ------------------------------------------------------------- submit / cancel
-    def submit(self, works: Sequence[CcdWork]) -> list[SubmittedJob]:
+    def submit(self, works: Sequence[CcdWork], token: str | None = None) -> list[SubmittedJob]:
         """One ``schedd.submit`` of the visit's cluster with one item per CCD."""
         self.prepare(works)
-        sub = htcondor2.Submit(self.description(works))
+        sub = htcondor2.Submit(self.description(works, token))
         items = self.itemdata(works)
-        self.config.path(self.settings.log_dir).mkdir(parents=True, exist_ok=True)
+        log_dir = self.config.path(self.settings.log_dir)
+        log_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+        log_dir.chmod(0o750)  # the job logs: not for everyone on the cluster
         result = self._call("htcondor2.Schedd.submit", self.schedd.submit, sub, itemdata=iter(items))
         cluster, first_proc, count = int(result.cluster()), int(result.first_proc()), int(result.num_procs())
         if count != len(works):
@@ -198,6 +243,25 @@ class HTCondorBackend(Backend):
                                  f"asked for {len(works)} jobs, the schedd made {count}")
         _log.info("submitted %s (%d CCDs) as HTCondor cluster %d", works[0].label, len(works), cluster)
         return [SubmittedJob(w, f"{cluster}.{first_proc + i}") for i, w in enumerate(works)]
+
+    def find_submitted(self, works: Sequence[CcdWork], token: str, since: float) -> list[SubmittedJob]:
+        """The procs with ``ApSubmitToken == token``: ``schedd.query``, then ``schedd.history``
+        (only if the queue has none of them); matched to ``works`` by ``ApDetector``."""
+        check_visit(works)
+        constraint = f'ApSubmitToken =?= "{checked_token(token)}"'  # never UNDEFINED
+        projection = ["ClusterId", "ProcId", "ApDetector"]
+        ads = self._call("htcondor2.Schedd.query", self.schedd.query, constraint=constraint,
+                         projection=projection)
+        if not ads:
+            ads = self._call("htcondor2.Schedd.history", self.schedd.history, constraint=constraint,
+                             projection=projection)
+        by_detector = {w.detector: w for w in works}
+        found: dict[int, SubmittedJob] = {}
+        for ad in ads:
+            det = ad.get("ApDetector")
+            if isinstance(det, int) and det in by_detector and det not in found:
+                found[det] = SubmittedJob(by_detector[det], f"{int(ad['ClusterId'])}.{int(ad['ProcId'])}")
+        return [found[w.detector] for w in works if w.detector in found]
 
     def cancel(self, job_ids: Sequence[str]) -> None:
         """``condor_rm`` the given jobs (one ``schedd.act(Remove, ids)``)."""
@@ -227,6 +291,9 @@ class HTCondorBackend(Backend):
                 else:
                     exit_code = ad.get("ExitCode")
             reason = ad.get("HoldReason") if code == "5" else ad.get("RemoveReason") if code == "3" else ""
+            if code == "3" and "PeriodicRemove" in str(reason or ""):  # our wall-time limit
+                out[job_id] = JobStatus(job_id, JobState.TIMEOUT, None, f"time limit: {reason}")
+                continue
             out[job_id] = self.map_state(job_id, code, exit_code, str(reason or ""))
         return out
 

@@ -1,19 +1,20 @@
 """Local backend: a process pool on this machine that behaves like a tiny batch system.
 
 Each CCD runs as its own process with the command line a batch job would use
-(``job.command`` + `CcdWork.job_args`, environment + ``job.env``), at most ``max_workers``
+(``job.command`` + `CcdWork.job_args`, environment: `apbatch.backends.base.EXPORTED` of the
+runner's + ``job.env``), at most ``max_workers``
 (default: the number of cores) at once. Everything lives in a state directory
 (``backend.log_dir``), written atomically, so any process can ask for states and cancel, and
 a restarted daemon loses nothing::
 
     counter                  last job number issued (under queue.lock)
     queue/<id>               present while the job waits for a slot
-    jobs/<id>/job.json       argv, env, work (written at submit)
+    jobs/<id>/job.json       argv, env, work, submission token (written at submit)
     jobs/<id>/started.json   pid, process start time (written when it starts)
     jobs/<id>/exit           exit code (written when it ends)
     jobs/<id>/reason         why it could not start (exit 127: not found, 126: not executable)
     jobs/<id>/cancel         cancel requested
-    jobs/<id>/out.log        the job's stdout + stderr
+    jobs/<id>/out.log        the job's stdout + stderr (mode 0640)
 
 Jobs are started and reaped by a detached runner process (``python -m
 apbatch.backends.local STATE_DIR``), spawned by :meth:`LocalBackend.submit` when none holds
@@ -43,7 +44,16 @@ from ..config import LocalBackendConfig
 from ..errors import BadInputError
 from ..states import start_failure_reason
 from ..work import CcdWork
-from .base import Backend, JobState, JobStatus, SubmittedJob, check_visit, render_shell_script
+from .base import (
+    EXPORTED,
+    Backend,
+    JobState,
+    JobStatus,
+    SubmittedJob,
+    check_visit,
+    checked_token,
+    render_shell_script,
+)
 
 __all__ = ["LocalBackend", "run_queue"]
 
@@ -134,9 +144,11 @@ class LocalBackend(Backend):
         lines = [" ".join(shlex.quote(a) for a in self.job_argv(w)) for w in works]
         return render_shell_script(self.job_env(), lines, header)
 
-    def submit(self, works: Sequence[CcdWork]) -> list[SubmittedJob]:
+    def submit(self, works: Sequence[CcdWork], token: str | None = None) -> list[SubmittedJob]:
         """Queue one process per CCD and make sure a runner is working on the queue."""
         check_visit(works)
+        if token is not None:
+            checked_token(token)
         self.prepare(works)
         env = self.job_env()
         root = self.state_dir
@@ -153,13 +165,50 @@ class LocalBackend(Backend):
                 job_dir.mkdir()
                 _write_atomic(job_dir / "job.json", json.dumps(
                     {"argv": self.job_argv(work), "env": env, "work": work.to_dict(),
-                     "submitted": time.time()}))
+                     "submitted": time.time(), "token": token}))
                 (root / "queue" / job_id).touch()
                 submitted.append(SubmittedJob(work, job_id))
             self._ensure_runner()
         _log.info("queued %s (%d CCDs) as %s..%s", works[0].label, len(works),
                   submitted[0].job_id, submitted[-1].job_id)
         return submitted
+
+    def find_submitted(self, works: Sequence[CcdWork], token: str, since: float) -> list[SubmittedJob]:
+        """The jobs whose ``job.json`` carries ``token``, newest job first back to ``since``.
+
+        A job written but not yet queued when its submitter died is queued now (it would
+        otherwise wait forever); only CCDs of ``works`` found are returned.
+        """
+        checked_token(token)
+        wanted = {w.key: w for w in works}
+        jobs = self.state_dir / "jobs"
+        found: list[SubmittedJob] = []
+        if not jobs.is_dir():
+            return found
+        with _locked(self.state_dir / "queue.lock"):
+            names = sorted((p.name for p in jobs.iterdir() if self.id_pattern.match(p.name)),
+                           key=lambda n: -int(n.split("-")[1]))
+            requeued = False
+            for job_id in names:
+                try:
+                    spec = json.loads((jobs / job_id / "job.json").read_text())
+                except (OSError, ValueError):
+                    continue  # a job dir whose job.json was never written: nothing was queued
+                if spec.get("submitted", 0) < since - 1:
+                    break
+                work = CcdWork.from_dict(spec["work"])
+                if spec.get("token") != token or work.key not in wanted:
+                    continue
+                found.append(SubmittedJob(wanted[work.key], job_id))
+                job_dir = jobs / job_id
+                if not any(p.exists() for p in (self.state_dir / "queue" / job_id, job_dir / "started.json",
+                                                 job_dir / "exit", job_dir / "cancel")):
+                    (self.state_dir / "queue" / job_id).touch()
+                    requeued = True
+            if requeued:
+                self._ensure_runner()
+        order = {w.key: i for i, w in enumerate(works)}
+        return sorted(found, key=lambda j: order[j.work.key])
 
     def _ensure_runner(self) -> None:
         """Start a detached runner unless one holds runner.lock (call with queue.lock held)."""
@@ -262,9 +311,11 @@ def run_queue(state_dir: Path, max_workers: int, poll: float = 0.05) -> None:
 def _start(job_dir: Path) -> subprocess.Popen | None:
     """Start one job in its own session; `None` (exit code 127 recorded) if it cannot start."""
     spec = json.loads((job_dir / "job.json").read_text())
-    with open(job_dir / "out.log", "ab") as log:
+    fd = os.open(job_dir / "out.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)  # job logs: not for all
+    with open(fd, "ab") as log:
         try:
-            proc = subprocess.Popen(spec["argv"], env={**os.environ, **spec["env"]}, stdin=subprocess.DEVNULL,
+            base = {k: os.environ[k] for k in EXPORTED if k in os.environ}  # never the daemon's secrets
+            proc = subprocess.Popen(spec["argv"], env={**base, **spec["env"]}, stdin=subprocess.DEVNULL,
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         except OSError as exc:  # the job fails as a shell's would: 127 not found, 126 cannot execute
             code = 127 if isinstance(exc, FileNotFoundError) else 126

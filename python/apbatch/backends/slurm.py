@@ -19,14 +19,26 @@ import logging
 import os
 import re
 import shlex
+import time
 from collections.abc import Iterator, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
 from ..config import SlurmBackendConfig
 from ..errors import BadInputError, SchedulerError
 from ..work import CcdWork
-from .base import Backend, JobState, JobStatus, SubmittedJob, check_visit, compress_ids, render_shell_script
+from .base import (
+    EXPORTED,
+    Backend,
+    JobState,
+    JobStatus,
+    SubmittedJob,
+    check_visit,
+    checked_token,
+    compress_ids,
+    render_shell_script,
+)
 
 __all__ = ["SlurmBackend", "parse_exit_code", "read_jobcomp"]
 
@@ -41,7 +53,11 @@ _JOBCOMP_FIELDS = {
     "array_job": re.compile(r"(?:^|\s)ArrayJobId=(\d+)"),
     "array_task": re.compile(r"(?:^|\s)ArrayTaskId=(\d+)"),
     "exit": re.compile(r"(?:^|\s)ExitCode=(\d+:\d+)"),
+    "name": re.compile(r"(?:^|\s)Name=(\S+)"),
+    "submitted": re.compile(r"(?:^|\s)SubmitTime=(\S+)"),
+    "ended": re.compile(r"(?:^|\s)EndTime=(\S+)"),
 }
+_LABEL = re.compile(r"^[A-Za-z0-9._-]+$")
 
 S = JobState
 _STATES: dict[str, JobState] = {
@@ -153,18 +169,22 @@ class SlurmBackend(Backend):
                                 "use letters, digits and ._-/ only")
         return path
 
-    def directives(self, works: Sequence[CcdWork]) -> list[str]:
-        """The ``#SBATCH`` options of one visit's array (also shown by ``render``)."""
+    def directives(self, works: Sequence[CcdWork], token: str | None = None) -> list[str]:
+        """The ``#SBATCH`` options of one visit's array (also shown by ``render``); the comment
+        carries the submission ``token`` (:meth:`find_submitted`)."""
         s = self.settings
         first = works[0]
         detectors = compress_ids(w.detector for w in works)
         array = detectors + (f"%{s.max_array_parallel}" if s.max_array_parallel else "")
         group = _UNSAFE_COMMENT_CHARS.sub("_", first.group_id)[:80]
         comment = f"apbatch group={group} visit={first.visit} detectors={detectors} n={len(works)}"
+        if token is not None:
+            comment += f" token={checked_token(token)}"
         out = [
             f"--job-name={first.label}",
             f"--array={array}",
             f'--comment="{comment}"',
+            f"--export={','.join(EXPORTED)}",
             f"--time={s.time_limit}",
             "--requeue" if s.requeue else "--no-requeue",
             f"--output={self._log_dir()}/%x_%A_%a.out",
@@ -183,12 +203,19 @@ class SlurmBackend(Backend):
             out.append(extra)
         return out
 
-    def render(self, works: Sequence[CcdWork]) -> str:
-        """The exact batch script :meth:`submit` feeds to ``sbatch``."""
+    def render(self, works: Sequence[CcdWork], token: str | None = None) -> str:
+        """The exact batch script :meth:`submit` feeds to ``sbatch``.
+
+        The job's log (``--output``) is made 0640 and the job's own files get ``umask 027``;
+        the log directory is 0750.
+        """
         check_visit(works)
-        header = [f"#SBATCH {d}" for d in self.directives(works)]
+        header = [f"#SBATCH {d}" for d in self.directives(works, token)]
+        task = "${SLURM_JOB_NAME:-}_${SLURM_ARRAY_JOB_ID:-}_${SLURM_ARRAY_TASK_ID:-}"
+        log = f"{self._log_dir()}/{task}.out"
         cmd = " ".join(shlex.quote(a) for a in self.job_command(works[0].day_obs))
-        lines = ['case "${SLURM_ARRAY_TASK_ID:?not a Slurm array task}" in']
+        lines = ["umask 027", f'chmod 0640 "{log}" 2>/dev/null || true',
+                 'case "${SLURM_ARRAY_TASK_ID:?not a Slurm array task}" in']
         for w in works:
             lines.append(f"  {w.detector}) args=({' '.join(shlex.quote(a) for a in w.job_args())}) ;;")
         lines += [
@@ -199,15 +226,57 @@ class SlurmBackend(Backend):
         return render_shell_script(self.job_env(), lines, header)
 
     # ------------------------------------------------------------- submit / cancel
-    def submit(self, works: Sequence[CcdWork]) -> list[SubmittedJob]:
+    def submit(self, works: Sequence[CcdWork], token: str | None = None) -> list[SubmittedJob]:
         """One ``sbatch --parsable`` of the rendered array script (on stdin)."""
         self.prepare(works)
-        script = self.render(works)
-        self._log_dir().mkdir(parents=True, exist_ok=True)
+        script = self.render(works, token)
+        log_dir = self._log_dir()
+        log_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+        log_dir.chmod(0o750)
         argv = ["sbatch", "--parsable"]
         result = self.run(argv, input=script)
         array_id = self.parse_job_id(argv, result.stdout)
         _log.info("submitted %s (%d CCDs) as Slurm array %s", works[0].label, len(works), array_id)
+        return [SubmittedJob(w, f"{array_id}_{w.detector}") for w in works]
+
+    def find_submitted(self, works: Sequence[CcdWork], token: str, since: float) -> list[SubmittedJob]:
+        """The visit's array that carries ``token`` in its comment: ``squeue`` (by job name),
+        then ``sacct`` (``--name``, from ``since``; the comment is kept with
+        ``AccountingStoreFlags=job_comment``), then, where accounting is off, the jobcomp
+        log, which has no comment: there the array named like the visit, submitted at or
+        after ``since`` and holding one of these detectors is taken (no other process can
+        hold a claim on them since then).
+        """
+        check_visit(works)
+        mark = f"token={checked_token(token)}"
+        since = min(since, time.time())  # a claim "in the future" is clock skew: search from now
+        label = works[0].label
+        if not _LABEL.match(label):
+            raise BadInputError("instrument", f"{label!r} is not a valid Slurm job name",
+                                "letters, digits, ._-")
+        argv = ["squeue", "-h", "-r", "-t", "all", "-n", label, "-O", "JobArrayID:48|,Comment:400"]
+        arrays = {line.split("|", 1)[0].strip().split("_", 1)[0]
+                  for line in self.run(argv).stdout.splitlines() if mark in line.split("|", 1)[-1].split()}
+        if not arrays and not self._sacct_disabled:
+            start = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(since - 60))
+            argv = ["sacct", "-n", "-P", "-X", "--name", label, "-S", start, "-o", "JobID,Comment"]
+            result = self.run(argv, check=False)
+            if result.returncode == 0:
+                arrays = {line.split("|", 1)[0].split("_", 1)[0] for line in result.stdout.splitlines()
+                          if mark in line.split("|", 1)[-1].split()}
+            elif "accounting storage is disabled" in (result.stderr + result.stdout).lower():
+                self._sacct_disabled = True
+            else:
+                raise SchedulerError(argv, result.returncode, result.stdout, result.stderr)
+        if not arrays and self._sacct_disabled and self.settings.jobcomp_log:
+            arrays = _jobcomp_arrays(self.config.path(self.settings.jobcomp_log), label, since,
+                                     {w.detector for w in works})
+        if not arrays:
+            return []
+        if len(arrays) > 1:
+            _log.error("%s: %d Slurm arrays carry submission token %s: %s", label, len(arrays), token,
+                       ", ".join(sorted(arrays)))
+        array_id = min(arrays, key=int)
         return [SubmittedJob(w, f"{array_id}_{w.detector}") for w in works]
 
     def cancel(self, job_ids: Sequence[str]) -> None:
@@ -270,6 +339,29 @@ class SlurmBackend(Backend):
                 code = parts[1].split()[0] if parts[1].strip() else ""  # "CANCELLED by 0"
                 out[parts[0]] = self.map_state(parts[0], code, parse_exit_code(parts[2]))
         return out
+
+
+def _jobcomp_arrays(path: Path, label: str, since: float, detectors: set[int]) -> set[str]:
+    """Array job ids in a jobcomp log named ``label``, submitted at or after ``since`` (the log's
+    whole seconds, local time) with a task among ``detectors``; read from the end, back to the
+    first job that ended before ``since``."""
+    out: set[str] = set()
+    if not path.exists():
+        return out
+    for line in _reverse_lines(path):
+        f = {k: (m.group(1) if (m := rx.search(line)) else None) for k, rx in _JOBCOMP_FIELDS.items()}
+        try:
+            ended = datetime.fromisoformat(f["ended"] or "").timestamp()
+            submitted = datetime.fromisoformat(f["submitted"] or "").timestamp()
+        except ValueError:
+            continue
+        if ended < int(since) - 1:
+            break  # the log is in order of job end: everything before ended before the claim
+        if f["name"] != label or f["array_job"] is None or f["array_task"] is None:
+            continue
+        if submitted >= int(since) - 1 and int(f["array_task"]) in detectors:
+            out.add(f["array_job"])
+    return out
 
 
 def _checked_id(job_id: str) -> str:

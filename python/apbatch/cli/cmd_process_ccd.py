@@ -7,9 +7,15 @@ import json
 import click
 
 from ..errors import BadInputError
+from ..work import MAX_NIMAGES, check_nimages
 from .opt import config_option
 
 __all__ = ["process_ccd"]
+
+
+def _nimages(_ctx: click.Context, _param: click.Parameter, value: int) -> int:
+    # The event parser applies the same rule, so the daemon never submits a job this refuses.
+    return check_nimages(value, "--nimages")
 
 
 @click.command("process-ccd")
@@ -20,8 +26,8 @@ __all__ = ["process_ccd"]
 @click.option("--day-obs", required=True, type=int, help="Observing day, YYYYMMDD.")
 @click.option("--intent", default="science", show_default=True, help="science, bias, dark, flat, ...")
 @click.option("--exposure-time", required=True, type=float, help="Expected exposure time, s (headers win).")
-@click.option("--nimages", default=1, show_default=True, type=click.IntRange(0, 10),
-              help="Snaps to wait for (0 = unknown: wait for one).")
+@click.option("--nimages", default=1, show_default=True, type=int, callback=_nimages,
+              help=f"Snaps to wait for, 0-{MAX_NIMAGES} (0 = unknown: wait for one).")
 @click.option("--distributor", required=True, help="Distributor directory or http://127.0.0.1:PORT.")
 @click.option("--ra", type=click.FloatRange(0, 360), help="Boresight RA, deg.")
 @click.option("--dec", type=click.FloatRange(-90, 90), help="Boresight Dec, deg.")

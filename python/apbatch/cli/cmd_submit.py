@@ -40,7 +40,9 @@ def submit(event_file: str, dry_run: bool, check_age: bool, config_paths: tuple[
 
     EVENT_FILE holds one JSON event, a JSON list, or JSON lines. Every event is validated
     before anything is submitted; CCDs submitted before (by the daemon or an earlier
-    submit) are not submitted again.
+    submit) are not submitted again. The daemon's input limits hold (source.max_file_bytes,
+    source.max_event_bytes, 32 levels of nesting, UTF-8): anything bad exits 2 with one line
+    naming the event, the field and the problem, and nothing is submitted.
     """
     from ..errors import BadInputError, RetriableError
     from ..script.submit import submit_events

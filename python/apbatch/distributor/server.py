@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import threading
 import time
@@ -37,6 +38,32 @@ log = logging.getLogger(__name__)
 
 _MAX_WAIT = 60.0
 _POLL = 0.05
+
+
+def _count_and_wait(query: dict[str, list[str]]) -> tuple[int, float]:
+    """``n`` (an integer >= 1) and ``wait`` (finite seconds >= 0, capped at 60) of a ``/raw`` query.
+
+    Raises
+    ------
+    BadInputError
+        Raised if either is not such a number: ``wait=nan`` would otherwise never end the
+        long-poll (every comparison with NaN is false), ``n=-5`` asks for nothing.
+    """
+    text_n, text_wait = query.get("n", ["1"])[0], query.get("wait", ["0"])[0]
+    try:
+        n = int(text_n)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise BadInputError("n", f"{text_n!r} is not a number of raws", "a whole number >= 1, e.g. ?n=2")
+    try:
+        wait = float(text_wait)
+    except ValueError:
+        wait = math.nan
+    if not (math.isfinite(wait) and wait >= 0.0):
+        raise BadInputError("wait", f"{text_wait!r} is not a number of seconds",
+                            f"a finite number >= 0 (at most {_MAX_WAIT:g} is used), e.g. ?wait=20")
+    return n, min(wait, _MAX_WAIT)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -75,11 +102,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _raws(self, instrument: str, group_id: str, detector: str, query: dict) -> None:
         store = self.server.store
         check_name(detector, "detector")
-        try:
-            n = int(query.get("n", ["1"])[0])
-            wait = min(max(float(query.get("wait", ["0"])[0]), 0.0), _MAX_WAIT)
-        except ValueError:
-            raise BadInputError("n/wait", "not a number", "e.g. ?n=2&wait=20") from None
+        n, wait = _count_and_wait(query)
         names = tuple(x for x in query.get("names", [""])[0].split(",") if x)
         for name in names:
             check_name(name, "names")

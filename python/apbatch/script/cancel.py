@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from ..backends.base import Backend
 from ..config import ApbatchConfig
-from ..dispatcher import cancel_rows
 from ..errors import BadInputError
 from ..ledger import CLAIMED, SUBMIT_FAILED, Ledger
 from ..submission import Submission
+from ..submitter import cancel_rows
 
 __all__ = ["cancel_jobs"]
 

@@ -101,8 +101,9 @@ def reprocess_night(config: ApbatchConfig, *, day_obs: int, dry_run: bool = Fals
     Returns
     -------
     summary : `dict`
-        ``day_obs, dry_run, polled, updated, counts`` (rows per category), ``resubmitted``
-        and ``missed`` (lists of ``{label, detector_name, job_id, why}``), ``errors``.
+        ``day_obs, dry_run, polled, updated, counts`` (rows per category), ``resubmitted``,
+        ``recovered`` (found at the scheduler under a stopped submitter's token: recorded, not
+        rerun) and ``missed`` (lists of ``{label, detector_name, job_id, why}``), ``errors``.
 
     Raises
     ------
@@ -139,6 +140,8 @@ def reprocess_night(config: ApbatchConfig, *, day_obs: int, dry_run: bool = Fals
         # compare-and-set: a CCD a running daemon has just resubmitted is left to it
         res = submitter.resubmit(redo)
         summary["resubmitted"] = [_item(j.work, j.job_id, why[j.work.key]) for j in res.jobs]
+        # found at the scheduler under the claim of a submitter that stopped: recorded, not rerun
+        summary["recovered"] = [_item(j.work, j.job_id, "recovered") for j in res.recovered]
         by_event: dict[float, list[CcdWork]] = {}
         for w, received in missed:
             by_event.setdefault(received, []).append(w)

@@ -61,7 +61,9 @@ def resubmit_ccds(config: ApbatchConfig, target: str, detectors: Sequence[str] =
     summary : `dict`
         ``resubmitted`` (``{label, detector_name, job_id, was}``), ``skipped`` (states of
         the CCDs not eligible, counted), ``taken`` (CCDs another process claimed first),
-        ``errors`` (scheduler refusals).
+        ``recovered`` (jobs a stopped submitter got accepted but never recorded: found at the
+        scheduler by their submission token and recorded, not rerun), ``errors`` (scheduler
+        refusals).
 
     Raises
     ------
@@ -90,7 +92,9 @@ def resubmit_ccds(config: ApbatchConfig, target: str, detectors: Sequence[str] =
             backend = make_backend(config)
         result = Submitter(ledger, backend, clock=lambda: now).resubmit(eligible)
         summary["resubmitted"] = [_item(j.work, j.job_id, was[j.work.key]) for j in result.jobs]
-        summary["taken"] = len(eligible) - len(result.claimed)
+        summary["recovered"] = [_item(j.work, j.job_id, "found at the scheduler, recorded")
+                                for j in result.recovered]
+        summary["taken"] = len(eligible) - len(result.claimed) - len(result.recovered)
         summary["errors"] = result.errors
         return summary
     finally:
