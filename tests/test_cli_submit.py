@@ -125,6 +125,14 @@ def test_submit_scheduler_failure_exit_code(env, capsys):
     env["backend"].fail_submits = 1
     code, _, err = run(capsys, "submit", str(DATA / "nextVisit_LATISS.json"), "--config", env["config"])
     assert code == 4 and "submission failed" in err
+    # the same event again: not "duplicate" and exit 0, but what happened and what to do
+    code, out, err = run(capsys, "submit", str(DATA / "nextVisit_LATISS.json"), "--config", env["config"])
+    assert code == 4 and out == "" and "SUBMIT_FAILED=1" in err and "apbatch resubmit" in err
+    assert len(env["backend"].batches) == 0  # nothing was submitted the second time either
+    # a visit that was submitted is a plain duplicate
+    run(capsys, "submit", str(DATA / "nextVisit_LSSTComCam.json"), "--config", env["config"])
+    code, _, err = run(capsys, "submit", str(DATA / "nextVisit_LSSTComCam.json"), "--config", env["config"])
+    assert code == 0 and "duplicate" in err and "PENDING=9" in err
 
 
 # ---------------------------------------------------------------------------------- status

@@ -262,8 +262,8 @@ def test_scheduler_failure_is_recorded_and_retried(setup):
     out = handle(disp, "nextVisit_LSSTComCam.json")
     assert out.action == "submit-failed" and "sbatch exited with 1" in out.reason
     assert {r.state for r in ledger.rows()} == {SUBMIT_FAILED}
-    assert handle(disp,
-                  "nextVisit_LSSTComCam.json").action == "duplicate"  # not resubmitted by a repeat event
+    repeat = handle(disp, "nextVisit_LSSTComCam.json")  # not resubmitted by a repeat event
+    assert repeat.action == "already-failed" and "SUBMIT_FAILED=9" in repeat.reason
     assert disp.poll_jobs()["resubmitted"] == 9
     assert {(r.state, r.attempts) for r in ledger.rows()} == {("PENDING", 2)}
 

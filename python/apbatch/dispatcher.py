@@ -43,7 +43,7 @@ from .events import Event, NextVisit, NextVisitCanceled, StartIntegration, parse
 from .fanout import fan_out
 from .ledger import NOT_STARTED, Ledger
 from .sources.base import EventSource, RawEvent
-from .states import SubmittedJob
+from .states import SubmissionState, SubmittedJob
 from .submitter import NOT_STARTED_JOBS, Submitter, cancel_rows
 from .work import CcdWork
 
@@ -58,7 +58,8 @@ class Outcome:
 
     ``action`` is one of ``submitted``, ``duplicate`` (every CCD already claimed),
     ``deferred`` (nextVisit in batch mode), ``cancelled``, ``rejected`` (policy),
-    ``bad`` (invalid; dead-lettered), ``submit-failed`` (the scheduler refused; retried later).
+    ``bad`` (invalid; dead-lettered), ``submit-failed`` (the scheduler refused; retried later),
+    ``already-failed`` (every CCD claimed before, and the scheduler refused some of them then).
     """
 
     action: str
@@ -202,10 +203,24 @@ class Dispatcher:
         """Claim the CCDs and submit the newly claimed ones, one batch per visit (`Submitter`)."""
         result = self.submitter.submit_new(works, received_at)
         if not result.claimed:
-            return Outcome("duplicate", f"all {len(works)} CCD(s) already submitted")
+            return self._duplicate(works)
         if result.errors:
             return Outcome("submit-failed", "; ".join(result.errors), result.jobs)
         return Outcome("submitted", f"{len(result.jobs)} job(s)", result.jobs)
+
+    def _duplicate(self, works: Sequence[CcdWork]) -> Outcome:
+        """Every CCD was claimed before: say in which states, and whether submitting failed then."""
+        wanted = {(w.instrument, w.group_id, w.detector) for w in works}
+        groups = {(w.instrument, w.group_id) for w in works}
+        states = collections.Counter(
+            str(r.state) for inst, group in groups for r in self.ledger.rows(instrument=inst, group_id=group)
+            if (r.instrument, r.group_id, r.detector) in wanted)
+        summary = " ".join(f"{s}={n}" for s, n in sorted(states.items()))
+        if states.get(str(SubmissionState.SUBMIT_FAILED)):
+            group = next(iter(groups))[1]
+            return Outcome("already-failed", f"all {len(works)} CCD(s) claimed before ({summary}): the "
+                           f"scheduler refused them; the daemon retries them, or `apbatch resubmit {group}`")
+        return Outcome("duplicate", f"all {len(works)} CCD(s) already submitted ({summary})")
 
     def cancel_group(self, instrument: str, group_id: str, reason: str) -> int:
         """Cancel a group's not-yet-started jobs; never retry any of its CCDs. Returns the count."""

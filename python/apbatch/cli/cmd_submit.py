@@ -61,6 +61,6 @@ def submit(event_file: str, dry_run: bool, check_age: bool, config_paths: tuple[
     if bad:
         raise BadInputError(bad[0]["origin"], f"{bad[0]['action']}: {bad[0]['reason']}",
                             f"{len(bad)} of {len(results)} event(s) not submitted")
-    failed = [r for r in results if r["action"] == "submit-failed"]
+    failed = [r for r in results if r["action"] in ("submit-failed", "already-failed")]
     if failed:
         raise RetriableError(f"{failed[0]['origin']}: submission failed: {failed[0]['reason']}")
