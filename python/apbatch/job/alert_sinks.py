@@ -267,7 +267,9 @@ class KafkaAlertSink(AlertSink):
         if self._producer is None:
             from confluent_kafka import Producer
 
-            self._producer = Producer(self.settings)
+            # librdkafka's own log lines go through Python logging, served by poll/flush on this
+            # thread: never written by its background threads after the job's last line
+            self._producer = Producer({**self.settings, "logger": logging.getLogger("apbatch.rdkafka")})
         return self._producer
 
     def send(self, name, alerts, timeout):
