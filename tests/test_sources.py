@@ -506,6 +506,19 @@ def test_make_source(tmp_path):
         make_source(cfg, "carrier-pigeon")
 
 
+# the broker's quirks (FIELD-NOTES): a short session for quick group joins, no long-poll
+_KAFKA_TEST_EXTRA = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000, "fetch.wait.max.ms": 10}
+
+
+def _read_kafka(cfg, n: int, deadline_s: float = 30):
+    """A new `KafkaSource` for ``cfg`` and up to ``n`` events polled from it within ``deadline_s``."""
+    src = KafkaSource.from_config(cfg, extra=_KAFKA_TEST_EXTRA)
+    got, deadline = [], time.monotonic() + deadline_s
+    while len(got) < n and time.monotonic() < deadline:
+        got += src.poll(0.5)
+    return src, got
+
+
 @pytest.mark.kafka
 def test_kafka_source_real_broker_commit_and_resume(kafka_broker):
     from confluent_kafka import Producer
@@ -521,14 +534,9 @@ def test_kafka_source_real_broker_commit_and_resume(kafka_broker):
     group = f"g-{uuid.uuid4().hex[:8]}"
     cfg = load_config(environ={}, overrides={"kafka": {"bootstrap_servers": kafka_broker}, "source": {
         "kafka_topics": [topic], "kafka_group_id": group}})
-    extra = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000, "fetch.wait.max.ms": 10}
 
-    def read(n, deadline_s=30):
-        src = KafkaSource.from_config(cfg, extra=extra)
-        got, deadline = [], time.monotonic() + deadline_s
-        while len(got) < n and time.monotonic() < deadline:
-            got += src.poll(0.5)
-        return src, got
+    def read(n):
+        return _read_kafka(cfg, n)
 
     src, got = read(3)
     assert len(got) == 3 and got[0].topic == topic
@@ -557,14 +565,9 @@ def test_kafka_failed_event_not_lost_on_restart(kafka_broker):
     producer.flush(10)
     cfg = load_config(environ={}, overrides={"kafka": {"bootstrap_servers": kafka_broker}, "source": {
         "kafka_topics": [topic], "kafka_group_id": f"g-{uuid.uuid4().hex[:8]}"}})
-    extra = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000, "fetch.wait.max.ms": 10}
 
-    def read(n, deadline_s=30):
-        src = KafkaSource.from_config(cfg, extra=extra)
-        got, deadline = [], time.monotonic() + deadline_s
-        while len(got) < n and time.monotonic() < deadline:
-            got += src.poll(0.5)
-        return src, got
+    def read(n):
+        return _read_kafka(cfg, n)
 
     src, got = read(4)
     assert [json.loads(e.payload)["n"] for e in got] == [0, 1, 2, 3]
