@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from apbatch.errors import BadInputError
 from apbatch.script.demo import run_demo
@@ -44,13 +45,17 @@ def test_night_end_to_end_to_kafka(tmp_path, kafka_broker):
     # against the simulator's truth: injected transients found, few false detections (the
     # simulated stars have Moffat wings, the case a fixed 21-px kernel failed on)
     tables = _dia_tables(tmp_path / "night")
+    ratios: dict[int, list[float]] = {}
     for visit, scores in _truth_scores(tmp_path / "night", tables).items():
         assert scores["recovered"] >= 0.9 * scores["injected"], (visit, scores)
         assert scores["false"] <= 6, (visit, scores)
-        # fluxes really are nJy: the injected transients' psfFlux against the truth's nJy (not
-        # electrons: 586 green tests once hid a 1.2-1.7x error there)
-        assert scores["n_flux"] >= 3, (visit, scores)
-        assert abs(scores["flux_ratio_njy"] - 1.0) <= 0.05, (visit, scores)
+        ratios.setdefault(visit[1], []).extend(scores["flux_ratios"])
+    # fluxes really are nJy: the injected transients' psfFlux against the truth's nJy (not
+    # electrons: 586 green tests once hid a 1.2-1.7x error there), median per CCD over the night
+    # (a CCD-visit has only 4-6 such transients: a median of so few scatters by several percent)
+    for det, r in ratios.items():
+        assert len(r) >= 6, (det, r)
+        assert abs(float(np.median(r)) - 1.0) <= 0.05, (det, sorted(r))
     # what the broker's consumer decoded is what the butler's DIA table says, source for source
     by_id = {int(i): f for t in tables.values() for i, f in zip(t["diaSourceId"], t["psfFlux"], strict=True)}
     for a in alerts:
@@ -77,8 +82,8 @@ def _dia_tables(out: Path) -> dict:
 
 def _truth_scores(out: Path, tables: dict) -> dict:
     """Per CCD-visit: transients with |difference S/N| >= 10 injected and recovered, false
-    detections, and the median psfFlux / true difference flux in nJy of the found transients
-    with |difference S/N| >= 5."""
+    detections, and psfFlux / true difference flux in nJy of each found transient with
+    |difference S/N| >= 5."""
     import numpy as np
     import pandas as pd
     from apbatch.instruments import get_instrument
@@ -103,8 +108,7 @@ def _truth_scores(out: Path, tables: dict) -> dict:
         ratio = dia["psfFlux"].to_numpy()[np.asarray(idx)[matched]] / true_njy
         scores[(visit, det)] = {"injected": len(strong), "recovered": int(hit.sum()),
                                 "false": int((np.asarray(near_var) >= 3).sum()),
-                                "n_flux": int(matched.sum()),
-                                "flux_ratio_njy": float(np.median(ratio)) if matched.any() else np.nan}
+                                "flux_ratios": [float(x) for x in ratio]}
     return scores
 
 
