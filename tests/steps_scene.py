@@ -1,13 +1,25 @@
 """Synthetic science/template scene with truth, for the step tests and bench/bench_steps.py.
 
 Not a test module. A CCD of a real camera (amplifier geometry from apbatch.instruments):
-stars with a power-law flux distribution (some saturated, with bleed trails), a Moffat (beta 3,
-wings drawn out to 0.5 e- per pixel, up to 60 px)
-science PSF broader than the Gaussian-core template PSF, transients injected at known
-S/N in the science image only, cosmic rays in each snap, hot/dead columns (one listed in
-the bias mask as a defect), a flat and a bias with structure, and a header WCS off by
-~1.4 arcsec. The template is a low-noise coadd on its own grid (rotated 0.3 deg, shifted),
-optionally split into two patches.
+stars with a power-law flux distribution (some saturated, with bleed trails), a science PSF
+(a Moffat of index ``beta``, 3 by default, or an atmospheric Kolmogorov-like profile, see
+tests/scene_render.py; wings drawn out to 0.5 e- per pixel, up to 60 px) broader than the
+template PSF, transients injected at known S/N in the science image only, cosmic rays in
+each snap, hot/dead columns (one listed in the bias mask as a defect), a flat and a bias
+with structure, and a header WCS off by ~1.4 arcsec. The template is a low-noise coadd on
+its own grid (rotated 0.3 deg, shifted), optionally split into two patches.
+
+Conditions beyond the defaults (all off by default; the default scene of a seed is
+bit-identical to the one before they existed, because every new feature draws its random
+numbers from a second generator): PSF variation and ellipticity across the CCD, Sersic
+galaxies, extra bright (saturated) stars, sky and transparency changes between snaps, a
+dead or a glowing amplifier, a sky gradient, vignetting, transients near the CCD edge.
+tests/scene_conditions.py names a grid of them.
+
+The template PSF is of the science PSF's family (same kind and ``beta``: a coadd of
+atmospheric PSFs keeps their wings) at width ``tmpl_sigma``, without variation or
+ellipticity; ``tmpl_sigma`` defaults to min(1.35, 0.8 ``sci_sigma``) so that the
+template stays sharper than the science in good seeing.
 """
 
 from __future__ import annotations
@@ -18,12 +30,29 @@ import numpy as np
 from apbatch.image import Image, MaskBits
 from apbatch.instruments import get_instrument
 from apbatch.raw import RawExposure, RawMetadata, RawSegment
+from scene_render import (
+    FULL_WELL,
+    FWHM_PER_SIGMA,
+    add_stars,
+    edge_positions,
+    illumination,
+    make_template,
+    psf_field,
+    random_galaxies,
+    render_galaxies,
+    render_psf,
+)
+from scene_score import psf_power, run_chain, score, shot_noise_snr
 
-__all__ = ["Scene", "make_scene", "to_raw", "render_psf"]
+__all__ = ["Scene", "make_scene", "to_raw", "render_psf", "run_chain", "score"]
+
+_add_stars = add_stars  # the name the step tests import
 
 
 @dataclasses.dataclass
 class Scene:
+    """A simulated visit of one CCD: raws, calibrations, template patches and the truth."""
+
     instrument: object
     detector: object
     raws: list
@@ -34,39 +63,10 @@ class Scene:
     true_wcs: object
 
 
-def render_psf(kind: str, sigma: float, h: int = 12, dx: float = 0.0, dy: float = 0.0) -> np.ndarray:
-    y, x = np.mgrid[-h : h + 1, -h : h + 1]
-    r2 = (x - dx) ** 2 + (y - dy) ** 2
-    if kind == "moffat":  # Moffat beta=3 with a core width matched to sigma
-        alpha = sigma * 2.3548 / (2 * np.sqrt(2 ** (1 / 3.0) - 1))
-        p = (1 + r2 / alpha**2) ** -3.0
-    else:
-        p = np.exp(-r2 / (2 * sigma**2))
-    return p / p.sum()
-
-
-def _wing_half(flux: float, sigma: float) -> int:
-    """Half-size at which a Moffat (beta=3) star of ``flux`` e- drops below 0.5 e- per pixel (12-60 px)."""
-    alpha = sigma * 2.3548 / (2 * np.sqrt(2 ** (1 / 3.0) - 1))
-    peak = flux * 2.0 / (np.pi * alpha**2)
-    r = alpha * np.sqrt(max((peak / 0.5) ** (1 / 3.0) - 1.0, 0.0))
-    return int(min(max(np.ceil(r), 12), 60))
-
-
-def _add_stars(img, xs, ys, fluxes, kind, sigma, h=None):
-    """Add stars; ``h`` is the stamp half-size (default: 12 for Gaussians, to the wings' end for Moffats)."""
-    ny, nx = img.shape
-    fixed = h
-    for x, y, f in zip(xs, ys, fluxes, strict=False):
-        h = fixed if fixed is not None else (_wing_half(f, sigma) if kind == "moffat" else 12)
-        xi, yi = int(round(x)), int(round(y))
-        if xi < -h or yi < -h or xi >= nx + h or yi >= ny + h:
-            continue
-        st = f * render_psf(kind, sigma, h, x - xi, y - yi)
-        y0, y1, x0, x1 = yi - h, yi + h + 1, xi - h, xi + h + 1
-        sy0, sx0 = max(0, -y0), max(0, -x0)
-        sy1, sx1 = st.shape[0] - max(0, y1 - ny), st.shape[1] - max(0, x1 - nx)
-        img[max(y0, 0) : min(y1, ny), max(x0, 0) : min(x1, nx)] += st[sy0:sy1, sx0:sx1]
+def _amp_box(amps, index):
+    if index is None:
+        return None
+    return tuple(int(v) for v in amps[index].bbox)
 
 
 def make_scene(
@@ -79,16 +79,81 @@ def make_scene(
     snaps: int = 2,
     sky: float = 600.0,
     sci_sigma: float = 1.7,
-    tmpl_sigma: float = 1.35,
+    tmpl_sigma: float | None = None,
     wcs_error_arcsec=(1.2, -0.8),
     two_patches: bool = True,
     template_depth: float = 9.0,
+    psf: str = "moffat",
+    beta: float = 3.0,
+    psf_variation: float = 0.0,
+    ellipticity: float = 0.0,
+    n_galaxies: int = 0,
+    n_bright_stars: int = 0,
+    sky_change_mag: float = 0.0,
+    transparency_change_mag: float = 0.0,
+    dead_amp: int | None = None,
+    hot_amp: int | None = None,
+    hot_amp_level: float = 2000.0,
+    sky_gradient: float = 0.0,
+    vignetting: float = 0.0,
+    edge_margin: float = 40.0,
+    n_edge_transients: int = 0,
 ) -> Scene:
+    """Simulate one CCD visit (raws of each snap, bias, flat, template patches) with its truth.
+
+    Parameters
+    ----------
+    seed : `int`
+        Random seed; the default scene of a seed never changes.
+    instrument, detector : `str`, `int`
+        Camera and CCD (geometry and amplifiers from `apbatch.instruments`).
+    n_stars, n_transients, n_cr, snaps : `int`
+        Stars (dN/dF ~ F^-2 from 400 e- per snap), injected transients (true S/N
+        log-uniform 3-50 in the difference), cosmic rays per snap, snaps per visit.
+    sky : `float`
+        Sky per snap, e- per pixel.
+    sci_sigma, tmpl_sigma : `float`
+        Gaussian-equivalent PSF widths (FWHM / 2.3548), pixels; ``tmpl_sigma`` defaults to
+        min(1.35, 0.8 ``sci_sigma``).
+    wcs_error_arcsec, two_patches, template_depth
+        Header WCS error, template split in two patches, template depth in visits.
+    psf : `str`
+        ``"moffat"`` or ``"atmospheric"`` (the science and template PSF family).
+    beta : `float`
+        Moffat index.
+    psf_variation, ellipticity : `float`
+        Fractional FWHM change from CCD centre to corner; PSF shear at the corners.
+    n_galaxies, n_bright_stars : `int`
+        Sersic galaxies (in science and template; not transients); extra stars of 2e5-3e7
+        e- per snap (saturated, most with bleed trails).
+    sky_change_mag, transparency_change_mag : `float`
+        Per snap after the first: sky brighter, sources fainter by this many magnitudes.
+    dead_amp, hot_amp : `int`, optional
+        Amplifier index reading bias and read noise only; amplifier with ``hot_amp_level``
+        extra e- (and its shot noise).
+    sky_gradient : `float`
+        Fractional sky change from one corner of the CCD to the opposite one.
+    vignetting : `float`
+        Fractional illumination drop (sky and sources, and the flat) towards the CCD point
+        farthest from the optical axis.
+    edge_margin : `float`
+        Transients are at least this far (pixels) from the CCD edges.
+    n_edge_transients : `int`
+        Extra transients (same S/N law) between ``edge_margin`` and 25 px from a CCD edge.
+
+    Returns
+    -------
+    scene : `Scene`
+        ``truth`` holds the transients (``x``, ``y``, total ``flux`` in e- summed over snaps,
+        true ``snr``, local ``fwhm`` in px), stars, galaxies, defects and the conditions.
+    """
     rng = np.random.default_rng(seed)
+    side = np.random.default_rng([seed, 10])  # the draws of every non-default condition
     inst = get_instrument(instrument)
     det = inst.detector(detector)
     amps = inst.amplifiers(det.id)
     ny, nx = det.ny, det.nx
+    tmpl_sigma = min(1.35, 0.8 * sci_sigma) if tmpl_sigma is None else tmpl_sigma
     ra0, dec0, rot = 150.0, 2.0, 30.0
     wcs = inst.sky_wcs(det, ra0, dec0, rot)
     # stars over a slightly larger area than the CCD
@@ -97,16 +162,54 @@ def make_scene(
     sy = rng.uniform(-pad, ny + pad, n_stars)
     flux = 400.0 * (1 - rng.uniform(0, 1, n_stars)) ** -1.0  # dN/dF ~ F^-2, per snap, e-
     flux = np.minimum(flux, 3e7)
+    if n_bright_stars:
+        sx = np.concatenate([sx, side.uniform(0, nx, n_bright_stars)])
+        sy = np.concatenate([sy, side.uniform(0, ny, n_bright_stars)])
+        flux = np.concatenate([flux, np.exp(side.uniform(np.log(2e5), np.log(3e7), n_bright_stars))])
     sra, sdec = wcs.pixel_to_world_values(sx, sy)
+    field = psf_field(nx, ny, sci_sigma, psf_variation, ellipticity)
+    sky_k = 10 ** (0.4 * sky_change_mag * np.arange(snaps))
+    trans_k = 10 ** (-0.4 * transparency_change_mag * np.arange(snaps))
+    illum = illumination(det, (ny, nx), vignetting)
+    gmap = None
+    if sky_gradient:
+        yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float32)
+        gmap = (1 + sky_gradient * ((xx / (nx - 1) + yy / (ny - 1)) / 2 - 0.5)).astype(np.float32)
+        del yy, xx
     # transients: true S/N log-uniform 3-50 in the difference (both snaps)
-    psf = render_psf("moffat", sci_sigma)
-    sum_p2 = (psf**2).sum()
     rn2 = np.mean([a.read_noise**2 for a in amps])
-    var_diff = snaps * (sky + rn2) + snaps * sky / template_depth
     tsnr = np.exp(rng.uniform(np.log(3), np.log(50), n_transients))
+    tx = rng.uniform(edge_margin, nx - edge_margin, n_transients)
+    ty = rng.uniform(edge_margin, ny - edge_margin, n_transients)
+    if n_edge_transients:
+        ex, ey = edge_positions(side, n_edge_transients, nx, ny, edge_margin, 25.0)
+        tsnr = np.concatenate([tsnr, np.exp(side.uniform(np.log(3), np.log(50), n_edge_transients))])
+        tx, ty = np.concatenate([tx, ex]), np.concatenate([ty, ey])
+    tshape = [field(x, y) if field else (sci_sigma, 0.0, 0.0) for x, y in zip(tx, ty, strict=True)]
+    sum_p2 = np.array([psf_power(psf, s, beta, g, t) for s, g, t in tshape])
+    ix = np.clip(np.round(tx).astype(int), 0, nx - 1)
+    iy = np.clip(np.round(ty).astype(int), 0, ny - 1)
+    t_ill = illum[iy, ix].astype(float) if illum is not None else 1.0
+    t_sky = sky * gmap[iy, ix].astype(float) if gmap is not None else sky
+    # variance of the difference in flat-fielded e-; the template's part is taken at its own
+    # scale (not rescaled by a transparency change), so that the transients of a seed are the
+    # same whatever the transparency
+    var_diff = sum((t_sky * s * t_ill + rn2) / t_ill**2 for s in sky_k) + snaps * sky / template_depth
     tflux_total = tsnr * np.sqrt(var_diff / sum_p2)
-    tx = rng.uniform(40, nx - 40, n_transients)
-    ty = rng.uniform(40, ny - 40, n_transients)
+    snr_shot = shot_noise_snr(psf, tshape, beta, tflux_total, var_diff, t_ill)
+    # galaxies: rendered once per image, through the local PSF
+    gal = None
+    if n_galaxies:
+        gx, gy, gflux, gpar = random_galaxies(side, n_galaxies, nx, ny)
+
+        def sci_psf(x, y, h):
+            s, g, t = field(x, y) if field else (sci_sigma, 0.0, 0.0)
+            return render_psf(psf, s, h, beta=beta, shear=g, theta=t)
+
+        gal = render_galaxies((ny, nx), gx, gy, gflux, gpar, sci_psf)
+    else:
+        gx = gy = gflux = np.zeros(0)
+        gpar = np.zeros((0, 4))
     # flat and bias (electrons)
     yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float32)
     flat = (1.0 + 0.03 * np.sin(xx / 700.0) * np.cos(yy / 900.0)).astype(np.float32)
@@ -115,20 +218,30 @@ def make_scene(
     defect_col, hot_cols, dead_cols = 1500, [(700, 0, ny), (2900, 2600, 4000)], [(3333, 0, 2000)]
     bias_mask = np.zeros((ny, nx), np.int32)
     bias_mask[:, defect_col] = MaskBits.BAD
+    dead_box, hot_box = _amp_box(amps, dead_amp), _amp_box(amps, hot_amp)
+    psf0 = render_psf(psf, sci_sigma, beta=beta)
+    saturated = flux * psf0.max() > FULL_WELL
     raws = []
     for k in range(snaps):
-        img = np.full((ny, nx), sky, np.float32)
-        _add_stars(img, sx, sy, flux, "moffat", sci_sigma)
-        _add_stars(img, tx, ty, tflux_total / snaps, "moffat", sci_sigma)
+        if gmap is None:
+            img = np.full((ny, nx), sky * sky_k[k], np.float32)
+        else:
+            img = gmap * np.float32(sky * sky_k[k])
+        add_stars(img, sx, sy, flux * trans_k[k], psf, sci_sigma, beta=beta, shape=field)
+        tflux_k = tflux_total * trans_k[k] / trans_k.sum()
+        add_stars(img, tx, ty, tflux_k, psf, sci_sigma, beta=beta, shape=field)
+        if gal is not None:
+            img += gal * np.float32(trans_k[k])
+        if illum is not None:
+            img *= illum
         img *= flat
         img = img + rng.standard_normal((ny, nx), dtype=np.float32) * np.sqrt(np.maximum(img, 0))
         # bleed trails of saturated stars along columns
-        full_well = 180000.0
-        for x, y, f in zip(sx, sy, flux, strict=False):
-            if f * psf.max() > full_well and 0 <= x < nx and 0 <= y < ny:
-                half = int(min(f / full_well / 6, 400))
+        for x, y, f in zip(sx, sy, flux * trans_k[k], strict=False):
+            if f * psf0.max() > FULL_WELL and 0 <= x < nx and 0 <= y < ny:
+                half = int(min(f / FULL_WELL / 6, 400))
                 xi, yi = int(round(x)), int(round(y))
-                img[max(yi - half, 0) : yi + half + 1, max(xi - 1, 0) : xi + 2] = full_well * 1.2
+                img[max(yi - half, 0) : yi + half + 1, max(xi - 1, 0) : xi + 2] = FULL_WELL * 1.2
         for x0, y0, y1 in hot_cols:
             img[y0:y1, x0] += 300.0
         img[:, defect_col] += 250.0
@@ -142,56 +255,55 @@ def make_scene(
             amp = rng.uniform(300, 5000)
             for t in range(length):
                 img[int(cy + t * np.sin(ang)), int(cx + t * np.cos(ang))] += amp
+        if hot_box is not None:
+            x0, x1, y0, y1 = hot_box
+            glow = side.standard_normal((y1 - y0, x1 - x0), dtype=np.float32) * np.sqrt(hot_amp_level)
+            img[y0:y1, x0:x1] += hot_amp_level + glow
         img += biasimg
+        if dead_box is not None:
+            x0, x1, y0, y1 = dead_box
+            img[y0:y1, x0:x1] = biasimg[y0:y1, x0:x1]
         meta_ra = ra0 + wcs_error_arcsec[0] / 3600.0 / np.cos(np.radians(dec0))
         meta_dec = dec0 + wcs_error_arcsec[1] / 3600.0
         raws.append(to_raw(img, inst, det, rng, k, snaps, meta_ra, meta_dec, rot))
         del img
-    # template: its own grid (rotated and shifted), low noise, sharper PSF
-    from astropy.wcs import WCS
-
-    tny, tnx = ny + 120, nx + 120
-    cra, cdec = wcs.pixel_to_world_values((nx - 1) / 2.0, (ny - 1) / 2.0)
-    th = np.radians(0.3)
-    rmat = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
-    twcs = WCS(naxis=2)
-    twcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-    twcs.wcs.crval = [float(cra), float(cdec)]
-    twcs.wcs.crpix = [(tnx - 1) / 2.0 + 1 + 37.3, (tny - 1) / 2.0 + 1 - 21.6]
-    twcs.wcs.cd = wcs.pixel_scale_matrix @ rmat
-    twcs.wcs.set()
-    tpx, tpy = twcs.world_to_pixel_values(sra, sdec)
-    timg = np.zeros((tny, tnx), np.float32)
-    _add_stars(timg, tpx, tpy, flux * snaps, "moffat", tmpl_sigma)
-    tvar = (snaps * sky / template_depth + timg / template_depth).astype(np.float32)
-    timg += rng.standard_normal((tny, tnx), dtype=np.float32) * np.sqrt(tvar) + 5.0
-    tmask = np.zeros((tny, tnx), np.int32)
-    tmask[timg > 0.9 * 180000 * snaps] = MaskBits.SAT
-    if two_patches:
-        cut = tnx // 2
-        w1 = twcs.deepcopy()
-        w2 = twcs.deepcopy()
-        w2.wcs.crpix = twcs.wcs.crpix - np.array([cut - 50, 0])
-        w2.wcs.set()
-        templates = [
-            Image(timg[:, : cut + 50], tvar[:, : cut + 50], tmask[:, : cut + 50], w1),
-            Image(timg[:, cut - 50 :], tvar[:, cut - 50 :], tmask[:, cut - 50 :], w2),
-        ]
-    else:
-        templates = [Image(timg, tvar, tmask, twcs)]
+    gra, gdec = wcs.pixel_to_world_values(gx, gy)
+    templates = make_template(
+        rng, wcs, nx, ny, (sra, sdec, flux), (gra, gdec, gflux, gpar), snaps, sky, template_depth,
+        psf, beta, tmpl_sigma, two_patches,
+    )
     truth = {
         "x": tx,
         "y": ty,
         "flux": tflux_total,
         "snr": tsnr,
+        "snr_shot": snr_shot,
+        "fwhm": np.array([FWHM_PER_SIGMA * s for s, _, _ in tshape]),
         "star_x": sx,
         "star_y": sy,
         "star_flux": flux,
+        "star_saturated": saturated,
+        "galaxy_x": gx,
+        "galaxy_y": gy,
+        "galaxy_flux": gflux,
+        "galaxy_params": gpar,
         "hot_cols": hot_cols,
         "dead_cols": dead_cols,
         "defect_col": defect_col,
+        "dead_amp_box": dead_box,
+        "hot_amp_box": hot_box,
+        "psf": psf,
+        "beta": beta,
+        "sci_sigma": sci_sigma,
+        "tmpl_sigma": tmpl_sigma,
+        "tmpl_fwhm": FWHM_PER_SIGMA * tmpl_sigma,
+        "psf_fwhm_center": FWHM_PER_SIGMA * sci_sigma,
+        "sky_per_snap": sky * sky_k,
+        "transparency_per_snap": trans_k,
+        "edge_margin": edge_margin,
     }
-    return Scene(inst, det, raws, Image(biasimg, None, bias_mask), Image(flat), templates, truth, wcs)
+    flat_img = flat * illum if illum is not None else flat
+    return Scene(inst, det, raws, Image(biasimg, None, bias_mask), Image(flat_img), templates, truth, wcs)
 
 
 def to_raw(
@@ -254,93 +366,3 @@ def to_raw(
         can_see_sky=True,
     )
     return RawExposure({"NJY_PER_E": 0.5}, md, segs)
-
-
-def run_chain(scene: Scene, timer=None) -> dict:
-    """Run every step on a scene, in pipeline order; ``timer(name)`` is a context manager or None."""
-    import contextlib
-
-    from apbatch.job.steps import (
-        detect_sources,
-        fit_wcs,
-        measure_dia_sources,
-        measure_psf,
-        run_isr,
-        subtract_background,
-        subtract_images,
-        warp_template,
-    )
-
-    t = timer or (lambda name: contextlib.nullcontext())
-    out = {}
-    with t("isr"):
-        calexp = run_isr(scene.raws, scene.instrument, scene.detector, scene.bias, scene.flat)
-    with t("background"):
-        subtract_background(calexp)
-    with t("detection"):
-        sources = detect_sources(calexp, threshold=10.0)
-    with t("psf"):
-        psf = measure_psf(calexp, sources)
-    with t("astrometry"):
-        refs = []
-        for tp in scene.templates:
-            tb = Image(tp.image.copy(), tp.variance, tp.mask, tp.wcs)
-            subtract_background(tb)
-            ts = detect_sources(tb, threshold=20.0, psf_sigma=1.3).head(800)
-            refs.append(np.column_stack(tp.wcs.pixel_to_world_values(ts["x"], ts["y"])))
-        wcs, astro = fit_wcs(calexp.wcs, sources[["x", "y"]].to_numpy(), np.concatenate(refs))
-        calexp.wcs = wcs
-    with t("warp"):
-        warped = warp_template(scene.templates, wcs, calexp.shape)
-    with t("subtract"):
-        # the template PSF (a property of the coadd) is known to the scene, not measured here
-        diff, sres = subtract_images(calexp, warped, psf.sigma, 1.35, sources)
-    with t("measure"):
-        dia = measure_dia_sources(diff, psf, calexp)
-    out.update(
-        calexp=calexp, sources=sources, psf=psf, astro=astro, warped=warped, diff=diff, sres=sres, dia=dia
-    )
-    return out
-
-
-def score(scene: Scene, result: dict, match_radius: float = 2.5) -> dict:
-    """Truth scores of a :func:`run_chain` result.
-
-    Completeness is given per bin of *measured* S/N (forced PSF photometry on the
-    difference image at the true position, with the detection's noise rescaling) and per
-    bin of true (injected) S/N. False detections: DIA sources farther than 3 px from every
-    injected transient; ``false_clean`` counts those without bad/saturated/cr/edge flags and
-    with reliability >= 0.5.
-    """
-    from apbatch.job.steps import psf_flux
-    from scipy.spatial import cKDTree
-
-    dia, tr = result["dia"], scene.truth
-    txy = np.column_stack([tr["x"], tr["y"]])
-    if len(dia):
-        d, _ = cKDTree(dia[["x", "y"]].to_numpy()).query(txy)
-        d2, _ = cKDTree(txy).query(dia[["x", "y"]].to_numpy())
-    else:
-        d, d2 = np.full(len(txy), np.inf), np.zeros(0)
-    found = d <= match_radius
-    f, e = psf_flux(result["diff"], result["psf"], tr["x"], tr["y"], dia.attrs.get("noise_scale", 1.0))
-    msnr = f / e
-    usable = np.isfinite(msnr)
-    out = {"n_injected": len(txy), "n_dia": len(dia)}
-    for name, s in (("measured", msnr), ("true", tr["snr"])):
-        for lo, hi in ((5, 10), (10, np.inf)):
-            sel = usable & (s >= lo) & (s < hi)
-            out[f"completeness_{name}_{lo}_{hi}"] = float(found[sel].mean()) if sel.any() else float("nan")
-            out[f"n_{name}_{lo}_{hi}"] = int(sel.sum())
-    false = dia[d2 > 3.0] if len(dia) else dia
-    out["false"] = int(len(false))
-    if len(false):
-        flagged = false[["pixelFlags_bad", "pixelFlags_saturated", "pixelFlags_cr", "pixelFlags_edge"]].any(
-            axis=1
-        )
-        out["false_clean"] = int(((~flagged) & (false["reliability"] >= 0.5)).sum())
-    else:
-        out["false_clean"] = 0
-    real = dia[d2 <= 3.0] if len(dia) else dia
-    out["true_reliability_ge_0.5"] = float((real["reliability"] >= 0.5).mean()) if len(real) else float("nan")
-    return out

@@ -232,3 +232,19 @@ def test_postgresql_apdb_three_visits_and_exactly_once_store(tmp_path, postgres_
         assert counts() == {"DiaSource": 15, "DiaObjectLast": 5, "DiaForcedSource": 15}
     finally:
         engine.dispose()
+
+
+def test_job_ids_are_kept_when_flagged_rows_were_left_out(apdb, tmp_path):
+    """The job leaves flagged rows out (alert_policy) but keeps its table's ids: the APDB stores those."""
+    assoc = Association(apdb, radius_arcsec=1.0)
+    cat = make_sources(5, np.random.default_rng(3), nx=SMALL, ny=SMALL)
+    ccd = make_ccd(0)
+    cat["diaSourceId"] = pack_id(ccd.visit, ccd.detector, np.arange(5))
+    kept = cat.iloc[[0, 2, 4]].reset_index(drop=True)
+    res = _run(assoc, 0, kept)
+    assoc.store(res)
+    assert res.sources["diaSourceId"].tolist() == cat["diaSourceId"].iloc[[0, 2, 4]].tolist()
+    eng = sa.create_engine(f"sqlite:///{tmp_path}/apdb.sqlite3")
+    with eng.connect() as conn:
+        stored = sorted(r[0] for r in conn.execute(sa.text('SELECT "diaSourceId" FROM "DiaSource"')))
+    assert stored == sorted(cat["diaSourceId"].iloc[[0, 2, 4]].tolist())

@@ -131,3 +131,79 @@ def test_few_nans_are_masked_bad(truth):
     assert out.mask[y, x] & MaskBits.BAD and out.mask[y, x] & MaskBits.INTRP
     assert np.isfinite(out.image).all()
     assert abs(out.image[y, x] - truth[y, x]) < 5
+
+
+def _noisy(truth, rng):
+    return truth + rng.normal(0, np.sqrt(truth)).astype(np.float32)
+
+
+def test_two_snaps_with_transparency_and_sky_change(truth):
+    """Snap 2 loses 0.3 mag of transparency and its sky brightens by 0.3 mag: modelled, not flagged."""
+    rng = np.random.default_rng(4)
+    a, sky2 = 10 ** (-0.12), 500.0 * (10**0.12 - 1)
+    t2 = (truth - 500.0) * a + 500.0 + sky2  # the gradient (sky) of _truth stays, scaled by a
+    s1, s2 = _noisy(truth, rng), _noisy(t2, rng)
+    s2[1000, 3000] += 2500.0
+    out = run_isr([_raw(s1, 0, 2, noise=True, seed=1), _raw(s2, 1, 2, noise=True, seed=2)], INST, DET)
+    md = out.metadata
+    assert md["SNAPMODE"] == "model"
+    assert md["SNAPRATI"] == pytest.approx(a, rel=0.03)
+    assert md["AMPSBAD"] == ""
+    cr = (out.mask & MaskBits.CR) != 0
+    assert cr[1000, 3000] and md["SNAPNCR"] == cr.sum()
+    # one CR (3x3) plus a few 4.5-sigma noise pixels; without the model every pixel differs by ~4 sigma
+    assert cr.sum() < 9 * 200
+    # the CR pixel holds the visit's value predicted from snap 1
+    assert out.image[1000, 3000] == pytest.approx(truth[1000, 3000] + t2[1000, 3000], abs=250)
+    resid = (out.image - truth - t2) / np.sqrt(out.variance)
+    assert 0.9 < np.std(resid[out.mask == 0]) < 1.15
+    assert abs(np.mean(resid[out.mask == 0])) < 0.1
+
+
+def test_dead_amp_is_masked_not_interpolated(truth):
+    """Amplifiers reading only bias and read noise, or glowing, are masked BAD | NO_DATA, named in AMPSBAD."""
+    rng = np.random.default_rng(5)
+    dead, hot = INST.amplifiers(0)[6], INST.amplifiers(0)[1]
+    bx0, bx1, by0, by1 = dead.bbox
+    hx0, hx1, hy0, hy1 = hot.bbox
+    assert hx1 <= bx0 and hy0 >= by0  # the hot amp is left of the dead one, in the same row
+    snaps = []
+    for k in range(2):
+        s = _noisy(truth, rng)
+        s[by0:by1, bx0:bx1] = 0.0
+        s[hy0:hy1, hx0:hx1] += 3000.0 + rng.normal(0, 55.0, (hy1 - hy0, hx1 - hx0)).astype(np.float32)
+        snaps.append(_raw(s, k, 2, noise=True, seed=10 + k))
+    # a defect column just outside the dead amp: interpolated from the live side only
+    bias_mask = np.zeros(truth.shape, np.int32)
+    bias_mask[by0:by1, bx1] = MaskBits.BAD
+    out = run_isr(snaps, INST, DET, Image(np.zeros_like(truth), None, bias_mask))
+    assert out.metadata["AMPSBAD"] == ",".join(sorted([f"{dead.name}:dead", f"{hot.name}:hot"]))
+    hbox = out.mask[hy0:hy1, hx0:hx1]
+    assert (hbox & MaskBits.NO_DATA).all() and not (hbox & (MaskBits.INTRP | MaskBits.CR)).any()
+    col = out.image[by0 + 10 : by1 - 10, bx1] / (2 * truth[by0 + 10 : by1 - 10, bx1])
+    assert (out.mask[by0:by1, bx1] & MaskBits.INTRP).all()
+    assert 0.97 < np.median(col) < 1.03
+    box = out.mask[by0:by1, bx0:bx1]
+    assert (box & MaskBits.NO_DATA).all() and (box & MaskBits.BAD).all()
+    assert not (box & (MaskBits.INTRP | MaskBits.CR)).any()
+    assert not (out.mask & MaskBits.NO_DATA)[:, bx1:].any() and not (out.mask & MaskBits.NO_DATA)[:by0].any()
+    assert out.metadata["SNAPMODE"] == "model" and out.metadata["SNAPNCR"] < 9 * 200
+    # the other amplifiers are untouched: no bad columns flagged at the dead amp's edges
+    assert not (out.mask[by0:by1, bx1 + 1 : bx1 + 4] & MaskBits.BAD).any()
+
+
+def test_amp_check_can_be_turned_off(truth):
+    raw = _raw(np.where(np.arange(truth.shape[1]) < 509, np.float32(0), truth).astype(np.float32))
+    cfg = IsrConfig(cr_single=False)
+    left = sorted(f"{a.name}:dead" for a in INST.amplifiers(0) if a.bbox[0] == 0)
+    assert run_isr([raw], INST, DET, config=cfg).metadata["AMPSBAD"] == ",".join(left)
+    off = run_isr([raw], INST, DET, config=dataclasses.replace(cfg, amp_check=False))
+    assert off.metadata["AMPSBAD"] == "" and not (off.mask & MaskBits.NO_DATA).any()
+
+
+def test_all_amps_saturated_is_bad_input(truth):
+    """A CCD saturated everywhere (light leak) is unusable: bad input, not a job that finds nothing."""
+    raw = _raw(np.full_like(truth, 4e5))
+    with pytest.raises(BadInputError, match="every amplifier is bad") as ei:
+        run_isr([raw], INST, DET, config=IsrConfig(cr_single=False))
+    assert ei.value.exit_code == ExitCode.BAD_INPUT

@@ -119,3 +119,121 @@ def test_centroid_beside_an_interpolated_column_is_not_pushed_away(col_offset):
     out = measure_dia_sources(Image(img, var, mask, WCS), gaussian_psf(SIG))
     assert len(out) == 1
     assert np.hypot(out["x"].iloc[0] - x0, out["y"].iloc[0] - y0) < 0.6
+
+
+def _moffat(shape, x0, y0, flux, fwhm, beta=3.0):
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+    alpha = fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    r2 = (xx - x0) ** 2 + (yy - y0) ** 2
+    return flux * (beta - 1) / (np.pi * alpha**2) * (1.0 + r2 / alpha**2) ** -beta
+
+
+@pytest.mark.parametrize("fwhm, dist", [(3.5, 16.0), (10.0, 32.0)])  # 0.7" and 2" seeing
+def test_saturated_star_halo_sources_are_kept_but_flagged(fwhm, dist):
+    from apbatch.job.steps import moffat_psf
+
+    n, noise, full_well, f_star = 600, 35.0, 1.5e5, 3e7
+    x0, y0 = 300.3, 299.6
+    rng = np.random.default_rng(int(fwhm))
+    star = _moffat((n, n), x0, y0, f_star, fwhm)
+    sat = star > full_well
+    cols = np.nonzero(sat.any(axis=0))[0]
+    sat[int(y0) - 60 : int(y0) + 61, cols] = True  # bleed trail along the columns
+    sci = (star + rng.normal(0, noise, (n, n))).astype(np.float32)
+    sci[sat] = full_well
+    mask = np.where(sat, int(MaskBits.SAT), 0).astype(np.int32)
+    var = np.full((n, n), noise**2, np.float32)
+    # the difference: noise, a 10 % wing mismatch of the star (broader and 0.15 px off in the
+    # template: a ring and a dipole, both far above the noise), garbage in the saturated pixels
+    resid = 0.1 * (star - _moffat((n, n), x0 + 0.15, y0, f_star, 1.1 * fwhm))
+    img = (rng.normal(0, noise, (n, n)) + resid).astype(np.float32)
+    img[sat] = 1e4
+    psf = moffat_psf(fwhm, 3.0)
+    p = psf.stamp()
+    f_tr = 25.0 * noise / np.sqrt((p**2).sum())
+    tx, ty = x0 + dist / np.sqrt(2), y0 + dist / np.sqrt(2)  # in the halo, off the trail
+    cx, cy = 520.0, 90.0  # a control transient far from the star
+    for x, y in ((tx, ty), (cx, cy)):
+        img += _moffat((n, n), x, y, f_tr, fwhm).astype(np.float32)
+        sci += _moffat((n, n), x, y, f_tr, fwhm).astype(np.float32)
+    diff = Image(img, var, mask.copy(), WCS)
+    out = measure_dia_sources(diff, psf, Image(sci, var, mask.copy()))
+
+    def near(x, y):
+        return np.hypot(out["x"] - x, out["y"] - y) < 2.0
+
+    halo_sources = out[np.hypot(out["x"] - x0, out["y"] - y0) < 150]
+    flagged = halo_sources["pixelFlags_suspect"] | halo_sources["pixelFlags_saturated"]
+    assert len(halo_sources) >= 2  # the residual is detected (and kept), not only the transient
+    assert flagged.all(), halo_sources[["x", "y", "snr", "pixelFlags_suspect"]]
+    assert near(tx, ty).sum() == 1
+    tr = out[near(tx, ty)].iloc[0]
+    assert tr.pixelFlags_suspect and tr.snr == pytest.approx(25.0, rel=0.35)
+    assert out.attrs["n_in_saturation_halos"] == int(out["pixelFlags_suspect"].sum())
+    assert out.attrs["n_saturated_stars"] == 1
+    ctrl = out[near(cx, cy)]
+    assert len(ctrl) == 1 and not ctrl.pixelFlags_suspect.iloc[0] and ctrl.reliability.iloc[0] > 0.8
+    assert diff.mask[int(ty), int(tx)] & MaskBits.SUSPECT
+    assert not diff.mask[int(cy), int(cx)] & MaskBits.SUSPECT
+    assert not (out["pixelFlags_suspect"] & (np.hypot(out["x"] - x0, out["y"] - y0) > 200)).any()
+
+
+def test_positive_offset_gives_symmetric_noise_detections():
+    n = 1024
+    rng = np.random.default_rng(17)
+    yy, xx = np.mgrid[0:n, 0:n]
+    level = 0.6 + 0.4 * np.sin(xx / 300.0)  # e-: 0.01-0.05 sigma per pixel, 0.2 sigma in the filter
+    img = (rng.normal(0, 20.0, (n, n)) + level).astype(np.float32)
+    var = np.full((n, n), 400.0, np.float32)
+    out = measure_dia_sources(Image(img, var), gaussian_psf(SIG), threshold=3.0)
+    pos, neg = int((~out.isNegative).sum()), int(out.isNegative.sum())
+    assert pos + neg > 30
+    assert abs(pos - neg) <= 2.5 * np.sqrt(pos + neg), (pos, neg)  # a 3:1 ratio without the fix
+    assert out.attrs["background_rms"] > 0.1 and abs(out.attrs["snr_offset"]) < 0.05
+
+
+def test_snr_of_isolated_sources_is_within_two_percent_of_optimal():
+    img, var = _noise(9)
+    # sparse (one per 96 px square): the matched filter's noise is normalised on all pixels,
+    # sources included, and at one per 48 px square they inflate it by 5 %
+    xy = np.array([(x, y) for x in range(25, N - 20, 96) for y in range(25, N - 20, 96)], float)
+    xy += np.random.default_rng(1).uniform(-0.5, 0.5, xy.shape)
+    _add_stars(img, xy[:, 0], xy[:, 1], [_flux_for_snr(30)] * len(xy), "gauss", SIG)
+    out = measure_dia_sources(Image(img, var), gaussian_psf(SIG))
+    assert len(out) == len(xy)
+    assert np.median(out["snr"]) == pytest.approx(30.0, rel=0.02)
+
+
+@pytest.mark.parametrize("edge_px", [0, 10])  # the image border; the border of an EDGE-masked band
+def test_source_three_px_from_the_edge_is_measured_and_flagged(edge_px):
+    img, var = _noise(11)
+    f = _flux_for_snr(30)
+    x0, y0 = edge_px + 3.2, 260.4
+    _add_stars(img, [x0], [y0], [f], "gauss", SIG)
+    _add_stars(img, [260.0], [200.0], [f], "gauss", SIG)
+    mask = np.zeros((N, N), np.int32)
+    mask[:, :edge_px] = MaskBits.EDGE
+    out = measure_dia_sources(Image(img, var, mask), gaussian_psf(SIG))
+    d = np.hypot(out["x"] - x0, out["y"] - y0)
+    assert d.min() < 1.0
+    src = out.iloc[int(d.argmin())]
+    assert np.isfinite(src.psfFlux) and src.psfFlux == pytest.approx(f, rel=0.2)
+    assert src.pixelFlags_edge and src.snr > 15
+    inner = out.iloc[int(np.hypot(out["x"] - 260, out["y"] - 200).argmin())]
+    assert not inner.pixelFlags_edge
+
+
+def test_truncated_psf_fit_is_unbiased_at_the_border():
+    from apbatch.job.steps.measure import psf_fit
+
+    img, var = _noise(13)
+    ys = np.linspace(20, N - 20, 30) + np.random.default_rng(2).uniform(-0.5, 0.5, 30)
+    xs = np.full(30, 2.0)
+    f = _flux_for_snr(20)
+    _add_stars(img, xs, ys, [f] * 30, "gauss", SIG)
+    flux, err, truncated = psf_fit(Image(img, var), gaussian_psf(SIG), xs, ys)
+    assert truncated.all() and np.isfinite(flux).all()
+    assert np.median(flux) == pytest.approx(f, rel=0.05)
+    assert 0.7 < np.std((flux - f) / err) < 1.3
+    _, _, t = psf_fit(Image(img, var), gaussian_psf(SIG), [200.0], [200.0])
+    assert not t[0]

@@ -103,3 +103,120 @@ def test_moffat_model_refuses_impossible_parameters(fwhm, beta):
 
     with pytest.raises(BadInputError, match="psf"):
         moffat_psf(fwhm, beta)
+
+
+def _gauss_stamp(sigma, h, dx, dy, q=1.0):
+    y, x = np.mgrid[-h : h + 1, -h : h + 1]
+    p = np.exp(-((x - dx) ** 2 + ((y - dy) / q) ** 2) / (2 * sigma * sigma))
+    return p / p.sum()
+
+
+def _paint(img, x, y, flux, stamp_fn, h=15):
+    xi, yi = int(round(x)), int(round(y))
+    img[yi - h : yi + h + 1, xi - h : xi + h + 1] += flux * stamp_fn(h, x - xi, y - yi)
+
+
+def _galaxy_field(seed=5, n_stars=70, n_gal=220, star_sigma=1.5):
+    """A galaxy-rich field: galaxies (sigma 2.6-5 px, elongated) outnumber the stars 3 to 1; brighter."""
+    rng = np.random.default_rng(seed)
+    img = np.full((1000, 1000), 200.0)
+    for _ in range(n_stars):
+        x, y = rng.uniform(25, 975, 2)
+        _paint(img, x, y, rng.uniform(2e4, 2e5), lambda h, dx, dy: _gauss_stamp(star_sigma, h, dx, dy))
+    for _ in range(n_gal):
+        x, y = rng.uniform(25, 975, 2)
+        s, q = rng.uniform(2.6, 5.0), rng.uniform(0.6, 1.0)
+        _paint(img, x, y, rng.uniform(5e4, 6e5), lambda h, dx, dy, s=s, q=q: _gauss_stamp(s, h, dx, dy, q))
+    var = img + 25
+    img = img + rng.normal(0, np.sqrt(var))
+    im = Image(img.astype(np.float32), var.astype(np.float32))
+    subtract_background(im, box=64)
+    return im
+
+
+def test_psf_stars_are_stars_in_a_galaxy_rich_field():
+    im = _galaxy_field()
+    src = detect_sources(im, psf_sigma=1.5)
+    psf = measure_psf(im, src)
+    # truth: a Gaussian of sigma 1.5 (FWHM 3.53 px); the median of all candidates is a galaxy's size
+    assert psf.fwhm == pytest.approx(2.3548 * 1.5, rel=0.05)
+    assert psf.n_stars >= 20
+    ok = src["snr"] >= 50
+    assert np.median(np.sqrt(0.5 * (src["ixx"] + src["iyy"]))[ok]) > 1.3 * 1.5
+
+
+def test_spatially_varying_model_follows_the_seeing():
+    rng = np.random.default_rng(8)
+    img = np.full((900, 900), 200.0)
+    for _ in range(160):
+        x, y = rng.uniform(25, 875, 2)
+        s = 1.4 + 0.6 * x / 900  # sigma 1.4 on the left, 2.0 on the right
+        _paint(img, x, y, rng.uniform(2e4, 2e5), lambda h, dx, dy, s=s: _gauss_stamp(s, h, dx, dy))
+    var = img + 25
+    im = Image((img + rng.normal(0, np.sqrt(var))).astype(np.float32), var.astype(np.float32))
+    subtract_background(im, box=64)
+    psf = measure_psf(im, detect_sources(im, psf_sigma=1.7))
+    assert psf.degree >= 1 and psf.coeffs is not None
+    assert psf.sigma_at(50, 450) == pytest.approx(1.4 + 0.6 * 50 / 900, rel=0.04)
+    assert psf.sigma_at(850, 450) == pytest.approx(1.4 + 0.6 * 850 / 900, rel=0.04)
+    assert psf.sigma == pytest.approx(1.7, rel=0.04)
+    left, right = psf.stamp(0.0, 0.0, 15, x=50, y=450), psf.stamp(0.0, 0.0, 15, x=850, y=450)
+    assert left.sum() == pytest.approx(1.0) and right.sum() == pytest.approx(1.0)
+    assert left.max() > 1.5 * right.max()  # the sharper PSF has the higher peak
+    # a constant model ignores the position
+    g = gaussian_psf(1.7)
+    np.testing.assert_array_equal(g.stamp(0.2, 0.1, 15, x=10, y=20), g.stamp(0.2, 0.1, 15))
+
+
+def test_radius_enclosing_matches_the_analytic_profiles():
+    from apbatch.job.steps import moffat_psf
+
+    sig = 2.0
+    r_gauss = sig * np.sqrt(-2 * np.log(0.005))
+    assert gaussian_psf(sig).radius_enclosing(0.995) == pytest.approx(r_gauss, abs=0.5)
+    m = moffat_psf(4.0, 3.0)
+    alpha = 4.0 / (2 * np.sqrt(2 ** (1 / 3) - 1))
+    assert m.radius_enclosing(0.995) == pytest.approx(alpha * np.sqrt(0.005 ** (-0.5) - 1), abs=0.5)
+
+
+def test_measured_encircled_energy_reaches_the_wing():
+    """Stars with a Moffat wing: the measured 99.5% radius is the Moffat's, far beyond the 25-px model."""
+    rng = np.random.default_rng(4)
+    img = np.full((1000, 1000), 100.0)
+    alpha = 4.0 / (2 * np.sqrt(2 ** (1 / 3) - 1))
+
+    def moffat(h, dx, dy):
+        y, x = np.mgrid[-h : h + 1, -h : h + 1]
+        p = (1 + ((x - dx) ** 2 + (y - dy) ** 2) / alpha**2) ** -3.0
+        return p / p.sum()
+
+    for _ in range(60):
+        x, y = rng.uniform(50, 950, 2)
+        _paint(img, x, y, rng.uniform(1e5, 1e6), moffat, h=45)
+    var = img + 25
+    im = Image((img + rng.normal(0, np.sqrt(var))).astype(np.float32), var.astype(np.float32))
+    im.image -= 100.0
+    psf = measure_psf(im, detect_sources(im, psf_sigma=1.7))
+    assert psf.encircled is not None and len(psf.encircled) > 13
+    assert psf.radius_enclosing(0.995) == pytest.approx(alpha * np.sqrt(0.005 ** (-0.5) - 1), rel=0.12)
+
+
+def test_candidates_at_the_edge_with_a_broad_weight():
+    """Bad seeing: the size weight's stamp (3 x its width) reaches past the edge for the outermost stars."""
+    im = _stars(3.5, n=80, seed=9)
+    src = detect_sources(im, psf_sigma=3.5)
+    src.loc[src.index[:3], "x"] = 15.0  # candidates 15 px from the edge, inside the 25-px model's margin
+    psf = measure_psf(im, src)
+    assert psf.sigma == pytest.approx(3.5, rel=0.06)
+
+
+def test_model_grows_with_the_seeing():
+    """Bad seeing: the model holds 5 FWHM, not 25 px, so PSF fluxes keep (almost) all the light."""
+    sig = 4.2
+    im = _stars(sig, n=40, seed=12)
+    psf = measure_psf(im, detect_sources(im, psf_sigma=sig))
+    assert psf.image.shape[0] >= 2 * round(2.5 * 2.3548 * sig) + 1
+    assert psf.sigma == pytest.approx(sig, rel=0.06)
+    assert measure_psf(im, detect_sources(im, psf_sigma=sig), size=25).image.shape == (25, 25)
+    small = measure_psf(_stars(1.5), detect_sources(_stars(1.5), psf_sigma=1.5))
+    assert small.image.shape == (25, 25)

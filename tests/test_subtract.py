@@ -110,7 +110,7 @@ def test_kernel_grows_with_seeing_and_carries_moffat_wings():
     cfg = SubtractConfig()
     assert cfg.kernel_half(1.0) == 10  # 21 px floor
     assert cfg.kernel_half(6.0 / 2.3548) == 21  # 7 x FWHM = 42 -> 43 px
-    assert cfg.kernel_half(20.0) == 22  # 45 px ceiling
+    assert cfg.kernel_half(20.0) == 35  # 71 px ceiling
     assert SubtractConfig(kernel_size=31).kernel_half(5.0) == 15
     sci, tmpl, xy = _wing_pair()
     sig = 6.0 / 2.3548
@@ -158,3 +158,162 @@ def test_dilate_bits_is_a_box_maximum_filter(radius):
     expect = ndimage.maximum_filter((mask & int(MaskBits.SAT | MaskBits.BAD)) != 0, size=2 * radius + 1)
     assert got.dtype == bool and np.array_equal(got, expect)
     assert not dilate_bits(mask, int(MaskBits.NO_DATA), radius).any()
+
+
+def _atmo_stamp(h, dx, dy, core):
+    """A non-Moffat PSF: double Gaussian (core, 2 x core: 25% of the light), Kolmogorov-like wing (8%)."""
+    y, x = np.mgrid[-h : h + 1, -h : h + 1]
+    r2 = (x - dx) ** 2 + (y - dy) ** 2
+    g1 = np.exp(-r2 / (2 * core**2)) / core**2
+    g2 = np.exp(-r2 / (8 * core**2)) / (4 * core**2)
+    wing = (1 + r2 / (3 * core) ** 2) ** (-11 / 6)  # a Kolmogorov r^(-11/3) wing
+    p = 0.67 * g1 / g1.sum() + 0.25 * g2 / g2.sum() + 0.08 * wing / wing.sum()
+    return p / p.sum()
+
+
+def _atmo_pair(seed=11, core=1.9, tmpl_sigma=1.3, n_bright=70, n_psf=250, size=1000):
+    """Science with the non-Moffat PSF (stars drawn to 45 px), template with a sharper Gaussian."""
+    rng = np.random.default_rng(seed)
+    xs, ys = rng.uniform(50, size - 50, n_psf), rng.uniform(50, size - 50, n_psf)
+    bright = 10 ** rng.uniform(5.5, 6.3, n_psf)
+    fl = np.where(np.arange(n_psf) < n_bright, bright, rng.uniform(1e4, 1e5, n_psf))
+    sci = np.zeros((size, size))
+    tmpl = np.zeros((size, size))
+    h = 45
+    for x, y, f in zip(xs, ys, fl, strict=False):
+        xi, yi = int(round(x)), int(round(y))
+        box = (slice(yi - h, yi + h + 1), slice(xi - h, xi + h + 1))
+        sci[box] += f * _atmo_stamp(h, x - xi, y - yi, core)
+        yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
+        g = np.exp(-((xx - (x - xi)) ** 2 + (yy - (y - yi)) ** 2) / (2 * tmpl_sigma**2))
+        tmpl[box] += f * g / g.sum()
+    svar = (400.0 + sci).astype(np.float32)
+    tvar = (20.0 + tmpl / 10).astype(np.float32)
+    sci = (sci + rng.normal(0, np.sqrt(svar))).astype(np.float32)
+    tmpl = (tmpl + rng.normal(0, np.sqrt(tvar))).astype(np.float32)
+    bright = np.column_stack([xs, ys])[:n_bright]
+    return Image(sci, svar), Image(tmpl, tvar), bright
+
+
+def _annulus_chi2(diff, xy, r0, r1):
+    """chi^2 per star of the azimuthally averaged residual in the annulus r0-r1 (1 for pure noise).
+
+    Each star's annulus mean of ``diff / sigma`` times sqrt(pixels) is N(0, 1) without a
+    residual; the mean of its square over the stars is returned.
+    """
+    z = diff.image.astype(float) / np.sqrt(diff.variance)
+    yy, xx = np.mgrid[-r1 : r1 + 1, -r1 : r1 + 1]
+    out = []
+    for x, y in xy:
+        xi, yi = int(round(x)), int(round(y))
+        r = np.hypot(xx - (x - xi), yy - (y - yi))
+        zz = z[yi - r1 : yi + r1 + 1, xi - r1 : xi + r1 + 1][(r >= r0) & (r < r1)]
+        out.append(zz.mean() * np.sqrt(zz.size))
+    return float(np.mean(np.square(out)))
+
+
+def test_non_moffat_psf_subtracts_to_noise_with_the_profile_basis():
+    from apbatch.job.steps import measure_psf
+
+    sci, tmpl, bright = _atmo_pair()
+    src = detect_sources(sci, threshold=10, psf_sigma=2.0)
+    psf = measure_psf(sci, src)
+    diff, res = subtract_images(sci, tmpl, psf, 1.3, src)
+    # the old way: a bare sigma (7 x FWHM kernel, at most 45 px) and the four core Gaussians
+    old_cfg = SubtractConfig(kernel_size_range=(21, 45))
+    diff_old, res_old = subtract_images(sci, tmpl, psf.sigma, 1.3, src, old_cfg)
+    assert res.kernel_size > res_old.kernel_size  # sized by the measured wing, not the FWHM
+    rings = [(3, 6), (6, 12), (12, 20), (20, 30)]
+    new = [_annulus_chi2(diff, bright, a, b) for a, b in rings]
+    old = [_annulus_chi2(diff_old, bright, a, b) for a, b in rings]
+    # measured: new 1.0, 1.7, 2.9, 17; old 1.0, 2.2, 4.8, 15. Beyond the kernel's radius (23 px:
+    # 99.7% of the measured light) the brightest stars' last 0.3% still shows, as with the old kernel.
+    assert max(new[:3]) < 4.0, new
+    assert new[1] < old[1] and new[2] < 0.75 * old[2], (new, old)
+    assert new[3] < 1.5 * old[3], (new, old)
+    assert 0.9 < res.noise_scale < 1.2
+
+
+def _sky_pair(pad, seed=21, n=260, shape=(400, 440)):
+    """Science image and a larger template (own WCS) of the same stars; the template covers 60 px more."""
+    from apbatch.instruments import get_instrument
+    from apbatch.job.steps.warp import warp_template
+    from astropy.wcs import WCS
+
+    rng = np.random.default_rng(seed)
+    ny, nx = shape
+    sci_wcs = get_instrument("LSSTComCam").sky_wcs(4, 150.0, 2.0, 0.0)
+    tw = WCS(naxis=2)
+    tw.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    cra, cdec = sci_wcs.pixel_to_world_values(nx / 2, ny / 2)
+    tw.wcs.crval = [float(cra), float(cdec)]
+    tny, tnx = ny + 120, nx + 120
+    tw.wcs.crpix = [tnx / 2 + 3.3, tny / 2 - 2.6]
+    t = np.radians(0.3)
+    tw.wcs.cd = sci_wcs.pixel_scale_matrix @ np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+    tw.wcs.set()
+    xs, ys = rng.uniform(-40, nx + 40, n), rng.uniform(-40, ny + 40, n)
+    fl = rng.uniform(2e4, 2e5, n)
+    simg = np.zeros(shape, np.float32)
+    _add_stars(simg, xs, ys, fl, "gauss", 1.9)
+    tx, ty = tw.world_to_pixel_values(*sci_wcs.pixel_to_world_values(xs, ys))
+    timg = np.zeros((tny, tnx), np.float32)
+    _add_stars(timg, tx, ty, fl, "gauss", 1.3)
+    svar = (300.0 + simg).astype(np.float32)
+    tvar = (30.0 + timg / 10).astype(np.float32)
+    simg += rng.normal(0, np.sqrt(svar)).astype(np.float32)
+    timg += rng.normal(0, np.sqrt(tvar)).astype(np.float32)
+    sci = Image(simg, svar, None, sci_wcs)
+    warped = warp_template([Image(timg, tvar, None, tw)], sci_wcs, shape, pad=pad)
+    return sci, warped
+
+
+def test_padded_template_gives_a_difference_valid_to_the_edge():
+    from apbatch.job.steps.subtract import template_pad
+
+    sci, warped = _sky_pair(pad=template_pad(1.9))
+    src = detect_sources(sci, threshold=10, psf_sigma=1.9)
+    diff, res = subtract_images(sci, warped, 1.9, 1.3, src)
+    h = res.kernel_size // 2
+    assert warped.shape == (sci.shape[0] + 2 * h, sci.shape[1] + 2 * h) and diff.shape == sci.shape
+    assert not (diff.mask & (MaskBits.EDGE | MaskBits.NO_DATA)).any()
+    z = diff.image / np.sqrt(diff.variance)
+    border = np.zeros(sci.shape, bool)
+    border[:2], border[-2:], border[:, :2], border[:, -2:] = True, True, True, True
+    strip = np.zeros(sci.shape, bool)
+    strip[:h], strip[-h:], strip[:, :h], strip[:, -h:] = True, True, True, True
+    assert np.std(z[strip]) == pytest.approx(1.0, abs=0.08)
+    assert abs(np.median(z[strip])) < 0.1
+    assert np.abs(z[border]).max() < 6  # within 2 px of the edge stars still subtract
+    # unpadded: the outer kernel half-width stays EDGE, and the interior is the same difference
+    sci0, warped0 = _sky_pair(pad=0)
+    diff0, res0 = subtract_images(sci0, warped0, 1.9, 1.3, src)
+    assert res0.kernel_size == res.kernel_size and diff0.metadata["DIFFTPAD"] == 0
+    assert (diff0.mask[:h] & MaskBits.EDGE).all() and not (diff0.mask[h:-h, h:-h] & MaskBits.EDGE).any()
+    inner = (slice(2 * h, -2 * h), slice(2 * h, -2 * h))
+    assert np.std(diff.image[inner] - diff0.image[inner]) < 0.05 * np.std(diff.image[inner])
+
+
+def test_template_of_the_wrong_padded_shape_is_refused():
+    sci, warped = _sky_pair(pad=10)
+    src = detect_sources(sci, threshold=10, psf_sigma=1.9)
+    bad = Image(warped.image[:, 1:], warped.variance[:, 1:], warped.mask[:, 1:], None, dict(warped.metadata))
+    with pytest.raises(BadInputError, match="template"):
+        subtract_images(sci, bad, 1.9, 1.3, src)
+
+
+def test_quadratic_kernel_when_the_psf_model_varies():
+    from apbatch.job.steps import gaussian_psf
+    from apbatch.job.steps.subtract import _spatial_degree
+
+    assert _spatial_degree(SubtractConfig(), 1.9) == 1
+    assert _spatial_degree(SubtractConfig(), gaussian_psf(1.9)) == 1
+    assert _spatial_degree(SubtractConfig(spatial_degree=2), 1.9) == 2
+    sci, tmpl = _pair(seed=2, sci_sigma=(1.5, 2.5), kind="gauss")
+    diff1, res1 = _run(sci, tmpl, sig=2.0, cfg=SubtractConfig(spatial_degree=1))
+    diff2, res2 = _run(sci, tmpl, sig=2.0, cfg=SubtractConfig(spatial_degree=2))
+    assert res2.spatial_degree == 2 and diff2.metadata["DIFFSDEG"] == 2
+    assert res2.chi2_per_dof <= res1.chi2_per_dof
+    z = diff2.image / np.sqrt(diff2.variance)
+    inner = (diff2.mask & MaskBits.EDGE) == 0
+    assert np.std(z[inner]) == pytest.approx(1.0, abs=0.06)

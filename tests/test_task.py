@@ -184,20 +184,42 @@ def test_result_is_plain_json():
     assert dataclasses.is_dataclass(res)
 
 
-def test_template_psf_comes_from_the_coadd_description():
-    from apbatch.job.steps.psf import moffat_psf
+def test_flagged_dia_sources_are_stored_in_the_butler_but_not_alerted(monkeypatch, fake_steps):
+    """Sources in a saturated star's halo (suspect) or core (saturated) go to the butler table,
+    not to the APDB/alerts; ids stay those of the full table; ISR's findings reach the metrics."""
+    from apbatch.job.steps import DIA_COLUMNS
 
-    warped = Image(np.zeros((10, 10), np.float32))
-    moffat = [Image(np.zeros((4, 4)), metadata={"PSFFWHM": 0.6, "PSFBETA": 3.5}) for _ in range(2)]
-    assert task._template_psf_sigma(moffat, warped, 0.2) == pytest.approx(moffat_psf(3.0, 3.5).sigma)
-    gauss = [Image(np.zeros((4, 4)), metadata={"PSFFWHM": 0.6})]
-    assert task._template_psf_sigma(gauss, warped, 0.2) == pytest.approx(3.0 / 2.3548)
+    shape = (40, 50)
 
+    def isr(raws, cam, det, bias=None, flat=None):
+        wcs = cam.sky_wcs(det, 53.0, -28.0, 10.0)
+        return Image(np.zeros(shape, np.float32), np.ones(shape, np.float32), wcs=wcs,
+                     metadata={"SNAPMODE": "model", "SNAPRATI": 0.9, "AMPSBAD": "C10:dead"})
 
-def test_template_psf_is_measured_when_a_patch_has_no_description(monkeypatch):
-    calls = []
-    monkeypatch.setattr(task, "detect_sources", lambda img: calls.append("detect") or pd.DataFrame())
-    monkeypatch.setattr(task, "measure_psf", lambda img, src: calls.append("psf") or gaussian_psf(1.7))
-    patches = [Image(np.zeros((4, 4)), metadata={"PSFFWHM": 0.6}), Image(np.zeros((4, 4)))]
-    assert task._template_psf_sigma(patches, Image(np.zeros((10, 10))), 0.2) == 1.7
-    assert calls == ["detect", "psf"]
+    dia = pd.DataFrame({c: np.zeros(3, bool if c.startswith(("is", "pixelFlags")) else float)
+                        for c in DIA_COLUMNS})
+    dia["x"], dia["y"], dia["psfFlux"] = [5.0, 10.0, 20.0], [5.0, 10.0, 20.0], [1.0, 2.0, 3.0]
+    dia.loc[1, "pixelFlags_suspect"] = True
+    dia["ra"], dia["dec"] = 53.0, -28.0
+    tmpl = Image(np.zeros(shape, np.float32), np.ones(shape, np.float32), metadata={"BUNIT": "nJy"})
+    sub = type("Sub", (), {"n_stamps": 20, "kernel_sum": 1.0, "noise_scale": 1.0})()
+    monkeypatch.setattr(task, "run_isr", isr)
+    monkeypatch.setattr(task, "_fit_astrometry", lambda *a: None)
+    monkeypatch.setattr(task, "warp_template", lambda *a, **k: tmpl)
+    monkeypatch.setattr(task, "template_psf_sigma", lambda *a: 1.2)
+    monkeypatch.setattr(task, "subtract_images", lambda *a, **k: (Image(np.zeros(shape, np.float32)), sub))
+    monkeypatch.setattr(task, "crop_to_science", lambda w: w)
+    monkeypatch.setattr(task, "photometric_scale", lambda *a: 1.0)
+    monkeypatch.setattr(task, "measure_dia_sources", lambda *a, **k: dia.copy())
+    io = FakeButlerIO(templates=[tmpl])
+    alerted = []
+    res = task.run_ccd(_work(), task.JobDeps(io, object(), alerts=lambda ccd, d, *a: alerted.append(d) or {}))
+    assert res.status == "done" and res.n_dia_sources == 3
+    assert res.dia_rejected == {"pixelFlags_saturated": 0, "pixelFlags_suspect": 1, "total": 1}
+    table = next(p["dia_sources"] for p in io.puts if "dia_sources" in p)
+    assert len(table) == 3 and table["pixelFlags_suspect"].tolist() == [False, True, False]
+    (sent,) = alerted
+    assert sent["diaSourceId"].tolist() == table["diaSourceId"].iloc[[0, 2]].tolist()
+    assert res.isr == {"snapmode": "model", "snaprati": 0.9, "ampsbad": "C10:dead"}
+    metrics = io.puts[-1]["metrics"]
+    assert metrics["dia_rejected"]["total"] == 1 and metrics["isr"]["ampsbad"] == "C10:dead"

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from apbatch.errors import ExitCode
+from apbatch.errors import BadInputError, ExitCode
 from apbatch.image import Image, MaskBits
 from apbatch.instruments import get_instrument
 from apbatch.job.steps.warp import NoTemplateOverlapError, pixel_map, warp_template
@@ -117,3 +117,55 @@ def test_no_overlap_is_a_clear_error():
     assert ei.value.field == "template" and ei.value.exit_code == ExitCode.BAD_INPUT
     with pytest.raises(NoTemplateOverlapError):
         warp_template([], SCI, (500, 600))
+
+
+def test_shift_wcs_moves_the_pixel_origin():
+    from apbatch.job.steps.warp import shift_wcs
+
+    w = shift_wcs(SCI, 25)
+    xs, ys = np.array([0.0, 123.4, 599.0]), np.array([0.0, 77.7, 499.0])
+    ra0, dec0 = SCI.pixel_to_world_values(xs, ys)
+    ra1, dec1 = w.pixel_to_world_values(xs + 25, ys + 25)
+    assert np.allclose(ra0, ra1, atol=1e-10) and np.allclose(dec0, dec1, atol=1e-10)
+    assert w.pixel_shape == (650, 550)
+
+
+def _smooth_template():
+    tshape = (700, 800)
+    tw = _tmpl_wcs(tshape)
+    ty, tx = np.mgrid[0 : tshape[0], 0 : tshape[1]].astype(float)
+    timg = _smooth(tx, ty).astype(np.float32)
+    return Image(timg, np.full(tshape, 4.0, np.float32), np.zeros(tshape, np.int32), tw), tw
+
+
+def test_padded_warp_covers_beyond_the_ccd_and_crops_back():
+    from apbatch.job.steps.warp import crop_to_science
+
+    tmpl, tw = _smooth_template()
+    plain = warp_template([tmpl], SCI, (500, 600))
+    padded = warp_template([tmpl], SCI, (500, 600), pad=30)
+    assert padded.shape == (560, 660) and padded.metadata["WARPPAD"] == 30 and plain.metadata["WARPPAD"] == 0
+    assert padded.metadata["COVERAGE"] == plain.metadata["COVERAGE"] == 1.0
+    # the pad holds real template pixels: the smooth function continued beyond the CCD
+    ys, xs = np.mgrid[-30:530, -30:630]
+    ex, ey = tw.world_to_pixel_values(*SCI.pixel_to_world_values(xs, ys))
+    assert np.abs(padded.image - _smooth(ex, ey)).max() < 0.05
+    assert not (padded.mask & MaskBits.NO_DATA).any()
+    cropped = crop_to_science(padded)
+    assert cropped.shape == (500, 600) and cropped.metadata["WARPPAD"] == 0
+    assert np.abs(cropped.image - plain.image).max() < 2e-3
+    ra, dec = cropped.wcs.pixel_to_world_values(12.0, 34.0)
+    assert np.allclose((ra, dec), SCI.pixel_to_world_values(12.0, 34.0), atol=1e-10)
+    assert crop_to_science(plain) is plain
+
+
+def test_pad_beyond_the_template_is_no_data():
+    tmpl, tw = _smooth_template()
+    small = Image(tmpl.image[100:600, 100:700], tmpl.variance[100:600, 100:700], tmpl.mask[100:600, 100:700],
+                  tw[100:600, 100:700])
+    out = warp_template([small], SCI, (500, 600), pad=60)
+    nod = (out.mask & MaskBits.NO_DATA) != 0
+    assert nod[:5].all() and nod[-5:].all()  # the template ends inside the pad
+    assert np.all(out.image[nod] == 0)
+    with pytest.raises(BadInputError, match="pad"):
+        warp_template([small], SCI, (500, 600), pad=-1)

@@ -281,7 +281,9 @@ class Association:
         columns = [c.name for c in self.apdb.tableDef(ApdbTables.DiaSource).columns]
         out = cat[[c for c in cat.columns if c in columns]].reset_index(drop=True).copy()
         n = len(out)
-        out["diaSourceId"] = pack_id(ccd.visit, ccd.detector, np.arange(n))
+        # the job gives its table's ids (the butler's): kept when flagged rows were left out
+        if "diaSourceId" not in out:
+            out["diaSourceId"] = pack_id(ccd.visit, ccd.detector, np.arange(n))
         out["visit"], out["detector"] = ccd.visit, ccd.detector
         out["band"], out["midpointMjdTai"], out["timeProcessedMjdTai"] = ccd.band, ccd.midpoint_mjd_tai, now
         if ccd.exposure_time is not None:

@@ -28,19 +28,25 @@ from ..image import Image
 from ..instruments import get_instrument
 from ..raw import RawExposure
 from ..work import CcdWork
+from .alert_policy import split_alertable
 from .photometry import photometric_scale, to_njy
 from .steps.astrometry import AstrometryError, fit_wcs
 from .steps.background import subtract_background
 from .steps.detection import detect_bright_sources, detect_sources
 from .steps.isr import run_isr
 from .steps.measure import measure_dia_sources
-from .steps.psf import measure_psf, moffat_psf
-from .steps.subtract import subtract_images
-from .steps.warp import NoTemplateOverlapError, warp_template
+from .steps.psf import measure_psf
+from .steps.subtract import subtract_images, template_pad
+from .steps.template_psf import template_psf_sigma
+from .steps.warp import NoTemplateOverlapError, crop_to_science, warp_template
 
 __all__ = ["CcdResult", "JobDeps", "check_headers", "run_ccd"]
 
 log = logging.getLogger(__name__)
+
+
+# what ISR found, from the calibrated image's metadata: the snap model and the amplifiers' health
+_ISR_REPORT = ("SNAPMODE", "SNAPRATI", "SNAPDSKY", "SNAPNCR", "SNAPRCHI", "AMPSBAD")
 
 
 @dataclasses.dataclass
@@ -71,6 +77,8 @@ class CcdResult:
     astrometry: dict = dataclasses.field(default_factory=dict)
     subtraction: dict = dataclasses.field(default_factory=dict)
     alerts: dict = dataclasses.field(default_factory=dict)
+    dia_rejected: dict[str, int] = dataclasses.field(default_factory=dict)
+    isr: dict = dataclasses.field(default_factory=dict)
     timings: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -229,6 +237,7 @@ def _process(work, deps, raws, res, step, cam, det, physical_filter, output_run,
     for raw in raws:
         raw.segments = []
     calexp.metadata["SNAPS"] = res.snaps_used
+    res.isr = {k.lower(): calexp.metadata[k] for k in _ISR_REPORT if calexp.metadata.get(k) is not None}
     if work.intent != "science":
         # Calibration frames get ISR as a health check; their products are made by the
         # calibration pipelines, not here, so nothing is written to the butler.
@@ -255,13 +264,17 @@ def _process(work, deps, raws, res, step, cam, det, physical_filter, output_run,
         _fit_astrometry(calexp, sources, templates, cam, res)
     with step("warp"):
         try:
-            warped = warp_template(templates, calexp.wcs, calexp.shape, min_coverage=0.05)
+            # padded by the kernel half-size, so that the difference is valid up to the CCD edge
+            warped = warp_template(templates, calexp.wcs, calexp.shape, min_coverage=0.05,
+                                   pad=template_pad(psf))
         except NoTemplateOverlapError as exc:
             return _no_template(deps, work, res, output_run, calexp, str(exc))
-        tmpl_sigma = _template_psf_sigma(templates, warped, cam.pixel_scale_arcsec)
+        # the coadd's PSF description is used only where the warped template's stars agree with it
+        tmpl_sigma = template_psf_sigma(templates, warped, sources, cam.pixel_scale_arcsec)
     del templates
     with step("subtract"):
-        diff, sub = subtract_images(calexp, warped, psf.sigma, tmpl_sigma, sources)
+        diff, sub = subtract_images(calexp, warped, psf, tmpl_sigma, sources)
+    warped = crop_to_science(warped)  # the alerts' template cutouts are on the science grid
     res.subtraction = {"n_stamps": sub.n_stamps, "kernel_sum": float(sub.kernel_sum),
                        "noise_scale": float(sub.noise_scale),
                        "coverage": float(warped.metadata.get("COVERAGE", 1))}
@@ -283,9 +296,13 @@ def _process(work, deps, raws, res, step, cam, det, physical_filter, output_run,
     with step("write_catalog"):
         _put(deps, work, res, output_run, dia_sources=dia)
 
+    alertable, res.dia_rejected = split_alertable(dia)
+    if res.dia_rejected["total"]:
+        log.info("%d of %d DIA sources flagged (saturated star core, trail or halo): stored in the "
+                 "butler table, not alerted", res.dia_rejected["total"], len(dia))
     if deps.alerts is not None:
         with step("associate_alerts"):
-            report = deps.alerts(ccd, dia, calexp, warped, diff, psf.fwhm)
+            report = deps.alerts(ccd, alertable, calexp, warped, diff, psf.fwhm)
         res.alerts = report.to_dict() if hasattr(report, "to_dict") else dict(report)
     # The images go into the butler after the alerts are out: as lsst-images types they take
     # 2-4 s to compress and write (bench/bench_butler_images.py), time the alerts need not wait.
@@ -294,23 +311,6 @@ def _process(work, deps, raws, res, step, cam, det, physical_filter, output_run,
     res.status = "done"
     _put(deps, work, res, output_run)  # final metrics, with the alert counts and every step's time
     return res
-
-
-def _template_psf_sigma(templates: list[Image], warped: Image, pixel_scale: float) -> float:
-    """Gaussian-equivalent sigma (science px) of the template PSF.
-
-    From the coadd's own PSF description when every patch carries one (``PSFFWHM`` arcsec,
-    and ``PSFBETA`` for a Moffat, else a Gaussian), as a coadd carries its PSF model;
-    otherwise measured on the warped template (one more detection pass over the CCD).
-    """
-    fwhm = [f for t in templates if isinstance(f := t.metadata.get("PSFFWHM"), (int, float)) and f > 0]
-    if templates and len(fwhm) == len(templates):
-        f_px = float(np.median(fwhm)) / pixel_scale
-        betas = [b for t in templates if isinstance(b := t.metadata.get("PSFBETA"), (int, float)) and b > 1]
-        if len(betas) == len(templates):
-            return moffat_psf(f_px, float(np.median(betas))).sigma
-        return f_px / 2.3548
-    return measure_psf(warped, detect_sources(warped)).sigma
 
 
 def _with_context(dia, ccd) -> Any:

@@ -2,9 +2,10 @@
 
 Used by :mod:`apbatch.job.steps.isr`: :func:`find_cosmic_rays` for a single snap (two snaps
 are compared with each other in ISR itself), :func:`detect_bad_columns` for columns that
-the bias's defect list misses, :func:`interpolate_masked` for both, and :func:`grow`; and by
-:mod:`apbatch.job.steps.measure`: :func:`saturation_halos`, where a saturated star's
-unmatched wings lie.
+the bias's defect list misses, :func:`interpolate_masked` for both, and :func:`grow`.
+:func:`saturation_halos` (a fixed multiple of the saturated core) is no longer used by the DIA
+detection, which sizes each halo from the star's flux
+(:func:`apbatch.job.steps.halos.saturated_star_halos`, whose fallback is the same rule).
 """
 
 from __future__ import annotations

@@ -12,11 +12,14 @@ For every amplifier segment, in this order:
 5. multiply by the gain (ADU -> electrons).
 
 Then for the CCD: subtract the bias, divide by the flat, build the variance
-(``max(signal, 0) + read_noise**2``, before the flat), combine two snaps (sum; a pixel
-where the snaps differ by more than ``cr_nsigma`` takes twice the other snap and is flagged
-``CR``), or find cosmic rays on a single snap by a sharpness test, find bad columns
-statistically, and interpolate ``BAD`` and ``CR`` pixels (flagged ``INTRP``) from their
-unmasked neighbours. The bias ``mask`` plane's ``BAD`` bits act as the defect list.
+(``max(signal, 0) + read_noise**2``, before the flat), find the dead, hot and saturated
+amplifiers (:mod:`.amps`; their pixels are masked ``BAD | NO_DATA``, header ``AMPSBAD``),
+combine two snaps (:mod:`.snaps`: snap 2 is modelled as ``a * snap 1 + b(x, y)`` so that
+sky and transparency changes are not cosmic rays; headers ``SNAPMODE``, ``SNAPRATI``,
+``SNAPDSKY``, ``SNAPNCR``, ``SNAPRCHI``), or find cosmic rays on a single snap by a sharpness
+test, find bad columns statistically, and interpolate ``BAD`` and ``CR`` pixels (flagged
+``INTRP``) from their unmasked neighbours (not the bad amplifiers). The bias ``mask``
+plane's ``BAD`` bits act as the defect list.
 """
 
 from __future__ import annotations
@@ -29,14 +32,31 @@ from scipy import ndimage
 from ...errors import BadInputError
 from ...image import Image, MaskBits
 from ...raw import RawExposure
+from .amps import AmpHealthConfig, amp_statistics, classify_amps, format_bad_amps, mask_amps
 from .defects import detect_bad_columns, find_cosmic_rays, grow, interpolate_masked
+from .snaps import SnapConfig, combine_snaps
 
 __all__ = ["IsrConfig", "run_isr"]
 
 
 @dataclasses.dataclass(frozen=True)
 class IsrConfig:
-    """Knobs of :func:`run_isr` (defaults suit LSSTCam / LSSTComCam)."""
+    """Knobs of :func:`run_isr` (defaults suit LSSTCam / LSSTComCam).
+
+    Snap combination (:mod:`.snaps`): ``cr_nsigma`` (4.5) is the cosmic-ray threshold on the
+    residual of the snap model (and of the single-snap finder); ``snap_min_ratio`` (0.5):
+    a throughput ratio outside ``[0.5, 2]`` between snaps, ``snap_max_chi`` (1.5): a
+    residual noise 1.5 times its prediction, or ``snap_max_cr_fraction`` (0.002) of the
+    pixels flagged send the visit to the single-snap search (``SNAPMODE = "single"``).
+
+    Amplifier health (:mod:`.amps`): ``amp_check`` (True) turns it on; an amplifier is
+    ``dead`` below ``amp_dead_fraction`` (0.1) of the CCD's median level, with a noise under
+    ``amp_dead_noise_factor`` (2) times its read noise, when that median level is at least
+    ``amp_dead_min_snr`` (5) read-noise sigmas; ``hot`` above the median by
+    ``amp_hot_nsigma`` (10) sky sigmas and ``amp_hot_fraction`` (0.5) of the sky, or with a
+    noise ``amp_hot_noise_factor`` (2) times its prediction; ``saturated`` with more than
+    ``amp_sat_fraction`` (0.5) of its pixels ``SAT``.
+    """
 
     overscan_skip: int = 2
     overscan_smooth: int = 9
@@ -46,6 +66,38 @@ class IsrConfig:
     cr_single: bool = True
     bad_column_nsigma: float = 6.0
     interpolate: bool = True
+    snap_min_ratio: float = 0.5
+    snap_max_chi: float = 1.5
+    snap_max_cr_fraction: float = 2e-3
+    amp_check: bool = True
+    amp_dead_fraction: float = 0.1
+    amp_dead_noise_factor: float = 2.0
+    amp_dead_min_snr: float = 5.0
+    amp_hot_nsigma: float = 10.0
+    amp_hot_fraction: float = 0.5
+    amp_hot_noise_factor: float = 2.0
+    amp_sat_fraction: float = 0.5
+
+    def snap_config(self) -> SnapConfig:
+        """The :class:`~.snaps.SnapConfig` these settings describe."""
+        return SnapConfig(
+            nsigma=self.cr_nsigma,
+            min_ratio=self.snap_min_ratio,
+            max_chi=self.snap_max_chi,
+            max_cr_fraction=self.snap_max_cr_fraction,
+        )
+
+    def amp_config(self) -> AmpHealthConfig:
+        """The :class:`~.amps.AmpHealthConfig` these settings describe."""
+        return AmpHealthConfig(
+            dead_fraction=self.amp_dead_fraction,
+            dead_noise_factor=self.amp_dead_noise_factor,
+            dead_min_snr=self.amp_dead_min_snr,
+            hot_nsigma=self.amp_hot_nsigma,
+            hot_fraction=self.amp_hot_fraction,
+            hot_noise_factor=self.amp_hot_noise_factor,
+            sat_fraction=self.amp_sat_fraction,
+        )
 
 
 def _segment_field(seg_name: str) -> str:
@@ -181,6 +233,17 @@ def _apply_flat(img, var, mask, flat):
     mask |= flat.mask & int(MaskBits.BAD)
 
 
+def _edges(badamp, amps, bad_amps: dict[str, str], width: int = 4) -> np.ndarray:
+    """The pixels of the bad amplifiers within ``width`` of their box's edges (reach of interpolation)."""
+    out = np.zeros(badamp.shape, bool)
+    for a in amps:
+        if a.name in bad_amps:
+            bx0, bx1, by0, by1 = a.bbox
+            out[by0:by1, bx0:bx1] = True
+            out[by0 + width : by1 - width, bx0 + width : bx1 - width] = False
+    return out
+
+
 def _metadata(raws: list[RawExposure], detector) -> dict:
     m0, m1 = raws[0].metadata, raws[-1].metadata
     begin = m0.mjd_begin
@@ -246,7 +309,8 @@ def run_isr(
     ------
     BadInputError
         Raised if no raw or more than two are given, a raw is for another detector, a
-        segment is missing, duplicated, mis-shaped or corrupt, or a calibration does not fit.
+        segment is missing, duplicated, mis-shaped or corrupt, every amplifier is bad (dead,
+        hot or saturated), or a calibration does not fit.
     """
     cfg = config or IsrConfig()
     if not raws or len(raws) > 2:
@@ -270,46 +334,34 @@ def run_isr(
         defects = np.flatnonzero((bias.mask & int(MaskBits.BAD)).ravel())
         for _, m in snaps:
             m.ravel()[defects] |= MaskBits.BAD
+    # amplifier health on every snap (a bad amp in either snap is bad for the visit)
+    bad_amps: dict[str, str] = {}
+    if cfg.amp_check:
+        fimg = flat.image if flat is not None else None
+        acfg = cfg.amp_config()
+        for i, m in snaps:
+            for name, why in classify_amps(amp_statistics(i, m, amps, fimg, acfg.step), acfg).items():
+                bad_amps.setdefault(name, why)
+    if len(bad_amps) == len(amps):
+        raise BadInputError(
+            "raw.segments",
+            f"every amplifier is bad ({format_bad_amps(bad_amps)})",
+            "the CCD read out no usable data; check the camera",
+        )
+    extra_meta: dict = {"AMPSBAD": format_bad_amps(bad_amps)}
+    badamp = None
+    if bad_amps:
+        for _, m in snaps:
+            badamp = mask_amps(m, amps, bad_amps)
     # variance in electrons before the flat: Poisson (signal) + read noise
     if len(snaps) == 2:
         (i1, m1), (i2, m2) = snaps
-        # whole-CCD arithmetic in two scratch buffers: each CCD-sized temporary costs as
-        # much in page faults as in arithmetic
-        var = np.maximum(i1, 0)
-        tmp = np.maximum(i2, 0)
-        var += tmp
-        np.multiply(rn2, np.float32(2.0), out=tmp)
-        var += tmp
-        # candidates: |i1 - i2| > n sigma (cheap, whole image); then, on the few candidates,
-        # allow 25% of the other snap's signal above the (rough, global) sky, as a star's
-        # core may change between snaps with the seeing
-        thr2 = np.multiply(var, np.float32(cfg.cr_nsigma**2))
-        np.subtract(i1, i2, out=tmp)
-        cand = np.flatnonzero((np.square(tmp, out=tmp) > thr2).ravel())
-        del thr2
-        sky = float(np.median(i2[::16, ::16]))
-        a1, a2 = i1.ravel()[cand], i2.ravel()[cand]
-        d, v = a1 - a2, var.ravel()[cand]
-        thr = cfg.cr_nsigma * np.sqrt(v)
-        mask = np.bitwise_or(m1, m2, out=m1)
-        unsat = (mask.ravel()[cand] & int(MaskBits.SAT)) == 0
-        del m2
-        crs = []
-        for hit in (d > thr + 0.25 * np.abs(a2 - sky), -d > thr + 0.25 * np.abs(a1 - sky)):
-            m = np.zeros(i1.shape, bool)
-            m.ravel()[cand[hit & unsat]] = True
-            crs.append(grow(m))
-        cr1, cr2 = crs
-        crmask = cr1 & cr2  # hit in both snaps: no clean copy, interpolate
-        img = np.add(i1, i2, out=tmp)
-        rn = rn2.ravel()
-        for hit, other in ((cr1, i2), (cr2, i1)):
-            idx = np.flatnonzero(hit.ravel())
-            o = other.ravel()[idx]
-            img.ravel()[idx] = 2.0 * o
-            var.ravel()[idx] = 4.0 * (np.maximum(o, 0) + rn[idx])
-            mask.ravel()[idx] |= MaskBits.CR
-        del i1, i2
+        res = combine_snaps(
+            i1, m1, i2, m2, rn2, flat.image if flat is not None else None, badamp, cfg.snap_config()
+        )
+        img, var, mask, crmask = res.image, res.variance, res.mask, res.interpolate
+        extra_meta.update(res.metadata)
+        del i1, i2, m1, m2, snaps, res
     else:
         img, mask = snaps[0]
         var = np.maximum(img, 0)
@@ -319,18 +371,25 @@ def run_isr(
             if cfg.cr_single
             else np.zeros(img.shape, bool)
         )
+        if badamp is not None:
+            crmask &= ~badamp
         mask[crmask] |= MaskBits.CR
     _apply_flat(img, var, mask, flat)
     badcols = detect_bad_columns(
         img, mask, cfg.bad_column_nsigma, half_rows=amps[0].bbox[3] - amps[0].bbox[2]
     )
+    if badamp is not None:
+        badcols &= ~badamp
     mask[badcols] |= MaskBits.BAD
     if cfg.interpolate:
-        interp = crmask | ((mask & int(MaskBits.BAD)) != 0)
+        # a bad amplifier (BAD | NO_DATA) is masked, not interpolated
+        interp = crmask | ((mask & int(MaskBits.BAD | MaskBits.NO_DATA)) == int(MaskBits.BAD))
         if interp.any():
-            interpolate_masked(img, var, interp)
+            # ... nor a source of values for its neighbours' interpolation
+            interpolate_masked(img, var, interp | _edges(badamp, amps, bad_amps) if bad_amps else interp)
             mask[interp] |= MaskBits.INTRP
     meta = _metadata(raws, det)
+    meta.update(extra_meta)
     md = raws[0].metadata
     wcs = None
     if md.ra is not None and md.dec is not None:

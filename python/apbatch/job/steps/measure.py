@@ -1,45 +1,50 @@
 """DIA source detection and measurement on a difference image.
 
-Detection: the difference is matched-filtered with a Gaussian of the PSF's sigma and
-divided by the filtered noise, ``S = (G*D) / sqrt(G^2 * V)``; ``S`` is rescaled so that its
-robust spread over clean pixels is 1 (the correlated noise of warping and convolution
-makes it differ from the per-pixel variance), then thresholded at +-``threshold``.
-``BAD``, ``SAT``, ``NO_DATA`` and ``EDGE`` pixels, a ring of 3 FWHM around saturated pixels
-and each saturated star's halo (:func:`~apbatch.job.steps.defects.saturation_halos`: 6 times
-its saturated core's radius) are zeroed before filtering, so defects never make detections.
+Detection (:mod:`~apbatch.job.steps.dia_detect`): each saturated star's halo is sized from its
+flux (:func:`~apbatch.job.steps.halos.saturated_star_halos`), the difference's residual smooth
+background is subtracted (halos and masked pixels excluded), and the matched-filter S/N image
+is thresholded at +-``threshold``. ``BAD``, ``SAT``, ``NO_DATA`` and ``EDGE`` pixels, the first
+FWHM around saturated pixels and 2 px around interpolated ones are zeroed before filtering:
+defects never make detections. Halo pixels are NOT zeroed: sources there are detected (a
+halo's footprints are split at every local maximum), kept, and flagged
+``pixelFlags_suspect`` (the halo gets the ``SUSPECT`` mask bit), so the job stores them
+without alerting on them. Detection runs to the edge of the valid region.
 
 Measurement per detection (positive and negative): centroid (quadratic on ``S``, then
 refined by a Gaussian-windowed centroid on the difference image that ignores ``_ZERO``
 pixels other than interpolated bad ones, since ``S`` is zeroed beside defects and its peak
 is pushed away from them),
 PSF flux by weighted least squares with the pixelised PSF shifted to the centroid (on the
-difference, and on the science image: ``scienceFlux``), aperture flux (radius 1.5 FWHM),
+difference, and on the science image: ``scienceFlux``; a stamp cut by the image border is
+fitted on what is left and flagged ``pixelFlags_edge``), aperture flux (radius 1.5 FWHM),
 adaptive second moments (corrected for the weight), trail length/angle from the
 moments in excess of the PSF, dipole flag (an opposite-sign peak above 3 sigma within
 2 FWHM; the weaker lobe of a detected pair is merged into the stronger), and pixel flags
 from both masks in a 5x5 box.
 
-Reliability is a hand-set, uncalibrated logistic score ``1 / (1 + exp(-z))`` with
-``z = 1.5 + 0.8 (|snr| - 5) - 4 |ln(size / psf_size)| - 2 isDipole - 3 (bad or saturated
-or cr or edge) - 1 suspect``, where ``size`` is the square root of the corrected moments'
-determinant to the 1/2 (``psf_size`` the PSF sigma, so a trailed source loses some).
+Reliability is the calibrated probability that the source is real
+(:func:`~apbatch.job.steps.reliability.score`: a logistic model of the table's own columns,
+fitted on injected transients and artifacts by ``bench/fit_reliability.py``).
 
 Fluxes are in nJy: electrons times ``njy_per_e`` (the image metadata ``NJY_PER_E``, else 1).
 """
 
 from __future__ import annotations
 
+import inspect
+from typing import Any, cast
+
 import numpy as np
 import pandas as pd
 import sep
-from scipy import ndimage
 
 from ...image import Image, MaskBits
-from .defects import saturation_halos
+from .dia_detect import ZERO_BITS as _ZERO
+from .dia_detect import detection_image, find_peaks
 from .psf import PsfModel
-from .subtract import dilate_bits
+from .reliability import score as reliability_score
 
-__all__ = ["COLUMNS", "measure_dia_sources", "psf_flux"]
+__all__ = ["COLUMNS", "measure_dia_sources", "psf_fit", "psf_flux"]
 
 COLUMNS = [
     "x",
@@ -72,81 +77,71 @@ COLUMNS = [
     "reliability",
     "bboxSize",
 ]
-_ZERO = int(MaskBits.BAD | MaskBits.SAT | MaskBits.NO_DATA | MaskBits.EDGE)
 
 
-def psf_flux(img: Image, psf: PsfModel, x: np.ndarray, y: np.ndarray, noise_scale: float = 1.0):
-    """PSF-fit flux and error (image units) at fixed positions; masked (``_ZERO``) pixels are ignored.
+def _psf_stamp(psf: PsfModel, dx: float, dy: float, size: int, x: float, y: float) -> np.ndarray:
+    """``psf.stamp`` at CCD position (x, y) when the model takes one (a spatially varying PSF)."""
+    if _STAMP_TAKES_XY.get(type(psf)) is None:
+        _STAMP_TAKES_XY[type(psf)] = "x" in inspect.signature(psf.stamp).parameters
+    if _STAMP_TAKES_XY[type(psf)]:
+        return cast(Any, psf).stamp(dx, dy, size, x=x, y=y)
+    return psf.stamp(dx, dy, size)
 
-    Returns arrays ``(flux, err)``; NaN where no usable pixel is found.
+
+_STAMP_TAKES_XY: dict[type, bool] = {}
+
+
+def psf_fit(img: Image, psf: PsfModel, x: np.ndarray, y: np.ndarray, noise_scale: float = 1.0):
+    """PSF-fit flux, error and truncation flag at fixed positions.
+
+    The PSF stamp (half-size 2 FWHM) is cut where it crosses the image border, and
+    ``_ZERO`` pixels get zero weight, so sources at the edge are measured on what is left.
+
+    Returns
+    -------
+    flux, err : `numpy.ndarray`
+        Image units; NaN where no usable pixel is found.
+    truncated : `numpy.ndarray`
+        Boolean: the stamp crossed the image border or held ``EDGE`` pixels.
     """
     half = int(np.ceil(2 * psf.fwhm))
     size = 2 * half + 1
     ny, nx = img.shape
-    flux = np.full(len(x), np.nan)
-    err = np.full(len(x), np.nan)
+    n = len(x)
+    flux = np.full(n, np.nan)
+    err = np.full(n, np.nan)
+    truncated = np.zeros(n, bool)
     variance, mask = img.variance, img.mask
     for k, (xc, yc) in enumerate(zip(np.asarray(x, float), np.asarray(y, float), strict=False)):
-        xi, yi = int(round(xc)), int(round(yc))
-        if xi - half < 0 or yi - half < 0 or xi + half >= nx or yi + half >= ny:
+        if not (np.isfinite(xc) and np.isfinite(yc)):
             continue
-        box = (slice(yi - half, yi + half + 1), slice(xi - half, xi + half + 1))
-        p = psf.stamp(xc - xi, yc - yi, size)
+        xi, yi = int(round(xc)), int(round(yc))
+        y0, y1 = max(yi - half, 0), min(yi + half + 1, ny)
+        x0, x1 = max(xi - half, 0), min(xi + half + 1, nx)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        box = (slice(y0, y1), slice(x0, x1))
+        p = _psf_stamp(psf, xc - xi, yc - yi, size, xc, yc)
+        p = p[y0 - (yi - half) : y1 - (yi - half), x0 - (xi - half) : x1 - (xi - half)]
+        m = mask[box]
+        truncated[k] = (y1 - y0 < size) or (x1 - x0 < size) or bool((m & int(MaskBits.EDGE)).any())
         w = 1.0 / np.maximum(variance[box].astype(float), 1e-6)
-        w[(mask[box] & _ZERO) != 0] = 0.0
+        w[(m & _ZERO) != 0] = 0.0
         den = (p * p * w).sum()
         if den <= 0:
             continue
         flux[k] = (p * w * img.image[box]).sum() / den
         err[k] = noise_scale / np.sqrt(den)
+    return flux, err, truncated
+
+
+def psf_flux(img: Image, psf: PsfModel, x: np.ndarray, y: np.ndarray, noise_scale: float = 1.0):
+    """PSF-fit flux and error (image units) at fixed positions (:func:`psf_fit` without its flag).
+
+    Returns arrays ``(flux, err)``; NaN where no usable pixel is found.
+    """
+    flux, err, _ = psf_fit(img, psf, x, y, noise_scale)
     return flux, err
-
-
-def _filtered_snr(diff: Image, sigma: float, fwhm: float):
-    mask = diff.mask
-    zero = (mask & _ZERO) != 0
-    near_sat = dilate_bits(mask, int(MaskBits.SAT), int(np.ceil(3 * fwhm)))
-    near_sat |= saturation_halos(mask, fwhm)
-    zero |= near_sat
-    # interpolated defects (bad columns, cosmic rays) leave residuals in the pixels beside them
-    # when a star crosses them: keep detections 2 px clear of interpolated pixels
-    zero |= dilate_bits(mask, int(MaskBits.INTRP | MaskBits.BAD), 2)
-    d = np.where(zero, np.float32(0), diff.image)
-    num = ndimage.gaussian_filter(d, sigma, truncate=3.0, output=d)
-    v = np.where(zero, np.float32(0), diff.variance)
-    # filtered noise variance: G^2 * V, with G^2 a Gaussian of sigma / sqrt(2) over 4 pi sigma^2
-    den = ndimage.gaussian_filter(v, sigma / np.sqrt(2), truncate=3.0, output=v)
-    np.maximum(den, np.float32(1e-12 * 4 * np.pi * sigma * sigma), out=den)
-    np.sqrt(den, out=den)
-    s = np.divide(num, den, out=num)
-    s *= np.float32(np.sqrt(4 * np.pi) * sigma)
-    del den, v
-    s[zero] = 0.0
-    rng = np.random.default_rng(4321)
-    idx = rng.integers(0, s.size, size=min(s.size, 400_000))
-    z = s.ravel()[idx][~zero.ravel()[idx]]
-    scale = 1.4826 * np.median(np.abs(z - np.median(z))) if z.size > 100 else 1.0
-    s /= np.float32(scale)
-    return s, float(scale), near_sat
-
-
-def _peaks(s, threshold, min_pixels):
-    out = []
-    for sign in (1, -1):
-        lab, n = ndimage.label(sign * s > threshold, structure=np.ones((3, 3), int))
-        if n == 0:
-            continue
-        idx = np.arange(1, n + 1)
-        slices = ndimage.find_objects(lab)
-        for k, sl in zip(idx, slices, strict=False):
-            own = lab[sl] == k
-            if own.sum() < min_pixels:
-                continue
-            sub = np.where(own, sign * s[sl], -np.inf)
-            py, px = np.unravel_index(np.argmax(sub), sub.shape)
-            size = max(sl[0].stop - sl[0].start, sl[1].stop - sl[1].start)
-            out.append((px + sl[1].start, py + sl[0].start, sign, int(size)))
-    return out
 
 
 def _subpixel(s, x, y, sign):
@@ -175,14 +170,15 @@ def _windowed_centroid(img, mask, x, y, sign, sigma, max_shift, n_iter=5):
     """
     ny, nx = img.shape
     h = int(np.ceil(3 * sigma))
-    grid_v, grid_u = np.mgrid[-h : h + 1, -h : h + 1]
     x0, y0 = x, y
     for _ in range(n_iter):
         xi, yi = int(round(x)), int(round(y))
+        # a window cut by the image border would pull the centroid inward: keep the S peak's
         if xi - h < 0 or yi - h < 0 or xi + h >= nx or yi + h >= ny:
             return x0, y0
         box = (slice(yi - h, yi + h + 1), slice(xi - h, xi + h + 1))
-        u, v = grid_u - (x - xi), grid_v - (y - yi)
+        grid_v, grid_u = np.mgrid[box]
+        u, v = grid_u - x, grid_v - y
         w = np.exp(-0.5 * (u * u + v * v) / sigma**2) * (sign * img[box].astype(float))
         w[_centroid_excluded(mask[box])] = 0.0
         tot = w.sum()
@@ -260,17 +256,27 @@ def measure_dia_sources(
     Returns
     -------
     sources : `pandas.DataFrame`
-        Columns :data:`COLUMNS`; ``attrs["noise_scale"]`` is the matched-filter noise rescale.
+        Columns :data:`COLUMNS`; ``attrs``: ``noise_scale`` (the matched-filter noise rescale),
+        ``n_in_saturation_halos`` (sources centred in a saturated star's halo, flagged
+        ``pixelFlags_suspect``), ``n_saturated_stars``, ``background_rms`` (spread of the
+        residual background removed, image units) and ``snr_offset`` (median matched-filter
+        level left after it, sigma).
+
+    Notes
+    -----
+    ``diff`` is changed in place: its residual background is subtracted from ``diff.image``
+    and its halo pixels get ``SUSPECT`` in ``diff.mask``, so that the stored difference is
+    the one that was measured.
     """
     cal = float(njy_per_e if njy_per_e is not None else diff.metadata.get("NJY_PER_E", 1.0))
     sigma, fwhm = psf.sigma, psf.fwhm
-    s, scale, near_sat = _filtered_snr(diff, sigma, fwhm)
-    peaks = _peaks(s, threshold, min_pixels)
+    s, scale, offset, halo, n_stars, bkg_rms = detection_image(diff, psf, science)
+    peaks = find_peaks(s, threshold, min_pixels, split=halo, separation=fwhm)
     rows = []
-    for x, y, sign, size in peaks:
-        xs, ys = _subpixel(s, x, y, sign)
-        xs, ys = _windowed_centroid(diff.image, diff.mask, xs, ys, sign, sigma, fwhm)
-        rows.append((xs, ys, sign, size, abs(float(s[y, x]))))
+    for px, py, psign, size in peaks:
+        xs, ys = _subpixel(s, px, py, psign)
+        xs, ys = _windowed_centroid(diff.image, diff.mask, xs, ys, psign, sigma, fwhm)
+        rows.append((xs, ys, psign, size, abs(float(s[py, px]))))
     # dipoles: an opposite-sign 3-sigma peak within 2 FWHM; a detected weaker lobe is merged
     r = int(np.ceil(2 * fwhm))
     ny, nx = s.shape
@@ -281,13 +287,13 @@ def measure_dia_sources(
     for k in order:
         if taken[k]:
             continue
-        x, y, sign = rows[k][:3]
-        xi, yi = int(round(x)), int(round(y))
+        xk, yk, sk = rows[k][:3]
+        xi, yi = int(round(xk)), int(round(yk))
         box = s[max(yi - r, 0) : yi + r + 1, max(xi - r, 0) : xi + r + 1]
-        is_dip = bool((-sign * box > 3.0).any())
+        is_dip = bool((-sk * box > 3.0).any())
         if is_dip and len(pts):
-            near = (np.hypot(pts[:, 0] - x, pts[:, 1] - y) <= r) & ~taken
-            near &= np.array([q[2] == -sign for q in rows])
+            near = (np.hypot(pts[:, 0] - xk, pts[:, 1] - yk) <= r) & ~taken
+            near &= np.array([q[2] == -sk for q in rows])
             taken |= near
         taken[k] = True
         keep.append(k)
@@ -297,12 +303,13 @@ def measure_dia_sources(
         empty = pd.DataFrame(
             {c: pd.Series(dtype=bool if c.startswith(("is", "pixelFlags")) else float) for c in COLUMNS}
         )
-        empty.attrs["noise_scale"] = scale
+        empty.attrs.update(noise_scale=scale, n_in_saturation_halos=0, n_saturated_stars=n_stars,
+                           background_rms=bkg_rms, snr_offset=offset)
         return empty
     x = np.array([q[0] for q in rows])
     y = np.array([q[1] for q in rows])
     sign = np.array([q[2] for q in rows])
-    flux, ferr = psf_flux(diff, psf, x, y, scale)
+    flux, ferr, truncated = psf_fit(diff, psf, x, y, scale)
     sflux, sferr = psf_flux(science, psf, x, y) if science is not None else (np.full(len(x), np.nan),) * 2
     data = np.ascontiguousarray(diff.image, dtype=np.float32)
     err = np.sqrt(np.maximum(diff.variance, 0)).astype(np.float32)
@@ -330,7 +337,9 @@ def measure_dia_sources(
         )
     }
     flags["edge"] |= (xi < 3) | (yi < 3) | (xi > nx - 4) | (yi > ny - 4)
-    flags["suspect"] |= near_sat[yi, xi]
+    flags["edge"] |= truncated
+    in_halo = halo[yi, xi]
+    flags["suspect"] |= in_halo
     snr = flux / ferr
     # position errors: sqrt(2) sigma / snr per axis, through the local WCS Jacobian
     perr = np.sqrt(2.0) * sigma / np.maximum(np.abs(snr), 1e-3)
@@ -344,17 +353,6 @@ def measure_dia_sources(
         cov_rd = perr**2 * (dra1 * (dec1 - dec) + dra2 * (dec2 - dec))
     else:
         ra = dec = cov_rr = cov_dd = cov_rd = np.full(len(x), np.nan)
-    size = np.sqrt(np.sqrt(np.clip(ixx * iyy - ixy**2, 1e-6, None)))
-    ratio = np.where(np.isfinite(size), size / sigma, 3.0)
-    any_bad = flags["bad"] | flags["saturated"] | flags["cr"] | flags["edge"]
-    z = (
-        1.5
-        + 0.8 * (np.minimum(np.abs(np.nan_to_num(snr)), 25.0) - 5.0)
-        - 4.0 * np.abs(np.log(ratio))
-        - 2.0 * np.array(dip)
-        - 3.0 * any_bad
-        - 1.0 * flags["suspect"]
-    )
     out = pd.DataFrame(
         {
             "x": x,
@@ -379,9 +377,11 @@ def measure_dia_sources(
             "isDipole": np.array(dip, bool),
             "isNegative": sign < 0,
             **{f"pixelFlags_{k}": v for k, v in flags.items()},
-            "reliability": 1.0 / (1.0 + np.exp(-z)),
+            "reliability": np.nan,
             "bboxSize": np.array([q[3] for q in rows], np.int32),
         }
     )[COLUMNS]
-    out.attrs["noise_scale"] = scale
+    out["reliability"] = reliability_score(out, sigma)
+    out.attrs.update(noise_scale=scale, n_in_saturation_halos=int(in_halo.sum()), n_saturated_stars=n_stars,
+                     background_rms=bkg_rms, snr_offset=offset)
     return out

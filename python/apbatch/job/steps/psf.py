@@ -1,7 +1,17 @@
-"""PSF model: the mean, centred, flux-normalised stamp of bright isolated unsaturated stars.
+"""PSF model: a spatially varying pixelised PSF built from bright isolated stars on the stellar locus.
 
-The model is constant over the CCD (spatial variation is not modelled). Its size is also
-given as a Gaussian-equivalent ``sigma`` and ``fwhm`` from the stamp's second moments.
+Star selection (:mod:`~apbatch.job.steps.psf_stars`): bright isolated unmasked candidates
+on the stellar locus of flux-independent sizes (the smallest well-populated size, drifting
+over the CCD as the seeing does), not the median of all candidates (in a galaxy-rich
+field that was a galaxy's size).
+
+Model: every pixel of the centred, flux-normalised stamp is a polynomial of ``degree`` (0-2)
+in the CCD position, fitted by weighted least squares to the stars (outlier pixels, from
+neighbours or cosmic rays, clipped at 4 sigma and refitted). ``image``/``sigma``/``fwhm``
+describe the CCD centre, :meth:`PsfModel.stamp` and :meth:`PsfModel.sigma_at` any position.
+The encircled energy curve out to several FWHM (from a larger median stack) gives the
+radius that holds a fraction of the light (:meth:`PsfModel.radius_enclosing`): the PSF
+matching sizes its kernel with it.
 """
 
 from __future__ import annotations
@@ -11,36 +21,91 @@ import dataclasses
 import numpy as np
 import pandas as pd
 from scipy import ndimage
-from scipy.spatial import cKDTree
 
 from ...errors import BadInputError
 from ...image import Image
+from .psf_stars import (
+    centred_stamp,
+    encircled,
+    encircled_profile,
+    psf_candidates,
+    stellar_locus,
+    weighted_sizes,
+)
 
 __all__ = ["PsfModel", "gaussian_psf", "measure_psf", "moffat_psf"]
+
+
+def _terms(degree: int) -> list[tuple[int, int]]:
+    return [(i, j) for d in range(degree + 1) for i in range(d + 1) for j in (d - i,)]
+
+
+def _poly(degree: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """(len(u), n_terms) monomials ``u**i v**j`` with ``i + j <= degree``."""
+    return np.stack([u**i * v**j for i, j in _terms(degree)], axis=-1)
 
 
 @dataclasses.dataclass
 class PsfModel:
     """A pixelised PSF (``image`` sums to 1, centre at ``image[h, h]``) and its size.
 
-    Immutable by convention; safe to share.
+    ``image`` and ``sigma`` are the PSF at the CCD centre. A spatially varying model also
+    has ``coeffs`` (one stamp per polynomial term of ``degree`` in the CCD position scaled to
+    [-1, 1] over ``ccd_shape``). ``encircled`` is the fraction of the light within radius
+    ``r`` px for ``r = 0, 1, ...``. Immutable by convention; safe to share.
     """
 
     image: np.ndarray
     sigma: float
     n_stars: int
+    coeffs: np.ndarray | None = None
+    degree: int = 0
+    ccd_shape: tuple[int, int] | None = None
+    encircled: np.ndarray | None = None
 
     @property
     def fwhm(self) -> float:
-        """Gaussian-equivalent FWHM, pixels."""
+        """Gaussian-equivalent FWHM at the CCD centre, pixels."""
         return 2.3548 * self.sigma
 
-    def stamp(self, dx: float = 0.0, dy: float = 0.0, size: int | None = None) -> np.ndarray:
+    def image_at(self, x: float | None = None, y: float | None = None) -> np.ndarray:
+        """The unshifted model at CCD position (``x``, ``y``); the centre's when not given or constant."""
+        if self.coeffs is None or self.ccd_shape is None or x is None or y is None:
+            return self.image
+        ny, nx = self.ccd_shape
+        u = np.clip((float(x) - nx / 2.0) / (nx / 2.0), -1.0, 1.0)
+        v = np.clip((float(y) - ny / 2.0) / (ny / 2.0), -1.0, 1.0)
+        p = _poly(self.degree, np.array([u]), np.array([v]))[0]
+        return _clean_stamp(np.tensordot(p, self.coeffs, axes=1))
+
+    def sigma_at(self, x: float, y: float) -> float:
+        """Gaussian-equivalent sigma (px) at CCD position (``x``, ``y``)."""
+        return _moment_sigma(self.image_at(x, y)) if self.coeffs is not None else self.sigma
+
+    def radius_enclosing(self, fraction: float) -> float:
+        """Radius (px) that holds ``fraction`` of the PSF's light (from ``encircled``, else ``image``)."""
+        ee = self.encircled if self.encircled is not None else encircled(self.image)
+        k = int(np.searchsorted(ee, fraction))
+        if k >= len(ee):
+            return float(len(ee) - 1)
+        if k == 0:
+            return 0.0
+        return float(k - 1 + (fraction - ee[k - 1]) / max(ee[k] - ee[k - 1], 1e-12))
+
+    def stamp(
+        self,
+        dx: float = 0.0,
+        dy: float = 0.0,
+        size: int | None = None,
+        x: float | None = None,
+        y: float | None = None,
+    ) -> np.ndarray:
         """The PSF shifted by (``dx``, ``dy``) px (cubic spline), normalised to sum 1.
 
         Cropped or zero-padded to ``size`` px square; ``None`` keeps the model's own size.
+        ``x``, ``y`` are the CCD position the PSF is wanted at; a constant model ignores them.
         """
-        img = self.image
+        img = self.image_at(x, y)
         if dx or dy:
             img = ndimage.shift(img, (dy, dx), order=3, mode="constant")
         if size is not None and size < img.shape[0]:
@@ -53,12 +118,22 @@ class PsfModel:
         return img / s if s > 0 else img
 
 
+def _clean_stamp(img: np.ndarray) -> np.ndarray:
+    """Negative pixels and corners beyond the inscribed circle zeroed, normalised to sum 1."""
+    h = img.shape[0] // 2
+    yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
+    out = np.where((img > 0) & (np.hypot(xx, yy) <= h), img, 0.0)
+    s = out.sum()
+    return out / s if s > 0 else out
+
+
 def gaussian_psf(sigma: float, size: int = 25) -> PsfModel:
     """A circular Gaussian PSF model (for tests and as a fallback)."""
     h = size // 2
     y, x = np.mgrid[-h : h + 1, -h : h + 1]
     img = np.exp(-(x * x + y * y) / (2.0 * sigma * sigma))
-    return PsfModel(img / img.sum(), float(sigma), 0)
+    r = np.arange(max(h, int(np.ceil(6 * sigma))) + 1) + 0.5
+    return PsfModel(img / img.sum(), float(sigma), 0, encircled=1.0 - np.exp(-r * r / (2 * sigma**2)))
 
 
 def moffat_psf(fwhm: float, beta: float, size: int = 25) -> PsfModel:
@@ -74,7 +149,9 @@ def moffat_psf(fwhm: float, beta: float, size: int = 25) -> PsfModel:
     alpha = fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
     img = (1.0 + (x * x + y * y) / alpha**2) ** -beta
     img /= img.sum()
-    return PsfModel(img, _moment_sigma(img), 0)
+    r = np.arange(max(h, int(np.ceil(10 * fwhm))) + 1) + 0.5
+    ee = 1.0 - (1.0 + r * r / alpha**2) ** (1.0 - beta)
+    return PsfModel(img, _moment_sigma(img), 0, encircled=ee)
 
 
 def _moment_sigma(stamp: np.ndarray) -> float:
@@ -88,21 +165,51 @@ def _moment_sigma(stamp: np.ndarray) -> float:
     return float(np.sqrt(m * 9.0 / (9.0 - m)))  # undo the Gaussian weight
 
 
+def _fit_pixels(stamps: np.ndarray, wts: np.ndarray, design: np.ndarray, n_iter: int = 2) -> np.ndarray:
+    """Weighted least-squares polynomial per pixel, with outlier pixels (> 4 sigma) replaced and refitted."""
+    n = len(stamps)
+    flat = stamps.reshape(n, -1).copy()
+    sw = np.sqrt(wts)[:, None]
+    coef = np.linalg.lstsq(design * sw, flat * sw, rcond=None)[0]
+    for _ in range(n_iter):
+        model = design @ coef
+        z = (flat - model) * sw
+        scale = 1.4826 * np.median(np.abs(z), axis=0) + 1e-12
+        bad = np.abs(z) > 4.0 * scale
+        if not bad.any():
+            break
+        flat[bad] = model[bad]
+        coef = np.linalg.lstsq(design * sw, flat * sw, rcond=None)[0]
+    return coef.reshape((design.shape[1],) + stamps.shape[1:])
+
+
 def measure_psf(
     img: Image,
     sources: pd.DataFrame,
-    size: int = 25,
+    size: int | None = None,
     max_stars: int = 200,
     min_snr: float = 50.0,
     isolation: float = 15.0,
     saturation: float | None = None,
+    degree: int | None = None,
 ) -> PsfModel:
     """Build the PSF model from the catalogue of :func:`~apbatch.job.steps.detection.detect_sources`.
 
-    Stars are sources with ``snr >= min_snr``, no sep flags, no masked pixel, no neighbour
-    within ``isolation`` px, away from the edges, peak below ``saturation`` (if given) and on
-    the stellar locus (size within 3 MADs of the median). Each stamp is shifted to its
-    centroid, normalised and the stack median-combined.
+    Candidates are sources with ``snr >= min_snr``, no sep flags, no masked pixel, no
+    neighbour within ``isolation`` px, away from the edges and with a peak below
+    ``saturation`` (if given); the PSF stars are the (at most ``max_stars`` brightest)
+    candidates on the stellar locus (module docstring). Each stamp is shifted to its
+    centroid and normalised; the model is their polynomial fit in the CCD position.
+
+    Parameters
+    ----------
+    size : `int`, optional
+        Side of the model (px, odd); default 25, or 5 x the stars' FWHM (at most 81) when
+        that is larger: in bad seeing a 25-px model holds only ~85% of the light, and PSF
+        fluxes would be low by as much.
+    degree : `int`, optional
+        Polynomial degree of the spatial variation; default 2 with >= 40 stars, 1 with
+        >= 15, else 0 (constant).
 
     Raises
     ------
@@ -114,44 +221,58 @@ def measure_psf(
             "image", "no sources to build a PSF from", "check the exposure (clouds? shutter?)"
         )
     ny, nx = img.shape
-    h = size // 2
-    xy = sources[["x", "y"]].to_numpy()
-    tree = cKDTree(xy)
-    nn = tree.query(xy, k=2)[0][:, 1] if len(xy) > 1 else np.full(len(xy), np.inf)
-    ok = (sources["snr"] >= min_snr) & (sources["flag"] == 0) & (~sources["masked"]) & (nn > isolation)
-    ok &= (
-        (sources["x"] > h + 2)
-        & (sources["x"] < nx - h - 3)
-        & (sources["y"] > h + 2)
-        & (sources["y"] < ny - h - 3)
-    )
-    if saturation is not None:
-        ok &= sources["peak"] < 0.8 * saturation
-    cand = sources[ok]
+    h = 12 if size is None else size // 2
+    cand = psf_candidates(img, sources, h, min_snr, isolation, saturation)
+    cand = cand.sort_values("snr", ascending=False).head(4 * max_stars)
     if len(cand) >= 5:
-        size_t = np.sqrt(0.5 * (cand["ixx"] + cand["iyy"]))
-        med = np.median(size_t)
-        mad = 1.4826 * np.median(np.abs(size_t - med)) + 1e-3
-        cand = cand[np.abs(size_t - med) < 3 * mad]
-    cand = cand.sort_values("snr", ascending=False).head(max_stars)
+        iso = np.sqrt(0.5 * (cand["ixx"] + cand["iyy"])).to_numpy()
+        w = float(np.clip(1.5 * np.percentile(iso, 25), 1.5, 8.0))
+        sizes = weighted_sizes(img.image, cand["x"].to_numpy(), cand["y"].to_numpy(), w)
+        u = (cand["x"].to_numpy() - nx / 2.0) / (nx / 2.0)
+        v = (cand["y"].to_numpy() - ny / 2.0) / (ny / 2.0)
+        member = stellar_locus(sizes, u, v)
+        if size is None and member.any():
+            h = int(min(max(12, round(2.5 * 2.3548 * float(np.median(sizes[member])))), 40))
+        cand = cand[member]
+        cx, cy = cand["x"], cand["y"]
+        cand = cand[(cx > h + 2) & (cx < nx - h - 3) & (cy > h + 2) & (cy < ny - h - 3)]
+    cand = cand.head(max_stars)
     if len(cand) < 5:
         raise BadInputError(
             "image", f"only {len(cand)} PSF stars found", "the image has too few bright stars"
         )
-    stamps = []
+    stamps, wts, pos = [], [], []
     for x, y in zip(cand["x"].to_numpy(), cand["y"].to_numpy(), strict=False):
-        xi, yi = int(round(x)), int(round(y))
-        st = img.image[yi - h - 1 : yi + h + 2, xi - h - 1 : xi + h + 2].astype(np.float64)
-        st = ndimage.shift(st, (yi - y, xi - x), order=3, mode="nearest")[1:-1, 1:-1]
+        st = centred_stamp(img.image, x, y, h)
         tot = st.sum()
         if tot > 0 and np.isfinite(tot):
+            xi, yi = int(round(x)), int(round(y))
+            var = float(np.median(img.variance[yi - h : yi + h + 1, xi - h : xi + h + 1]))
             stamps.append(st / tot)
-    stack = np.median(np.array(stamps), axis=0)
-    stack[stack < 0] = 0.0
-    yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
-    stack[np.hypot(xx, yy) > h] = 0.0  # round support, no corners of noise
-    stack /= stack.sum()
-    sigma = _moment_sigma(stack)
+            wts.append(tot * tot / max(var, 1e-6))
+            pos.append((x, y))
+    if len(stamps) < 5:
+        raise BadInputError(
+            "image", f"only {len(stamps)} PSF stars found", "the image has too few bright stars"
+        )
+    if degree is None:
+        degree = 2 if len(stamps) >= 40 else 1 if len(stamps) >= 15 else 0
+    w_arr = np.array(wts)
+    w_arr = np.minimum(w_arr, np.percentile(w_arr, 80))  # a few very bright stars must not decide alone
+    p = np.array(pos)
+    design = _poly(degree, (p[:, 0] - nx / 2.0) / (nx / 2.0), (p[:, 1] - ny / 2.0) / (ny / 2.0))
+    coeffs = _fit_pixels(np.array(stamps), w_arr, design)
+    centre = _clean_stamp(coeffs[0])
+    sigma = _moment_sigma(centre)
     if not np.isfinite(sigma):
         raise BadInputError("image", "PSF stars give no finite size", "check the exposure")
-    return PsfModel(stack.astype(np.float64), sigma, len(stamps))
+    ee = encircled_profile(img, cand, sources, 2.3548 * sigma)
+    return PsfModel(
+        centre.astype(np.float64),
+        sigma,
+        len(stamps),
+        coeffs=coeffs if degree > 0 else None,
+        degree=degree,
+        ccd_shape=(ny, nx),
+        encircled=ee,
+    )

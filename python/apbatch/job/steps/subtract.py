@@ -1,22 +1,33 @@
 """PSF-matched image subtraction (Alard & Lupton 1998) with a spatially varying kernel.
 
 Model: ``science(x) = (template * K_x)(x) + b(x)`` where the kernel is a sum of Gaussian x
-polynomial basis functions (``sigma_factors`` times the matching width, polynomial degrees
-``degrees``: 15 + 6 + 6 + 3 = 30 functions by default) whose coefficients vary linearly over
-the CCD, and ``b`` is a linear differential background. The kernel is a square of
-``kernel_fwhm_scaling`` (7) times the science FWHM, odd, within ``kernel_size_range``
-(21-45 px; as ip_diffim scales its kernel with the FWHM): a real PSF has power-law (Moffat)
-wings, and the matching kernel carries the science image's wings, so a fixed 21-px kernel
-left a ring of residual flux 11-18 px around every bright star in 1.2" seeing (20-80 false
-detections per CCD). The widest basis Gaussian (4 x the matching width) carries those wings.
+polynomial basis functions (:mod:`~apbatch.job.steps.kernel_basis`) whose coefficients, and
+the differential background ``b``, are polynomials in the CCD position: linear, or
+quadratic when the science PSF model varies over the CCD by more than
+``psf_variation_threshold`` (3%) in size (a seeing that changes from centre to corner is
+not linear in x, y).
+
+Sizes come from the measured PSF profiles, not only the FWHM. Given a science
+:class:`~apbatch.job.steps.psf.PsfModel`, the kernel's half-size is the radius enclosing
+``kernel_enclosed`` (99.7%) of its light (its measured encircled-energy curve) or 7 x FWHM,
+whichever is larger, within ``kernel_size_range`` (21-71 px): the matching kernel carries the
+science image's wings, and a kernel cut short leaves a ring of residual flux around every bright
+star (a fixed 21-px kernel left one 11-18 px out in 1.2" seeing; a 7 x FWHM kernel cut the broad
+wing of an atmospheric PSF). The basis widths are ``sigma_factors`` x the core match width
+``sqrt(sci_sigma^2 - tmpl_sigma^2)``, plus, when the science PSF's light reaches far, a wing
+Gaussian of ``wing_fraction`` (0.4) x that radius. Given bare sigmas, the kernel is 7 x FWHM and
+the basis the core widths only (as before).
+
+The template may be warped onto the science grid grown by ``pad`` px on every side
+(``warp_template(..., pad=template_pad(psf))``): it is convolved on that grid and cropped,
+so the difference is valid up to the CCD edge wherever the template has data; only the
+outer ``h - pad`` px (all of the kernel half-size ``h`` with ``pad=0``) are ``EDGE``.
+
 The coefficients are fitted on ~80 bright, isolated, unmasked star stamps (inverse-variance
 weighted; stamp half-size = kernel half-size + ``stamp_margin``), clipping stamps whose
-chi^2 is a > ``clip_sigma`` outlier, and refitting.
-
-Applying it costs three FFT convolutions, not 30 (and the same for any kernel size):
-``K_x = K_0 + x K_1 + y K_2`` where each
-``K_j`` is the fitted mix of basis functions, so ``T * K_x = T*K_0 + x (T*K_1) + y (T*K_2)``
-exactly (float32 ``scipy.fft`` padded to ``next_fast_len``).
+chi^2 is a > ``clip_sigma`` outlier, and refitting. Applying it costs one FFT convolution per
+spatial term (3, or 6 when quadratic), not one per basis function, and the same for any
+kernel size: ``T * K_x = sum_s P_s(x) (T * K_s)`` exactly (float32 ``scipy.fft``).
 
 Variance: ``var_sci + var_tmpl * sum(K_0**2) + (flux_error_floor * T*K)**2`` (the template
 variance is smooth; the last term stands for the kernel model's error, proportional to
@@ -33,16 +44,13 @@ import dataclasses
 import numpy as np
 import pandas as pd
 import scipy.fft as sfft
-from scipy.spatial import cKDTree
 
 from ...errors import BadInputError
 from ...image import Image, MaskBits
+from .kernel_basis import STAMP_BAD, basis_1d, convolve_terms, fit_kernel, kernel_image, select_stamps
+from .psf import PsfModel
 
-__all__ = ["SubtractConfig", "SubtractionResult", "dilate_bits", "subtract_images"]
-
-_STAMP_BAD = int(
-    MaskBits.BAD | MaskBits.SAT | MaskBits.CR | MaskBits.NO_DATA | MaskBits.INTRP | MaskBits.EDGE
-)
+__all__ = ["SubtractConfig", "SubtractionResult", "dilate_bits", "subtract_images", "template_pad"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +59,14 @@ class SubtractConfig:
 
     kernel_size: int | None = None
     kernel_fwhm_scaling: float = 7.0
-    kernel_size_range: tuple[int, int] = (21, 45)
+    kernel_enclosed: float = 0.997
+    kernel_size_range: tuple[int, int] = (21, 71)
     sigma_factors: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
     degrees: tuple[int, ...] = (4, 2, 2, 1)
+    wing_fraction: float = 0.4
+    wing_degree: int = 2
+    spatial_degree: int | None = None
+    psf_variation_threshold: float = 0.03
     n_stamps: int = 80
     stamp_margin: int = 5
     min_stamp_snr: float = 30.0
@@ -61,22 +74,30 @@ class SubtractConfig:
     max_iter: int = 3
     flux_error_floor: float = 0.005
 
+    def kernel_half(self, sci_psf: float | PsfModel) -> int:
+        """Kernel half-size (px) for the science PSF (a model, or its Gaussian-equivalent sigma).
 
-    def kernel_half(self, sci_sigma: float) -> int:
-        """Kernel half-size (px) for a science PSF of Gaussian-equivalent ``sigma``.
-
-        ``kernel_size`` if set, else ``kernel_fwhm_scaling`` x FWHM within ``kernel_size_range``.
+        ``kernel_size`` if set; else ``kernel_fwhm_scaling`` x FWHM, or for a model the radius
+        holding ``kernel_enclosed`` of its light if larger (its measured encircled-energy
+        curve: a broad wing asks for a broad kernel); within ``kernel_size_range``.
         """
         if self.kernel_size is not None:
             return int(self.kernel_size) // 2
         lo, hi = self.kernel_size_range
-        size = int(np.ceil(self.kernel_fwhm_scaling * 2.3548 * float(sci_sigma)))
+        sigma = sci_psf.sigma if isinstance(sci_psf, PsfModel) else float(sci_psf)
+        size = int(np.ceil(self.kernel_fwhm_scaling * 2.3548 * sigma))
+        if isinstance(sci_psf, PsfModel):
+            # never below the FWHM rule: the measured curve underestimates a power-law wing
+            # (its outer level is subtracted), and a kernel sized by it alone left residual
+            # rings just outside it around bright unsaturated stars (5 sigma, 15-18 px out)
+            size = max(size, 2 * int(np.ceil(sci_psf.radius_enclosing(self.kernel_enclosed))) + 1)
         return min(max(size, lo), hi) // 2
 
 
 @dataclasses.dataclass
 class SubtractionResult:
-    """Fit summary: stamps used/rejected, kernel sum at the centre, noise rescale, basis widths."""
+    """Fit summary: stamps used/rejected, kernel sum at the centre, noise rescale, basis widths,
+    the kernel at the CCD centre and the degree of its spatial variation."""
 
     n_stamps: int
     n_rejected: int
@@ -86,153 +107,12 @@ class SubtractionResult:
     chi2_per_dof: float
     template_psf_smaller: bool
     kernel: np.ndarray
+    spatial_degree: int = 1
 
     @property
     def kernel_size(self) -> int:
         """Side (px) of the matching kernel."""
         return int(self.kernel.shape[0])
-
-
-def _basis_1d(sigmas, degrees, h):
-    u = np.arange(-h, h + 1, dtype=float)
-    funcs, terms = {}, []
-    for si, (s, d) in enumerate(zip(sigmas, degrees, strict=False)):
-        g = np.exp(-u * u / (2 * s * s))
-        for i in range(d + 1):
-            f = g * (u / h) ** i
-            funcs[(si, i)] = f / np.abs(f).sum()
-        terms += [(si, i, j) for i in range(d + 1) for j in range(d + 1 - i)]
-    return funcs, terms
-
-
-def _conv_matrix(f: np.ndarray, n_in: int) -> np.ndarray:
-    h = len(f) // 2
-    n_out = n_in - 2 * h
-    m = np.zeros((n_out, n_in))
-    for q in range(-h, h + 1):
-        m[np.arange(n_out), np.arange(n_out) + h - q] = f[q + h]
-    return m
-
-
-def _select_stamps(sources, sci, tmpl, cfg, h):
-    ny, nx = sci.shape
-    S = h + cfg.stamp_margin
-    H = S + h
-    s = sources
-    ok = (s["snr"] >= cfg.min_stamp_snr) & (s["flag"] == 0) & (~s["masked"])
-    ok &= (s["x"] >= H + 1) & (s["x"] < nx - H - 2) & (s["y"] >= H + 1) & (s["y"] < ny - H - 2)
-    xy = s[["x", "y"]].to_numpy()
-    if len(xy) > 1:
-        nn = cKDTree(xy).query(xy, k=2)[0][:, 1]
-        ok &= nn > S
-    cand = s[ok].sort_values("snr", ascending=False)
-    ncell = 5
-    quota = int(np.ceil(cfg.n_stamps / ncell**2)) + 1
-    cell = np.minimum((cand["x"] / nx * ncell).astype(int), ncell - 1) * ncell + np.minimum(
-        (cand["y"] / ny * ncell).astype(int), ncell - 1
-    )
-    picked = []
-    counts = {}
-    for (x, y), c in zip(cand[["x", "y"]].to_numpy(), cell.to_numpy(), strict=False):
-        xi, yi = int(round(x)), int(round(y))
-        box = (slice(yi - H, yi + H + 1), slice(xi - H, xi + H + 1))
-        if (sci.mask[box] & _STAMP_BAD).any() or (tmpl.mask[box] & _STAMP_BAD).any():
-            continue
-        if counts.get(c, 0) >= quota:
-            continue
-        counts[c] = counts.get(c, 0) + 1
-        picked.append((xi, yi))
-        if len(picked) >= cfg.n_stamps:
-            break
-    return picked
-
-
-def _fit(sci, tmpl, stamps, funcs, terms, cfg, h):
-    ny, nx = sci.shape
-    S = h + cfg.stamp_margin
-    n_in = 2 * (S + h) + 1
-    T = np.array([tmpl.image[y - S - h : y + S + h + 1, x - S - h : x + S + h + 1] for x, y in stamps], float)
-    R = np.array([sci.image[y - S : y + S + 1, x - S : x + S + 1] for x, y in stamps], float)
-    V = np.array(
-        [
-            sci.variance[y - S : y + S + 1, x - S : x + S + 1]
-            + tmpl.variance[y - S : y + S + 1, x - S : x + S + 1]
-            for x, y in stamps
-        ],
-        float,
-    )
-    W = 1.0 / np.maximum(V, 1e-3)
-    mats = {k: _conv_matrix(f, n_in) for k, f in funcs.items()}
-    horiz = {k: T @ m.T for k, m in mats.items()}  # (n, n_in, n_out): convolved along x
-    Q = np.empty((len(stamps), 2 * S + 1, 2 * S + 1, len(terms) + 1))
-    for t, (si, i, j) in enumerate(terms):
-        Q[..., t] = mats[(si, j)] @ horiz[(si, i)]
-    Q[..., -1] = 1.0
-    nb = Q.shape[-1]
-    Qf = Q.reshape(len(stamps), -1, nb)
-    Rf, Wf = R.reshape(len(stamps), -1), W.reshape(len(stamps), -1)
-    QtW = (Qf * Wf[:, :, None]).transpose(0, 2, 1)  # batched BLAS products, not einsum loops
-    QtWQ = QtW @ Qf
-    QtWR = (QtW @ Rf[:, :, None])[:, :, 0]
-    P = np.array([[1.0, (x - nx / 2) / (nx / 2), (y - ny / 2) / (ny / 2)] for x, y in stamps])
-    use = np.ones(len(stamps), bool)
-    n_rej = 0
-    for _ in range(cfg.max_iter + 1):
-        N = np.einsum("si,sj,sab->iajb", P[use], P[use], QtWQ[use]).reshape(3 * nb, 3 * nb)
-        b = np.einsum("si,sa->ia", P[use], QtWR[use]).reshape(3 * nb)
-        d = np.sqrt(np.maximum(np.diag(N), 1e-30))
-        sol = np.linalg.lstsq(N / d[:, None] / d[None, :], b / d, rcond=1e-12)[0] / d
-        coef = sol.reshape(3, nb)
-        model = (Qf @ (P @ coef)[:, :, None])[:, :, 0]
-        chi2 = ((Rf - model) ** 2 * Wf).mean(axis=1)
-        med = np.median(chi2[use])
-        mad = 1.4826 * np.median(np.abs(chi2[use] - med))
-        bad = use & (chi2 > med + cfg.clip_sigma * max(mad, 0.05 * med))
-        if not bad.any() or use.sum() - bad.sum() < max(10, nb // 3):
-            break
-        use &= ~bad
-        n_rej += int(bad.sum())
-    return coef, float(np.median(chi2[use])), int(use.sum()), n_rej
-
-
-def _kernel_image(coef_row, funcs, terms):
-    k = 0.0
-    for c, (si, i, j) in zip(coef_row, terms, strict=False):
-        k = k + c * np.outer(funcs[(si, j)], funcs[(si, i)])
-    return k
-
-
-def _centred(f: np.ndarray, n: int) -> np.ndarray:
-    """1-d kernel ``f`` (odd length) laid out with its centre at index 0 of a length-``n`` array."""
-    h = len(f) // 2
-    a = np.zeros(n)
-    a[: h + 1] = f[h:]
-    a[n - h :] = f[:h]
-    return a
-
-
-def _fft_convolve_terms(img, coefs, funcs, terms, fshape):
-    """``[img * K_j]`` ('same' size, zero padding) for kernels ``K_j = sum_t coefs[j, t] B_t``.
-
-    One forward FFT of the image; each kernel's FFT is a rank-27 sum of outer products of
-    the separable basis' 1-d FFTs (one small complex matrix product), then one inverse FFT.
-    """
-    ny, nx = img.shape
-    FT = sfft.rfft2(img, s=fshape, workers=1)
-    fy = np.array([np.fft.fft(_centred(funcs[(si, j)], fshape[0])) for si, i, j in terms]).T.astype(
-        np.complex64
-    )
-    fx = np.array([np.fft.rfft(_centred(funcs[(si, i)], fshape[1])) for si, i, j in terms]).astype(
-        np.complex64
-    )
-    out = []
-    for c in coefs:
-        FK = fy @ (c[:, None].astype(np.complex64) * fx)
-        FK *= FT
-        # FK is a temporary: let the inverse transform work in its buffer
-        out.append(sfft.irfft2(FK, s=fshape, workers=1, overwrite_x=True)[:ny, :nx])
-        del FK
-    return out
 
 
 def dilate_bits(mask: np.ndarray, bits: int, radius: int) -> np.ndarray:
@@ -258,11 +138,71 @@ def dilate_bits(mask: np.ndarray, bits: int, radius: int) -> np.ndarray:
     return np.ascontiguousarray(pad[r:-r, r:-r])
 
 
+def _sigma(psf: float | PsfModel) -> float:
+    return float(psf.sigma) if isinstance(psf, PsfModel) else float(psf)
+
+
+def _basis_widths(cfg: SubtractConfig, sci_psf, tmpl_psf, h: int
+                  ) -> tuple[tuple[float, ...], tuple[int, ...]]:
+    """Basis Gaussian widths and polynomial degrees: the core match, and the science PSF's wing.
+
+    The core widths are ``sigma_factors`` x ``sqrt(sci_sigma^2 - tmpl_sigma^2)``. A measured
+    science PSF whose light reaches far (``wing_fraction`` x its ``kernel_enclosed`` radius wider
+    than 1.5 x the widest core Gaussian, e.g. an atmospheric power-law wing) adds one wing
+    Gaussian of that width (capped at h / 2), of degree ``wing_degree``.
+    """
+    match = float(np.sqrt(max(_sigma(sci_psf) ** 2 - _sigma(tmpl_psf) ** 2, 0.25)))
+    sigmas = [max(0.4, f * match) for f in cfg.sigma_factors]
+    degrees = list(cfg.degrees)
+    if isinstance(sci_psf, PsfModel) and cfg.kernel_size is None:
+        wing = min(cfg.wing_fraction * sci_psf.radius_enclosing(cfg.kernel_enclosed), h / 2.0)
+        if wing > 1.5 * max(sigmas):
+            sigmas.append(wing)
+            degrees.append(cfg.wing_degree)
+    return tuple(sigmas), tuple(degrees)
+
+
+def _spatial_degree(cfg: SubtractConfig, sci_psf) -> int:
+    """``spatial_degree`` if set; else 2 when the science PSF model's size varies by more than
+    ``psf_variation_threshold`` between the CCD centre and its corners, else 1."""
+    if cfg.spatial_degree is not None:
+        return int(cfg.spatial_degree)
+    if not isinstance(sci_psf, PsfModel) or sci_psf.coeffs is None or sci_psf.ccd_shape is None:
+        return 1
+    ny, nx = sci_psf.ccd_shape
+    at = [sci_psf.sigma_at(x, y) for x in (0, nx / 2, nx - 1) for y in (0, ny / 2, ny - 1)]
+    return 2 if max(abs(a / sci_psf.sigma - 1.0) for a in at) > cfg.psf_variation_threshold else 1
+
+
+def template_pad(sci_psf: float | PsfModel | None = None, config: SubtractConfig | None = None) -> int:
+    """The pad (px) to warp the template with so that the difference is valid up to the CCD edge.
+
+    The kernel half-size :func:`subtract_images` will use for ``sci_psf``; without one, the
+    largest it can use.
+    """
+    cfg = config or SubtractConfig()
+    if sci_psf is None:
+        return int(cfg.kernel_size) // 2 if cfg.kernel_size is not None else cfg.kernel_size_range[1] // 2
+    return cfg.kernel_half(sci_psf)
+
+
+def _template_pad(science: Image, template: Image) -> int:
+    (ny, nx), (ty, tx) = science.shape, template.shape
+    pad = (ty - ny) // 2
+    if ty - ny != tx - nx or (ty - ny) % 2 or pad < 0 or int(template.metadata.get("WARPPAD", pad)) != pad:
+        raise BadInputError(
+            "template",
+            f"shape {template.shape} but the science image is {science.shape}",
+            "warp the template onto the science grid first (optionally padded equally on every side)",
+        )
+    return pad
+
+
 def subtract_images(
     science: Image,
     template: Image,
-    sci_sigma: float,
-    tmpl_sigma: float,
+    sci_sigma: float | PsfModel,
+    tmpl_sigma: float | PsfModel,
     sources: pd.DataFrame,
     config: SubtractConfig | None = None,
 ) -> tuple[Image, SubtractionResult]:
@@ -273,9 +213,14 @@ def subtract_images(
     science : `Image`
         Calibrated, background-subtracted science image.
     template : `Image`
-        Template warped onto the science grid (:func:`~apbatch.job.steps.warp.warp_template`).
-    sci_sigma, tmpl_sigma : `float`
-        Gaussian-equivalent PSF sigmas (px) of science and template.
+        Template warped onto the science grid (:func:`~apbatch.job.steps.warp.warp_template`),
+        possibly padded by ``pad`` px on every side (``warp_template(..., pad=template_pad(psf))``):
+        it is then convolved on its padded grid and cropped, and the difference is valid up
+        to the science image's edge wherever the template has data.
+    sci_sigma, tmpl_sigma : `float` or `PsfModel`
+        PSFs of science and template: a measured model (its encircled energy sizes the
+        kernel and its wing widens the basis; its spatial variation asks for a quadratic
+        kernel) or a bare Gaussian-equivalent sigma (px).
     sources : `pandas.DataFrame`
         Science sources (:func:`~apbatch.job.steps.detection.detect_sources`) to choose stamps from.
     config : `SubtractConfig`, optional
@@ -284,83 +229,94 @@ def subtract_images(
     Returns
     -------
     diff : `Image`
-        Difference image (PSF of the science image), rescaled variance and the OR of both
-        masks (template masks grown by the kernel half-size; border pixels ``EDGE``).
+        Difference image on the science grid (PSF of the science image), rescaled variance
+        and the OR of both masks (template masks grown by the kernel half-size; ``EDGE``
+        where the kernel reaches beyond the template: the border of the kernel half-size
+        less the pad).
     result : `SubtractionResult`
         Fit summary.
 
     Raises
     ------
     BadInputError
-        Raised if the images differ in shape or too few clean star stamps are found.
+        Raised if the shapes do not match or too few clean star stamps are found.
     """
     cfg = config or SubtractConfig()
-    if science.shape != template.shape:
-        raise BadInputError(
-            "template",
-            f"shape {template.shape} but the science image is {science.shape}",
-            "warp the template onto the science grid first",
-        )
+    pad = _template_pad(science, template)
     h = cfg.kernel_half(sci_sigma)
-    match = float(np.sqrt(max(sci_sigma**2 - tmpl_sigma**2, 0.25)))
-    sigmas = tuple(max(0.4, f * match) for f in cfg.sigma_factors)
-    funcs, terms = _basis_1d(sigmas, cfg.degrees, h)
-    stamps = _select_stamps(sources, science, template, cfg, h)
+    sigmas, degrees = _basis_widths(cfg, sci_sigma, tmpl_sigma, h)
+    sdeg = _spatial_degree(cfg, sci_sigma)
+    funcs, terms = basis_1d(sigmas, degrees, h)
+    stamps = select_stamps(sources, science, template, h, pad, cfg.n_stamps, cfg.stamp_margin,
+                           cfg.min_stamp_snr)
+    if len(stamps) < 15:  # a large kernel in a crowded field: accept neighbours in the stamps' outer half
+        stamps = select_stamps(sources, science, template, h, pad, cfg.n_stamps, cfg.stamp_margin,
+                               cfg.min_stamp_snr, isolation=(h + cfg.stamp_margin) / 2.0)
     if len(stamps) < 15:
         raise BadInputError(
             "science",
             f"only {len(stamps)} clean star stamps for the kernel fit",
             "too few bright isolated stars on this CCD",
         )
-    coef, chi2, n_used, n_rej = _fit(science, template, stamps, funcs, terms, cfg, h)
-    kernels = [_kernel_image(coef[j, :-1], funcs, terms).astype(np.float32) for j in range(3)]
+    coef, chi2, n_used, n_rej = fit_kernel(science, template, stamps, funcs, terms, h, pad,
+                                           cfg.stamp_margin, sdeg, cfg.clip_sigma, cfg.max_iter)
     ny, nx = science.shape
-    fshape = (sfft.next_fast_len(ny + h + 1, real=True), sfft.next_fast_len(nx + h + 1, real=True))
+    tny, tnx = template.shape
+    fshape = (sfft.next_fast_len(tny + h + 1, real=True), sfft.next_fast_len(tnx + h + 1, real=True))
+    inner = (slice(pad, pad + ny), slice(pad, pad + nx))
     tmask = template.mask
     timg = np.where((tmask & int(MaskBits.NO_DATA)) != 0, 0.0, template.image).astype(np.float32)
-    c0, c1, c2 = _fft_convolve_terms(timg, coef[:, :-1], funcs, terms, fshape)
-    del timg
     xs = ((np.arange(nx, dtype=np.float32) - nx / 2) / (nx / 2))[None, :]
     ys = ((np.arange(ny, dtype=np.float32) - ny / 2) / (ny / 2))[:, None]
-    bg = coef[:, -1].astype(np.float32)
+    # spatial terms 1, x, y, x^2, xy, y^2 as (row, column) factors
+    facs = [(None, None), (xs, None), (None, ys), (xs * xs, None), (xs, ys), (None, ys * ys)][: len(coef)]
+    diff = science.image.astype(np.float32, copy=True)
+    floor = None
     # in place where possible: every CCD-sized temporary costs page faults as well as time
-    diff = np.subtract(science.image, c0, dtype=np.float32)
-    c1 *= xs
-    diff -= c1
-    del c1
-    c2 *= ys
-    diff -= c2
-    del c2
-    # model error: a fraction of the matched template's flux (bright-star residuals)
-    floor = np.square(c0, out=c0)
-    floor *= np.float32(cfg.flux_error_floor**2)
-    del c0
-    diff -= bg[0] + bg[1] * xs  # a row
-    diff -= bg[2] * ys  # a column
-    kernel_power = np.float32((kernels[0].astype(float) ** 2).sum())
-    var = np.multiply(template.variance, kernel_power, dtype=np.float32)
+    for (fx, fy), c in zip(facs, convolve_terms(timg, coef[:, :-1], funcs, terms, fshape, inner),
+                           strict=False):
+        if fx is None and fy is None:
+            diff -= c
+            floor = np.square(c, out=c)  # model error: a fraction of the matched template's flux
+            floor *= np.float32(cfg.flux_error_floor**2)
+            continue
+        if fx is not None:
+            c *= fx
+        if fy is not None:
+            c *= fy
+        diff -= c
+        del c
+    del timg
+    bg = coef[:, -1].astype(np.float32)
+    for k, (fx, fy) in enumerate(facs):
+        diff -= bg[k] * (fx if fx is not None else np.float32(1)) * (fy if fy is not None else np.float32(1))
+    k0 = kernel_image(coef[0, :-1], funcs, terms)
+    var = np.multiply(template.variance[inner], np.float32((k0**2).sum()), dtype=np.float32)
     var += science.variance
-    var += floor
-    del floor
+    if floor is not None:
+        var += floor
+        del floor
     mask = science.mask.copy()
-    grow = dilate_bits(tmask, int(MaskBits.NO_DATA | MaskBits.SAT | MaskBits.BAD), h)
-    mask |= tmask
+    grow = dilate_bits(tmask, int(MaskBits.NO_DATA | MaskBits.SAT | MaskBits.BAD), h)[inner]
+    mask |= tmask[inner]
     mask[grow] |= MaskBits.NO_DATA
-    edge = np.zeros(mask.shape, bool)
-    edge[:h, :], edge[-h:, :], edge[:, :h], edge[:, -h:] = True, True, True, True
-    mask[edge] |= MaskBits.EDGE
+    e = max(h - pad, 0)
+    if e:
+        edge = np.zeros(mask.shape, bool)
+        edge[:e, :], edge[-e:, :], edge[:, :e], edge[:, -e:] = True, True, True, True
+        mask[edge] |= MaskBits.EDGE
     # empirical noise rescaling on clean pixels (a random subsample, for speed)
     rng = np.random.default_rng(12345)
     idx = rng.integers(0, diff.size, size=min(diff.size, 400_000))
-    clean = (mask.ravel()[idx] & (_STAMP_BAD | int(MaskBits.DETECTED))) == 0
+    clean = (mask.ravel()[idx] & (STAMP_BAD | int(MaskBits.DETECTED))) == 0
     z = diff.ravel()[idx][clean] / np.sqrt(np.maximum(var.ravel()[idx][clean], 1e-6))
     scale = 1.4826 * np.median(np.abs(z - np.median(z))) if z.size > 100 else 1.0
     var *= np.float32(scale**2)
-    k0 = kernels[0].astype(float)
     res = SubtractionResult(
-        n_used, n_rej, float(k0.sum()), float(scale), sigmas, chi2, bool(tmpl_sigma <= sci_sigma), k0
+        n_used, n_rej, float(k0.sum()), float(scale), sigmas, chi2,
+        bool(_sigma(tmpl_sigma) <= _sigma(sci_sigma)), k0, sdeg,
     )
     meta = dict(science.metadata)
     meta.update({"DIFFKSUM": res.kernel_sum, "DIFFNSCL": res.noise_scale, "DIFFNSTM": n_used,
-                 "DIFFKSIZ": res.kernel_size})
-    return Image(diff, var.astype(np.float32, copy=False), mask, science.wcs, meta), res
+                 "DIFFKSIZ": res.kernel_size, "DIFFSDEG": sdeg, "DIFFTPAD": pad})
+    return Image(diff, var, mask, science.wcs, meta), res

@@ -9,6 +9,11 @@ neighbour (a cubic kernel could make it negative; it is smooth) and the mask by 
 neighbour of the mask dilated by one pixel. Several patches are mosaicked: a science
 pixel takes the first patch that covers it. Pixels no patch covers (or that are within
 4 px of a patch's edge in every patch) are ``NO_DATA``.
+
+With ``pad > 0`` the template is warped onto the science grid grown by ``pad`` px on every
+side (templates cover more than the CCD): the PSF-matching convolution then has real
+template pixels beyond the CCD edge, and the difference is valid up to the edge.
+:func:`crop_to_science` cuts such a padded template back to the science grid.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from scipy.interpolate import CubicSpline
 from ...errors import BadInputError
 from ...image import Image, MaskBits
 
-__all__ = ["NoTemplateOverlapError", "pixel_map", "template_unit", "warp_template"]
+__all__ = ["NoTemplateOverlapError", "crop_to_science", "pixel_map", "shift_wcs", "template_unit",
+           "warp_template"]
 
 
 class NoTemplateOverlapError(BadInputError):
@@ -98,6 +104,43 @@ def _or_dilate(m: np.ndarray) -> np.ndarray:
     return b
 
 
+def shift_wcs(wcs: WCS, offset: float) -> WCS:
+    """A copy of ``wcs`` for pixel coordinates larger by ``offset`` on both axes (a grid grown by ``offset``).
+
+    ``shift_wcs(w, p).pixel_to_world(x + p, y + p) == w.pixel_to_world(x, y)``, SIP distortion included.
+    """
+    out = wcs.deepcopy()
+    out.wcs.crpix = wcs.wcs.crpix + float(offset)
+    if out.sip is not None:
+        from astropy.wcs import Sip
+
+        out.sip = Sip(wcs.sip.a, wcs.sip.b, wcs.sip.ap, wcs.sip.bp, out.wcs.crpix)
+    if wcs.pixel_shape is not None:
+        out.pixel_shape = tuple(int(n + 2 * offset) for n in wcs.pixel_shape)
+    out.wcs.set()
+    return out
+
+
+def crop_to_science(warped: Image, pad: int | None = None) -> Image:
+    """The part of a padded warped template (:func:`warp_template` ``pad``) on the science grid.
+
+    ``pad`` defaults to the template's ``WARPPAD`` metadata (0: the image itself is returned).
+    Planes are views, not copies; the WCS is shifted back to science pixels.
+    """
+    p = int(warped.metadata.get("WARPPAD", 0) if pad is None else pad)
+    if p == 0:
+        return warped
+    ny, nx = warped.shape
+    if ny <= 2 * p or nx <= 2 * p:
+        raise BadInputError("template", f"shape {warped.shape} is smaller than twice the pad {p}",
+                            "crop only a template warped with that pad")
+    box = (slice(p, ny - p), slice(p, nx - p))
+    meta = dict(warped.metadata)
+    meta["WARPPAD"] = 0
+    wcs = shift_wcs(warped.wcs, -p) if warped.wcs is not None else None
+    return Image(warped.image[box], warped.variance[box], warped.mask[box], wcs, meta)
+
+
 def _check_template(t: Image, k: int) -> tuple[WCS, np.ndarray, np.ndarray]:
     """The template's WCS, variance and mask, checked to exist and to match the image's shape."""
     if t.wcs is None:
@@ -109,7 +152,12 @@ def _check_template(t: Image, k: int) -> tuple[WCS, np.ndarray, np.ndarray]:
 
 
 def warp_template(
-    templates: list[Image], sci_wcs: WCS, shape: tuple[int, int], grid: int = 64, min_coverage: float = 0.0
+    templates: list[Image],
+    sci_wcs: WCS,
+    shape: tuple[int, int],
+    grid: int = 64,
+    min_coverage: float = 0.0,
+    pad: int = 0,
 ) -> Image:
     """Resample template patches onto the science grid.
 
@@ -125,11 +173,15 @@ def warp_template(
         Spacing (px) of the exactly-computed map.
     min_coverage : `float`
         Fraction of the science pixels that must be covered; below it the template is refused.
+    pad : `int`
+        Grow the output grid by this many pixels on every side (at least the PSF-matching
+        kernel's half-size lets the difference be valid up to the CCD edge).
 
     Returns
     -------
     warped : `Image`
-        The template on the science grid (WCS ``sci_wcs``); metadata ``COVERAGE`` is the covered fraction.
+        The template on the science grid grown by ``pad`` (WCS ``sci_wcs`` shifted by ``pad``);
+        metadata ``COVERAGE`` is the covered fraction of the science pixels, ``WARPPAD`` the pad.
 
     Raises
     ------
@@ -138,6 +190,13 @@ def warp_template(
     """
     if not templates:
         raise NoTemplateOverlapError("no template patch given")
+    pad = int(pad)
+    if pad < 0:
+        raise BadInputError("pad", f"{pad} px", "pad must be >= 0")
+    sci_shape = (int(shape[0]), int(shape[1]))
+    if pad:
+        sci_wcs = shift_wcs(sci_wcs, pad)
+        shape = (sci_shape[0] + 2 * pad, sci_shape[1] + 2 * pad)
     ny, nx = shape
     out = np.zeros(shape, np.float32)
     var = np.zeros(shape, np.float32)
@@ -235,10 +294,10 @@ def warp_template(
             np.copyto(m, w_msk if w_msk is not None else np.int32(0), where=cov)
         f |= cov
         del w_img, w_var, w_msk
-    coverage = float(filled.mean())
+    coverage = float(filled[pad : ny - pad, pad : nx - pad].mean())
     if coverage == 0.0 or coverage < min_coverage:
         raise NoTemplateOverlapError(f"template patches cover {coverage:.1%} of the science image")
-    meta: dict[str, float | str] = {"COVERAGE": coverage, "NPATCH": len(templates)}
+    meta: dict[str, float | str] = {"COVERAGE": coverage, "NPATCH": len(templates), "WARPPAD": pad}
     unit = template_unit(templates)
     if unit:
         meta["BUNIT"] = unit
