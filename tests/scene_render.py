@@ -334,12 +334,28 @@ def psf_field(nx: int, ny: int, sci_sigma: float, variation: float, ellipticity:
 
 
 def edge_positions(rng, n: int, nx: int, ny: int, lo: float, hi: float):
-    """``n`` random positions between ``lo`` and ``hi`` px from the nearest CCD edge (all four sides)."""
-    side = rng.integers(0, 4, n)
+    """``n`` random positions between ``lo`` and ``hi`` px from the nearest CCD edge (all four sides).
+
+    Spread evenly around the border (each in its own 1/n of the perimeter, at a random place
+    in the middle 60% of it): a test of detection near the edge, not of deblending (100
+    transients dropped at random in the 22-px strip were 11 times denser than in the CCD's
+    interior, and in 2" seeing half of the misses were blends with each other).
+    """
+    wx, wy = nx - 1 - 2 * lo, ny - 1 - 2 * lo
+    perimeter = 2 * (wx + wy)
+    t = (np.arange(n) + rng.uniform(0.2, 0.8, n)) / n * perimeter + rng.uniform(0, perimeter)
+    t %= perimeter
     depth = rng.uniform(lo, hi, n)
-    along_x, along_y = rng.uniform(lo, nx - 1 - lo, n), rng.uniform(lo, ny - 1 - lo, n)
-    x = np.where(side == 0, depth, np.where(side == 1, nx - 1 - depth, along_x))
-    y = np.where(side == 2, depth, np.where(side == 3, ny - 1 - depth, along_y))
+    x, y = np.empty(n), np.empty(n)
+    for k, u in enumerate(t):
+        if u < wx:  # bottom side, left to right
+            x[k], y[k] = lo + u, depth[k]
+        elif u < wx + wy:  # right side, upwards
+            x[k], y[k] = nx - 1 - depth[k], lo + u - wx
+        elif u < 2 * wx + wy:  # top side, right to left
+            x[k], y[k] = nx - 1 - lo - (u - wx - wy), ny - 1 - depth[k]
+        else:  # left side, downwards
+            x[k], y[k] = depth[k], ny - 1 - lo - (u - 2 * wx - wy)
     return x, y
 
 

@@ -4,10 +4,10 @@ Five conditions of ``tests/scene_conditions.py`` (a full LSSTCam CCD each, ~30 s
 two snaps whose sky differs by 0.3 mag, a dead amplifier, an atmospheric (non-Moffat) PSF that
 varies across the CCD, a galaxy-rich field and 2" seeing. Each is scored against its truth as
 ``bench/bench_steps.py`` does (completeness by TRUE S/N over the difference's valid region,
-sources near the edge included). The asserted bounds are the issue's targets where the steps
-meet them on every seed measured (S/N >= 10: 98%; flux within 5%); for S/N 5-10 and for
-unflagged false detections they are regression guards below the targets (80%, 3 per CCD),
-which two-seed bench runs meet on some conditions only (README, "Skies it was not tuned on").
+sources near the edge included). The asserted bounds are the issue's targets (S/N >= 10: 98%,
+S/N 5-10: 80%, flux within 5%), except for unflagged false detections: a regression guard of 5
+per CCD against the target of 3, which two-seed bench runs miss on some conditions (README,
+"Skies it was not tuned on").
 """
 
 import numpy as np
@@ -30,8 +30,8 @@ def test_completeness_flux_and_false_detections(scored):
     name, _, _, s = scored
     assert s["n_true_10_inf"] >= 100 and s["n_valid_5_10"] >= 60, name
     assert s["completeness_valid_10_inf"] >= 0.98, (name, s)
-    assert s["completeness_edge_10_inf"] >= 0.9, (name, s)
-    assert s["completeness_valid_5_10"] >= 0.70, (name, s)
+    assert s["completeness_edge_10_inf"] >= 0.95, (name, s)
+    assert s["completeness_valid_5_10"] >= 0.80, (name, s)
     assert s["false_unflagged"] <= 5, (name, s)
     assert s["flux_ratio"] == pytest.approx(1.0, abs=0.05), (name, s)
     assert s["valid_fraction"] > 0.9, (name, s)

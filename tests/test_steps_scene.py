@@ -116,6 +116,12 @@ def test_edge_positions_and_illumination():
     x, y = edge_positions(rng, 500, 4072, 4000, 3.0, 25.0)
     border = np.minimum.reduce([x, y, 4071 - x, 3999 - y])
     assert border.min() >= 3.0 and border.max() <= 25.0
+    # the grid's 100 are spread around the border (all four sides), never blended with each other
+    from scipy.spatial import cKDTree
+
+    x, y = edge_positions(rng, 100, 4072, 4000, 3.0, 25.0)
+    assert (x < 26).any() and (x > 4045).any() and (y < 26).any() and (y > 3973).any()
+    assert cKDTree(np.column_stack([x, y])).query(np.column_stack([x, y]), k=2)[0][:, 1].min() > 40
     inst = get_instrument("LSSTCam")
     det = inst.detector(188)  # R43_S22, a corner of the focal plane at (+x, +y)
     ill = illumination(det, (det.ny, det.nx), 0.2)

@@ -201,7 +201,10 @@ def _moments(img, x, y, sign, sigma, n_iter=6, max_half=20):
     wcov = np.eye(2) * (1.5 * sigma) ** 2
     m = None
     for _ in range(n_iter):
-        h = int(min(max_half, np.ceil(3 * np.sqrt(np.linalg.eigvalsh(wcov).max()))))
+        ev = np.linalg.eigvalsh(wcov)
+        if not (np.isfinite(ev).all() and ev.min() > 0):  # the iteration left the valid weights: no shape
+            return np.nan, np.nan, np.nan
+        h = int(min(max_half, np.ceil(3 * np.sqrt(ev.max()))))
         if xi - h < 0 or yi - h < 0 or xi + h >= nx or yi + h >= ny:
             return np.nan, np.nan, np.nan
         st = sign * img[yi - h : yi + h + 1, xi - h : xi + h + 1].astype(float)
@@ -233,7 +236,7 @@ def measure_dia_sources(
     psf: PsfModel,
     science: Image | None = None,
     threshold: float = 5.0,
-    min_pixels: int = 3,
+    min_pixels: int = 2,
     njy_per_e: float | None = None,
 ) -> pd.DataFrame:
     """Detect and measure DIA sources.
