@@ -43,19 +43,12 @@ __all__ = ["IsrConfig", "run_isr"]
 class IsrConfig:
     """Knobs of :func:`run_isr` (defaults suit LSSTCam / LSSTComCam).
 
-    Snap combination (:mod:`.snaps`): ``cr_nsigma`` (4.5) is the cosmic-ray threshold on the
-    residual of the snap model (and of the single-snap finder); ``snap_min_ratio`` (0.5):
-    a throughput ratio outside ``[0.5, 2]`` between snaps, ``snap_max_chi`` (1.5): a
-    residual noise 1.5 times its prediction, or ``snap_max_cr_fraction`` (0.002) of the
-    pixels flagged send the visit to the single-snap search (``SNAPMODE = "single"``).
-
-    Amplifier health (:mod:`.amps`): ``amp_check`` (True) turns it on; an amplifier is
-    ``dead`` below ``amp_dead_fraction`` (0.1) of the CCD's median level, with a noise under
-    ``amp_dead_noise_factor`` (2) times its read noise, when that median level is at least
-    ``amp_dead_min_snr`` (5) read-noise sigmas; ``hot`` above the median by
-    ``amp_hot_nsigma`` (10) sky sigmas and ``amp_hot_fraction`` (0.5) of the sky, or with a
-    noise ``amp_hot_noise_factor`` (2) times its prediction; ``saturated`` with more than
-    ``amp_sat_fraction`` (0.5) of its pixels ``SAT``.
+    ``cr_nsigma`` (4.5) is the cosmic-ray threshold of the single-snap finder and, on the
+    residual of the snap model, of the two-snap combination; ``snaps`` holds that
+    combination's other settings (:class:`~.snaps.SnapConfig`: when a visit falls back to the
+    single-snap search). ``amp_check`` (True) turns the amplifier-health check on, with the
+    thresholds of ``amps`` (:class:`~.amps.AmpHealthConfig`: what makes an amplifier dead,
+    hot or saturated).
     """
 
     overscan_skip: int = 2
@@ -66,38 +59,9 @@ class IsrConfig:
     cr_single: bool = True
     bad_column_nsigma: float = 6.0
     interpolate: bool = True
-    snap_min_ratio: float = 0.5
-    snap_max_chi: float = 1.5
-    snap_max_cr_fraction: float = 2e-3
+    snaps: SnapConfig = dataclasses.field(default_factory=SnapConfig)
     amp_check: bool = True
-    amp_dead_fraction: float = 0.1
-    amp_dead_noise_factor: float = 2.0
-    amp_dead_min_snr: float = 5.0
-    amp_hot_nsigma: float = 10.0
-    amp_hot_fraction: float = 0.5
-    amp_hot_noise_factor: float = 2.0
-    amp_sat_fraction: float = 0.5
-
-    def snap_config(self) -> SnapConfig:
-        """The :class:`~.snaps.SnapConfig` these settings describe."""
-        return SnapConfig(
-            nsigma=self.cr_nsigma,
-            min_ratio=self.snap_min_ratio,
-            max_chi=self.snap_max_chi,
-            max_cr_fraction=self.snap_max_cr_fraction,
-        )
-
-    def amp_config(self) -> AmpHealthConfig:
-        """The :class:`~.amps.AmpHealthConfig` these settings describe."""
-        return AmpHealthConfig(
-            dead_fraction=self.amp_dead_fraction,
-            dead_noise_factor=self.amp_dead_noise_factor,
-            dead_min_snr=self.amp_dead_min_snr,
-            hot_nsigma=self.amp_hot_nsigma,
-            hot_fraction=self.amp_hot_fraction,
-            hot_noise_factor=self.amp_hot_noise_factor,
-            sat_fraction=self.amp_sat_fraction,
-        )
+    amps: AmpHealthConfig = dataclasses.field(default_factory=AmpHealthConfig)
 
 
 def _segment_field(seg_name: str) -> str:
@@ -338,9 +302,8 @@ def run_isr(
     bad_amps: dict[str, str] = {}
     if cfg.amp_check:
         fimg = flat.image if flat is not None else None
-        acfg = cfg.amp_config()
         for i, m in snaps:
-            for name, why in classify_amps(amp_statistics(i, m, amps, fimg, acfg.step), acfg).items():
+            for name, why in classify_amps(amp_statistics(i, m, amps, fimg, cfg.amps.step), cfg.amps).items():
                 bad_amps.setdefault(name, why)
     if len(bad_amps) == len(amps):
         raise BadInputError(
@@ -357,7 +320,8 @@ def run_isr(
     if len(snaps) == 2:
         (i1, m1), (i2, m2) = snaps
         res = combine_snaps(
-            i1, m1, i2, m2, rn2, flat.image if flat is not None else None, badamp, cfg.snap_config()
+            i1, m1, i2, m2, rn2, flat.image if flat is not None else None, badamp,
+            dataclasses.replace(cfg.snaps, nsigma=cfg.cr_nsigma),
         )
         img, var, mask, crmask = res.image, res.variance, res.mask, res.interpolate
         extra_meta.update(res.metadata)

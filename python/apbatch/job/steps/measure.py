@@ -31,9 +31,6 @@ Fluxes are in nJy: electrons times ``njy_per_e`` (the image metadata ``NJY_PER_E
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, cast
-
 import numpy as np
 import pandas as pd
 import sep
@@ -79,18 +76,6 @@ COLUMNS = [
 ]
 
 
-def _psf_stamp(psf: PsfModel, dx: float, dy: float, size: int, x: float, y: float) -> np.ndarray:
-    """``psf.stamp`` at CCD position (x, y) when the model takes one (a spatially varying PSF)."""
-    if _STAMP_TAKES_XY.get(type(psf)) is None:
-        _STAMP_TAKES_XY[type(psf)] = "x" in inspect.signature(psf.stamp).parameters
-    if _STAMP_TAKES_XY[type(psf)]:
-        return cast(Any, psf).stamp(dx, dy, size, x=x, y=y)
-    return psf.stamp(dx, dy, size)
-
-
-_STAMP_TAKES_XY: dict[type, bool] = {}
-
-
 def psf_fit(img: Image, psf: PsfModel, x: np.ndarray, y: np.ndarray, noise_scale: float = 1.0):
     """PSF-fit flux, error and truncation flag at fixed positions.
 
@@ -121,7 +106,7 @@ def psf_fit(img: Image, psf: PsfModel, x: np.ndarray, y: np.ndarray, noise_scale
         if y0 >= y1 or x0 >= x1:
             continue
         box = (slice(y0, y1), slice(x0, x1))
-        p = _psf_stamp(psf, xc - xi, yc - yi, size, xc, yc)
+        p = psf.stamp(xc - xi, yc - yi, size, x=xc, y=yc)  # the model at this CCD position
         p = p[y0 - (yi - half) : y1 - (yi - half), x0 - (xi - half) : x1 - (xi - half)]
         m = mask[box]
         truncated[k] = (y1 - y0 < size) or (x1 - x0 < size) or bool((m & int(MaskBits.EDGE)).any())
