@@ -77,6 +77,17 @@ def test_already_there_returns_at_once(store, raw):
     assert paths == [entry.path] and time.monotonic() - t0 < 0.5
 
 
+def test_delivery_time_is_the_distributors_not_the_readers(store, raw):
+    """The raw -> alert latency starts when the distributor had the raw, not when the job looked."""
+    entry = store.deliver(raw, meta())
+    time.sleep(0.3)
+    client = LocalDistributorClient(store.root)
+    paths = client.wait_for_raws("LSSTComCam", GROUP, "R22_S11", 1, timeout=5)
+    assert client.delivered_at(paths) == entry.delivered
+    assert time.time() - client.delivered_at(paths) >= 0.3
+    assert client.delivered_at([raw]) is None  # never returned by this client
+
+
 def test_late_writer(store, raw):
     t0 = time.monotonic()
     later(0.6, store.deliver, raw, meta())

@@ -129,6 +129,9 @@ def test_late_writer_over_http(client, store, raw):
     assert paths[0].read_bytes() == raw.read_bytes()
     assert paths[0].is_relative_to(client.cache_dir)
     assert 0.5 <= time.monotonic() - t0 < 1.5
+    # when the distributor had it (its sidecar's time), as the job's raw -> alert latency counts
+    (entry,) = store.list_group("LSSTComCam", GROUP, "R22_S11")
+    assert client.delivered_at(paths) == entry.delivered
 
 
 def test_timeout_over_http_is_on_time(client):

@@ -485,3 +485,31 @@ def test_sqlite_ledger_file_is_not_world_readable(url, tmp_path):
         led.close()
     finally:
         os.umask(old)
+
+
+def test_stage_times_are_recorded_on_the_row_and_read_back(ledger, url):
+    ws = works(2)
+    ledger.claim(ws)
+    submit(ledger, ws)
+    stages = {"started": 10.0, "prepared": 12.5, "raw_available": 30.0, "alerts_sent": 36.0}
+    assert ledger.record_stages(ws[1].instrument, ws[1].group_id, ws[1].detector, stages)
+    assert not ledger.record_stages(ws[1].instrument, ws[1].group_id, 99, stages)  # a job run by hand
+    rows = {r.detector: r for r in Ledger.open(url, create=False).rows()}
+    assert rows[1].stages == stages and rows[0].stages == {}
+    assert rows[1].to_dict()["stages"] == stages
+    # a rerun's marks replace the earlier attempt's
+    ledger.record_stages(ws[1].instrument, ws[1].group_id, 1, {"started": 50.0})
+    assert ledger.rows(detector=1)[0].stages == {"started": 50.0}
+
+
+def test_older_ledger_gains_the_stages_column(tmp_path):
+    url = f"sqlite:///{tmp_path}/old.sqlite3"
+    Ledger.open(url).close()
+    eng = sa.create_engine(url)
+    with eng.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE submissions DROP COLUMN stages")
+    led = Ledger.open(url, create=False)
+    ws = works(1)
+    led.claim(ws)
+    assert led.record_stages(ws[0].instrument, ws[0].group_id, 0, {"started": 1.0})
+    assert led.rows()[0].stages == {"started": 1.0}

@@ -334,7 +334,7 @@ def test_boundary_codes_and_cleanup(monkeypatch, reach_apdb, code):
     deps = _Deps()
     seen = {}
 
-    def run_ccd(work, deps_, *, timeout, output_run, region_padding_arcsec):
+    def run_ccd(work, deps_, *, timeout, output_run, region_padding_arcsec, **kw):
         seen.update(timeout=timeout, output_run=output_run, padding=region_padding_arcsec)
         deps_.alerts.apdb_reached = reach_apdb
         raise ZeroDivisionError("boom")
@@ -477,3 +477,21 @@ def test_failed_job_removes_its_butler_outputs(tmp_path, good_raw, monkeypatch):
         script.process_ccd(load_config(environ={}), work, deps=JobDeps(io, None, None))
     for name in (ds.CALEXP, ds.DIFFIM, ds.DIA_SOURCES, ds.METRICS):
         assert butler.query_datasets(name, collections=run, explain=False) == [], name
+
+
+def test_stage_times_go_into_the_jobs_ledger_row(tmp_path):
+    from apbatch.config import load_config
+    from apbatch.ledger import Ledger
+    from apbatch.script.process_ccd import record_stages
+    from apbatch.work import CcdWork
+
+    cfg = load_config(overrides={"root": str(tmp_path / "work")}, environ={})
+    work = CcdWork(instrument="LSSTComCam", detector=4, detector_name="R22_S11",
+                   group_id="2025-10-16T00:59:36.789", visit=3405059767890000, day_obs=20251015,
+                   intent="science", exposure_time=30.0, nimages=1, distributor="/d")
+    assert not record_stages(cfg, work, {"started": 1.0})  # no ledger yet: logged, never a failure
+    ledger = Ledger.from_config(cfg)
+    ledger.claim([work])
+    assert record_stages(cfg, work, {"started": 1.0, "prepared": 3.5})
+    assert ledger.rows()[0].stages == {"started": 1.0, "prepared": 3.5}
+    ledger.close()

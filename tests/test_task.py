@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from apbatch.errors import BadInputError, RawTimeoutError, RetriableError
 from apbatch.image import Image
+from apbatch.instruments import get_instrument
 from apbatch.job import task
 from apbatch.job.steps.psf import gaussian_psf
 from apbatch.raw import RawExposure, RawMetadata
@@ -45,23 +46,39 @@ def _raw(**kw) -> RawExposure:
 class FakeButlerIO:
     """Records what the job asks for; returns what the test sets up."""
 
-    def __init__(self, raws=None, templates=(), raise_on_get=None):
+    def __init__(self, raws=None, templates=(), raise_on_get=None, calibs=None):
         self.raws, self.templates, self.raise_on_get = raws or [_raw()], list(templates), raise_on_get
+        # kind -> callable(when, physical_filter) -> ref id or None (refs are found by the time asked)
+        self.calibs = calibs or {}
+        self.template_reads: list = []
+        self.order: list[str] = []
         self.puts: list[dict] = []
         self.asked: dict = {}
+        self.raw_delivered_at = None
+        self.calib_reads: list[str] = []
 
     def get_raw_blocking(self, target, detector, nimages, client, timeout, *, group_id=None,
                          allow_partial=False):
+        self.order.append("raw")
         self.asked = {"target": target, "nimages": nimages, "timeout": timeout,
                       "allow_partial": allow_partial}
         if self.raise_on_get:
             raise self.raise_on_get
         return self.raws
 
-    def get_calib(self, kind, detector, when, physical_filter=None):
+    def calib_ref(self, kind, detector, when, physical_filter=None):
+        find = self.calibs.get(kind)
+        rid = find(when, physical_filter) if find else None
+        return None if rid is None else type("Ref", (), {"id": rid})()
+
+    def read_calib(self, ref):
+        self.order.append(f"calib:{ref.id}")
+        self.calib_reads.append(ref.id)
         return None
 
     def get_templates(self, corners, band):
+        self.order.append("templates")
+        self.template_reads.append((np.asarray(corners, float).mean(axis=0), band))
         return self.templates
 
     def put_outputs(self, visit, detector, **outputs):
@@ -201,7 +218,9 @@ def test_flagged_dia_sources_are_stored_in_the_butler_but_not_alerted(monkeypatc
     dia["x"], dia["y"], dia["psfFlux"] = [5.0, 10.0, 20.0], [5.0, 10.0, 20.0], [1.0, 2.0, 3.0]
     dia.loc[1, "pixelFlags_suspect"] = True
     dia["ra"], dia["dec"] = 53.0, -28.0
-    tmpl = Image(np.zeros(shape, np.float32), np.ones(shape, np.float32), metadata={"BUNIT": "nJy"})
+    cam = get_instrument("LSSTComCam")
+    tmpl = Image(np.zeros(shape, np.float32), np.ones(shape, np.float32), metadata={"BUNIT": "nJy"},
+                 wcs=cam.sky_wcs(cam.detector(4), 53.0, -28.0, 10.0))
     sub = type("Sub", (), {"n_stamps": 20, "kernel_sum": 1.0, "noise_scale": 1.0})()
     monkeypatch.setattr(task, "run_isr", isr)
     monkeypatch.setattr(task, "_fit_astrometry", lambda *a: None)
@@ -223,3 +242,92 @@ def test_flagged_dia_sources_are_stored_in_the_butler_but_not_alerted(monkeypatc
     assert res.isr == {"snapmode": "model", "snaprati": 0.9, "ampsbad": "C10:dead"}
     metrics = io.puts[-1]["metrics"]
     assert metrics["dia_rejected"]["total"] == 1 and metrics["isr"]["ampsbad"] == "C10:dead"
+
+
+# ---------------------------------------------------------------- prepare / process phases
+@pytest.fixture
+def stop_at_warp(monkeypatch, fake_steps):
+    """Real template preparation; the process phase ends at the warp (calibrated image only)."""
+    from apbatch.job.steps.warp import NoTemplateOverlapError
+
+    def no_overlap(*a, **k):
+        raise NoTemplateOverlapError("stopped by the test")
+
+    monkeypatch.setattr(task, "_fit_astrometry", lambda *a: None)
+    monkeypatch.setattr(task, "warp_template", no_overlap)
+    return fake_steps
+
+
+def _templates():
+    cam = get_instrument("LSSTComCam")
+    wcs = cam.sky_wcs(cam.detector(4), 53.0, -28.0, 10.0)
+    return [Image(np.zeros((40, 50), np.float32), np.ones((40, 50), np.float32), wcs=wcs,
+                  metadata={"BUNIT": "nJy"})]
+
+
+def test_calibrations_and_templates_are_read_before_the_raw_and_used(stop_at_warp):
+    """nextVisit's filter and pointing decide the reads before the raw; the header's different
+    filter (headers can be wrong) is reported, and the prepared data are what the job uses."""
+    io = FakeButlerIO(raws=[_raw(physical_filter="y_04")], templates=_templates(),
+                      calibs={"bias": lambda when, f: "bias-1", "flat": lambda when, f: f"flat-{f}"})
+    clock_marks = task.StageClock()
+    res = task.run_ccd(_work(), task.JobDeps(io, object()), clock=clock_marks)
+    assert io.order[:4] == ["calib:bias-1", "calib:flat-r_03", "templates", "raw"]
+    assert io.calib_reads == ["bias-1", "flat-r_03"]  # not read again after the raw
+    assert len(io.template_reads) == 1 and io.template_reads[0][1] == "r"
+    assert any("FILTER 'y_04'" in m for m in res.mismatches)
+    assert res.prepare["templates"] == "prepared"
+    assert {"prepare_calibs", "prepare_templates"} <= set(res.timings)
+    marks = res.stages
+    assert list(marks)[:3] == ["started", "prepared", "raw_read"]  # the fake distributor gives no time
+    assert marks["started"] <= marks["prepared"] <= marks["raw_read"] <= marks["isr_done"]
+
+
+def test_a_calibration_that_does_not_hold_the_raws_time_is_read_again(fake_steps):
+    # the bias changes at MJD 60964.0: nextVisit's group time (2025-10-16T00:59) is after it,
+    # the raw (mjd_begin 60963.9) before: the prepared bias does not apply to the raw
+    io = FakeButlerIO(raws=[_raw(mjd_begin=60963.9, mjd_end=60963.9004)], templates=[],
+                      calibs={"bias": lambda when, f: "new" if float(getattr(when, "mjd", when)) >= 60964.0
+                              else "old"})
+    task.run_ccd(_work(), task.JobDeps(io, object()))
+    assert io.calib_reads == ["new", "old"]
+
+
+def test_pointing_far_from_next_visit_reads_templates_where_the_header_says(stop_at_warp):
+    io = FakeButlerIO(raws=[_raw(ra=53.05)], templates=_templates())  # 2.6 arcmin east of nextVisit
+    res = task.run_ccd(_work(), task.JobDeps(io, object()))
+    assert len(io.template_reads) == 2
+    (first, _), (second, _) = io.template_reads
+    assert second[0] - first[0] == pytest.approx(0.05, abs=0.005)
+    assert res.prepare["templates"].startswith("re-read: the CCD is")
+    assert any("arcsec from the job's boresight" in m for m in res.mismatches)
+    near = FakeButlerIO(raws=[_raw(ra=53.001)], templates=_templates())  # 3 arcsec: within the pad
+    assert task.run_ccd(_work(), task.JobDeps(near, object())).prepare["templates"] == "prepared"
+    assert len(near.template_reads) == 1
+
+
+def test_preparation_failure_is_retriable_and_writes_nothing(fake_steps):
+    def away(when, f):
+        raise ConnectionError("registry unreachable")
+
+    io = FakeButlerIO(calibs={"bias": away})
+    with pytest.raises(RetriableError, match="preparation failed: ConnectionError: registry unreachable"):
+        task.run_ccd(_work(), task.JobDeps(io, object()))
+    assert io.puts == [] and io.asked == {} and fake_steps == []
+
+
+def test_raw_that_never_arrives_drops_the_prepared_data(stop_at_warp):
+    io = FakeButlerIO(templates=_templates(), raise_on_get=RawTimeoutError("no raw after 2 s"),
+                      calibs={"bias": lambda when, f: "b"})
+    clock = task.StageClock()
+    with pytest.raises(RawTimeoutError):
+        task.run_ccd(_work(), task.JobDeps(io, object()), timeout=2.0, clock=clock)
+    assert io.order == ["calib:b", "templates", "raw"] and io.puts == [] and stop_at_warp == []
+    assert set(clock.marks) == {"started", "prepared"}
+
+
+def test_raw_available_is_the_distributors_delivery_time(fake_steps):
+    io = FakeButlerIO(templates=[])
+    io.raw_delivered_at = 1000.0
+    res = task.run_ccd(_work(), task.JobDeps(io, object()))
+    assert res.stages["raw_available"] == 1000.0 and res.stages["raw_read"] > 1000.0

@@ -247,6 +247,9 @@ class JobConfig(_Model):
     output_run: str = "{instrument}/prompt/{day_obs}"
     distributor: str = "distributor"
     raw_timeout: float = Field(120.0, gt=0)
+    pointing_pad_arcsec: float = Field(20.0, ge=0, description=(
+        "templates and the APDB region read before the raw arrive cover nextVisit's footprint grown "
+        "by this; a header pointing farther away than this makes the job read them again"))
     command: list[str] = Field(["apbatch", "process-ccd"], min_length=1, description=(
         "the per-CCD command; a bare 'apbatch' becomes this install's script at submission"))
     config_dir: str = Field("config", description="where the night's resolved config for the jobs is written")

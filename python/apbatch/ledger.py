@@ -315,6 +315,22 @@ class Ledger(SubmissionReads, EventTables):
                 changed += [int(x) for x in conn.execute(stmt).scalars()]
         return sorted(changed)
 
+    def record_stages(self, instrument: str, group_id: str, detector: int,
+                      stages: Mapping[str, float]) -> bool:
+        """Store a job's stage times (`apbatch.latency.STAGES`) on its row; the latest attempt's win.
+
+        Returns
+        -------
+        found : `bool`
+            `False` if the ledger has no row for this CCD (a job run by hand).
+        """
+        c = submissions.c
+        with self.engine.begin() as conn:
+            res = conn.execute(submissions.update().where(
+                c.instrument == instrument, c.group_id == group_id, c.detector == int(detector))
+                .values(stages=json.dumps(dict(stages))))
+        return bool(res.rowcount)
+
     def disable_retry(self, group_id: str, instrument: str | None = None) -> None:
         """Never resubmit any CCD of this group automatically (its nextVisit was cancelled)."""
         c = submissions.c

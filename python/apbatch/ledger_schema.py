@@ -51,9 +51,11 @@ submissions = sa.Table(
     sa.Column("started_at", sa.Float),
     sa.Column("finished_at", sa.Float),
     sa.Column("last_polled_at", sa.Float),
+    # JSON {stage: UTC unix seconds} written by the job itself (apbatch.latency.STAGES)
+    sa.Column("stages", sa.Text),
     sa.UniqueConstraint("instrument", "group_id", "detector", name="uq_submissions_ccd"),
 )
-ADDED_COLUMNS = {"submissions": ("command", "submit_token")}
+ADDED_COLUMNS = {"submissions": ("command", "submit_token", "stages")}
 """Nullable columns added after the first release: `Ledger.open` adds them to older ledgers."""
 
 events = sa.Table(

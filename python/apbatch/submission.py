@@ -78,6 +78,8 @@ class Submission:
     started_at: float | None = None
     finished_at: float | None = None
     last_polled_at: float | None = None
+    stages: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    """UTC unix seconds of each stage the job reached (`apbatch.latency.STAGES`), as the job wrote them."""
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Submission:
@@ -88,6 +90,7 @@ class Submission:
         d["job_history"] = tuple(json.loads(d.get("job_history") or "[]"))
         d["command"] = tuple(json.loads(d.get("command") or "[]"))
         d["reason"] = d.get("reason") or ""
+        d["stages"] = json.loads(d.get("stages") or "{}")
         d["retry"] = bool(d["retry"])
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
@@ -109,6 +112,7 @@ class Submission:
         d["work"] = self.work.to_dict()
         d["job_history"] = list(self.job_history)
         d["command"] = list(self.command)
+        d["stages"] = dict(self.stages)
         return d
 
     # ------------------------------------------------------------------ the rules

@@ -84,6 +84,8 @@ class ButlerIO(OutputsMixin):
         self.transfer = transfer
         self._skymap_name = skymap
         self._skymap: Any = None
+        self.raw_delivered_at: float | None = None
+        """When the distributor had the raws of the last :meth:`get_raw_blocking` (UTC unix s)."""
 
     # ------------------------------------------------------------------ raws
     def get_raw_blocking(
@@ -148,6 +150,8 @@ class ButlerIO(OutputsMixin):
             timeout=timeout,
             allow_partial=allow_partial,
         )
+        # when the distributor had them: the start of the raw -> alert latency (apbatch.latency)
+        self.raw_delivered_at = distributor_client.delivered_at(paths)
         return [self.butler.get(self.ingest_raw(p, det.id)) for p in paths]
 
     def ingest_raw(self, path: str | Path, detector: int | None = None) -> DatasetRef:
@@ -218,6 +222,17 @@ class ButlerIO(OutputsMixin):
     def get_calib(self, kind: str, detector: int | str, when: Any, physical_filter: str | None = None) -> Any:
         """The ``bias`` or ``flat`` of a detector valid at ``when``, or `None` if there is none.
 
+        :meth:`calib_ref` then :meth:`read_calib`; see them for the parameters.
+        """
+        ref = self.calib_ref(kind, detector, when, physical_filter)
+        return None if ref is None else self.read_calib(ref)
+
+    def calib_ref(self, kind: str, detector: int | str, when: Any, physical_filter: str | None = None) -> Any:
+        """The `DatasetRef` of the ``bias`` or ``flat`` of a detector valid at ``when``, or `None`.
+
+        A registry lookup only (milliseconds): a job that read its calibrations before the raw
+        arrived compares this ref, at the raw's time, with the one it read.
+
         Parameters
         ----------
         kind : `str`
@@ -233,10 +248,6 @@ class ButlerIO(OutputsMixin):
         ------
         BadInputError
             Raised if ``kind`` is not a calibration, or a flat is asked for without a filter.
-
-        Notes
-        -----
-        Only the image and mask planes are read (the variance comes back as zeros).
         """
         if kind not in ds.CALIBRATIONS:
             raise BadInputError("kind", f"{kind!r} is not a calibration", f"use one of {ds.CALIBRATIONS}")
@@ -247,13 +258,16 @@ class ButlerIO(OutputsMixin):
                     "physical_filter", "needed to find a flat", "pass the raw's physical_filter"
                 )
             data_id["physical_filter"] = physical_filter
-        ref = self.butler.find_dataset(
+        return self.butler.find_dataset(
             kind, data_id, collections=self.collections, timespan=Timespan.fromInstant(_as_time(when))
         )
-        if ref is None:
-            return None
-        # ISR uses a calibration's image and mask only: skip decompressing its variance
-        # (when the repository's storage class declares the parameter)
+
+    def read_calib(self, ref: Any) -> Any:
+        """Read a calibration found by :meth:`calib_ref`.
+
+        Only the image and mask planes are read (the variance comes back as zeros): ISR uses
+        nothing else, and decompressing the variance costs time.
+        """
         if "planes" in ref.datasetType.storageClass.parameters:
             return self.butler.get(ref, parameters={"planes": ("image", "mask")})
         return self.butler.get(ref)

@@ -141,6 +141,19 @@ class DistributorClient(abc.ABC):
             Raised if an argument is not a valid name or ``nimages`` < 1.
         """
 
+    _delivered: dict[Path, float | None]
+
+    def delivered_at(self, paths: Sequence[Path]) -> float | None:
+        """When the distributor had the last of ``paths`` (UTC unix seconds, from its records).
+
+        ``paths`` are what :meth:`wait_for_raws` returned; `None` if the distributor did not say.
+        This is the start of the raw -> alert latency (`apbatch.latency`), not when the job
+        first looked.
+        """
+        times = [self._delivered.get(Path(p)) for p in paths]
+        known = [t for t in times if t is not None]
+        return max(known) if known and len(known) == len(times) else None
+
     @staticmethod
     def _check_args(instrument, group_id, detector_name, nimages, image_names) -> None:
         check_name(instrument, "instrument")
@@ -173,6 +186,7 @@ class LocalDistributorClient(DistributorClient):
     def __init__(self, root: str | Path, *, verify_checksum: bool = True):
         self.store = DistributorStore(root)
         self.verify_checksum = verify_checksum
+        self._delivered: dict[Path, float | None] = {}
 
     def wait_for_raws(
         self,
@@ -198,14 +212,19 @@ class LocalDistributorClient(DistributorClient):
             ]
             chosen = select_raws(ready, nimages, image_names)
             if len(chosen) >= want:
-                return [e.path for e in chosen]
+                return self._note(chosen)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 if allow_partial and chosen:
-                    return [e.path for e in chosen]
+                    return self._note(chosen)
                 raise self._timeout_error(instrument, group_id, detector_name, len(chosen), want, timeout)
             time.sleep(min(sleep, remaining))
             sleep = min(sleep * 1.5, _MAX_SLEEP)
+
+    def _note(self, chosen: list[RawEntry]) -> list[Path]:
+        for e in chosen:
+            self._delivered[e.path] = e.delivered
+        return [e.path for e in chosen]
 
     def _arrived(self, instrument, group_id, detector_name, image_names) -> list[RawEntry]:
         entries = self.store.list_group(instrument, group_id, detector_name)
@@ -252,6 +271,7 @@ class HttpDistributorClient(DistributorClient):
         self.base_url = base_url.rstrip("/")
         self.cache_dir = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="apbatch-raws-"))
         self.verify_checksum = verify_checksum
+        self._delivered: dict[Path, float | None] = {}
 
     def wait_for_raws(
         self,
@@ -286,13 +306,18 @@ class HttpDistributorClient(DistributorClient):
             if len(chosen) >= want:
                 paths = self._download_all(instrument, group_id, chosen)
                 if paths is not None:
-                    return paths
+                    return self._note(chosen, paths)
                 time.sleep(min(_MAX_SLEEP, max(deadline - time.monotonic(), 0)))
         if allow_partial and chosen:
             paths = self._download_all(instrument, group_id, chosen)
             if paths:
-                return paths
+                return self._note(chosen, paths)
         raise self._timeout_error(instrument, group_id, detector_name, len(chosen), want, timeout)
+
+    def _note(self, chosen: list[dict], paths: list[Path]) -> list[Path]:
+        for d, p in zip(chosen, paths, strict=True):
+            self._delivered[Path(p)] = d.get("delivered")
+        return paths
 
     @staticmethod
     def _select(listing: list[dict], nimages: int, image_names: Sequence[str]) -> list[dict]:

@@ -23,16 +23,18 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ApbatchError, BadInputError, RetriableError
+from ..errors import ApbatchError, RetriableError
 from ..image import Image
 from ..instruments import get_instrument
-from ..raw import RawExposure
+from ..latency import StageClock
 from ..work import CcdWork
 from .alert_policy import split_alertable
+from .headers import check_headers, header_pointing
 from .photometry import photometric_scale, to_njy
+from .prepare import Prepared, TemplateSet, pointing_offset_arcsec, prepare_ccd, read_templates
 from .steps.astrometry import AstrometryError, fit_wcs
 from .steps.background import subtract_background
-from .steps.detection import detect_bright_sources, detect_sources
+from .steps.detection import detect_sources
 from .steps.isr import run_isr
 from .steps.measure import measure_dia_sources
 from .steps.psf import measure_psf
@@ -79,6 +81,10 @@ class CcdResult:
     alerts: dict = dataclasses.field(default_factory=dict)
     dia_rejected: dict[str, int] = dataclasses.field(default_factory=dict)
     isr: dict = dataclasses.field(default_factory=dict)
+    prepare: dict = dataclasses.field(default_factory=dict)
+    """What the prepare phase's reads became (e.g. ``templates``: prepared or re-read, and why)."""
+    stages: dict[str, float] = dataclasses.field(default_factory=dict)
+    """UTC unix seconds of each stage reached (`apbatch.latency.STAGES`)."""
     timings: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -113,68 +119,10 @@ def _maxrss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
 
 
-def check_headers(raws: list[RawExposure], work: CcdWork) -> list[str]:
-    """Compare the raws' headers with the job's arguments.
-
-    Returns
-    -------
-    mismatches : `list` [`str`]
-        Human-readable differences that do not stop the job (filter, exposure time,
-        pointing); the header value is reported next to the argument.
-
-    Raises
-    ------
-    BadInputError
-        Raised if a raw belongs to another instrument, detector or group.
-    """
-    out: list[str] = []
-    for raw in raws:
-        m = raw.metadata
-        if m.instrument != work.instrument:
-            raise BadInputError("raw", f"{m.obs_id} is from {m.instrument}, the job is for {work.instrument}",
-                                "check the distributor location")
-        if m.detector != work.detector:
-            raise BadInputError("raw", f"{m.obs_id} is detector {m.detector}, the job is for {work.detector}",
-                                "the distributor delivered the wrong CCD")
-        if work.group_id and m.group_id != work.group_id:
-            raise BadInputError("raw", f"{m.obs_id} has GROUPID {m.group_id!r}, "
-                                f"the job's group is {work.group_id!r}")
-        if work.physical_filter and m.physical_filter != work.physical_filter:
-            out.append(f"{m.obs_id}: header FILTER {m.physical_filter!r} but the job was told "
-                       f"{work.physical_filter!r}"
-                       " (using the job's filter)")
-        exptime = m.requested_exposure_time or m.exposure_time
-        snaps = max(m.images_in_sequence or work.nimages or 1, 1)
-        # the expected time may be the visit's (30 s) or the snap's (2 x 15 s)
-        if work.exposure_time and min(abs(exptime - work.exposure_time),
-                                      abs(exptime * snaps - work.exposure_time)) > 0.5:
-            out.append(f"{m.obs_id}: header EXPTIME {exptime:.3f} s but the job expected "
-                       f"{work.exposure_time:.3f} s (using the header)")
-        if work.ra is not None and work.dec is not None and m.ra is not None and m.dec is not None:
-            dra = (m.ra - work.ra + 180.0) % 360.0 - 180.0
-            sep = float(np.hypot(dra * np.cos(np.radians(work.dec)), m.dec - work.dec)) * 3600
-            if sep > 60.0:
-                out.append(f"{m.obs_id}: header pointing is {sep:.0f} arcsec from the job's boresight "
-                           "(using the header)")
-    for line in out:
-        log.warning("header mismatch: %s", line)
-    return out
-
-
-def _pointing(raw: RawExposure, work: CcdWork) -> tuple[float, float, float]:
-    m = raw.metadata
-    ra = m.ra if m.ra is not None else work.ra
-    dec = m.dec if m.dec is not None else work.dec
-    rot = m.rotation if m.rotation is not None else work.rotation
-    if ra is None or dec is None or rot is None:
-        raise BadInputError("raw", f"{m.obs_id} has no pointing and the job was given none",
-                            "science jobs need --ra/--dec/--rotation or RASTART/DECSTART/ROTPA")
-    return float(ra), float(dec), float(rot)
-
-
 def run_ccd(work: CcdWork, deps: JobDeps, *, timeout: float = 120.0, output_run: str | None = None,
-            region_padding_arcsec: float = 10.0) -> CcdResult:
-    """Run the AP pipeline for one CCD.
+            region_padding_arcsec: float = 10.0, pointing_pad_arcsec: float = 20.0,
+            clock: StageClock | None = None) -> CcdResult:
+    """Run the AP pipeline for one CCD: prepare, wait for the raw, process.
 
     Parameters
     ----------
@@ -183,38 +131,59 @@ def run_ccd(work: CcdWork, deps: JobDeps, *, timeout: float = 120.0, output_run:
     deps : `JobDeps`
         Butler I/O, distributor client and the association+alert stage.
     timeout : `float`
-        Seconds to wait for the raw(s).
+        Seconds to wait for the raw(s), counted from the end of the prepare phase.
     output_run : `str`, optional
         Butler RUN for the outputs (default: the butler I/O's nightly run).
     region_padding_arcsec : `float`
         Padding of the CCD's sky region for the APDB (``apdb.region_padding_arcsec``): objects
         this far outside the CCD are loaded for association.
+    pointing_pad_arcsec : `float`
+        Pointing error the prepared templates and APDB region allow for (``job.pointing_pad_arcsec``).
+    clock : `apbatch.latency.StageClock`, optional
+        Where the stage times go (default: a new one, marked ``started`` now).
 
     Raises
     ------
     RawTimeoutError, BadInputError, RetriableError, NonRetriableError
-        See the module docstring.
+        See the module docstring; a failure while preparing is retriable (exit 4) unless it is
+        bad input, and leaves nothing written.
     """
-    res = CcdResult(snaps_expected=max(work.nimages, len(work.image_names), 1))
+    clock = clock or StageClock()
+    if "started" not in clock.marks:
+        clock.mark("started")
+    res = CcdResult(snaps_expected=max(work.nimages, len(work.image_names), 1), stages=clock.marks)
     step = _Timer(res)
     cam = get_instrument(work.instrument)
     det = cam.detector(work.detector)
+    if deps.alerts is not None and hasattr(deps.alerts, "clock"):
+        deps.alerts.clock = clock  # the alert stage marks apdb_stored and alerts_sent
+    try:
+        prepared = prepare_ccd(work, deps, cam, det, pad_arcsec=pointing_pad_arcsec,
+                               region_padding_arcsec=region_padding_arcsec, step=step)
+    except ApbatchError:
+        raise
+    except Exception as exc:  # butler or APDB away: nothing is written yet, a rerun may succeed
+        log.debug("preparation failed", exc_info=True)
+        raise RetriableError(f"preparation failed: {type(exc).__name__}: {exc}") from exc
+    clock.mark("prepared")
 
     with step("wait_for_raw"):
         target = list(work.image_names) if work.image_names else work.group_id
         raws = deps.butler_io.get_raw_blocking(target, det.id, res.snaps_expected, deps.distributor, timeout,
                                                group_id=work.group_id, allow_partial=res.snaps_expected > 1)
+    if deps.butler_io.raw_delivered_at is not None:  # unknown when the distributor does not say
+        clock.mark("raw_available", deps.butler_io.raw_delivered_at)
+    clock.mark("raw_read")
     res.snaps_used = len(raws)
     if res.snaps_used < res.snaps_expected:
         log.warning("only %d of %d snaps arrived before the timeout; processing what arrived",
                     res.snaps_used, res.snaps_expected)
     res.mismatches = check_headers(raws, work)
-    meta = raws[0].metadata
-    physical_filter = work.physical_filter or meta.physical_filter
+    physical_filter = work.physical_filter or raws[0].metadata.physical_filter
 
     try:
         return _process(work, deps, raws, res, step, cam, det, physical_filter, output_run,
-                        region_padding_arcsec)
+                        region_padding_arcsec, prepared, pointing_pad_arcsec, clock)
     except ApbatchError:
         raise
     except Exception as exc:  # anything unexpected before the APDB stage: safe to rerun
@@ -222,20 +191,63 @@ def run_ccd(work: CcdWork, deps: JobDeps, *, timeout: float = 120.0, output_run:
         raise RetriableError(f"{type(exc).__name__}: {exc}") from exc
 
 
-def _process(work, deps, raws, res, step, cam, det, physical_filter, output_run, padding) -> CcdResult:
-    when = raws[0].metadata.mjd_begin
+def _calibs(deps, det, when, physical_filter, prepared: Prepared) -> dict[str, Any]:
+    """Bias and flat valid at the raw's time: the prepared ones when they are the same datasets."""
+    out: dict[str, Any] = {"bias": None, "flat": None}
+    if when is None:
+        return out
+    for kind in ("bias", "flat"):
+        if kind == "flat" and physical_filter in (None, "none", "unknown"):
+            continue
+        ref = deps.butler_io.calib_ref(kind, det.id, when,
+                                       physical_filter=physical_filter if kind == "flat" else None)
+        have = prepared.calibs.get(kind)
+        if ref is None:
+            continue
+        if have is not None and have[0].id == ref.id:
+            out[kind] = have[1]
+        else:
+            log.info("%s: the prepared one does not apply to the raw; reading %s", kind, ref.id)
+            out[kind] = deps.butler_io.read_calib(ref)
+    prepared.calibs.clear()  # large images: dropped once used
+    return out
+
+
+def _templates_for(deps, cam, det, pointing, band, prepared: Prepared, pad: float,
+                   res: CcdResult) -> TemplateSet:
+    """The prepared templates if they cover the CCD where the header says it pointed, else new ones."""
+    have = prepared.templates
+    prepared.templates = None
+    if have is not None and have.band == band:
+        # how far the CCD's corners are from where nextVisit put them (pointing and rotation)
+        new = cam.footprint(det, *pointing, pad_arcsec=0.0)
+        old = cam.footprint(det, *have.pointing, pad_arcsec=0.0)
+        moved = max(pointing_offset_arcsec((float(o[0]), float(o[1]), 0.0), float(n[0]), float(n[1]))
+                    for o, n in zip(old, new, strict=True))
+        if moved <= pad:
+            res.prepare["templates"] = "prepared"
+            return have
+        res.prepare["templates"] = f"re-read: the CCD is {moved:.0f} arcsec from nextVisit's footprint"
+        log.warning("templates read again: the CCD is %.0f arcsec from where nextVisit said (pad %.0f)",
+                    moved, pad)
+    else:
+        res.prepare["templates"] = "read after the raw" if have is None else f"re-read: band {band}"
+    return read_templates(deps.butler_io, cam, det, pointing, band, pad)
+
+
+def _process(work, deps, raws, res, step, cam, det, physical_filter, output_run, padding,
+             prepared: Prepared, pointing_pad: float, clock: StageClock) -> CcdResult:
     with step("calib_retrieval"):
-        bias = deps.butler_io.get_calib("bias", det.id, when) if when is not None else None
-        flat = (deps.butler_io.get_calib("flat", det.id, when, physical_filter=physical_filter)
-                if when is not None and physical_filter not in (None, "none", "unknown") else None)
+        calibs = _calibs(deps, det, raws[0].metadata.mjd_begin, physical_filter, prepared)
     with step("isr"):
-        calexp = run_isr(raws, cam, det, bias=bias, flat=flat)
+        calexp = run_isr(raws, cam, det, bias=calibs["bias"], flat=calibs["flat"])
     # Large inputs are dropped as soon as they are used, so later steps reuse their memory
     # instead of growing the process (each new page costs a fault): calibrations and raw
     # pixels here (the raws' metadata stays), template patches after the warp.
-    del bias, flat
+    del calibs
     for raw in raws:
         raw.segments = []
+    clock.mark("isr_done")
     calexp.metadata["SNAPS"] = res.snaps_used
     res.isr = {k.lower(): calexp.metadata[k] for k in _ISR_REPORT if calexp.metadata.get(k) is not None}
     if work.intent != "science":
@@ -244,7 +256,7 @@ def _process(work, deps, raws, res, step, cam, det, physical_filter, output_run,
         res.status = f"calibration:{work.intent}"
         return res
 
-    ra, dec, rot = _pointing(raws[0], work)
+    ra, dec, rot = header_pointing(raws[0], work)
     band = cam.band_of(physical_filter, field="filter")
     with step("background_detection"):
         subtract_background(calexp)
@@ -253,27 +265,27 @@ def _process(work, deps, raws, res, step, cam, det, physical_filter, output_run,
     # the stored image's PSF (lsst-images VisitImage); the difference image inherits it
     calexp.metadata["PSFSIGMA"] = float(psf.sigma)
     res.n_sources = len(sources)
-    corners = cam.footprint(det, ra, dec, rot, pad_arcsec=30.0)
     with step("template_retrieval"):
-        templates = deps.butler_io.get_templates(corners, band)
-    if not templates:
+        tset = _templates_for(deps, cam, det, (ra, dec, rot), band, prepared, pointing_pad, res)
+    if not tset.patches:
         why = f"no template covers this CCD in band {band}"
         return _no_template(deps, work, res, output_run, calexp, why)
 
     with step("astrometry"):
-        _fit_astrometry(calexp, sources, templates, cam, res)
+        _fit_astrometry(calexp, sources, tset.references, cam, res)
     with step("warp"):
         try:
             # padded by the kernel half-size, so that the difference is valid up to the CCD edge
-            warped = warp_template(templates, calexp.wcs, calexp.shape, min_coverage=0.05,
+            warped = warp_template(tset.patches, calexp.wcs, calexp.shape, min_coverage=0.05,
                                    pad=template_pad(psf))
         except NoTemplateOverlapError as exc:
             return _no_template(deps, work, res, output_run, calexp, str(exc))
         # the coadd's PSF description is used only where the warped template's stars agree with it
-        tmpl_sigma = template_psf_sigma(templates, warped, sources, cam.pixel_scale_arcsec)
-    del templates
+        tmpl_sigma = template_psf_sigma(tset.patches, warped, sources, cam.pixel_scale_arcsec)
+    del tset
     with step("subtract"):
         diff, sub = subtract_images(calexp, warped, psf, tmpl_sigma, sources)
+    clock.mark("difference_done")
     warped = crop_to_science(warped)  # the alerts' template cutouts are on the science grid
     res.subtraction = {"n_stamps": sub.n_stamps, "kernel_sum": float(sub.kernel_sum),
                        "noise_scale": float(sub.noise_scale),
@@ -304,11 +316,14 @@ def _process(work, deps, raws, res, step, cam, det, physical_filter, output_run,
         with step("associate_alerts"):
             report = deps.alerts(ccd, alertable, calexp, warped, diff, psf.fwhm)
         res.alerts = report.to_dict() if hasattr(report, "to_dict") else dict(report)
+        if res.alerts.get("pending"):  # not sent: the latency is not known until a flush
+            clock.marks.pop("alerts_sent", None)
     # The images go into the butler after the alerts are out: as lsst-images types they take
     # 2-4 s to compress and write (bench/bench_butler_images.py), time the alerts need not wait.
     with step("write_outputs"):
         _put(deps, work, res, output_run, calexp=calexp, diffim=diff)
     res.status = "done"
+    clock.mark("finished")
     _put(deps, work, res, output_run)  # final metrics, with the alert counts and every step's time
     return res
 
@@ -331,19 +346,12 @@ def _with_context(dia, ccd) -> Any:
     return out
 
 
-def _fit_astrometry(calexp: Image, sources, templates: list[Image], cam, res: CcdResult) -> None:
-    """Refit the raw WCS against the templates' bright sources; keep the raw WCS if that fails."""
-    refs = []
-    for t in templates:
-        ts = detect_bright_sources(t, threshold=20.0)
-        if len(ts) and t.wcs is not None:
-            ra, dec = t.wcs.pixel_to_world_values(ts["x"].to_numpy(), ts["y"].to_numpy())
-            refs.append(np.column_stack([ra, dec, ts["flux"].to_numpy()]))
-    if not refs:
+def _fit_astrometry(calexp: Image, sources, ref: np.ndarray | None, cam, res: CcdResult) -> None:
+    """Refit the raw WCS against the templates' bright sources (``ref``, RA/Dec, brightest first);
+    keep the raw WCS if that fails."""
+    if ref is None or not len(ref):
         res.astrometry = {"status": "no reference sources"}
         return
-    ref = np.concatenate(refs)
-    ref = ref[np.argsort(-ref[:, 2])][:, :2]
     good = sources[(sources["flag"] == 0) & (~sources["masked"])].sort_values("flux", ascending=False)
     try:
         wcs, fit = fit_wcs(calexp.wcs, good[["x", "y"]].to_numpy(), ref,

@@ -20,13 +20,15 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from ..config import ApbatchConfig
 from ..errors import ApbatchError, BadInputError, NonRetriableError, RetriableError
 from ..instruments import get_instrument
 from ..work import CcdWork
 
-__all__ = ["AlertStage", "failure_error", "job_boundary", "make_deps", "output_run_of", "process_ccd"]
+__all__ = ["AlertStage", "failure_error", "job_boundary", "make_deps", "output_run_of", "process_ccd",
+           "record_stages"]
 
 log = logging.getLogger(__name__)
 
@@ -127,18 +129,28 @@ class AlertStage:
         from ..job.alert_schemas import alert_schema
         from ..job.alert_sinks import AlertSpool, make_sink
         from ..job.alerts import AlertBuilder
-        from ..job.apdb import Association, open_apdb
+        from ..job.apdb import open_apdb
+        from ..job.apdb_preload import PreloadingAssociation
 
         self.send_timeout = cfg.alerts.send_timeout
         # everything that can be refused is refused here, before the job waits for its raw
         self.builder = AlertBuilder(schema=alert_schema(cfg.alerts.schema_version),
                                     cutout_size=cfg.alerts.cutout_size, history_days=cfg.alerts.history_days)
-        self.association = Association(open_apdb(cfg.path(cfg.apdb.config_file)),
+        self.association = PreloadingAssociation(open_apdb(cfg.path(cfg.apdb.config_file)),
                                        history_days=cfg.apdb.history_days,
                                        radius_arcsec=cfg.apdb.association_radius_arcsec)
         self.spool = AlertSpool(cfg.path(cfg.alerts.spool_dir))
         self.sink = make_sink(cfg)
         self.apdb_reached = False
+        self.clock: Any = None  # the job's StageClock, set by the job: marks apdb_stored, alerts_sent
+
+    def prepare(self, corners, when) -> int:
+        """Preload the APDB history of the sky polygon ``corners`` ((N, 2) RA/Dec deg) before the raw."""
+        from lsst import sphgeom
+
+        region = sphgeom.ConvexPolygon([sphgeom.UnitVector3d(sphgeom.LonLat.fromDegrees(float(r), float(d)))
+                                        for r, d in corners])
+        return self.association.preload(region, when)
 
     def check(self) -> None:
         """Fail (retriable, nothing written) now if the alert sink cannot be reached."""
@@ -147,6 +159,10 @@ class AlertStage:
     def _checkpoint(self, point: str) -> None:
         if point in ("spooled", "already_stored"):  # the APDB store comes next, or was done
             self.apdb_reached = True
+        if self.clock is not None and point in ("stored", "already_stored"):
+            self.clock.mark("apdb_stored")
+        if self.clock is not None and point == "delivered":
+            self.clock.mark("alerts_sent")
 
     def __call__(self, ccd, dia, science, template, difference, fwhm):
         from ..job.alerts import process_ccd_alerts
@@ -205,6 +221,30 @@ def make_deps(cfg: ApbatchConfig, work: CcdWork, *, repo: str | None = None, col
     return JobDeps(butler_io=butler_io, distributor=distributor, alerts=alerts)
 
 
+def record_stages(cfg: ApbatchConfig, work: CcdWork, stages: dict[str, float]) -> bool:
+    """Write the job's stage times into its ledger row (also for a failed job: how far it got).
+
+    Stage times are telemetry: a ledger that cannot be reached is logged, never a job failure.
+    Returns whether a row was updated (`False` for a job run by hand, without a row).
+    """
+    from ..ledger import Ledger
+
+    if not stages:
+        return False
+    try:
+        ledger = Ledger.from_config(cfg, create=False)
+    except Exception as exc:
+        log.debug("no ledger for the stage times: %s", exc)
+        return False
+    try:
+        return ledger.record_stages(work.instrument, work.group_id, work.detector, stages)
+    except Exception as exc:
+        log.warning("could not record the stage times in the ledger: %s", exc)
+        return False
+    finally:
+        ledger.close()
+
+
 def _discard_outputs(deps, work: CcdWork, run: str) -> None:
     """Remove this CCD's outputs from ``run`` (what an earlier step of this job put there)."""
     discard = getattr(deps.butler_io, "discard_outputs", None)
@@ -229,7 +269,11 @@ def process_ccd(cfg: ApbatchConfig, work: CcdWork, *, timeout: float | None = No
     """
     from ..job.steps.memory import keep_freed_memory
     from ..job.task import run_ccd
+    from ..latency import StageClock, process_start_time
 
+    clock = StageClock()
+    # a job process of its own counts from its start (interpreter and imports are part of preparing)
+    clock.mark("started", process_start_time() if deps is None else None)
     get_instrument(work.instrument).detector(work.detector, field="--detector")
     run = output_run_of(cfg, work, output_run)
     if deps is None:  # a job process of its own (not a test): reuse freed image buffers
@@ -251,11 +295,13 @@ def process_ccd(cfg: ApbatchConfig, work: CcdWork, *, timeout: float | None = No
                 opened["deps"] = make_deps(cfg, work, repo=repo, collections=collections)
             result = run_ccd(work, opened["deps"],
                              timeout=cfg.job.raw_timeout if timeout is None else timeout,
-                             output_run=run, region_padding_arcsec=cfg.apdb.region_padding_arcsec)
+                             output_run=run, region_padding_arcsec=cfg.apdb.region_padding_arcsec,
+                             pointing_pad_arcsec=cfg.job.pointing_pad_arcsec, clock=clock)
     finally:
         close = getattr(getattr(opened["deps"], "alerts", None), "close", None)
         if close is not None:
             close()
+        record_stages(cfg, work, clock.to_dict())
     out = {"instrument": work.instrument, "visit": work.visit, "detector": work.detector, **result.to_dict()}
     log.info("done: %s", json.dumps({k: out[k] for k in ("visit", "detector", "status", "n_dia_sources")}))
     return out

@@ -14,6 +14,7 @@ fails (too few stars); a detection pass over the warped template when both are m
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -22,13 +23,14 @@ from ...errors import BadInputError
 from ...image import Image
 from .detection import detect_sources
 from .psf import measure_psf, moffat_psf
+from .warp import WarpPatch
 
 __all__ = ["header_psf_sigma", "template_psf_sigma"]
 
 _log = logging.getLogger(__name__)
 
 
-def header_psf_sigma(templates: list[Image], pixel_scale: float) -> float | None:
+def header_psf_sigma(templates: Sequence[Image | WarpPatch], pixel_scale: float) -> float | None:
     """Gaussian-equivalent sigma (px) of the coadd's described PSF; None unless every patch describes it."""
     fwhm = [f for t in templates if isinstance(f := t.metadata.get("PSFFWHM"), (int, float)) and f > 0]
     if not templates or len(fwhm) != len(templates):
@@ -41,7 +43,7 @@ def header_psf_sigma(templates: list[Image], pixel_scale: float) -> float | None
 
 
 def template_psf_sigma(
-    templates: list[Image],
+    templates: Sequence[Image | WarpPatch],
     warped: Image,
     sources: pd.DataFrame,
     pixel_scale: float,
@@ -51,7 +53,7 @@ def template_psf_sigma(
 
     Parameters
     ----------
-    templates : `list` [`Image`]
+    templates : `list` [`Image`] or `list` [`WarpPatch`]
         The template patches (their metadata may describe the coadd PSF).
     warped : `Image`
         The template warped onto the science grid, possibly padded (metadata ``WARPPAD``).

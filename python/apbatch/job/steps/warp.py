@@ -18,6 +18,8 @@ template pixels beyond the CCD edge, and the difference is valid up to the edge.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from astropy.wcs import WCS
 from scipy import ndimage
@@ -26,8 +28,8 @@ from scipy.interpolate import CubicSpline
 from ...errors import BadInputError
 from ...image import Image, MaskBits
 
-__all__ = ["NoTemplateOverlapError", "crop_to_science", "pixel_map", "shift_wcs", "template_unit",
-           "warp_template"]
+__all__ = ["NoTemplateOverlapError", "WarpPatch", "crop_to_science", "pixel_map", "prepare_warp", "shift_wcs",
+           "template_unit", "warp_template"]
 
 
 class NoTemplateOverlapError(BadInputError):
@@ -151,8 +153,56 @@ def _check_template(t: Image, k: int) -> tuple[WCS, np.ndarray, np.ndarray]:
     return t.wcs, t_var, t_msk
 
 
+@dataclasses.dataclass(frozen=True)
+class WarpPatch:
+    """A template patch made ready for :func:`warp_template` (:func:`prepare_warp`).
+
+    Everything here depends on the patch alone, not on the science image, so a job computes
+    it before its raw arrives: cubic B-spline coefficients of the image (non-finite pixels
+    zeroed), the variance, and the mask with non-finite pixels set ``NO_DATA`` and dilated by one
+    pixel (or `None` when nothing is masked). ``metadata`` is the patch's (its ``BUNIT``, the
+    coadd PSF description): the image planes themselves need not be kept.
+    """
+
+    wcs: WCS
+    coef: np.ndarray
+    variance: np.ndarray
+    mask: np.ndarray | None
+    metadata: dict
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(ny, nx) of the patch."""
+        return (int(self.coef.shape[0]), int(self.coef.shape[1]))
+
+
+def prepare_warp(templates: list[Image]) -> list[WarpPatch]:
+    """The science-independent part of :func:`warp_template` for each patch.
+
+    Raises
+    ------
+    BadInputError
+        Raised if a patch has no WCS or inconsistent planes.
+    """
+    out = []
+    for k, t in enumerate(templates):
+        t_wcs, t_var, t_msk = _check_template(t, k)
+        img = np.asarray(t.image, np.float32)
+        tvar = np.asarray(t_var, np.float32)
+        tmask = np.asarray(t_msk, np.int32)
+        bad = ~np.isfinite(img) | ~np.isfinite(tvar)
+        if bad.any():
+            img = np.where(bad, np.float32(0), img)
+            tvar = np.where(bad, np.float32(0), tvar)
+            tmask = tmask | np.where(bad, np.int32(MaskBits.NO_DATA), np.int32(0))
+        # float32 spline coefficients; 'mirror' needs no padding (covered pixels are >= 4 px inside)
+        coef = ndimage.spline_filter(img, order=3, output=np.float32, mode="mirror")
+        out.append(WarpPatch(t_wcs, coef, tvar, _or_dilate(tmask) if tmask.any() else None, dict(t.metadata)))
+    return out
+
+
 def warp_template(
-    templates: list[Image],
+    templates: list[Image] | list[WarpPatch],
     sci_wcs: WCS,
     shape: tuple[int, int],
     grid: int = 64,
@@ -163,8 +213,9 @@ def warp_template(
 
     Parameters
     ----------
-    templates : `list` [`Image`]
+    templates : `list` [`Image`] or `list` [`WarpPatch`]
         Template patches (each with its own WCS); non-finite pixels are treated as ``NO_DATA``.
+        Patches already through :func:`prepare_warp` skip that part (the result is the same).
     sci_wcs : `astropy.wcs.WCS`
         The science image's (fitted) WCS.
     shape : `tuple` [`int`, `int`]
@@ -190,6 +241,8 @@ def warp_template(
     """
     if not templates:
         raise NoTemplateOverlapError("no template patch given")
+    unit = template_unit(templates)
+    patches = [t if isinstance(t, WarpPatch) else prepare_warp([t])[0] for t in templates]
     pad = int(pad)
     if pad < 0:
         raise BadInputError("pad", f"{pad} px", "pad must be >= 0")
@@ -202,9 +255,9 @@ def warp_template(
     var = np.zeros(shape, np.float32)
     msk = np.full(shape, int(MaskBits.NO_DATA), np.int32)
     filled = np.zeros(shape, bool)
-    for k, t in enumerate(templates):
-        t_wcs, t_var, t_msk = _check_template(t, k)
-        tny, tnx = t.image.shape
+    for p in patches:
+        t_wcs = p.wcs
+        tny, tnx = p.shape
         # coarse check first: skip patches that miss the CCD entirely
         gx = np.linspace(0, nx - 1, 17)
         gy = np.linspace(0, ny - 1, 17)
@@ -244,45 +297,25 @@ def warp_template(
         sl = (slice(r0 + rows[0], r0 + rows[-1] + 1), slice(c0 + cols[0], c0 + cols[-1] + 1))
         coords, cov = coords[:, sub[0], sub[1]], cover[sub]
         del cover
-        # crop the patch to what is needed (+ margin for the spline prefilter)
-        mg = 8
-        lo_y = oy + float(np.min(coords[0], where=cov, initial=np.inf))
-        hi_y = oy + float(np.max(coords[0], where=cov, initial=-np.inf))
-        lo_x = ox + float(np.min(coords[1], where=cov, initial=np.inf))
-        hi_x = ox + float(np.max(coords[1], where=cov, initial=-np.inf))
-        ty0, ty1 = max(int(np.floor(lo_y)) - mg, 0), min(int(np.ceil(hi_y)) + mg + 1, tny)
-        tx0, tx1 = max(int(np.floor(lo_x)) - mg, 0), min(int(np.ceil(hi_x)) + mg + 1, tnx)
-        coords[0] -= np.float32(ty0 - oy)
-        coords[1] -= np.float32(tx0 - ox)
+        coords[0] += np.float32(oy)
+        coords[1] += np.float32(ox)
         # only the covered pixels unless (almost) all are
         partial = cov.mean() <= 0.9
         if partial:
             coords = coords[:, cov]
-        crop = (slice(ty0, ty1), slice(tx0, tx1))
-        img = np.asarray(t.image[crop], np.float32)
-        tmask = np.asarray(t_msk[crop], np.int32)
-        tvar = np.asarray(t_var[crop], np.float32)
-        bad = ~np.isfinite(img) | ~np.isfinite(tvar)
-        if bad.any():
-            img = np.where(bad, np.float32(0), img)
-            tvar = np.where(bad, np.float32(0), tvar)
-            tmask = tmask | np.where(bad, np.int32(MaskBits.NO_DATA), np.int32(0))
-        # float32 spline coefficients; 'mirror' needs no padding (covered pixels are >= 4 px inside)
-        coef = ndimage.spline_filter(img, order=3, output=np.float32, mode="mirror")
         w_img = ndimage.map_coordinates(
-            coef, coords, order=3, mode="mirror", prefilter=False, output=np.float32
+            p.coef, coords, order=3, mode="mirror", prefilter=False, output=np.float32
         )
-        del coef
         # variance and mask: nearest pixel (the mask dilated by one pixel first, keeping every bit)
         # flat index of the nearest pixel; outside pixels are clipped (and not covered anyway)
         np.rint(coords, out=coords)
-        itype = np.int32 if img.size < 2**31 else np.intp
+        itype = np.int32 if p.coef.size < 2**31 else np.intp
         flat = coords[0].astype(itype)
-        flat *= itype(img.shape[1])
+        flat *= itype(tnx)
         flat += coords[1].astype(itype)
         del coords
-        w_var = np.take(tvar.ravel(), flat, mode="clip")
-        w_msk = np.take(_or_dilate(tmask).ravel(), flat, mode="clip") if tmask.any() else None
+        w_var = np.take(p.variance.ravel(), flat, mode="clip")
+        w_msk = np.take(p.mask.ravel(), flat, mode="clip") if p.mask is not None else None
         del flat
         o, v, m, f = out[sl], var[sl], msk[sl], filled[sl]
         if partial:
@@ -298,13 +331,12 @@ def warp_template(
     if coverage == 0.0 or coverage < min_coverage:
         raise NoTemplateOverlapError(f"template patches cover {coverage:.1%} of the science image")
     meta: dict[str, float | str] = {"COVERAGE": coverage, "NPATCH": len(templates), "WARPPAD": pad}
-    unit = template_unit(templates)
     if unit:
         meta["BUNIT"] = unit
     return Image(out, var, msk, sci_wcs, meta)
 
 
-def template_unit(templates: list[Image]) -> str:
+def template_unit(templates: list[Image] | list[WarpPatch]) -> str:
     """The pixel unit (``BUNIT``) the template patches share; ``""`` when none says.
 
     Resampling keeps the unit, so the warped template says it too: the job's flux calibration
