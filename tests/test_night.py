@@ -314,6 +314,68 @@ def test_report_numbers_from_constructed_ledger(night):
     assert json.loads(json.dumps(rep)) == rep  # JSON-clean
 
 
+def test_report_stage_latency_of_science_ccds(night):
+    """Stage marks in the ledger: per-interval p50/p95 over the night's science CCDs, and per visit."""
+    n = night()
+    t0 = night_span(DAY)[0] + 8 * 3600.0
+    flat = json.loads((DATA / "calib_flat_LSSTComCam.json").read_text())
+    visits = {}
+    for minute, payload in ((33, NV), (40, next_visit(40)), (45, next_visit(45)), (0, flat)):
+        works = fan_out(parse_event(payload), n.cfg)
+        n.ledger.claim(works, received_at=t0, now=t0)
+        n.ledger.record_submitted(n.backend.submit(works), "fake", now=t0 + 1)
+        visits[minute] = works
+    # raw available -> alerts sent: 4, 6, 8, 70 s in the first visit, 2 and 3 s in the second;
+    # the third visit recorded nothing; a flat's marks are not about alerts and are left out
+    for minute, seconds in ((33, (4.0, 6.0, 8.0, 70.0)), (40, (2.0, 3.0)), (0, (500.0,))):
+        for w, sec in zip(visits[minute], seconds, strict=False):
+            raw = t0 + 60.0
+            stages = {"started": raw - 25.0, "prepared": raw - 15.0, "raw_available": raw,
+                      "alerts_sent": raw + sec}
+            assert n.ledger.record_stages(w.instrument, w.group_id, w.detector, stages)
+    rep = night_report(n.cfg, day_obs=DAY, ledger=n.ledger)
+    lat = rep["stage_latency"]
+    assert set(lat) == {"prepare", "raw_to_alerts"}
+    # 2, 3, 4, 6, 8, 70 s: p50 (4 + 6) / 2, numpy's linear p95 8 + 0.75 * 62
+    assert lat["raw_to_alerts"] == {"n": 6, "p50": 5.0, "p95": 54.5, "max": 70.0,
+                                    "within_requirement": pytest.approx(5 / 6, abs=1e-4)}
+    assert lat["prepare"] == {"n": 6, "p50": 10.0, "p95": 10.0, "max": 10.0}
+    assert rep["latency"]["event_to_submit"]["n"] == 9 * 3 + 9  # the older keys are unchanged
+    per = {v["group_id"]: v for v in rep["per_visit"]}
+    # 4, 6, 8, 70 s: p95 8 + 0.85 * 62
+    assert per[NV["groupId"]]["raw_to_alerts"] == {"n": 4, "p50": 7.0, "p95": 60.7,
+                                                   "max": 70.0, "within_requirement": 0.75}
+    assert per[next_visit(40)["groupId"]]["raw_to_alerts"] == {"n": 2, "p50": 2.5, "p95": pytest.approx(2.95),
+                                                               "max": 3.0, "within_requirement": 1.0}
+    assert per[next_visit(45)["groupId"]]["raw_to_alerts"] is None
+    assert per[visits[0][0].group_id]["raw_to_alerts"] is None  # the flat
+    assert json.loads(json.dumps(rep)) == rep
+
+    text = format_report(rep)
+    lines = text.splitlines()
+    assert "  raw available -> alerts sent: p50 5.0 s, p95 54.5 s, 83.33% of 6 within 60 s" in lines
+    assert next(x for x in lines if x.startswith("  raw_to_alerts ")).split() == [
+        "raw_to_alerts", "raw_available", "->", "alerts_sent", "6", "5.0", "54.5", "70.0"]
+    header = next(x for x in lines if x.startswith("INSTRUMENT"))
+    assert header.split()[5:10] == ["RESUB", "ALERT", "P50", "ALERT", "P95"]
+    row = {x.split()[2]: x.split() for x in lines if x.startswith("LSSTComCam")}
+    assert row[NV["groupId"]][6:8] == ["7.0", "60.7"]
+    assert row[next_visit(40)["groupId"]][6:8] == ["2.5", "3.0"]  # 2.95 printed with one decimal
+    assert row[next_visit(45)["groupId"]][6:8] == ["-", "-"]
+
+
+def test_report_without_stage_marks_prints_no_stage_section(night):
+    n = night()
+    works = fan_out(parse_event(NV), n.cfg)
+    n.ledger.claim(works, received_at=SENT, now=SENT)
+    n.ledger.record_submitted(n.backend.submit(works), "fake", now=SENT + 1)
+    rep = night_report(n.cfg, day_obs=DAY, ledger=n.ledger)
+    assert set(rep["latency"]) == {"event_to_submit", "submit_to_finish"} and rep["stage_latency"] == {}
+    assert rep["per_visit"][0]["raw_to_alerts"] is None
+    text = format_report(rep)
+    assert "stage latency" not in text and "alerts sent" not in text
+
+
 def test_percentile_matches_numpy():
     rng = random.Random(5)
     for size in (1, 2, 7, 100):
@@ -455,3 +517,23 @@ def test_cli_report_exit_6_when_ccds_need_attention_and_2_without_ledger(env, ca
     assert code == 6 and "needs attention 1" in out and "R22_S01  FAILED  exit 5" in out
     code, out, _ = run(capsys, "night", "report", *args, "--json")
     assert code == 6 and json.loads(out)["attention"][0]["detector_name"] == "R22_S01"
+
+
+def test_cli_report_json_and_text_carry_stage_latency(env, capsys):
+    cfg = load_config(env.config, environ={})
+    ledger = Ledger.from_config(cfg)
+    works = fan_out(parse_event(NV), cfg)
+    ledger.claim(works, received_at=SENT, now=SENT)
+    ledger.record_submitted(env.holder["backend"].submit(works), "fake", now=SENT + 1)
+    for w, sec in zip(works, (5.0, 7.0, 9.0), strict=False):
+        ledger.record_stages(w.instrument, w.group_id, w.detector, {"raw_available": SENT + 40.0,
+                                                                     "alerts_sent": SENT + 40.0 + sec})
+    args = ["--day-obs", str(DAY), "--config", env.config]
+    code, out, _ = run(capsys, "night", "report", *args, "--json")
+    rep = json.loads(out)
+    assert code == 0 and rep["stage_latency"]["raw_to_alerts"] == {"n": 3, "p50": 7.0, "p95": 8.8, "max": 9.0,
+                                                             "within_requirement": 1.0}
+    assert rep["per_visit"][0]["raw_to_alerts"]["p50"] == 7.0
+    code, out, _ = run(capsys, "night", "report", *args)
+    line = "  raw available -> alerts sent: p50 7.0 s, p95 8.8 s, 100.00% of 3 within 60 s"
+    assert code == 0 and line in out.splitlines()

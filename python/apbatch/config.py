@@ -247,6 +247,10 @@ class JobConfig(_Model):
     output_run: str = "{instrument}/prompt/{day_obs}"
     distributor: str = "distributor"
     raw_timeout: float = Field(120.0, gt=0)
+    threads: int = Field(2, ge=1, description=(
+        "threads a job uses between its raw and its alerts (resampling, FFTs, filters); the latency "
+        "target counts from a raw arriving when a core is free. Match the CPUs a job is given "
+        "(backend.cpus_per_task / request_cpus)"))
     pointing_pad_arcsec: float = Field(20.0, ge=0, description=(
         "templates and the APDB region read before the raw arrive cover nextVisit's footprint grown "
         "by this; a header pointing farther away than this makes the job read them again"))

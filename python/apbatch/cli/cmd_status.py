@@ -24,7 +24,8 @@ __all__ = ["status"]
 @json_option
 def status(visit: int | None, group: str | None, instrument: str | None, limit: int, no_live: bool,
            config_paths: tuple[str, ...], as_json: bool) -> None:
-    """Per-visit counts of job states (and per-CCD rows with --visit/--group).
+    """Per-visit counts of job states (and per-CCD rows with --visit/--group), then p50/p95 of
+    the stage times the jobs shown recorded (raw available -> alerts sent among them).
 
     Exits 6 when CCDs shown need attention (failed for good, out of attempts, refused by the
     scheduler, lost), 2 when there is no ledger at ledger.url (none is created).

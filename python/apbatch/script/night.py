@@ -20,6 +20,7 @@ from ..atomic import write_atomic as _write_file
 from ..backends.base import Backend
 from ..config import ApbatchConfig
 from ..errors import BadInputError, RetriableError
+from ..latency import summarize_stages
 from ..ledger import Ledger
 from ..night import (
     classify,
@@ -35,6 +36,7 @@ from ..states import JobStatus, SubmissionState
 from ..submission import Category, Submission
 from ..submitter import Submitter
 from ..work import CcdWork
+from .status import latency_lines
 
 __all__ = ["crontab_text", "format_report", "install_paths", "night_report", "reprocess_night",
            "write_atomic"]
@@ -185,7 +187,14 @@ def night_report(config: ApbatchConfig, *, day_obs: int, ledger: Ledger | None =
         ``missing_ccds`` (called for by an event, never claimed);
         ``latency``: ``event_to_submit`` (first submissions only: a resubmission's time says
         nothing about the event) and ``submit_to_finish`` (latest submission; finish as seen by
-        polling), each ``{n, median, p95}`` in seconds; ``per_visit``.
+        polling), each ``{n, median, p95}`` in seconds; ``stage_latency``: the stage intervals the
+        night's science jobs recorded (`apbatch.latency.summarize_stages` over the science rows
+        with stage marks, as ``latency`` in ``apbatch status --json``): interval name (``prepare``, ...,
+        ``raw_to_alerts``) -> ``{n, p50, p95, max}`` seconds, ``raw_to_alerts`` also with
+        ``within_requirement`` (fraction within `apbatch.latency.REQUIREMENT`); an interval no
+        job has both marks of is absent. ``per_visit``: one dict per visit with ``instrument,
+        group_id, visit, intent, ccds, states, resubmissions`` and ``raw_to_alerts``
+        (``{n, p50, p95, max, within_requirement}`` over its CCDs, or `None` without marks).
     """
     max_attempts = config.events.max_attempts if max_attempts is None else max_attempts
     own_ledger = ledger is None
@@ -208,6 +217,7 @@ def night_report(config: ApbatchConfig, *, day_obs: int, ledger: Ledger | None =
              if r.attempts == 1 and r.submitted_at is not None and r.event_received_at is not None]
     ran = [r.finished_at - r.submitted_at for r in rows
            if r.state.ended and r.finished_at is not None and r.submitted_at is not None]
+    timed = [r for r in rows if r.intent == "science" and r.stages]
     per_visit: dict[tuple, dict[str, Any]] = {}
     for r in rows:
         v = per_visit.setdefault((r.instrument, r.group_id), {
@@ -216,8 +226,12 @@ def night_report(config: ApbatchConfig, *, day_obs: int, ledger: Ledger | None =
         v["ccds"] += 1
         v["states"][str(r.state)] += 1
         v["resubmissions"] += max(r.attempts - 1, 0)
-    for v in per_visit.values():
+    marks: dict[tuple, list] = {}
+    for r in timed:
+        marks.setdefault(r.key[:2], []).append(r.stages)
+    for key, v in per_visit.items():
         v["states"] = dict(sorted(v["states"].items()))
+        v["raw_to_alerts"] = summarize_stages(marks.get(key, [])).get("raw_to_alerts")
     return {
         "day_obs": day_obs, "events": dict(sorted(kinds.items())), "visits": len(per_visit),
         "ccds": len(rows),
@@ -233,12 +247,17 @@ def night_report(config: ApbatchConfig, *, day_obs: int, ledger: Ledger | None =
                       for r in attention],
         "dead_letters": dead, "missing_ccds": len(missing),
         "latency": {"event_to_submit": _spread(first), "submit_to_finish": _spread(ran)},
+        "stage_latency": summarize_stages(r.stages for r in timed),
         "per_visit": list(per_visit.values()),
     }
 
 
 def _seconds(x: float | None) -> str:
     return "-" if x is None else f"{x:.1f} s"
+
+
+def _alerts(v: dict[str, Any], key: str) -> str:
+    return "-" if v.get("raw_to_alerts") is None else f"{v['raw_to_alerts'][key]:.1f}"
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -262,10 +281,15 @@ def format_report(report: dict[str, Any]) -> str:
                         ("submit_to_finish", "submitted -> finished")):
         s = lat[name]
         lines.append(f"  {title:<22}median {_seconds(s['median'])}, p95 {_seconds(s['p95'])} (n={s['n']})")
+    stages = report["stage_latency"]
+    if stages:
+        lines += ["", "stage latency (science CCDs that recorded stage times):", *latency_lines(stages, "  ")]
     if report["per_visit"]:
-        table = [["INSTRUMENT", "VISIT", "GROUP", "INTENT", "CCDS", "RESUB", "STATES"]]
+        table = [["INSTRUMENT", "VISIT", "GROUP", "INTENT", "CCDS", "RESUB", "ALERT P50", "ALERT P95",
+                  "STATES"]]
         table += [[v["instrument"], str(v["visit"]), v["group_id"], v["intent"], str(v["ccds"]),
-                   str(v["resubmissions"]), counts(v["states"])] for v in report["per_visit"]]
+                   str(v["resubmissions"]), _alerts(v, "p50"), _alerts(v, "p95"), counts(v["states"])]
+                  for v in report["per_visit"]]
         widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
         lines.append("")
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]

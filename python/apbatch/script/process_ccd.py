@@ -267,6 +267,7 @@ def process_ccd(cfg: ApbatchConfig, work: CcdWork, *, timeout: float | None = No
     BadInputError, RawTimeoutError, RetriableError, NonRetriableError
         Exit codes 2, 3, 4 and 5; see :func:`job_boundary`.
     """
+    from ..job.steps import parallel
     from ..job.steps.memory import keep_freed_memory
     from ..job.task import run_ccd
     from ..latency import StageClock, process_start_time
@@ -278,6 +279,7 @@ def process_ccd(cfg: ApbatchConfig, work: CcdWork, *, timeout: float | None = No
     run = output_run_of(cfg, work, output_run)
     if deps is None:  # a job process of its own (not a test): reuse freed image buffers
         keep_freed_memory()
+    parallel.set_threads(cfg.job.threads)
     if work.intent == "science" and not work.physical_filter:
         log.info("no --filter given: the raw header's filter will be used")
     opened = {"deps": deps}

@@ -2,7 +2,9 @@
 
 The ledger holds the states the daemon last polled; unless ``live=False`` the scheduler is
 asked again for every unfinished job shown, and its answer is what is reported (the
-ledger itself is not written: the daemon owns it).
+ledger itself is not written: the daemon owns it). The stage times the jobs recorded
+(`apbatch.latency`) are summarised as p50/p95 per interval, raw available -> alerts sent
+first among them.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from typing import Any
 
 from ..backends.base import Backend
 from ..config import ApbatchConfig
+from ..latency import INTERVALS, REQUIREMENT, intervals_of, summarize_stages
 from ..ledger import Ledger
 from ..states import SubmissionState
 from ..submission import Submission
 
-__all__ = ["collect_status", "format_status"]
+__all__ = ["collect_status", "format_status", "latency_lines"]
 
 _CCD_FIELDS = ("instrument", "group_id", "visit", "detector", "detector_name", "intent", "backend", "job_id",
                "state", "exit_code", "attempts", "reason", "command", "claimed_at", "submitted_at",
@@ -38,9 +41,16 @@ def collect_status(config: ApbatchConfig, *, visit: int | None = None, group: st
     -------
     report : `dict`
         ``{"visits": [...], "ccds": [...] (only with visit/group), "attention": [...],
-        "live": bool, "live_error": str}``; each visit has ``instrument, group_id, visit,
-        intent, ccds, states`` (count per state), ``claimed_at`` and ``last_finished_at``;
-        ``attention`` lists the CCDs shown that need a person (`Submission.needs_attention`).
+        "latency": {...}, "live": bool, "live_error": str}``; each visit has ``instrument,
+        group_id, visit, intent, ccds, states`` (count per state), ``claimed_at`` and
+        ``last_finished_at``; each CCD has the ledger fields plus ``stages`` (the job's stage
+        marks, `apbatch.latency.STAGES` -> UTC unix seconds; ``{}`` before the job recorded
+        them) and ``intervals`` (`apbatch.latency.intervals_of` of them, seconds);
+        ``attention`` lists the CCDs shown that need a person (`Submission.needs_attention`);
+        ``latency`` is `apbatch.latency.summarize_stages` over the CCDs shown that have marks:
+        interval name -> ``{n, p50, p95, max}`` seconds (``raw_to_alerts`` also has
+        ``within_requirement``, the fraction within `apbatch.latency.REQUIREMENT`); ``{}``
+        when no CCD shown has marks.
     """
     now = time.time() if now is None else now
     own_ledger = ledger is None
@@ -60,6 +70,7 @@ def collect_status(config: ApbatchConfig, *, visit: int | None = None, group: st
             except Exception as exc:  # status must still show the ledger when the scheduler is down
                 report["live_error"] = f"{type(exc).__name__}: {exc}"
         report["visits"] = _summarize(rows)
+        report["latency"] = summarize_stages(r.stages for r in rows if r.stages)
         if visit is not None or group is not None:
             report["ccds"] = [_ccd(r) for r in rows]
         report["attention"] = [_ccd(r) for r in rows if r.needs_attention(
@@ -72,7 +83,7 @@ def collect_status(config: ApbatchConfig, *, visit: int | None = None, group: st
 
 def _ccd(r: Submission) -> dict[str, Any]:
     d = r.to_dict()
-    return {k: d[k] for k in _CCD_FIELDS}
+    return {**{k: d[k] for k in _CCD_FIELDS}, "stages": dict(r.stages), "intervals": intervals_of(r.stages)}
 
 
 def _apply_live(config: ApbatchConfig, rows: list[Submission], backend: Backend | None) -> list[Submission]:
@@ -119,14 +130,52 @@ def _when(t: float | None) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
+def _secs(intervals: dict[str, float]) -> str:
+    sec = intervals.get("raw_to_alerts")
+    return "-" if sec is None else f"{sec:.1f} s"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return [fmt.format(*header).rstrip()] + [fmt.format(*r).rstrip() for r in rows]
 
 
+def latency_lines(summary: dict[str, dict[str, float]], indent: str = "") -> list[str]:
+    """A `apbatch.latency.summarize_stages` summary as text: a table and the requirement's line.
+
+    Parameters
+    ----------
+    summary : `dict`
+        Interval name -> ``{n, p50, p95, max[, within_requirement]}`` seconds.
+    indent : `str`
+        Put before every line.
+
+    Returns
+    -------
+    lines : `list` [`str`]
+        One row per interval present (in `apbatch.latency.INTERVALS` order), then
+        ``raw available -> alerts sent: p50 X s, p95 Y s, Z% of N within 60 s``; no lines for
+        an empty summary.
+    """
+    if not summary:
+        return []
+    names = [n for n in INTERVALS if n in summary]
+    lines = _table(["INTERVAL", "FROM -> TO", "N", "P50 (s)", "P95 (s)", "MAX (s)"],
+                   [[n, " -> ".join(INTERVALS[n]), str(summary[n]["n"]),
+                     *(f"{summary[n][k]:.1f}" for k in ("p50", "p95", "max"))] for n in names])
+    r = summary.get("raw_to_alerts")
+    if r is None:
+        lines.append("raw available -> alerts sent: no CCD has both marks yet")
+    else:
+        lines.append(f"raw available -> alerts sent: p50 {r['p50']:.1f} s, p95 {r['p95']:.1f} s, "
+                     f"{100 * r['within_requirement']:.2f}% of {r['n']} within {REQUIREMENT:g} s")
+    return [indent + line for line in lines]
+
+
 def format_status(report: dict[str, Any]) -> str:
-    """Readable tables: one line per visit (counts per state), then one per CCD if selected."""
+    """Readable tables: one line per visit (counts per state), one per CCD if selected, then the
+    stage latencies (`latency_lines`) when any job recorded its stage times."""
     lines: list[str] = []
     if not report["visits"]:
         return "no submissions recorded"
@@ -142,11 +191,15 @@ def format_status(report: dict[str, Any]) -> str:
     if "ccds" in report:
         lines.append("")
         lines += _table(["DETECTOR", "NAME", "JOB", "STATE", "EXIT", "ATTEMPTS", "SUBMITTED", "FINISHED",
-                         "REASON"],
+                         "RAW->ALERTS", "REASON"],
                         [[str(c["detector"]), c["detector_name"], c["job_id"] or "-", c["state"],
                           "-" if c["exit_code"] is None else str(c["exit_code"]), str(c["attempts"]),
-                          _when(c["submitted_at"]), _when(c["finished_at"]), (c["reason"] or "")[:80]]
+                          _when(c["submitted_at"]), _when(c["finished_at"]), _secs(c["intervals"]),
+                          (c["reason"] or "")[:80]]
                          for c in report["ccds"]])
+    if report.get("latency"):
+        lines += ["", "stage latency (CCDs shown that recorded stage times):",
+                  *latency_lines(report["latency"])]
     if report.get("attention"):
         lines.append("")
         lines.append(f"needs attention: {len(report['attention'])} CCD(s) (after fixing the cause: "

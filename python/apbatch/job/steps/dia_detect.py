@@ -24,6 +24,7 @@ import sep
 from scipy import ndimage
 
 from ...image import Image, MaskBits
+from . import parallel
 from .halos import saturated_star_halos
 from .psf import PsfModel
 from .subtract import dilate_bits
@@ -105,15 +106,16 @@ def filtered_snr(
         Median of the raw ``S`` over clean pixels (subtracted; sigma units of the raw ``S``).
     """
     d = np.where(zero, np.float32(0), image).astype(np.float32, copy=False)
-    num = ndimage.gaussian_filter(d, sigma, truncate=3.0, output=d, mode="constant")
     v = np.where(zero, np.float32(0), variance).astype(np.float32, copy=False)
     # filtered noise variance: G^2 * V, with G^2 a Gaussian of sigma / sqrt(2) over 4 pi sigma^2
-    den = ndimage.gaussian_filter(v, sigma / np.sqrt(2), truncate=3.0, output=v, mode="constant")
+    num, den = parallel.both(
+        lambda: ndimage.gaussian_filter(d, sigma, truncate=3.0, output=d, mode="constant"),
+        lambda: ndimage.gaussian_filter(v, sigma / np.sqrt(2), truncate=3.0, output=v, mode="constant"))
     np.maximum(den, np.float32(1e-12 * 4 * np.pi * sigma * sigma), out=den)
     np.sqrt(den, out=den)
     s = np.divide(num, den, out=num)
     s *= np.float32(np.sqrt(4 * np.pi) * sigma)
-    del den, v
+    del den  # (v's buffer)
     s[zero] = 0.0
     rng = np.random.default_rng(4321)
     idx = rng.integers(0, s.size, size=min(s.size, 400_000))

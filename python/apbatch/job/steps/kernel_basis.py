@@ -17,6 +17,7 @@ import scipy.fft as sfft
 from scipy.spatial import cKDTree
 
 from ...image import Image, MaskBits
+from . import parallel
 
 __all__ = ["STAMP_BAD", "basis_1d", "convolve_terms", "fit_kernel", "kernel_image", "select_stamps",
            "spatial_terms"]
@@ -182,7 +183,7 @@ def convolve_terms(img, coefs, funcs, terms, fshape, crop: tuple[slice, slice]):
     separable basis' 1-d FFTs (one small complex matrix product), then one inverse FFT.
     A generator: the caller uses each CCD-sized result before the next is made.
     """
-    FT = sfft.rfft2(img, s=fshape, workers=1)
+    FT = sfft.rfft2(img, s=fshape, workers=parallel.threads())
     fy = np.array([np.fft.fft(_centred(funcs[(si, j)], fshape[0])) for si, i, j in terms]).T.astype(
         np.complex64
     )
@@ -193,7 +194,7 @@ def convolve_terms(img, coefs, funcs, terms, fshape, crop: tuple[slice, slice]):
         FK = fy @ (c[:, None].astype(np.complex64) * fx)
         FK *= FT
         # FK is a temporary: let the inverse transform work in its buffer
-        out = sfft.irfft2(FK, s=fshape, workers=1, overwrite_x=True)
+        out = sfft.irfft2(FK, s=fshape, workers=parallel.threads(), overwrite_x=True)
         del FK
         yield np.ascontiguousarray(out[crop])
         del out

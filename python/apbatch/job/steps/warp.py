@@ -27,6 +27,7 @@ from scipy.interpolate import CubicSpline
 
 from ...errors import BadInputError
 from ...image import Image, MaskBits
+from . import parallel
 
 __all__ = ["NoTemplateOverlapError", "WarpPatch", "crop_to_science", "pixel_map", "prepare_warp", "shift_wcs",
            "template_unit", "warp_template"]
@@ -303,9 +304,7 @@ def warp_template(
         partial = cov.mean() <= 0.9
         if partial:
             coords = coords[:, cov]
-        w_img = ndimage.map_coordinates(
-            p.coef, coords, order=3, mode="mirror", prefilter=False, output=np.float32
-        )
+        w_img = parallel.map_coordinates(p.coef, coords, order=3, mode="mirror", prefilter=False)
         # variance and mask: nearest pixel (the mask dilated by one pixel first, keeping every bit)
         # flat index of the nearest pixel; outside pixels are clipped (and not covered anyway)
         np.rint(coords, out=coords)
