@@ -317,3 +317,24 @@ def test_quadratic_kernel_when_the_psf_model_varies():
     z = diff2.image / np.sqrt(diff2.variance)
     inner = (diff2.mask & MaskBits.EDGE) == 0
     assert np.std(z[inner]) == pytest.approx(1.0, abs=0.06)
+
+
+def test_sparse_field_gets_a_constant_kernel_not_a_failure():
+    """A field with a handful of stars (LATISS in 30 s; the simulator's AuxTel CCDs have 5) is
+    differenced with a kernel constant across the CCD instead of exiting 2."""
+    sci, tmpl = _pair(seed=11, n=7, transient=(300.4, 290.7, 2e4))
+    diff, res = _run(sci, tmpl)
+    assert 4 <= res.n_stamps < SubtractConfig().min_stamps
+    assert diff.metadata["DIFFSDEG"] == 0 and res.kernel_sum == pytest.approx(1.0, abs=0.02)
+    z = diff.image / np.sqrt(diff.variance)
+    inner = (diff.mask & MaskBits.EDGE) == 0
+    inner[280:320, 280:320] = False
+    assert np.std(z[inner]) == pytest.approx(1.0, abs=0.06)
+    stamp = diff.image[290 - 12 : 290 + 13, 300 - 12 : 300 + 13]
+    assert stamp.sum() == pytest.approx(2e4, rel=0.06)
+
+
+def test_too_few_stars_even_for_a_constant_kernel_is_bad_input():
+    sci, tmpl = _pair(seed=12, n=2)
+    with pytest.raises(BadInputError, match=r"only \d clean star stamps for the kernel fit \(at least 4\)"):
+        _run(sci, tmpl)

@@ -40,6 +40,7 @@ The template must have the smaller PSF (true of coadd templates); the result say
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
 import pandas as pd
@@ -49,6 +50,8 @@ from ...errors import BadInputError
 from ...image import Image, MaskBits
 from .kernel_basis import STAMP_BAD, basis_1d, convolve_terms, fit_kernel, kernel_image, select_stamps
 from .psf import PsfModel
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["SubtractConfig", "SubtractionResult", "dilate_bits", "subtract_images", "template_pad"]
 
@@ -68,6 +71,10 @@ class SubtractConfig:
     spatial_degree: int | None = None
     psf_variation_threshold: float = 0.03
     n_stamps: int = 80
+    min_stamps: int = 15
+    """Stamps a spatially varying kernel needs; with fewer the kernel is constant across the CCD."""
+    min_stamps_constant: int = 4
+    """Stamps a constant kernel needs (a sparse field: LATISS, a short exposure); fewer is bad input."""
     stamp_margin: int = 5
     min_stamp_snr: float = 30.0
     clip_sigma: float = 3.0
@@ -249,15 +256,20 @@ def subtract_images(
     funcs, terms = basis_1d(sigmas, degrees, h)
     stamps = select_stamps(sources, science, template, h, pad, cfg.n_stamps, cfg.stamp_margin,
                            cfg.min_stamp_snr)
-    if len(stamps) < 15:  # a large kernel in a crowded field: accept neighbours in the stamps' outer half
+    if len(stamps) < cfg.min_stamps:  # a large kernel in a crowded field: accept neighbours in the outer half
         stamps = select_stamps(sources, science, template, h, pad, cfg.n_stamps, cfg.stamp_margin,
                                cfg.min_stamp_snr, isolation=(h + cfg.stamp_margin) / 2.0)
-    if len(stamps) < 15:
+    if len(stamps) < cfg.min_stamps_constant:
         raise BadInputError(
             "science",
-            f"only {len(stamps)} clean star stamps for the kernel fit",
+            f"only {len(stamps)} clean star stamps for the kernel fit (at least {cfg.min_stamps_constant})",
             "too few bright isolated stars on this CCD",
         )
+    if len(stamps) < cfg.min_stamps and sdeg > 0:
+        # a sparse field: a constant kernel (its pixels are still many times its terms) rather
+        # than no difference image at all; the metadata says so (DIFFSDEG 0)
+        _log.warning("only %d clean star stamps: a kernel constant across the CCD", len(stamps))
+        sdeg = 0
     coef, chi2, n_used, n_rej = fit_kernel(science, template, stamps, funcs, terms, h, pad,
                                            cfg.stamp_margin, sdeg, cfg.clip_sigma, cfg.max_iter)
     ny, nx = science.shape
