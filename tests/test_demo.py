@@ -117,10 +117,13 @@ def _misdirected_next_visit(out: Path, tables: dict) -> None:
                      collections=run)
     want = tables[(w.visit, w.detector)]
     assert len(got) == len(want) > 0
-    # the same sources; the astrometric references come from a template cut-out a little
-    # different in extent, so the fitted WCS differs in the 4th decimal of a pixel and fluxes by <0.5%
-    np.testing.assert_allclose(got[["x", "y"]].to_numpy(float), want[["x", "y"]].to_numpy(float), atol=0.01)
-    np.testing.assert_allclose(got["psfFlux"].to_numpy(float), want["psfFlux"].to_numpy(float), rtol=5e-3)
+    # the same sources (the astrometric references come from a template cut-out a little
+    # different in extent, so the fitted WCS differs in the 4th decimal of a pixel): positions
+    # agree to a hundredth of a pixel in the median, fluxes to a tenth of their error
+    dxy = np.hypot(*(got[c].to_numpy(float) - want[c].to_numpy(float) for c in ("x", "y")))
+    assert np.median(dxy) < 0.01 and np.quantile(dxy, 0.9) < 0.05, np.sort(dxy)
+    pull = np.abs(got["psfFlux"].to_numpy(float) - want["psfFlux"].to_numpy(float)) / want["psfFluxErr"]
+    assert np.median(pull) < 0.05 and np.quantile(pull, 0.9) < 0.2, np.sort(pull)
     key = (w.visit, w.detector)
     (mine,), (night,) = (_truth_scores(out, {key: t}).values() for t in (got, want))
     assert mine["recovered"] == night["recovered"] and mine["false"] == night["false"], (mine, night)
