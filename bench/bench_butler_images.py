@@ -15,6 +15,14 @@ read back through a real SQLite butler made by ``apbatch.butler.repo.create_repo
   parameter, as `apbatch.butler.io.ButlerIO.get_templates` does: ``ApbatchImage`` (512 x 512
   tiles) vs lsst-images ``MaskedImageV2`` with the same lossy recipe and 512 x 512 tiles.
 
+* write_outputs, as the job does it: `apbatch.butler.io.ButlerIO.put_outputs` of a calibrated
+  and a difference image (conversion, quantization, compression, butler put), CPU and wall
+  seconds, with the conversion to lsst-images types timed apart;
+  then what users read back: quantization error over the pixel noise, file sizes.
+  ``--write-only`` runs just this part.
+
+The images are ISR-like: sky-subtracted noise of a 400 e- sky plus stars in nJy (57.5 nJy/e-);
+the variance computed from the pixels (so it is noisy, as ISR's is); a mask with detections.
 Medians (and min) over ``--runs`` runs are printed; the machine is shared and noisy.
 """
 
@@ -28,6 +36,7 @@ import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -35,23 +44,37 @@ VISIT, DAY_OBS, RA, DEC, ROT = 2025050100292, 20250501, 53.1, -28.1, 30.0
 DETECTOR = 94  # R22_S11
 
 
-def _ccd_image(cam, seed: int):
+SKY_E, READ_NOISE_E, NJY_PER_E = 400.0, 9.0, 57.5
+
+
+def _ccd_image(cam, seed: int, difference: bool = False):
+    """An ISR-like CCD in nJy: noise, stars (or dipoles), a variance from the pixels, a mask."""
     from apbatch.image import Image, MaskBits
 
     det = cam.detector(DETECTOR)
     rng = np.random.default_rng(seed)
-    var = np.full((det.ny, det.nx), 900.0, np.float32)
-    img = rng.normal(0.0, 30.0, (det.ny, det.nx)).astype(np.float32)
+    shape = (det.ny, det.nx)
+    stars = np.zeros(shape, np.float32)
     yy, xx = rng.integers(20, det.ny - 20, 400), rng.integers(20, det.nx - 20, 400)
+    g = np.exp(-((np.arange(-10, 11)[:, None]) ** 2 + np.arange(-10, 11)[None, :] ** 2) / (2 * 1.7**2))
     for y, x, f in zip(yy, xx, rng.uniform(500, 50000, 400), strict=True):
-        g = np.exp(-((np.arange(-10, 11)[:, None]) ** 2 + np.arange(-10, 11)[None, :] ** 2) / (2 * 1.7**2))
-        img[y - 10 : y + 11, x - 10 : x + 11] += np.float32(f * g / g.sum())
-    mask = np.zeros((det.ny, det.nx), np.int32)
+        stamp = f * g / g.sum()
+        if difference:  # a residual dipole a few % of the star
+            stamp = 0.03 * (stamp - np.roll(stamp, 1, axis=1))
+        stars[y - 10 : y + 11, x - 10 : x + 11] += stamp.astype(np.float32)
+    var = np.maximum(stars + SKY_E + rng.normal(0.0, np.sqrt(SKY_E), shape), 0) + READ_NOISE_E**2
+    if difference:  # plus the (smooth) warped template variance
+        var += 0.3 * SKY_E
+    img = stars + rng.normal(0.0, 1.0, shape) * np.sqrt(var)
+    mask = np.zeros(shape, np.int32)
     mask[:, 1200] |= MaskBits.BAD
-    mask[yy, xx] |= MaskBits.DETECTED
+    for y, x in zip(yy, xx, strict=True):
+        mask[y - 4 : y + 5, x - 4 : x + 5] |= MaskBits.DETECTED
+    mask[yy[:20], xx[:20]] |= MaskBits.SAT
     meta = {"BUNIT": "nJy", "FILTER": "r_57", "BAND": "r", "MJDBEG": 60796.1, "MJDEND": 60796.10035,
-            "EXPTIME": 30.0, "RA": RA, "DEC": DEC, "ROTPA": ROT, "PSFSIGMA": 1.7, "NJY_PER_E": 57.5}
-    return Image(img, var, mask, cam.sky_wcs(det, RA, DEC, ROT), meta)
+            "EXPTIME": 30.0, "RA": RA, "DEC": DEC, "ROTPA": ROT, "PSFSIGMA": 1.7, "NJY_PER_E": NJY_PER_E}
+    return Image((img * NJY_PER_E).astype(np.float32), (var * NJY_PER_E**2).astype(np.float32), mask,
+                 cam.sky_wcs(det, RA, DEC, ROT), meta)
 
 
 def _setup(root: Path):
@@ -86,7 +109,7 @@ def _setup(root: Path):
     return butler, run
 
 
-def _timed(fn, runs: int) -> tuple[list[float], object]:
+def _timed(fn, runs: int) -> tuple[list[float], Any]:
     out, result = [], None
     for _ in range(runs):
         t0 = time.perf_counter()
@@ -98,7 +121,10 @@ def _timed(fn, runs: int) -> tuple[list[float], object]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--write-only", action="store_true", help="only the job's write_outputs step")
     args = ap.parse_args(argv)
+    if args.write_only:
+        return _main_write(args.runs)
     import lsst.images  # noqa: F401  (import cost is not per-CCD)
     from apbatch.butler import datasets as ds
     from apbatch.butler.images import from_visit_image, to_difference_image, to_visit_image
@@ -108,7 +134,7 @@ def main(argv=None) -> int:
     cam = get_instrument("LSSTCam")
     img = _ccd_image(cam, 1)
     kw = {"instrument": "LSSTCam", "visit": VISIT, "detector": DETECTOR}
-    rows = []
+    rows: list = []
     with tempfile.TemporaryDirectory() as tmp:
         butler, run = _setup(Path(tmp) / "repo")
 
@@ -130,11 +156,12 @@ def main(argv=None) -> int:
             rows.append((f"{label} convert Image -> lsst-images", t))
             t, ref = _timed(lambda n=new_name, c=convert: put(n, c(img, cam, "LSSTCam", VISIT, DETECTOR)),
                             args.runs)
-            rows.append((f"{label} put, new (convert + put)", t))
+            rows.append((f"{label} put, new (convert + butler.put)", t))
             t, got = _timed(lambda r=ref: butler.get(r), args.runs)
             rows.append((f"{label} get, new (lsst-images)", t))
             t, _ = _timed(lambda g=got: from_visit_image(g), args.runs)
             rows.append((f"{label} convert lsst-images -> Image", t))
+            del got
             size_old = butler.getURI(butler.find_dataset(old_name, kw, collections=run)).size()
             size_new = butler.getURI(ref).size()
             rows.append((f"{label} file MB old / new: {size_old / 1e6:.1f} / {size_new / 1e6:.1f}", None))
@@ -163,13 +190,64 @@ def main(argv=None) -> int:
         rows.append(("template 2300x2300 box get, new (MaskedImageV2)", t))
         assert a.image.shape == b.image.array.shape == (2300, 2300)
     rows.append(("import lsst.images (once per job process)", [_import_cost() for _ in range(args.runs)]))
-    print(f"\n{'per CCD (seconds)':52s} {'median':>8s} {'min':>8s}   ({args.runs} runs)")
+    _print(rows, args.runs)
+    return _main_write(args.runs)
+
+
+def _print(rows, runs: int) -> None:
+    print(f"\n{'per CCD (seconds)':56s} {'median':>8s} {'min':>8s}   ({runs} runs)")
     for name, t in rows:
         if t is None:
             print(f"{name}")
         else:
-            print(f"{name:52s} {statistics.median(t):8.3f} {min(t):8.3f}")
+            print(f"{name:56s} {statistics.median(t):8.3f} {min(t):8.3f}")
+
+
+def _main_write(runs: int) -> int:
+    """The job's write_outputs step: put_outputs of a calibrated and a difference image."""
+    import lsst.images  # noqa: F401  (import cost is not per-CCD)
+    from apbatch.butler import datasets as ds
+    from apbatch.butler.images import to_difference_image, to_visit_image
+    from apbatch.butler.io import ButlerIO
+    from apbatch.instruments import get_instrument
+
+    cam = get_instrument("LSSTCam")
+    calexp, diffim = _ccd_image(cam, 1), _ccd_image(cam, 2, difference=True)
+    rows: list = []
+    with tempfile.TemporaryDirectory() as tmp:
+        butler, run = _setup(Path(tmp) / "repo")
+        io = ButlerIO(butler, "LSSTCam")
+
+        def convert():
+            return (to_visit_image(calexp, cam, "LSSTCam", VISIT, DETECTOR),
+                    to_difference_image(diffim, cam, "LSSTCam", VISIT, DETECTOR))
+
+        rows.append(("write_outputs parts: convert calexp + diffim, CPU", _cpu(convert, runs)))
+        put = lambda: io.put_outputs(VISIT, DETECTOR, calexp=calexp, diffim=diffim, run=run)  # noqa: E731
+        rows.append(("write_outputs: put_outputs(calexp, diffim), CPU", _cpu(put, runs)))
+        rows.append(("write_outputs: put_outputs(calexp, diffim), wall", _timed(put, runs)[0]))
+        for name, img in ((ds.CALEXP, calexp), (ds.DIFFIM, diffim)):
+            ref = butler.find_dataset(name, {"instrument": "LSSTCam", "visit": VISIT, "detector": DETECTOR},
+                                      collections=run)
+            got = butler.get(ref)
+            err = got.image.array - img.image
+            sigma = np.sqrt(img.variance)
+            verr = got.variance.array / img.variance - 1
+            rows.append((f"{name}: {butler.getURI(ref).size() / 1e6:.1f} MB; image error rms/sigma "
+                         f"{np.std(err / sigma):.4f} max/sigma {np.abs(err / sigma).max():.3f}; variance "
+                         f"relative error rms {np.std(verr):.2e}, max {np.abs(verr).max():.2e}", None))
+    _print(rows, runs)
     return 0
+
+
+def _cpu(fn, runs: int) -> list[float]:
+    """Process CPU seconds (user + system) of ``fn``, per run."""
+    out = []
+    for _ in range(runs):
+        t0 = time.process_time()
+        fn()
+        out.append(time.process_time() - t0)
+    return out
 
 
 def _import_cost() -> float:

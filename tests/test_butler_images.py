@@ -79,6 +79,18 @@ def test_mask_schema_is_maskbits_with_rubin_names():
     assert "cosmic ray" in schema.descriptions["COSMIC_RAY"]
 
 
+@pytest.mark.parametrize("dtype", ["<i4", ">i4", "<i2", "<i8", "<u2"])
+def test_mask_bits_become_the_planes_of_the_same_names(dtype):
+    from apbatch.butler.images import _pack_mask, _unpack_mask
+    from lsst.images import Mask
+
+    bits = np.random.default_rng(4).integers(0, 1 << len(MaskBits), (40, 60)).astype(dtype)
+    mask = Mask(_pack_mask(bits), schema=mask_schema())
+    for bit, plane in zip(MaskBits, mask_schema(), strict=True):
+        np.testing.assert_array_equal(mask.get(plane.name), (bits & int(bit)) != 0)
+    np.testing.assert_array_equal(_unpack_mask(mask.array, mask.schema), bits)
+
+
 def test_detector_geometry_from_the_camera():
     cam = get_instrument("LSSTComCam")
     det = cam.detector("R22_S02")
@@ -221,3 +233,4 @@ def _zeros():
     img = ccd_image()
     img.image[:] = 0.0
     return img
+

@@ -206,9 +206,10 @@ def _calibs(deps, det, when, physical_filter, prepared: Prepared) -> dict[str, A
             continue
         if have is not None and have[0].id == ref.id:
             out[kind] = have[1]
-        else:
-            log.info("%s: the prepared one does not apply to the raw; reading %s", kind, ref.id)
-            out[kind] = deps.butler_io.read_calib(ref)
+            continue
+        if have is not None:
+            log.info("%s: the prepared one does not apply to the raw's time; reading %s", kind, ref.id)
+        out[kind] = deps.butler_io.read_calib(ref)
     prepared.calibs.clear()  # large images: dropped once used
     return out
 
