@@ -143,6 +143,15 @@ def test_three_visits_third_alert_has_two_previous(world, builder):
     assert _count(world["dir"], "DiaObjectLast") == 4
 
 
+def test_a_visit_with_nothing_to_alert_on_is_stored_and_sends_nothing(world, builder):
+    """A sparse CCD (LATISS) can have no DIA source; the objects it knows still get forced photometry."""
+    cat = make_sources(3, np.random.default_rng(12), nx=SMALL, ny=SMALL)
+    assert _visit(world, builder, 0, cat).alerts == 3
+    report = _visit(world, builder, 1, cat.iloc[:0])
+    assert report.stored and report.alerts == report.delivered == 0
+    assert _count(world["dir"], "DiaForcedSource") == 6  # 3 objects x 2 visits
+
+
 def test_alert_history_window(world):
     short = AlertBuilder(history_days=1.5)
     cat = make_sources(2, np.random.default_rng(4), nx=SMALL, ny=SMALL)

@@ -147,7 +147,8 @@ class CutoutWriter:
         img = np.where(inside, self.image.image[yi, xi], np.float32(np.nan)).astype(">f4")
         var = np.where(inside, self.image.variance[yi, xi], np.float32(np.nan)).astype(">f4")
         msk = np.where(inside, self.image.mask[yi, xi], np.int32(MaskBits.NO_DATA)).astype(">i4")
-        return x0, y0, img.reshape(n, -1), msk.reshape(n, -1), var.reshape(n, -1)
+        # (n, s*s), not (n, -1): a CCD-visit without a source to alert on has n = 0
+        return x0, y0, img.reshape(n, s * s), msk.reshape(n, s * s), var.reshape(n, s * s)
 
     def fits(self, x0: int, y0: int, img: np.ndarray, msk: np.ndarray, var: np.ndarray) -> bytes:
         """One cutout's FITS bytes from its stamp rows (from :meth:`stamps`)."""
