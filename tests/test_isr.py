@@ -207,3 +207,19 @@ def test_all_amps_saturated_is_bad_input(truth):
     with pytest.raises(BadInputError, match="every amplifier is bad") as ei:
         run_isr([raw], INST, DET, config=IsrConfig(cr_single=False))
     assert ei.value.exit_code == ExitCode.BAD_INPUT
+
+
+def test_two_snaps_are_the_same_with_two_threads(truth):
+    from apbatch.job.steps import parallel
+
+    rng = np.random.default_rng(5)
+    raws = [_raw(truth + rng.normal(0, np.sqrt(truth)).astype(np.float32), i, 2, noise=True, seed=i + 1)
+            for i in range(2)]
+    one = run_isr(raws, INST, DET)
+    parallel.set_threads(2)
+    try:
+        two = run_isr(raws, INST, DET)
+    finally:
+        parallel.set_threads(1)
+    for plane in ("image", "variance", "mask"):
+        np.testing.assert_array_equal(getattr(one, plane), getattr(two, plane))

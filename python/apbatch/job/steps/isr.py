@@ -32,6 +32,7 @@ from scipy import ndimage
 from ...errors import BadInputError
 from ...image import Image, MaskBits
 from ...raw import RawExposure
+from . import parallel
 from .amps import AmpHealthConfig, amp_statistics, classify_amps, format_bad_amps, mask_amps
 from .defects import detect_bad_columns, find_cosmic_rays, grow, interpolate_masked
 from .snaps import SnapConfig, combine_snaps
@@ -289,11 +290,16 @@ def run_isr(
             )
     amps = instrument.amplifiers(det.id)
     rn2 = _read_noise2(amps, det)
-    snaps = []
-    for r in raws:
+    def calibrate(r: RawExposure) -> tuple[np.ndarray, np.ndarray]:
         img, mask = _assemble(r, amps, det, cfg)
         _apply_bias(img, mask, bias)
-        snaps.append((img, mask))
+        return img, mask
+
+    # two snaps: assembled at the same time when the job has two threads (numpy releases the GIL)
+    if len(raws) == 2:
+        snaps = list(parallel.both(lambda: calibrate(raws[0]), lambda: calibrate(raws[1])))
+    else:
+        snaps = [calibrate(raws[0])]
     if bias is not None:  # the bias mask's BAD pixels are the defect list
         defects = np.flatnonzero((bias.mask & int(MaskBits.BAD)).ravel())
         for _, m in snaps:
