@@ -120,7 +120,8 @@ def main(argv=None) -> int:
         for name, t in m["timings"].items():
             steps.setdefault(name, []).append(t["cpu"])
         steps.setdefault("(all steps)", []).append(sum(t["cpu"] for t in m["timings"].values()))
-    print(f"\n{'step':22s} {'median cpu s':>12s} {'max':>6s}   ({len(works)} jobs, 1 thread each)")
+    print(f"\n{'step':22s} {'median cpu s':>12s} {'max':>6s}   "
+          f"({len(works)} jobs, one at a time, job.threads threads each)")
     for name, vals in steps.items():
         print(f"{name:22s} {np.median(vals):12.2f} {np.max(vals):6.2f}")
     cpu = [p["cpu"] for p in procs]
