@@ -89,3 +89,12 @@ def test_ndimage_releases_the_gil_so_two_threads_use_two_cores(two_threads):
         stop.set()
         th.join()
     assert during > 1000  # with the GIL held it could not have run at all
+
+
+def test_shutdown_leaves_no_worker_thread(two_threads):
+    parallel.both(lambda: 1, lambda: 2)
+    assert any(t.name.startswith("apbatch-step") for t in threading.enumerate())
+    parallel.shutdown()
+    assert not any(t.name.startswith("apbatch-step") for t in threading.enumerate())
+    assert parallel.both(lambda: 1, lambda: 2) == (1, 2)  # started again on demand
+    parallel.shutdown()

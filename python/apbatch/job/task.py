@@ -1,9 +1,12 @@
 """The per-CCD Alert Production job, top to bottom.
 
-:func:`run_ccd` reads like the pipeline: wait for the raw(s) -> check headers against the
-job's arguments -> ISR -> background and detection -> PSF -> templates -> astrometry ->
-warp -> subtract -> DIA sources -> butler outputs -> APDB association (stored once) ->
-alerts (spooled, then sent). Everything that talks to the outside (butler, distributor,
+:func:`run_ccd` reads like the pipeline: prepare (`apbatch.job.prepare`: calibrations,
+templates, references, warp inputs, APDB history, before the raw exists) -> wait for the
+raw(s) -> check headers against the job's arguments -> ISR -> background and detection ->
+PSF -> templates (the prepared ones if they still cover the CCD) -> astrometry -> warp ->
+subtract -> DIA sources -> DIA table -> APDB association (stored once) -> alerts (spooled,
+then sent) -> images into the butler. Each stage's time goes into a
+`apbatch.latency.StageClock`. Everything that talks to the outside (butler, distributor,
 APDB, alert sink) is injected through `JobDeps`, so tests pass real local instances or fakes.
 
 Failure classes (see `apbatch.errors`): a raw that never arrives raises `RawTimeoutError`

@@ -303,6 +303,7 @@ def process_ccd(cfg: ApbatchConfig, work: CcdWork, *, timeout: float | None = No
         close = getattr(getattr(opened["deps"], "alerts", None), "close", None)
         if close is not None:
             close()
+        parallel.shutdown()
         record_stages(cfg, work, clock.to_dict())
     out = {"instrument": work.instrument, "visit": work.visit, "detector": work.detector, **result.to_dict()}
     log.info("done: %s", json.dumps({k: out[k] for k in ("visit", "detector", "status", "n_dia_sources")}))

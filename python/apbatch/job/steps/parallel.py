@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["both", "map_coordinates", "set_threads", "threads"]
+__all__ = ["both", "map_coordinates", "set_threads", "shutdown", "threads"]
 
 _THREADS = 1
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
@@ -32,6 +32,18 @@ def set_threads(n: int) -> None:
         _POOL.shutdown(wait=True)
         _POOL = None
     _THREADS = n
+
+
+def shutdown() -> None:
+    """Stop the worker threads (the next parallel call starts them again).
+
+    A job calls it when it ends: a process that forks later (a test's, the daemon's) should have
+    no idle threads left, as ``fork()`` copies none of them and warns.
+    """
+    global _POOL
+    if _POOL is not None:
+        _POOL.shutdown(wait=True)
+        _POOL = None
 
 
 def threads() -> int:
