@@ -103,30 +103,6 @@ def fake_steps(monkeypatch):
     return calls
 
 
-def test_header_mismatches_are_reported_not_fatal():
-    raws = [_raw(physical_filter="y_04", requested_exposure_time=20.0, ra=53.1)]
-    out = task.check_headers(raws, _work())
-    assert any("FILTER 'y_04'" in m and "r_03" in m for m in out)
-    assert any("EXPTIME 20.000" in m for m in out)
-    assert any("arcsec from the job's boresight" in m for m in out)
-    assert task.check_headers([_raw()], _work()) == []
-
-
-def test_two_snaps_of_half_the_visit_time_match():
-    raws = [_raw(requested_exposure_time=15.0, images_in_sequence=2, image_index=i) for i in (1, 2)]
-    assert task.check_headers(raws, _work(nimages=2)) == []
-
-
-@pytest.mark.parametrize("field, value, match", [
-    ("instrument", "LSSTCam", "is from LSSTCam"),
-    ("detector", 5, "is detector 5"),
-    ("group_id", "2025-10-16T01:00:00.000", "GROUPID"),
-])
-def test_wrong_raw_is_bad_input(field, value, match):
-    with pytest.raises(BadInputError, match=match):
-        task.check_headers([_raw(**{field: value})], _work())
-
-
 def test_raw_timeout_propagates_and_writes_nothing(fake_steps):
     io = FakeButlerIO(raise_on_get=RawTimeoutError("no raw for R22_S11 after 2 s"))
     with pytest.raises(RawTimeoutError):

@@ -26,6 +26,7 @@ import pandas as pd
 from lsst import sphgeom
 from scipy.spatial import cKDTree
 
+from ..butler.regions import sky_polygon
 from ..errors import BadInputError, NonRetriableError, RetriableError
 from ..image import Image, MaskBits
 from .apdb_ids import pack_id, unpack_id
@@ -69,8 +70,7 @@ class CcdVisit:
     @property
     def region(self) -> sphgeom.ConvexPolygon:
         """The padded CCD region as a sphgeom polygon."""
-        return sphgeom.ConvexPolygon([sphgeom.UnitVector3d(sphgeom.LonLat.fromDegrees(float(r), float(d)))
-                                      for r, d in self.corners])
+        return sky_polygon(self.corners)
 
     @property
     def visit_time(self) -> astropy.time.Time:

@@ -10,9 +10,15 @@ from ..errors import BadInputError
 from ..raw import RawExposure
 from ..work import CcdWork
 
-__all__ = ["check_headers", "header_pointing"]
+__all__ = ["check_headers", "header_pointing", "separation_arcsec"]
 
 log = logging.getLogger(__name__)
+
+
+def separation_arcsec(ra0: float, dec0: float, ra: float, dec: float) -> float:
+    """Small-angle distance (arcsec) of (ra, dec) from (ra0, dec0), degrees; RA wraps at 360."""
+    dra = (ra - ra0 + 180.0) % 360.0 - 180.0
+    return float(np.hypot(dra * np.cos(np.radians(dec0)), dec - dec0)) * 3600.0
 
 
 def check_headers(raws: list[RawExposure], work: CcdWork) -> list[str]:
@@ -53,8 +59,7 @@ def check_headers(raws: list[RawExposure], work: CcdWork) -> list[str]:
             out.append(f"{m.obs_id}: header EXPTIME {exptime:.3f} s but the job expected "
                        f"{work.exposure_time:.3f} s (using the header)")
         if work.ra is not None and work.dec is not None and m.ra is not None and m.dec is not None:
-            dra = (m.ra - work.ra + 180.0) % 360.0 - 180.0
-            sep = float(np.hypot(dra * np.cos(np.radians(work.dec)), m.dec - work.dec)) * 3600
+            sep = separation_arcsec(work.ra, work.dec, m.ra, m.dec)
             if sep > 60.0:
                 out.append(f"{m.obs_id}: header pointing is {sep:.0f} arcsec from the job's boresight "
                            "(using the header)")

@@ -18,6 +18,7 @@ about 0.8 s CPU per CCD.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import logging
@@ -32,8 +33,8 @@ from ..work import CcdWork
 from .steps.detection import detect_bright_sources
 from .steps.warp import WarpPatch, prepare_warp
 
-__all__ = ["Prepared", "TemplateSet", "expected_time", "pointing_offset_arcsec", "prepare_ccd",
-           "read_templates", "reference_catalog"]
+__all__ = ["Prepared", "TemplateSet", "expected_time", "has_flat", "prepare_ccd", "read_templates",
+           "reference_catalog"]
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +55,16 @@ class TemplateSet:
 class Prepared:
     """What :func:`prepare_ccd` read; the process phase uses or replaces each item."""
 
-    when: Time
-    """The exposure time the calibrations were chosen for (nextVisit's group time)."""
-    physical_filter: str | None
     calibs: dict[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
     """kind -> (dataset ref, image) for ``bias`` and (with a filter) ``flat``."""
     templates: TemplateSet | None = None
     apdb_objects: int | None = None
     """DiaObjects whose history was preloaded (`None`: no preload)."""
+
+
+def has_flat(physical_filter: str | None) -> bool:
+    """Whether the filter takes a flat (not for no filter, ``none`` or ``unknown``)."""
+    return physical_filter not in (None, "none", "unknown")
 
 
 def expected_time(work: CcdWork, now: float | None = None) -> Time:
@@ -72,12 +75,6 @@ def expected_time(work: CcdWork, now: float | None = None) -> Time:
         return Time(t.replace(tzinfo=None), scale="tai")
     except ValueError:
         return Time(time.time() if now is None else now, format="unix")
-
-
-def pointing_offset_arcsec(a: tuple[float, float, float], ra: float, dec: float) -> float:
-    """Angular distance (arcsec, small-angle) between pointing ``a`` and (ra, dec)."""
-    dra = (ra - a[0] + 180.0) % 360.0 - 180.0
-    return float(np.hypot(dra * np.cos(np.radians(dec)), dec - a[1])) * 3600.0
 
 
 def reference_catalog(templates: list[Image], threshold: float = 20.0) -> np.ndarray | None:
@@ -131,16 +128,14 @@ def prepare_ccd(work: CcdWork, deps, cam, det, *, pad_arcsec: float = 20.0,
     prepared : `Prepared`
         Partially filled when nextVisit gave no pointing or filter (the raw's headers then decide).
     """
-    import contextlib
-
     step = step or (lambda name: contextlib.nullcontext())
     when = expected_time(work)
-    out = Prepared(when=when, physical_filter=work.physical_filter)
+    out = Prepared()
     if work.intent != "science":
         return out  # calibration frames get ISR only, with the calibrations of the raw's own time
     flt = work.physical_filter
     with step("prepare_calibs"):
-        for kind, needs in (("bias", True), ("flat", bool(flt) and flt not in ("none", "unknown"))):
+        for kind, needs in (("bias", True), ("flat", bool(flt) and has_flat(flt))):
             if needs:
                 ref = deps.butler_io.calib_ref(kind, det.id, when,
                                                physical_filter=flt if kind == "flat" else None)

@@ -32,9 +32,9 @@ from ..instruments import get_instrument
 from ..latency import StageClock
 from ..work import CcdWork
 from .alert_policy import split_alertable
-from .headers import check_headers, header_pointing
+from .headers import check_headers, header_pointing, separation_arcsec
 from .photometry import photometric_scale, to_njy
-from .prepare import Prepared, TemplateSet, pointing_offset_arcsec, prepare_ccd, read_templates
+from .prepare import Prepared, TemplateSet, has_flat, prepare_ccd, read_templates
 from .steps.astrometry import AstrometryError, fit_wcs
 from .steps.background import subtract_background
 from .steps.detection import detect_sources
@@ -169,6 +169,8 @@ def run_ccd(work: CcdWork, deps: JobDeps, *, timeout: float = 120.0, output_run:
         log.debug("preparation failed", exc_info=True)
         raise RetriableError(f"preparation failed: {type(exc).__name__}: {exc}") from exc
     clock.mark("prepared")
+    if prepared.apdb_objects is not None:
+        res.prepare["apdb_objects"] = prepared.apdb_objects
 
     with step("wait_for_raw"):
         target = list(work.image_names) if work.image_names else work.group_id
@@ -200,7 +202,7 @@ def _calibs(deps, det, when, physical_filter, prepared: Prepared) -> dict[str, A
     if when is None:
         return out
     for kind in ("bias", "flat"):
-        if kind == "flat" and physical_filter in (None, "none", "unknown"):
+        if kind == "flat" and not has_flat(physical_filter):
             continue
         ref = deps.butler_io.calib_ref(kind, det.id, when,
                                        physical_filter=physical_filter if kind == "flat" else None)
@@ -226,7 +228,7 @@ def _templates_for(deps, cam, det, pointing, band, prepared: Prepared, pad: floa
         # how far the CCD's corners are from where nextVisit put them (pointing and rotation)
         new = cam.footprint(det, *pointing, pad_arcsec=0.0)
         old = cam.footprint(det, *have.pointing, pad_arcsec=0.0)
-        moved = max(pointing_offset_arcsec((float(o[0]), float(o[1]), 0.0), float(n[0]), float(n[1]))
+        moved = max(separation_arcsec(float(n[0]), float(n[1]), float(o[0]), float(o[1]))
                     for o, n in zip(old, new, strict=True))
         if moved <= pad:
             res.prepare["templates"] = "prepared"

@@ -146,11 +146,9 @@ class AlertStage:
 
     def prepare(self, corners, when) -> int:
         """Preload the APDB history of the sky polygon ``corners`` ((N, 2) RA/Dec deg) before the raw."""
-        from lsst import sphgeom
+        from ..butler.regions import sky_polygon
 
-        region = sphgeom.ConvexPolygon([sphgeom.UnitVector3d(sphgeom.LonLat.fromDegrees(float(r), float(d)))
-                                        for r, d in corners])
-        return self.association.preload(region, when)
+        return self.association.preload(sky_polygon(corners), when)
 
     def check(self) -> None:
         """Fail (retriable, nothing written) now if the alert sink cannot be reached."""
