@@ -137,8 +137,8 @@ class AlertStage:
         self.builder = AlertBuilder(schema=alert_schema(cfg.alerts.schema_version),
                                     cutout_size=cfg.alerts.cutout_size, history_days=cfg.alerts.history_days)
         self.association = PreloadingAssociation(open_apdb(cfg.path(cfg.apdb.config_file)),
-                                       history_days=cfg.apdb.history_days,
-                                       radius_arcsec=cfg.apdb.association_radius_arcsec)
+                                                 history_days=cfg.apdb.history_days,
+                                                 radius_arcsec=cfg.apdb.association_radius_arcsec)
         self.spool = AlertSpool(cfg.path(cfg.alerts.spool_dir))
         self.sink = make_sink(cfg)
         self.apdb_reached = False
