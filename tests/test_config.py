@@ -49,6 +49,8 @@ def test_sqlite_urls_resolve_against_root(tmp_path):
         ("backend: {kind: pbs}\n", "config backend"),
         ("events: {max_age: -1}\n", "config events.max_age"),
         ("ledger: {nope: 1}\n", "config ledger.nope"),
+        ("job: {threads: 0}\n", "config job.threads"),
+        ("job: {pointing_pad_arcsec: -5}\n", "config job.pointing_pad_arcsec"),
         ("- a\n- b\n", "--config"),
         ("backend: [unclosed\n", "--config"),
     ],
