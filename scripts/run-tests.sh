@@ -11,6 +11,7 @@ export PATH="$bin:$here/bin:$PATH"
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 # Install the batch system's and PostgreSQL's packages up front (idempotent) so that the first test does not wait on apt.
 if [ "$(id -u)" = 0 ]; then scripts/slurm-local.sh install >&2 || echo "run-tests: Slurm install failed" >&2; fi
+if [ "$(id -u)" = 0 ]; then scripts/chromium-local.sh install >&2 || echo "run-tests: Chromium install failed" >&2; fi
 if [ "$(id -u)" = 0 ]; then scripts/postgres-local.sh install >&2 || echo "run-tests: PostgreSQL install failed" >&2; fi
 set +e
 "$bin/python" -m pytest -p no:cacheprovider "$@"

@@ -234,3 +234,11 @@ def test_submission_tokens_are_unique_and_checked_before_reaching_a_scheduler(co
             checked_token(bad)
     # a backend that cannot be asked finds nothing: the caller then resubmits (the old behaviour)
     assert ToyBackend(config).find_submitted([work(0), work(1)], new_token(), 0.0) == []
+
+
+def test_log_path_of_a_backend_that_cannot_tell_is_none(config, tmp_path):
+    assert ToyBackend(config).log_path("12", work(0)) is None
+    # the real backends each name their own files (tests in test_local/test_slurm/test_htcondor)
+    local = make_backend(config)
+    expected = tmp_path / "logs" / "local" / "jobs" / "local-3" / "out.log"
+    assert local.log_path("local-3", work(0)) == str(expected)

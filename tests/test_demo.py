@@ -42,6 +42,7 @@ def test_night_end_to_end_to_kafka(tmp_path, kafka_broker):
     # every DiaSource in the APDB was alerted on, each exactly once (nothing was retried here)
     assert len({a["diaSourceId"] for a in alerts}) == n == len(alerts)
     assert any("night 2" in x for x in lines) and any("COMPLETED" in x for x in lines)
+    _one_night_page_metrics_and_verification(tmp_path / "night", lines)
     # against the simulator's truth: injected transients found, few false detections among the
     # alerted sources (the simulated stars have Moffat wings, the case a fixed 21-px kernel failed on)
     tables = _dia_tables(tmp_path / "night")
@@ -62,6 +63,28 @@ def test_night_end_to_end_to_kafka(tmp_path, kafka_broker):
         assert abs(a["psfFlux"] - by_id[a["diaSourceId"]]) <= 1e-3 * abs(by_id[a["diaSourceId"]]), a
     _stage_times_in_the_ledger(tmp_path / "night")
     _misdirected_next_visit(tmp_path / "night", tables)
+
+
+def _one_night_page_metrics_and_verification(out: Path, lines: list[str]) -> None:
+    """One night (the simulated one) in the ledger and the report; the page written; the daemon's
+    metrics URL printed; the bias verified (pass) and shown."""
+    from apbatch.config import load_config
+    from apbatch.ledger import Ledger
+
+    cfg = load_config(str(out / "apbatch.yaml"), environ={})
+    ledger = Ledger.from_config(cfg, create=False)
+    try:
+        rows = ledger.rows()
+    finally:
+        ledger.close()
+    assert len({r.day_obs for r in rows}) == 1
+    assert sum(x.startswith("night 2") for x in lines) == 1  # one text report: one night
+    page = next(x.split(": ", 1)[1] for x in lines if x.startswith("night report page: "))
+    assert Path(page).is_file() and f"night-{rows[0].day_obs}.html" in page
+    assert any(x.strip().startswith("daemon metrics (Prometheus): http://127.0.0.1:") for x in lines)
+    (bias,) = [r for r in rows if r.intent == "bias"]
+    assert bias.verification is not None and bias.verification["passed"], bias.verification
+    assert any("calibration verification: 1 passed, 0 failed" in x for x in lines)
 
 
 def _stage_times_in_the_ledger(out: Path) -> None:

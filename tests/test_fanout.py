@@ -65,6 +65,14 @@ def test_latiss_and_comcam_visit_ids(config):
     assert fan_out(event("nextVisit_LSSTComCam.json"), config)[0].day_obs == 20241108
 
 
+def test_retimed_next_visit_keeps_its_groups_day_obs(config):
+    """A replay moves nextVisit's times to now; the visit stays in its group's night (one night)."""
+    ev = event("nextVisit_LSSTComCam.json")
+    later = dataclasses.replace(ev, startTime=ev.startTime + 400 * 86400.0)
+    assert later.start_datetime.year == 2025
+    assert fan_out(later, config)[0].day_obs == 20241108
+
+
 def test_anticipated_exposure_time_precedence(tmp_path):
     cfg = load_config(environ={}, overrides={"events": {"anticipated_exposure_time": {
         "BLOCK-365": 15.0, "LSSTCam": 20.0, "default": 30.0}}})

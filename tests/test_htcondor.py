@@ -367,3 +367,18 @@ def test_env_shebang_executable_runs_by_its_resolved_interpreter(tmp_path):
     shim.write_text("#!/usr/bin/env no-such-interpreter-xyz\n")
     with pytest.raises(BadInputError, match="no-such-interpreter-xyz"):
         executable_argv([str(shim)])
+
+
+def test_log_path_is_the_descriptions_output_with_the_jobs_cluster_and_proc(tmp_path):
+    schedd = FakeSchedd(cluster=271)
+    backend = make(tmp_path, schedd)
+    works = works_of(3)
+    jobs = backend.submit(works)
+    desc = backend.description(works)
+    assert desc["output"] == desc["error"]  # stdout and stderr in one file
+    for job in jobs:
+        cluster, proc = job.job_id.split(".")
+        expected = desc["output"].replace("$(ClusterId)", cluster).replace("$(ProcId)", proc)
+        assert backend.log_path(job.job_id, job.work) == expected
+        assert expected.startswith(f"{tmp_path}/logs/htcondor/{works[0].label}_271.")
+    assert backend.log_path("271", works[0]) is None and backend.log_path("271.0") is None

@@ -4,7 +4,14 @@ import datetime
 
 import pytest
 from apbatch.errors import BadInputError
-from apbatch.ids import check_group_id, day_obs_of, exposure_id, parse_obs_id, visit_id_from_group
+from apbatch.ids import (
+    check_group_id,
+    day_obs_of,
+    exposure_id,
+    group_day_obs,
+    parse_obs_id,
+    visit_id_from_group,
+)
 
 
 @pytest.mark.parametrize(
@@ -56,6 +63,15 @@ def test_parse_obs_id_rejects(bad):
 def test_day_obs_rolls_over_at_noon():
     assert day_obs_of(datetime.datetime(2025, 6, 10, 7, 31)) == 20250609
     assert day_obs_of(datetime.datetime(2025, 6, 10, 12, 0, 1)) == 20250610
+
+
+@pytest.mark.parametrize(("group", "day_obs"), [
+    ("2025-06-10T07:31:26.692", 20250609), ("2024-06-25T01:26:31.895#1", 20240624),
+    ("2025-06-10T12:00:01.000", 20250610),
+    ("20250425_bias_0001", None), ("", None), ("2025-13-40T07:31:26.692", None)])
+def test_group_day_obs(group, day_obs):
+    """A group named for a time has that time's day_obs; other group names have none."""
+    assert group_day_obs(group) == day_obs
 
 
 @pytest.mark.parametrize("spelling", ["2025-06-10T07:31:26.692000", "2025-06-10T07:31:26.692#0",

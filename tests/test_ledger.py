@@ -513,3 +513,39 @@ def test_older_ledger_gains_the_stages_column(tmp_path):
     led.claim(ws)
     assert led.record_stages(ws[0].instrument, ws[0].group_id, 0, {"started": 1.0})
     assert led.rows()[0].stages == {"started": 1.0}
+
+
+def test_calibration_verdict_is_recorded_and_older_ledgers_gain_the_column(tmp_path):
+    url = f"sqlite:///{tmp_path}/old.sqlite3"
+    Ledger.open(url).close()
+    with sa.create_engine(url).begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE submissions DROP COLUMN verification")
+    led = Ledger.open(url, create=False)
+    ws = works(2)
+    led.claim(ws)
+    verdict = {"passed": False, "exposures": ["CC_C_20251015_000001"],
+               "failed_amps": {"C03": ["bias_offset"]},
+               "metrics": {"bias_offset": {"amp": "C03", "value": 1005.5, "threshold": 5.0}}}
+    assert led.record_verification(ws[1].instrument, ws[1].group_id, ws[1].detector, verdict)
+    assert not led.record_verification(ws[1].instrument, ws[1].group_id, 99, verdict)  # run by hand
+    rows = {r.detector: r for r in led.rows()}
+    assert rows[1].verification == verdict and rows[0].verification is None
+    assert rows[1].to_dict()["verification"] == verdict and rows[0].to_dict()["verification"] is None
+
+
+def test_older_ledger_gains_the_events_day_obs_column(tmp_path):
+    """Events recorded before the column have no night; they are found by when they arrived."""
+    url = f"sqlite:///{tmp_path}/old.sqlite3"
+    Ledger.open(url).close()
+    eng = sa.create_engine(url)
+    with eng.begin() as conn:
+        conn.exec_driver_sql("DROP INDEX IF EXISTS ix_events_day_obs")
+        conn.exec_driver_sql("ALTER TABLE events DROP COLUMN day_obs")
+        conn.exec_driver_sql("INSERT INTO events (received_at, kind, instrument, group_id, source, accepted,"
+                             " reason, payload) VALUES (100.0, 'nextVisit', '', 'old', '', 1, '', '{}')")
+    led = Ledger.open(url, create=False)
+    led.record_event("nextVisit", {}, group_id="new", accepted=True, received_at=5000.0, day_obs=20251015)
+    assert [r["group_id"] for r in led.event_rows(day_obs=20251015, received_from=0.0,
+                                                   received_before=200.0)] == ["old", "new"]
+    assert [r["group_id"] for r in led.event_rows(day_obs=20251016, received_from=4000.0,
+                                                   received_before=6000.0)] == []

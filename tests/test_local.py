@@ -269,3 +269,18 @@ def test_jobs_get_only_the_documented_environment(tmp_path, out, monkeypatch):
     assert "APBATCH_KAFKA_PASSWORD" not in env and "hunter2-secret" not in (out / "env.txt").read_text()
     assert env["APTEST_OUT"] == str(out) and env["OMP_NUM_THREADS"] == "1"
     assert env["PATH"] == os.environ["PATH"]
+
+
+PRINT_JOB_ID = "from apbatch.logs import job_id_from_env; print('job', job_id_from_env())"
+
+
+def test_log_path_is_the_jobs_out_log_and_the_job_knows_its_id(tmp_path, out):
+    backend = make(tmp_path, out, command=[sys.executable, "-c", PRINT_JOB_ID, "j"])
+    jobs = backend.submit(works_of(2))
+    states = wait_finished(backend, [j.job_id for j in jobs])
+    assert {s.state for s in states.values()} == {JobState.COMPLETED}
+    for job in jobs:
+        path = Path(backend.log_path(job.job_id, job.work))
+        assert path == tmp_path / "work" / "logs" / "local" / "jobs" / job.job_id / "out.log"
+        assert path.read_text().splitlines()[-1] == f"job {job.job_id}"  # APBATCH_JOB_ID, as recorded
+    assert backend.log_path("123_4") is None and backend.log_path(None) is None

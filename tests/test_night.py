@@ -314,6 +314,45 @@ def test_report_numbers_from_constructed_ledger(night):
     assert json.loads(json.dumps(rep)) == rep  # JSON-clean
 
 
+def test_replayed_night_is_one_night(night):
+    """A replay a year later (events retimed to now, groups and image names kept) is filed under
+    the simulated night: its CCDs, its events and its missed CCDs, and nothing under today's."""
+    n = night()
+    year = 365 * 86400.0
+    seen, missed = (dict(next_visit(m), startTime=next_visit(m)["startTime"] + year,
+                         private_sndStamp=next_visit(m)["private_sndStamp"] + year) for m in (40, 45))
+    submit_visit(n, seen)
+    n.ledger.record_event("nextVisit", missed, instrument="LSSTComCam", group_id=missed["groupId"],
+                          accepted=True, received_at=SENT + year + 60, day_obs=DAY)
+    assert {r.day_obs for r in n.ledger.rows()} == {DAY}
+    rep = night_report(n.cfg, day_obs=DAY, ledger=n.ledger)
+    assert rep["ccds"] == 9 and rep["events"] == {"nextVisit": 2} and rep["missing_ccds"] == 9
+    replay_day = int(parse_event(seen).start_datetime.strftime("%Y%m%d"))
+    today = night_report(n.cfg, day_obs=replay_day, ledger=n.ledger)
+    assert today["ccds"] == 0 and today["events"] == {} and today["missing_ccds"] == 0
+    assert today["other_nights"] == {str(DAY): 9} and rep["other_nights"] == {}
+    assert f"the ledger's latest nights (--day-obs): {DAY} (9 CCDs)" in format_report(today)
+
+
+def test_report_lists_calibration_verification(night):
+    """The night report names each calibration CCD's verdict and the failed amplifiers."""
+    n = night()
+    flat = json.loads((DATA / "calib_flat_LSSTComCam.json").read_text())
+    out = n.disp.handle(parse_event(flat), flat, "test", received_at=SENT)
+    assert out.action == "submitted"
+    works = [j.work for j in out.jobs]
+    day = works[0].day_obs
+    n.ledger.record_verification(works[0].instrument, works[0].group_id, works[0].detector,
+                                 {"passed": False, "failed_amps": {"C10": ["dark_current"]}})
+    n.ledger.record_verification(works[1].instrument, works[1].group_id, works[1].detector,
+                                 {"passed": True, "failed_amps": {}})
+    rep = night_report(n.cfg, day_obs=day, ledger=n.ledger)
+    assert [(c["detector_name"], c["passed"]) for c in rep["calibrations"]] == [
+        (works[0].detector_name, False), (works[1].detector_name, True)]
+    text = format_report(rep)
+    assert "calibration verification: 1 passed, 1 failed" in text and "C10: dark_current" in text
+
+
 def test_report_stage_latency_of_science_ccds(night):
     """Stage marks in the ledger: per-interval p50/p95 over the night's science CCDs, and per visit."""
     n = night()

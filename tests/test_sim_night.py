@@ -251,3 +251,18 @@ def test_cli(tmp_path):
     res = runner.invoke(cli, ["sim", "night", "--out", str(tmp_path / "x"), "--calibrations", "SKY=2"])
     assert res.exit_code != 0 and "--calibrations" in str(res.exception or res.output)
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_injects_calibration_faults(tmp_path):
+    """--hot-amp / --bias-drift reach the calibration raws' plan; a bad drift is one line, no output."""
+    runner = CliRunner()
+    res = runner.invoke(cli, ["sim", "night", "--out", str(tmp_path / "n"), "--instrument", "LATISS",
+                              "--visits", "0", "--no-templates", "--calibrations", "BIAS=1",
+                              "--hot-amp", "C10", "--bias-drift", "C13=40"])
+    assert res.exit_code == 0, res.output
+    plan = json.loads((tmp_path / "n" / "night.json").read_text())
+    (bias,) = plan["calibrations"]
+    assert bias["hot_amps"] == ["C10"] and [list(x) for x in bias["bias_drift"]] == [["C13", 40.0]]
+    res = runner.invoke(cli, ["sim", "night", "--out", str(tmp_path / "x"), "--bias-drift", "C13"])
+    assert res.exit_code != 0 and "--bias-drift" in str(res.exception or res.output)
+    assert not (tmp_path / "x").exists()

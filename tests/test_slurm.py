@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -485,3 +486,35 @@ def test_find_submitted_two_arrays_under_one_token_is_reported_and_bad_names_ref
     odd = [CcdWork("LSST Cam", 0, "R22_S00", GROUP, 1, 20250610, "science", 30.0, 2, "http://x")]
     with pytest.raises(BadInputError, match="not a valid Slurm job name"):
         make(tmp_path, FakeRunner()).find_submitted(odd, TOKEN, time.time())
+
+
+# ---------------------------------------------------------------- per-job log paths
+def test_log_path_follows_the_output_directive(tmp_path):
+    backend = make(tmp_path)
+    works = works_of("LSSTComCam", detectors={4})
+    assert f"--output={tmp_path}/logs/slurm/%x_%A_%a.out" in backend.directives(works)
+    # %x = job name (the label), %A = array job, %a = task (the detector)
+    assert backend.log_path("8812_4", works[0]) == f"{tmp_path}/logs/slurm/{works[0].label}_8812_4.out"
+    assert backend.log_path("8812", works[0]) is None  # not an array task
+    assert backend.log_path("8812_4", None) is None and backend.log_path(None, works[0]) is None
+
+
+PRINT_JOB_ID = "from apbatch.logs import job_id_from_env; print('job', job_id_from_env())"
+
+
+def test_real_slurm_log_path_is_the_jobs_log_and_the_job_knows_its_id(slurm_cluster, tmp_path):
+    """The job's stdout lands where log_path says, and `job_id_from_env` in the job gives the id
+    the backend recorded (what JSON log lines carry)."""
+    cfg = load_config(environ={}, overrides={
+        "root": str(tmp_path), "backend": {"kind": "slurm", "jobcomp_log": str(slurm_cluster.jobcomp_log),
+                                           "time_limit": "00:02:00", "mem": None},
+        "job": {"command": [sys.executable, "-c", PRINT_JOB_ID, "j"]}})
+    backend = SlurmBackend(cfg)
+    works = works_of("LSSTComCam", detectors={0, 3})
+    jobs = backend.submit(works, token=TOKEN)
+    states = wait_for(lambda: (s := backend.status([j.job_id for j in jobs])) and all(
+        v.state.finished for v in s.values()) and s, 60, 0.5)
+    assert states and {v.state for v in states.values()} == {JobState.COMPLETED}
+    for job in jobs:
+        path = Path(backend.log_path(job.job_id, job.work))
+        assert path.read_text().splitlines()[-1] == f"job {job.job_id}"

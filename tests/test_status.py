@@ -7,6 +7,7 @@ report must show them per CCD and summarised per interval.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from apbatch.events import TAI_MINUS_UTC, parse_event
 from apbatch.fanout import fan_out
 from apbatch.latency import STAGES
 from apbatch.ledger import Ledger
-from apbatch.script.status import collect_status, format_status, latency_lines
+from apbatch.script.status import CLEAR, collect_status, format_status, latency_lines, watch_status
 from test_dispatcher import FakeBackend
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -194,3 +195,124 @@ def test_cli_json_and_text_show_the_stages(env, capsys):
     assert by_name[works[7].detector_name]["stages"] == {}
     code, out, _ = run(capsys, "status", "--config", cfg_file, "--no-live")
     assert code == 0 and "raw available -> alerts sent: p50 6.0 s, p95 57.6 s, 80.00% of 5 within 60 s" in out
+
+
+# ---------------------------------------------------------------- job log paths, --watch
+class LoggingBackend(FakeBackend):
+    """A fake whose jobs log to ``/logs/<job id>.out``."""
+
+    def log_path(self, job_id, work=None):
+        return f"/logs/{work.detector_name}/{job_id}.out"
+
+
+def test_failed_and_running_ccds_name_their_job_log(env):
+    cfg, _, ledger, _ = env
+    backend = LoggingBackend()
+    works, ids = submit(cfg, ledger, backend, NV, T0)
+    ledger.update_states({ids[0]: JobStatus(ids[0], JobState.FAILED, 5, "after APDB store"),
+                          ids[1]: JobStatus(ids[1], JobState.RUNNING),
+                          ids[2]: JobStatus(ids[2], JobState.COMPLETED, 0)}, "fake", now=T0 + 30)
+    rep = collect_status(cfg, visit=VISIT, live=False, ledger=ledger, backend=backend)
+    logs = {c["detector"]: c["log_path"] for c in rep["ccds"]}
+    assert logs[works[0].detector] == f"/logs/{works[0].detector_name}/{ids[0]}.out"
+    assert logs[works[1].detector] == f"/logs/{works[1].detector_name}/{ids[1]}.out"
+    assert all(logs[w.detector] is None for w in works[2:])  # completed or still pending
+    assert [c["log_path"] for c in rep["attention"]] == [logs[works[0].detector]]
+    lines = format_status(rep).splitlines()
+    at = lines.index("job logs (failed and running CCDs):")
+    assert lines[at + 1].split() == [works[0].detector_name, "FAILED", logs[works[0].detector]]
+    assert lines[at + 2].split() == [works[1].detector_name, "RUNNING", logs[works[1].detector]]
+    overview = format_status(collect_status(cfg, live=False, ledger=ledger, backend=backend))
+    assert f"  log: {logs[works[0].detector]}" in overview.splitlines()  # under "needs attention"
+    other = collect_status(cfg, visit=VISIT, live=False, ledger=ledger, backend=FakeBackend())
+    assert all(c["log_path"] is None for c in other["ccds"])  # a backend that cannot tell
+
+
+def reports(env, n: int):
+    """``n`` reports of the visit: the first two identical, then one more CCD running each time."""
+    cfg, _, ledger, backend = env
+    _, ids = submit(cfg, ledger, backend, NV, T0)
+    out = []
+    for i in range(n):
+        running = max(0, i - 1)
+        ledger.update_states({j: JobStatus(j, JobState.RUNNING) for j in ids[:running]}, "fake", now=T0 + i)
+        out.append(collect_status(cfg, visit=VISIT, live=False, ledger=ledger))
+    return out
+
+
+def test_watch_off_a_terminal_prints_a_snapshot_only_when_something_changed(env):
+    snapshots = iter(reports(env, 4))
+    slept: list[float] = []
+    out = io.StringIO()
+    code = watch_status(lambda: next(snapshots), 3.0, out=out, is_tty=False, sleep=slept.append,
+                        clock=lambda: T0, iterations=4)
+    text = out.getvalue()
+    assert code == 0 and slept == [3.0, 3.0, 3.0] and "\x1b" not in text
+    heads = [line for line in text.splitlines() if line.startswith("Every 3s: apbatch status")]
+    assert len(heads) == 3  # snapshot 2 equals snapshot 1: not printed again
+    assert "PENDING=9" in text and "PENDING=8 RUNNING=1" in text and "PENDING=7 RUNNING=2" in text
+
+
+def test_watch_on_a_terminal_redraws_and_ctrl_c_exits_0(env):
+    snapshots = iter(reports(env, 2))
+    calls = []
+
+    def sleep(sec):
+        calls.append(sec)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    out = io.StringIO()
+    code = watch_status(lambda: next(snapshots), 1.5, out=out, is_tty=True, sleep=sleep, clock=lambda: T0)
+    assert code == 0 and calls == [1.5, 1.5]
+    assert out.getvalue().count(CLEAR) == 2  # the same view drawn twice: a terminal always redraws
+
+
+def test_cli_watch_json_until_ctrl_c(env, capsys, monkeypatch):
+    import apbatch.script.status as status_mod
+
+    _, cfg_file, _, _ = env
+    with_marks(env)
+    real = status_mod.watch_status
+    seen = {}
+
+    def interrupted_after_two(collect, interval, **kw):
+        seen["interval"] = interval
+
+        def sleep(sec):
+            if seen.setdefault("sleeps", 0) >= 1:
+                raise KeyboardInterrupt
+            seen["sleeps"] += 1
+
+        return real(collect, interval, sleep=sleep, **kw)
+
+    monkeypatch.setattr(status_mod, "watch_status", interrupted_after_two)
+    code, out, _ = run(capsys, "status", "--config", cfg_file, "--visit", str(VISIT), "--json", "--watch")
+    assert code == 0 and seen["interval"] == 2.0
+    docs = out.strip().split("\n}\n")
+    assert len(docs) == 1 and json.loads(out)["visits"][0]["states"] == {"COMPLETED": 5, "PENDING": 4}
+    code, out, _ = run(capsys, "status", "--config", cfg_file, "--watch", "0.5", "--no-live")
+    assert code == 0 and seen["interval"] == 0.5 and "needs attention" not in out
+
+
+def test_calibration_verification_is_shown_per_ccd(env, capsys):
+    """A flat's verification verdicts: counted, each failed amp named with its metrics, in --json too."""
+    cfg, cfg_file, ledger, backend = env
+    payload = json.loads((ROOT / "tests" / "data" / "events" / "calib_flat_LSSTComCam.json").read_text())
+    works, _ = submit(cfg, ledger, backend, payload, T0)
+    assert len(works) == 9
+    bad = {"passed": False, "failed_amps": {"C03": ["flat_level"], "C14": ["bias_level", "read_noise"]}}
+    for w in works:
+        assert ledger.record_verification(w.instrument, w.group_id, w.detector,
+                                          bad if w.detector == 4 else {"passed": True, "failed_amps": {}})
+    rep = collect_status(cfg, ledger=ledger, backend=backend)
+    assert len(rep["calibrations"]) == 9
+    (failed,) = [c for c in rep["calibrations"] if not c["passed"]]
+    assert failed["detector_name"] == "R22_S11" and failed["failed_amps"] == bad["failed_amps"]
+    text = format_status(rep)
+    assert "calibration verification: 8 passed, 1 failed" in text
+    assert "C03: flat_level; C14: bias_level, read_noise" in text
+    with pytest.raises(SystemExit):
+        main(["status", "--config", cfg_file, "--json", "--group", works[0].group_id])
+    out = json.loads(capsys.readouterr().out)
+    assert [c["verification"]["passed"] for c in out["ccds"]].count(False) == 1

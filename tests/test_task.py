@@ -139,11 +139,34 @@ def test_no_template_gives_calibrated_image_only(fake_steps):
 
 
 def test_calibration_runs_isr_only(fake_steps):
+    from apbatch.config import CalibVerifyConfig
+
     io = FakeButlerIO(raws=[_raw(observation_type="bias", physical_filter="none", ra=None, dec=None)])
+    # verification off (calib_verify.enabled): the ISR health check alone; on, see test_calverify.py
     res = task.run_ccd(_work(intent="bias", ra=None, dec=None, rotation=None, physical_filter=None),
-                       task.JobDeps(io, object()))
+                       task.JobDeps(io, object()), calib_verify=CalibVerifyConfig(enabled=False))
     assert res.status == "calibration:bias"
-    assert fake_steps == ["isr"] and io.puts == []
+    assert fake_steps == ["isr"] and io.puts == [] and res.verification == {}
+
+
+def test_calibration_is_verified_and_its_verdict_put(fake_steps):
+    """With verification on, a calibration raw's tables go to put_calib_verification (not ap_metrics)."""
+    from test_calverify import _ccd
+
+    raw = _raw(observation_type="bias", physical_filter="none", ra=None, dec=None, detector=0,
+               detector_name="R22_S00")
+    raw.segments = _ccd(np.random.default_rng(0))
+    io = FakeButlerIO(raws=[raw])
+    verdicts = []
+    io.put_calib_verification = lambda table, exposure, det, run: verdicts.append((table, exposure, det, run))
+    res = task.run_ccd(_work(intent="bias", detector=0, detector_name="R22_S00", ra=None, dec=None,
+                             rotation=None, physical_filter=None), task.JobDeps(io, object()))
+    assert res.status == "calibration:bias" and io.puts == []
+    assert res.verification["passed"] is True and res.verification["failed_amps"] == {}  # no master: unjudged
+    (table, exposure, det, run), = verdicts
+    assert exposure == raw.metadata.exposure_id and det == 0 and run == "LSSTComCam/prompt/20251015"
+    assert set(table["metric"]) == {"bias_level", "read_noise", "saturated", "bad_columns", "bias_offset"}
+    assert "calib_verify" in res.timings
 
 
 def test_partial_snaps_are_processed_and_recorded(fake_steps):

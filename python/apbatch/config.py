@@ -27,12 +27,14 @@ __all__ = [
     "ApbatchConfig",
     "ApdbConfig",
     "BackendConfig",
+    "CalibVerifyConfig",
     "EventsConfig",
     "HTCondorBackendConfig",
     "JobConfig",
     "KafkaConfig",
     "LedgerConfig",
     "LocalBackendConfig",
+    "MonitoringConfig",
     "SlurmBackendConfig",
     "SourceConfig",
     "load_config",
@@ -260,6 +262,48 @@ class JobConfig(_Model):
     env: dict[str, str] = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
+class MonitoringConfig(_Model):
+    """What the daemon and the jobs tell dashboards: Prometheus metrics, job metrics records, log format."""
+
+    prometheus_port: int | None = Field(None, ge=0, le=65535, description=(
+        "port of the daemon's Prometheus /metrics endpoint; unset: off; 0: any free port (logged and "
+        "written to <root>/daemon-metrics.port)"))
+    prometheus_host: str = Field("127.0.0.1", description="loopback address the endpoint binds to")
+    job_metrics_topic: str | None = Field(None, description=(
+        "Kafka topic each job publishes its metrics record to (one JSON record per CCD-visit); unset: off"))
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line")
+
+    @field_validator("prometheus_host")
+    @classmethod
+    def _loopback(cls, value: str) -> str:
+        import ipaddress
+
+        try:
+            loopback = ipaddress.ip_address(value).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ValueError(f"{value!r} is not a loopback address (metrics are served on loopback only)")
+        return value
+
+
+class CalibVerifyConfig(_Model):
+    """Raw-calibration verification of calibration exposures (`apbatch.job.calverify`): thresholds
+    per amplifier, against the master bias and flat."""
+
+    enabled: bool = Field(True, description="verify bias/dark/flat/cbp raws; off: ISR health check only")
+    overscan_skip: int = Field(2, ge=0, description="serial-overscan columns skipped (CTI trailing)")
+    max_bias_drift: float = Field(10.0, gt=0, description="ADU: overscan level vs the master bias's OSLEVnn")
+    max_read_noise_ratio: float = Field(1.2, gt=0, description="read noise / the master bias's (or camera's)")
+    max_bias_offset: float = Field(5.0, gt=0, description="e-: bias frame after overscan and master bias")
+    max_dark_current: float = Field(0.5, gt=0, description="e-/s: dark frame after overscan and master bias")
+    max_flat_level_deviation: float = Field(0.02, gt=0, description="flat level / CCD's median amp, from 1")
+    max_flat_gradient: float = Field(0.02, gt=0, description="peak-to-peak of the flat ratio across an amp")
+    max_saturated_fraction: float = Field(1e-4, ge=0, description="of an amplifier's data pixels")
+    bad_column_nsigma: float = Field(8.0, gt=0, description="column median vs the amplifier's, robust sigmas")
+    max_new_bad_columns: int = Field(0, ge=0, description="bad columns not in the defect list (master mask)")
+
+
 class ApbatchConfig(_Model):
     """Everything the daemon, the commands and the jobs are configured with."""
 
@@ -272,6 +316,8 @@ class ApbatchConfig(_Model):
     alerts: AlertsConfig = AlertsConfig()
     apdb: ApdbConfig = ApdbConfig()
     job: JobConfig = JobConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
+    calib_verify: CalibVerifyConfig = CalibVerifyConfig()
 
     def path(self, value: str) -> Path:
         """Resolve a configured path against ``root``."""

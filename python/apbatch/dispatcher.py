@@ -40,16 +40,25 @@ from .backends.base import Backend
 from .config import ApbatchConfig
 from .errors import BadInputError
 from .events import Event, NextVisit, NextVisitCanceled, StartIntegration, parse_event, rejection_reason
-from .fanout import fan_out
+from .fanout import event_day_obs, fan_out
 from .ledger import NOT_STARTED, Ledger
+from .monitoring.prometheus import NullMetrics
 from .sources.base import EventSource, RawEvent
-from .states import SubmissionState, SubmittedJob
+from .states import JobStatus, SubmissionState, SubmittedJob
 from .submitter import NOT_STARTED_JOBS, Submitter, cancel_rows
 from .work import CcdWork
 
 __all__ = ["Dispatcher", "Outcome", "cancel_rows"]
 
 _log = logging.getLogger(__name__)
+
+
+def _day_obs(event: Event) -> int | None:
+    """The night an event is filed under in the ledger (`None` if its fields do not say)."""
+    try:
+        return event_day_obs(event)
+    except (ValueError, BadInputError):
+        return None
 
 
 @dataclasses.dataclass
@@ -91,12 +100,14 @@ class Dispatcher:
         Seconds between polls of the scheduler.
     claim_timeout : `float`
         A CCD claimed this long ago but never submitted (daemon died in between) is submitted again.
+    metrics : `apbatch.monitoring.DaemonMetrics`, optional
+        Told of events, dead letters, submissions and job endings; default: nothing is counted.
     """
 
     def __init__(self, config: ApbatchConfig, ledger: Ledger, backend: Backend,
                  source: EventSource | None = None, *, clock: Callable[[], float] = time.time,
                  mode: str | None = None, check_age: bool = True, status_interval: float = 5.0,
-                 claim_timeout: float = 300.0):
+                 claim_timeout: float = 300.0, metrics: NullMetrics | None = None):
         self.config = config
         self.ledger = ledger
         self.backend = backend
@@ -106,6 +117,7 @@ class Dispatcher:
         self.check_age = check_age
         self.status_interval = status_interval
         self.claim_timeout = claim_timeout
+        self.metrics = metrics or NullMetrics()
         self.kind = backend.kind or type(backend).__name__
         self.submitter = Submitter(ledger, backend, clock=clock)
         self.dead_letter_path = Path(config.path(config.events.dead_letter))
@@ -134,6 +146,7 @@ class Dispatcher:
             except (ValueError, TypeError, RecursionError) as exc:  # a value no validator foresaw
                 error = str(BadInputError("event", f"cannot be read: {type(exc).__name__}: {exc}"))
         if error is not None:
+            self.metrics.event_received("invalid")
             self.dead_letter(payload, error, raw.origin, received)
             return Outcome("bad", error)
         return self.handle(event, payload, raw.origin, received)
@@ -145,6 +158,7 @@ class Dispatcher:
         if payload is None:
             payload = {"kind": event.kind, **dataclasses.asdict(event)}
         group = event.groupId or ""
+        self.metrics.event_received(event.kind)
         reason = rejection_reason(event, self.config.events.max_age if self.check_age else None, self.clock(),
                                   self.config.events.process_calibrations)
         if reason is None:
@@ -154,11 +168,11 @@ class Dispatcher:
                 self.dead_letter(payload, str(exc), origin, received_at)
                 self.ledger.record_event(event.kind, payload, instrument=event.instrument, group_id=group,
                                          source=origin, accepted=False, reason=str(exc),
-                                         received_at=received_at)
+                                         received_at=received_at, day_obs=_day_obs(event))
                 return Outcome("bad", str(exc), event=event)
         self.ledger.record_event(event.kind, payload, instrument=event.instrument, group_id=group,
                                  source=origin, accepted=reason is None, reason=reason or "",
-                                 received_at=received_at)
+                                 received_at=received_at, day_obs=_day_obs(event))
         if reason is not None:
             _log.info("ignored %s %s (%s): %s", event.kind, group, origin, reason)
             return Outcome("rejected", reason, event=event)
@@ -202,6 +216,7 @@ class Dispatcher:
     def submit(self, works: Sequence[CcdWork], received_at: float | None = None) -> Outcome:
         """Claim the CCDs and submit the newly claimed ones, one batch per visit (`Submitter`)."""
         result = self.submitter.submit_new(works, received_at)
+        self.metrics.submitted(self.kind, len(result.jobs), len(result.errors))
         if not result.claimed:
             return self._duplicate(works)
         if result.errors:
@@ -241,6 +256,7 @@ class Dispatcher:
         from .sources.base import payload_text
 
         error = " ".join(error.split())
+        self.metrics.dead_lettered()
         _log.warning("bad event from %s: %s", origin or "?", error)
         text = payload_text(payload, self.config.source.max_event_bytes)
         try:
@@ -272,6 +288,7 @@ class Dispatcher:
         nothing, so :meth:`run` does it in a background thread)."""
         ids = self.ledger.unfinished_job_ids(self.kind)
         updated = 0
+        ended: dict[str, JobStatus] = {}
         for i in range(0, len(ids), 500):
             chunk = ids[i:i + 500]
             try:
@@ -280,6 +297,9 @@ class Dispatcher:
                 _log.warning("status query of %d job(s) failed: %s", len(chunk), exc)
                 continue
             updated += self.ledger.update_states(statuses, self.kind, now=self.clock())
+            settled = {j: st.settled() for j, st in statuses.items()}
+            ended.update({j: st for j, st in settled.items() if st.state.finished})
+        self.metrics.jobs_polled(self.ledger, self.kind, ended)
         return {"polled": len(ids), "updated": updated}
 
     def _poll_in_background(self, stop: threading.Event, refreshed: threading.Event) -> None:
@@ -298,7 +318,9 @@ class Dispatcher:
         if not rows:
             return []
         _log.info("resubmitting %d CCD(s) that failed retriably", len(rows))
-        return self.submitter.resubmit(rows).jobs
+        result = self.submitter.resubmit(rows)
+        self.metrics.submitted(self.kind, len(result.jobs), len(result.errors))
+        return result.jobs
 
     # ----------------------------------------------------------------- the loop
     def run(self, max_events: int | None = None, max_seconds: float | None = None,

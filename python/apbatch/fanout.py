@@ -28,12 +28,12 @@ from typing import TypedDict
 
 from .config import ApbatchConfig
 from .errors import BadInputError
-from .events import CoordSys, NextVisit, RotSys, StartIntegration
-from .ids import day_obs_of, parse_obs_id, visit_id_from_group
+from .events import CoordSys, Event, NextVisit, RotSys, StartIntegration
+from .ids import day_obs_of, group_day_obs, parse_obs_id, visit_id_from_group
 from .instruments import Detector, get_instrument
 from .work import CcdWork
 
-__all__ = ["anticipated_exposure_time", "fan_out", "select_detectors"]
+__all__ = ["anticipated_exposure_time", "event_day_obs", "fan_out", "select_detectors", "visit_day_obs"]
 
 
 class _VisitFields(TypedDict):
@@ -142,7 +142,7 @@ def fan_out(event: NextVisit | StartIntegration, config: ApbatchConfig,
         common: _VisitFields = {
             "instrument": get_instrument(event.instrument).name, "group_id": event.groupId,
             "visit": visit_id_from_group(event.groupId, field="event.groupId"),
-            "day_obs": day_obs_of(event.start_datetime), "intent": "science",
+            "day_obs": visit_day_obs(event), "intent": "science",
             "exposure_time": anticipated_exposure_time(config, event.survey, event.instrument),
             "nimages": event.nimages, "ra": ra, "dec": dec, "rotation": rot,
             "physical_filter": _single_filter(event), "image_names": (), "survey": event.survey,
@@ -150,6 +150,20 @@ def fan_out(event: NextVisit | StartIntegration, config: ApbatchConfig,
     else:
         common = _start_integration_fields(event, next_visit)
     return [CcdWork(detector=d.id, detector_name=d.name, distributor=distributor, **common) for d in dets]
+
+
+def visit_day_obs(event: NextVisit) -> int:
+    """A science visit's day_obs: its group's (a planning time), else that of its start time."""
+    return group_day_obs(event.groupId) or day_obs_of(event.start_datetime)
+
+
+def event_day_obs(event: Event) -> int | None:
+    """The day_obs an event belongs to (`None` for a nextVisitCanceled)."""
+    if isinstance(event, NextVisit):
+        return visit_day_obs(event)
+    if isinstance(event, StartIntegration):
+        return int(event.imageDate)
+    return None
 
 
 def _start_integration_fields(event: StartIntegration, next_visit: NextVisit | None) -> _VisitFields:

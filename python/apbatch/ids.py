@@ -22,7 +22,8 @@ import re
 
 from .errors import BadInputError
 
-__all__ = ["ObsId", "check_group_id", "day_obs_of", "exposure_id", "parse_obs_id", "visit_id_from_group"]
+__all__ = ["ObsId", "check_group_id", "day_obs_of", "exposure_id", "group_day_obs", "parse_obs_id",
+           "visit_id_from_group"]
 
 _OBS_ID_RE = re.compile(
     r"(?P<camcode>[A-Z]{2})_(?P<controller>[A-Z])_(?P<day_obs>\d{8})_(?P<seq_num>\d{6})", re.ASCII
@@ -105,6 +106,23 @@ def visit_id_from_group(group_id: str, field: str = "groupId") -> int:
         raise BadInputError(field, f"{group_id!r} is before 2015-01-01", "group ids are times of this survey")
     suffix = int(m["suffix"] or 0)
     return int(f"{seconds}{frac}{suffix:04d}")
+
+
+def group_day_obs(group_id: str) -> int | None:
+    """Observing day (YYYYMMDD) of a group id that is an ISO TAI time, else `None`.
+
+    A visit's group is named for the time it was planned, just before its first exposure, so its
+    day_obs is the visit's: replays that retime the events (``apbatch sim replay``) keep the
+    simulated night's day_obs, which the image names (``imageDate``) carry too.
+    """
+    m = _GROUP_RE.fullmatch(group_id or "")
+    if not m:
+        return None
+    try:
+        t = datetime.datetime.fromisoformat(f"{m['date']}T{m['time']}")
+    except ValueError:
+        return None
+    return day_obs_of(t)
 
 
 def check_group_id(group_id: str, field: str = "groupId", time_required: bool = False) -> str:

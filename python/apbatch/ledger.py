@@ -331,6 +331,22 @@ class Ledger(SubmissionReads, EventTables):
                 .values(stages=json.dumps(dict(stages))))
         return bool(res.rowcount)
 
+    def record_verification(self, instrument: str, group_id: str, detector: int,
+                            verdict: Mapping[str, Any]) -> bool:
+        """Store a calibration job's verification verdict (`apbatch.job.calverify`) on its row.
+
+        Returns
+        -------
+        found : `bool`
+            `False` if the ledger has no row for this CCD (a job run by hand).
+        """
+        c = submissions.c
+        with self.engine.begin() as conn:
+            res = conn.execute(submissions.update().where(
+                c.instrument == instrument, c.group_id == group_id, c.detector == int(detector))
+                .values(verification=json.dumps(dict(verdict))))
+        return bool(res.rowcount)
+
     def disable_retry(self, group_id: str, instrument: str | None = None) -> None:
         """Never resubmit any CCD of this group automatically (its nextVisit was cancelled)."""
         c = submissions.c

@@ -32,13 +32,13 @@ class EventTables:
 
     def record_event(self, kind: str, payload: Any, *, instrument: str = "", group_id: str = "",
                      source: str = "", accepted: bool, reason: str = "",
-                     received_at: float | None = None) -> int:
-        """Store one parsed event; returns its row id."""
+                     received_at: float | None = None, day_obs: int | None = None) -> int:
+        """Store one parsed event (``day_obs``: the night it belongs to); returns its row id."""
         with self.engine.begin() as conn:
             res = conn.execute(events.insert().values(
                 received_at=time.time() if received_at is None else received_at, kind=kind,
                 instrument=instrument or "", group_id=group_id or "", source=source, accepted=accepted,
-                reason=reason, payload=_payload_text(payload)))
+                reason=reason, payload=_payload_text(payload), day_obs=day_obs))
             key = res.inserted_primary_key
             if key is None:  # only for an executemany, never for this single-row insert
                 raise RuntimeError("inserting an event returned no row id")
@@ -53,19 +53,29 @@ class EventTables:
             return conn.execute(q).scalar()
 
     def event_rows(self, kind: str | None = None, *, accepted: bool | None = None,
-                   received_from: float | None = None, received_before: float | None = None
-                   ) -> list[dict[str, Any]]:
-        """Stored events matching every given filter, oldest first."""
+                   received_from: float | None = None, received_before: float | None = None,
+                   day_obs: int | None = None) -> list[dict[str, Any]]:
+        """Stored events matching every given filter, oldest first.
+
+        With ``day_obs``, the events of that night: those recorded with it, and those recorded
+        without one (a nextVisitCanceled, a ledger from before the column) received in the
+        ``received_from``/``received_before`` window.
+        """
         e = events.c
         q = sa.select(events).order_by(e.id)
         if kind:
             q = q.where(e.kind == kind)
         if accepted is not None:
             q = q.where(e.accepted.is_(accepted))
+        window = []
         if received_from is not None:
-            q = q.where(e.received_at >= received_from)
+            window.append(e.received_at >= received_from)
         if received_before is not None:
-            q = q.where(e.received_at < received_before)
+            window.append(e.received_at < received_before)
+        if day_obs is not None:
+            q = q.where(sa.or_(e.day_obs == int(day_obs), sa.and_(e.day_obs.is_(None), *window)))
+        elif window:
+            q = q.where(*window)
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(q)]
 

@@ -85,6 +85,14 @@ class SubmissionReads:
                 out.update((r.instrument, r.group_id, int(r.detector)) for r in conn.execute(q))
         return out
 
+    def nights(self, limit: int = 10) -> dict[int, int]:
+        """The latest nights with submission rows: ``day_obs -> CCDs``, newest first."""
+        c = submissions.c
+        q = (sa.select(c.day_obs, sa.func.count()).group_by(c.day_obs).order_by(c.day_obs.desc())
+             .limit(limit))
+        with self.engine.connect() as conn:
+            return {int(d): int(n) for d, n in conn.execute(q)}
+
     def visits(self, instrument: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         """Per-visit summary, newest first: counts per state, attempts, first/last times."""
         c = submissions.c

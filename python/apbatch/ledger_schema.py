@@ -53,9 +53,11 @@ submissions = sa.Table(
     sa.Column("last_polled_at", sa.Float),
     # JSON {stage: UTC unix seconds} written by the job itself (apbatch.latency.STAGES)
     sa.Column("stages", sa.Text),
+    # JSON {"passed", "exposures", "failed_amps", "metrics"}: a calibration job's verification verdict
+    sa.Column("verification", sa.Text),
     sa.UniqueConstraint("instrument", "group_id", "detector", name="uq_submissions_ccd"),
 )
-ADDED_COLUMNS = {"submissions": ("command", "submit_token", "stages")}
+ADDED_COLUMNS = {"events": ("day_obs",), "submissions": ("command", "submit_token", "stages", "verification")}
 """Nullable columns added after the first release: `Ledger.open` adds them to older ledgers."""
 
 events = sa.Table(
@@ -69,6 +71,7 @@ events = sa.Table(
     sa.Column("accepted", sa.Boolean, nullable=False),
     sa.Column("reason", sa.Text, nullable=False, default=""),
     sa.Column("payload", sa.Text, nullable=False),
+    sa.Column("day_obs", sa.Integer, index=True),  # the event's night (`apbatch.fanout.event_day_obs`)
 )
 dead_letters = sa.Table(
     "dead_letters", metadata,

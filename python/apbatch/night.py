@@ -60,7 +60,7 @@ from .events import (
     rejection_reason,
     tai_datetime,
 )
-from .fanout import fan_out
+from .fanout import event_day_obs, fan_out
 from .ids import day_obs_of
 from .ledger import Ledger
 from .states import SubmissionState
@@ -118,20 +118,12 @@ def night_rows(ledger: Ledger, day_obs: int) -> list[Submission]:
     return ledger.rows(day_obs=day_obs)
 
 
-def event_day_obs(event) -> int | None:
-    """The day_obs an event belongs to (`None` for a nextVisitCanceled)."""
-    if isinstance(event, NextVisit):
-        return day_obs_of(event.start_datetime)
-    if isinstance(event, StartIntegration):
-        return int(event.imageDate)
-    return None
-
-
 def night_events(ledger: Ledger, day_obs: int) -> list[tuple[dict, Any]]:
     """Accepted events received within a day of the night, parsed, oldest first."""
     start, end = night_span(day_obs)
     out = []
-    for row in ledger.event_rows(accepted=True, received_from=start - 86400.0, received_before=end + 86400.0):
+    for row in ledger.event_rows(accepted=True, received_from=start - 86400.0, received_before=end + 86400.0,
+                                 day_obs=day_obs):
         try:
             out.append((row, parse_event(row["payload"])))
         except BadInputError as exc:  # accepted once, so only a changed parser gets here

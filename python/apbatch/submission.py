@@ -80,6 +80,8 @@ class Submission:
     last_polled_at: float | None = None
     stages: Mapping[str, float] = dataclasses.field(default_factory=dict)
     """UTC unix seconds of each stage the job reached (`apbatch.latency.STAGES`), as the job wrote them."""
+    verification: Mapping[str, Any] | None = None
+    """A calibration job's verdict (`apbatch.job.calverify`): ``passed``, ``failed_amps``, ``metrics``."""
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Submission:
@@ -91,6 +93,7 @@ class Submission:
         d["command"] = tuple(json.loads(d.get("command") or "[]"))
         d["reason"] = d.get("reason") or ""
         d["stages"] = json.loads(d.get("stages") or "{}")
+        d["verification"] = json.loads(d["verification"]) if d.get("verification") else None
         d["retry"] = bool(d["retry"])
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
@@ -113,6 +116,7 @@ class Submission:
         d["job_history"] = list(self.job_history)
         d["command"] = list(self.command)
         d["stages"] = dict(self.stages)
+        d["verification"] = dict(self.verification) if self.verification is not None else None
         return d
 
     # ------------------------------------------------------------------ the rules

@@ -12,7 +12,9 @@ Public API (used by the dispatcher, ``apbatch status``/``cancel``/``render-job``
   submitted twice;
 * ``Backend.status(job_ids) -> dict[str, JobStatus]``: batched state query; jobs that left
   the queue are looked up in history, never assumed done;
-* ``Backend.cancel(job_ids)``.
+* ``Backend.cancel(job_ids)``;
+* ``Backend.log_path(job_id, work) -> str | None``: where that job's stdout and stderr are
+  written (each backend knows its own naming); `None` where it cannot tell.
 
 Shared machinery for subclasses (STYLE.md section 2):
 
@@ -45,13 +47,16 @@ import shlex
 import subprocess
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from ..config import ApbatchConfig
 from ..errors import BadInputError, SchedulerError
 from ..jobconfig import config_snapshot_path, resolve_command, write_config_snapshot
 from ..states import JobState, JobStatus, SubmittedJob
 from ..work import CcdWork
+
+if TYPE_CHECKING:
+    from ..submission import Submission
 
 __all__ = [
     "Backend",
@@ -363,3 +368,21 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def cancel(self, job_ids: Sequence[str]) -> None:
         """Cancel the given jobs."""
+
+    def log_path(self, job_id: str | None, work: CcdWork | Submission | None = None) -> str | None:
+        """The file the job's stdout and stderr are written to (absolute), or `None` if unknown.
+
+        Parameters
+        ----------
+        job_id : `str`, optional
+            The scheduler's id of the job, as the ledger holds it.
+        work : `CcdWork` or `apbatch.submission.Submission`, optional
+            The CCD (a ledger row is taken for its ``work``); some schedulers name the file
+            after the visit's label.
+
+        Notes
+        -----
+        The base class cannot tell and returns `None`; no I/O is done (the file may not
+        exist yet, or any more).
+        """
+        return None

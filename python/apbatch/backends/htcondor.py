@@ -164,6 +164,14 @@ class HTCondorBackend(Backend):
             raise SchedulerError([what], 1, "", f"{type(exc).__name__}: {exc}") from exc
 
     # ------------------------------------------------------------- description
+    def log_path(self, job_id: str | None, work: Any = None) -> str | None:
+        """``<log_dir>/<label>_<ClusterId>.<ProcId>.out`` (stdout and stderr); `None` without the
+        CCD (the label) or for an id not ``<cluster>.<proc>``."""
+        work = getattr(work, "work", work)  # a ledger row or a CcdWork
+        if work is None or not job_id or not _JOB_ID.match(str(job_id)):
+            return None
+        return f"{self.config.path(self.settings.log_dir).absolute()}/{work.label}_{job_id}.out"
+
     def description(self, works: Sequence[CcdWork], token: str | None = None) -> dict[str, str]:
         """The submit description of one visit (without its queue statement); ``token``: the
         claim's submission token (``+ApSubmitToken``)."""

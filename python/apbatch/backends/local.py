@@ -130,6 +130,12 @@ class LocalBackend(Backend):
         """Where the queue and every job's files live."""
         return self.config.path(self.settings.log_dir).absolute()
 
+    def log_path(self, job_id: str | None, work: Any = None) -> str | None:
+        """``<log_dir>/jobs/<id>/out.log`` (stdout and stderr); `None` for an id not ``local-<n>``."""
+        if not job_id or not self.id_pattern.match(str(job_id)):
+            return None
+        return str(self._job_dir(job_id) / "out.log")
+
     def _job_dir(self, job_id: str) -> Path:
         if not self.id_pattern.match(str(job_id)):
             raise BadInputError("job id", f"{job_id!r} is not a local job id", "expected local-<n>")
@@ -315,7 +321,8 @@ def _start(job_dir: Path) -> subprocess.Popen | None:
     with open(fd, "ab") as log:
         try:
             base = {k: os.environ[k] for k in EXPORTED if k in os.environ}  # never the daemon's secrets
-            proc = subprocess.Popen(spec["argv"], env={**base, **spec["env"]}, stdin=subprocess.DEVNULL,
+            env = {**base, **spec["env"], "APBATCH_JOB_ID": job_dir.name}  # for the job's log lines
+            proc = subprocess.Popen(spec["argv"], env=env, stdin=subprocess.DEVNULL,
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         except OSError as exc:  # the job fails as a shell's would: 127 not found, 126 cannot execute
             code = 127 if isinstance(exc, FileNotFoundError) else 126

@@ -169,6 +169,15 @@ class SlurmBackend(Backend):
                                 "use letters, digits and ._-/ only")
         return path
 
+    def log_path(self, job_id: str | None, work: Any = None) -> str | None:
+        """``<log_dir>/<label>_<array job>_<task>.out`` (``--output=%x_%A_%a.out``; the task is the
+        detector); `None` without the CCD (the label) or for an id not ``<array>_<task>``."""
+        work = getattr(work, "work", work)  # a ledger row or a CcdWork
+        match = re.fullmatch(r"(\d+)_(\d+)", str(job_id or ""))
+        if match is None or work is None:
+            return None
+        return f"{self.config.path(self.settings.log_dir).absolute()}/{work.label}_{match[1]}_{match[2]}.out"
+
     def directives(self, works: Sequence[CcdWork], token: str | None = None) -> list[str]:
         """The ``#SBATCH`` options of one visit's array (also shown by ``render``); the comment
         carries the submission ``token`` (:meth:`find_submitted`)."""

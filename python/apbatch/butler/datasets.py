@@ -13,6 +13,9 @@ name                                     type          holds
 ``<instrument>/prompt/<day_obs>``        RUN           job outputs of one observing day
 =======================================  ============  ===================================================
 
+``calib_verification`` (a DataFrame, one row per amplifier and metric, dimensions {instrument,
+exposure, detector}) is the verification of a calibration raw against the master calibrations.
+
 ``bias`` has dimensions {instrument, detector}; ``flat`` also has ``physical_filter``, as
 Rubin's flats do (a flat is specific to the filter it was taken through).
 
@@ -28,6 +31,7 @@ import dataclasses
 __all__ = [
     "BIAS",
     "CALEXP",
+    "CALIB_VERIFICATION",
     "CALIBRATIONS",
     "DATASET_TYPES",
     "DIA_SOURCES",
@@ -67,6 +71,7 @@ CALEXP = "preliminary_visit_image"
 DIFFIM = "difference_image"
 DIA_SOURCES = "dia_source_detector"
 METRICS = "ap_metrics"
+CALIB_VERIFICATION = "calib_verification"
 
 CALIBRATIONS = (BIAS, FLAT)
 
@@ -93,6 +98,9 @@ DATASET_TYPES: tuple[DatasetTypeSpec, ...] = (
     DatasetTypeSpec(DIFFIM, _CCD_VISIT, DIFFERENCE_IMAGE_STORAGE_CLASS),
     DatasetTypeSpec(DIA_SOURCES, _CCD_VISIT, "DataFrame"),
     DatasetTypeSpec(METRICS, _CCD_VISIT, METRICS_STORAGE_CLASS),
+    # one row per (amplifier, metric) of a calibration raw (apbatch.job.calverify); calibration
+    # exposures are exposures, not visits
+    DatasetTypeSpec(CALIB_VERIFICATION, ("instrument", "exposure", "detector"), "DataFrame"),
 )
 
 

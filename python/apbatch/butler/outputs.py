@@ -8,7 +8,7 @@ import logging
 import time
 from typing import Any
 
-from lsst.daf.butler import Butler, DatasetRef, MissingCollectionError
+from lsst.daf.butler import Butler, DatasetRef, DatasetType, MissingCollectionError
 from lsst.daf.butler.registry import ConflictingDefinitionError
 from sqlalchemy.exc import IntegrityError, OperationalError
 
@@ -90,6 +90,16 @@ class OutputsMixin:
             if obj is not None:
                 refs.append(self._put(obj, name, data_id, run))
         return refs
+
+    def put_calib_verification(self, table: Any, exposure: int, detector: int | str, run: str) -> DatasetRef:
+        """Store the verification table of one calibration raw (``calib_verification``), replacing
+        an earlier attempt's; the dataset type is registered if the repository predates it."""
+        det = self.camera.detector(detector)
+        spec = next(s for s in ds.DATASET_TYPES if s.name == ds.CALIB_VERIFICATION)
+        dtype = DatasetType(spec.name, spec.dimensions, spec.storage_class, universe=self.butler.dimensions)
+        retry_once("registering calib_verification", self.butler.registry.registerDatasetType, dtype)
+        data_id = {"instrument": self.instrument, "exposure": int(exposure), "detector": det.id}
+        return self._put(table, ds.CALIB_VERIFICATION, data_id, run)
 
     def discard_outputs(self, visit: int, detector: int | str, run: str) -> int:
         """Remove a CCD's outputs from ``run``: what a failed attempt of its job put there.

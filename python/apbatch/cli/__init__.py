@@ -9,7 +9,6 @@ lsst.daf.butler`` alone takes over a second).
 from __future__ import annotations
 
 import importlib
-import logging
 import sys
 import traceback
 
@@ -59,11 +58,15 @@ class _LazyGroup(click.Group):
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               help="Logging level; DEBUG also shows tracebacks.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default=None,
+              help="Log lines as text or one JSON object each (with visit, detector and job id in a job); "
+                   "default: monitoring.log_format, else text.")
 @click.pass_context
-def cli(ctx: click.Context, log_level: str) -> None:
+def cli(ctx: click.Context, log_level: str, log_format: str | None) -> None:
     """Run Rubin-style Alert Production as batch jobs, one job per CCD."""
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ..logs import configure_logging
+
+    configure_logging(log_level, log_format, sys.stderr)
     ctx.obj = {"log_level": log_level.upper()}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -64,9 +65,12 @@ def reprocess(day_obs: str | None, dry_run: bool, max_attempts: int | None, clai
 @day_obs_option
 @click.option("--out", default=None, metavar="FILE",
               help="Write the report to FILE (atomically; '{day_obs}' in it is replaced) instead of stdout.")
+@click.option("--html", "html_dir", default=None, metavar="DIR",
+              help="Also write DIR/night-<day_obs>.html: one self-contained page with the night's plots.")
 @config_option
 @json_option
-def report(day_obs: str | None, out: str | None, config_paths: tuple[str, ...], as_json: bool) -> None:
+def report(day_obs: str | None, out: str | None, html_dir: str | None, config_paths: tuple[str, ...],
+           as_json: bool) -> None:
     """The night's summary: states, exit codes, attempts, missed CCDs, dead letters, latencies.
 
     Exits 6 (after writing the report) when CCDs need attention, 2 when there is no ledger.
@@ -77,12 +81,21 @@ def report(day_obs: str | None, out: str | None, config_paths: tuple[str, ...], 
 
     day = parse_day_obs(day_obs)
     config, _ = load_cli_config(config_paths)
+    if html_dir is not None:  # refuse a bad directory before printing anything
+        from ..report.html import check_directory
+
+        check_directory(Path(html_dir))
     rep = night_report(config, day_obs=day)
     text = json.dumps(rep, indent=2) + "\n" if as_json else format_report(rep)
     if out is None:
         click.echo(text, nl=False)
     else:
         click.echo(f"wrote {write_atomic(out, text, day)}", err=True)
+    if html_dir is not None:
+        from ..script.report import write_night_html
+
+        page = write_night_html(config, day_obs=day, directory=html_dir, summary=rep)
+        click.echo(f"wrote {page}", err=True)
     if rep["needs_attention"]:
         sys.exit(ExitCode.NEEDS_ATTENTION)
 

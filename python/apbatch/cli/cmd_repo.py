@@ -83,5 +83,8 @@ def register(root: str, instrument: str, night: str | None, day_obs: tuple[int, 
 def ingest(root: str, calibs: str | None, templates: str | None, transfer: str, as_json: bool) -> None:
     """Ingest calibrations (certified with validity ranges) and templates listed by manifests."""
     from ..script.repo import ingest as run  # noqa: PLC0415
+    from .progress import progress  # noqa: PLC0415
 
-    _print(run(root, calibs, templates, transfer), as_json)
+    with progress("ingesting", sum(d is not None for d in (calibs, templates))) as step:
+        out = run(root, calibs, templates, transfer, progress=step)
+    _print(out, as_json)

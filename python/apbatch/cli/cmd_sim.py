@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
+
+from .progress import progress
 
 __all__ = ["sim"]
 
@@ -40,6 +43,10 @@ def sim() -> None:
     show_default=True,
     help="CCS calibration images per type ('' for none).",
 )
+@click.option("--hot-amp", "hot_amps", multiple=True, metavar="AMP",
+              help="Make this amplifier (e.g. C03) hot in every calibration raw (repeatable).")
+@click.option("--bias-drift", "bias_drifts", multiple=True, metavar="AMP=ADU",
+              help="Shift this amplifier's bias level in the calibration raws (repeatable).")
 def night(
     out,
     instrument,
@@ -53,6 +60,8 @@ def night(
     no_templates,
     cancel_every,
     calibrations,
+    hot_amps,
+    bias_drifts,
 ) -> None:
     """Plan and render a night into OUT."""
     from ..errors import BadInputError
@@ -74,22 +83,33 @@ def night(
         raise BadInputError(
             "--calibrations", f"{calibrations!r}", "types are BIAS, DARK, FLAT with counts >= 0"
         )
+    drift: dict[str, float] = {}
+    for item in bias_drifts:
+        amp, _, adu = item.partition("=")
+        try:
+            drift[amp.strip()] = float(adu)
+        except ValueError:
+            raise BadInputError("--bias-drift", f"{item!r} is not AMP=ADU",
+                                "use e.g. --bias-drift C14=40") from None
     dets = [d.strip() for d in detectors.split(",") if d.strip()]
-    manifest = sim_night(
-        out,
-        instrument,
-        visits,
-        seed,
-        dets,
-        day_obs=day_obs,
-        fields=fields,
-        snaps=snap_counts,
-        templates=not no_templates,
-        patch_size=patch_size,
-        cancel_every=cancel_every,
-        calibrations=cals,
-        progress=lambda m: click.echo(m, err=True),
-    )
+    with progress("simulating: files written") as step:
+        manifest = sim_night(
+            out,
+            instrument,
+            visits,
+            seed,
+            dets,
+            day_obs=day_obs,
+            fields=fields,
+            snaps=snap_counts,
+            templates=not no_templates,
+            patch_size=patch_size,
+            cancel_every=cancel_every,
+            calibrations=cals,
+            progress=step,
+            hot_amps=hot_amps,
+            bias_drift=drift,
+        )
     click.echo(json.dumps(manifest))
 
 
@@ -108,15 +128,11 @@ def night(
 def replay(night_dir, spool, distributor, speed, keep_times) -> None:
     """Replay a simulated night in (scaled) real time."""
     from ..script.sim import sim_replay
+    from ..sim.events import read_timeline
 
-    summary = sim_replay(
-        night_dir,
-        spool,
-        distributor,
-        speed=speed,
-        retime=not keep_times,
-        progress=lambda m: click.echo(m, err=True),
-    )
+    total = len(read_timeline(Path(night_dir) / "timeline.jsonl"))
+    with progress("replaying: events and raws", total) as step:
+        summary = sim_replay(night_dir, spool, distributor, speed=speed, retime=not keep_times, progress=step)
     click.echo(json.dumps(summary))
 
 

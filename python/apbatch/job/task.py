@@ -32,6 +32,7 @@ from ..instruments import get_instrument
 from ..latency import StageClock
 from ..work import CcdWork
 from .alert_policy import split_alertable
+from .calverify import Verification, merge_summaries, verify_calibration
 from .headers import check_headers, header_pointing, separation_arcsec
 from .photometry import photometric_scale, to_njy
 from .prepare import Prepared, TemplateSet, has_flat, prepare_ccd, read_templates
@@ -89,6 +90,8 @@ class CcdResult:
     stages: dict[str, float] = dataclasses.field(default_factory=dict)
     """UTC unix seconds of each stage reached (`apbatch.latency.STAGES`)."""
     timings: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    verification: dict = dataclasses.field(default_factory=dict)
+    """A calibration's verdict (`apbatch.job.calverify.Verification.summary`); empty for science."""
 
     def to_dict(self) -> dict:
         """Plain-JSON form."""
@@ -124,7 +127,7 @@ def _maxrss_mib() -> float:
 
 def run_ccd(work: CcdWork, deps: JobDeps, *, timeout: float = 120.0, output_run: str | None = None,
             region_padding_arcsec: float = 10.0, pointing_pad_arcsec: float = 20.0,
-            clock: StageClock | None = None) -> CcdResult:
+            clock: StageClock | None = None, calib_verify: Any = None) -> CcdResult:
     """Run the AP pipeline for one CCD: prepare, wait for the raw, process.
 
     Parameters
@@ -144,6 +147,8 @@ def run_ccd(work: CcdWork, deps: JobDeps, *, timeout: float = 120.0, output_run:
         Pointing error the prepared templates and APDB region allow for (``job.pointing_pad_arcsec``).
     clock : `apbatch.latency.StageClock`, optional
         Where the stage times go (default: a new one, marked ``started`` now).
+    calib_verify : `apbatch.config.CalibVerifyConfig`, optional
+        Thresholds of the verification of calibration raws (``calib_verify``; default: the defaults).
 
     Raises
     ------
@@ -188,7 +193,7 @@ def run_ccd(work: CcdWork, deps: JobDeps, *, timeout: float = 120.0, output_run:
 
     try:
         return _process(work, deps, raws, res, step, cam, det, physical_filter, output_run,
-                        region_padding_arcsec, prepared, pointing_pad_arcsec, clock)
+                        region_padding_arcsec, prepared, pointing_pad_arcsec, clock, calib_verify)
     except ApbatchError:
         raise
     except Exception as exc:  # anything unexpected before the APDB stage: safe to rerun
@@ -242,11 +247,16 @@ def _templates_for(deps, cam, det, pointing, band, prepared: Prepared, pad: floa
 
 
 def _process(work, deps, raws, res, step, cam, det, physical_filter, output_run, padding,
-             prepared: Prepared, pointing_pad: float, clock: StageClock) -> CcdResult:
+             prepared: Prepared, pointing_pad: float, clock: StageClock,
+             calib_verify: Any = None) -> CcdResult:
     with step("calib_retrieval"):
         calibs = _calibs(deps, det, raws[0].metadata.mjd_begin, physical_filter, prepared)
     with step("isr"):
         calexp = run_isr(raws, cam, det, bias=calibs["bias"], flat=calibs["flat"])
+    checks: list[Verification] = []
+    if work.intent != "science" and (calib_verify is None or calib_verify.enabled):
+        with step("calib_verify"):  # on the raw pixels and the calibrations, before they are dropped
+            checks = verify_calibration(raws, cam, det, work.intent, calibs, calib_verify)
     # Large inputs are dropped as soon as they are used, so later steps reuse their memory
     # instead of growing the process (each new page costs a fault): calibrations and raw
     # pixels here (the raws' metadata stays), template patches after the warp.
@@ -257,9 +267,12 @@ def _process(work, deps, raws, res, step, cam, det, physical_filter, output_run,
     calexp.metadata["SNAPS"] = res.snaps_used
     res.isr = {k.lower(): calexp.metadata[k] for k in _ISR_REPORT if calexp.metadata.get(k) is not None}
     if work.intent != "science":
-        # Calibration frames get ISR as a health check; their products are made by the
-        # calibration pipelines, not here, so nothing is written to the butler.
+        # Calibration frames get ISR as a health check and the raw verification; their products
+        # are made by the calibration pipelines, so only the verification goes to the butler.
         res.status = f"calibration:{work.intent}"
+        if checks:
+            with step("write_outputs"):
+                _put_verification(deps, work, res, output_run, checks)
         return res
 
     ra, dec, rot = header_pointing(raws[0], work)
@@ -377,6 +390,23 @@ def _no_template(deps: JobDeps, work: CcdWork, res: CcdResult, output_run, calex
     res.status = "no_template"
     _put(deps, work, res, output_run, calexp=calexp)
     return res
+
+
+def _put_verification(deps: JobDeps, work: CcdWork, res: CcdResult, output_run,
+                      checks: list[Verification]) -> None:
+    """A calibration's verdict into the result (for the ledger), its tables into the butler.
+
+    A failed verification is not a failed job: the job worked, the calibration is bad.
+    """
+    from ..butler.datasets import output_run as default_run
+
+    res.verification = merge_summaries([v.summary() for v in checks])
+    if not res.verification["passed"]:
+        log.warning("calibration verification failed: %s",
+                    "; ".join(f"{amp}: {', '.join(m)}" for amp, m in res.verification["failed_amps"].items()))
+    run = output_run or default_run(work.instrument, work.day_obs)
+    for v in checks:
+        deps.butler_io.put_calib_verification(v.table(), v.exposure, work.detector, run)
 
 
 def _put(deps: JobDeps, work: CcdWork, res: CcdResult, output_run, **outputs) -> None:

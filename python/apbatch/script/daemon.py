@@ -37,6 +37,18 @@ def _stop_on_signals(stop: threading.Event, install: bool):
             signal.signal(sig, h)
 
 
+def _start_metrics(config: ApbatchConfig):
+    """The daemon's metrics and their endpoint (``monitoring.prometheus_port``; unset: neither)."""
+    port = config.monitoring.prometheus_port
+    if port is None:
+        return None, None
+    from ..monitoring import DaemonMetrics, serve_metrics
+    from ..monitoring.prometheus import PORT_FILE
+
+    metrics = DaemonMetrics()
+    return metrics, serve_metrics(metrics, port, config.monitoring.prometheus_host, config.path(PORT_FILE))
+
+
 def run_daemon(config: ApbatchConfig, *, source_kind: str | None = None, max_events: int | None = None,
                max_seconds: float | None = None, status_interval: float = 5.0,
                stop_event: threading.Event | None = None, install_signals: bool = True,
@@ -65,6 +77,9 @@ def run_daemon(config: ApbatchConfig, *, source_kind: str | None = None, max_eve
         Events per outcome (``submitted``, ``duplicate``, ``rejected``, ``bad``, ...).
     """
     stop = stop_event or threading.Event()
+    from ..logs import set_log_format
+
+    set_log_format(config.monitoring.log_format)  # unless the command line chose (--log-format)
     own_ledger, own_source = ledger is None, source is None
     ledger = ledger or Ledger.from_config(config)
     try:
@@ -73,11 +88,17 @@ def run_daemon(config: ApbatchConfig, *, source_kind: str | None = None, max_eve
 
             backend = make_backend(config)
         source = source or make_source(config, source_kind)
-        dispatcher = Dispatcher(config, ledger, backend, source, status_interval=status_interval)
+        metrics, server = _start_metrics(config)
+        dispatcher = Dispatcher(config, ledger, backend, source, status_interval=status_interval,
+                                metrics=metrics)
         _log.info("daemon started: source %s, backend %s, mode %s", source.name, dispatcher.kind,
                   dispatcher.mode)
-        with _stop_on_signals(stop, install_signals):
-            counts = dispatcher.run(max_events=max_events, max_seconds=max_seconds, stop_event=stop)
+        try:
+            with _stop_on_signals(stop, install_signals):
+                counts = dispatcher.run(max_events=max_events, max_seconds=max_seconds, stop_event=stop)
+        finally:
+            if server is not None:
+                server.close()
         _log.info("daemon stopped: %s", ", ".join(f"{k}={v}" for k,
                                                   v in sorted(counts.items())) or "no events")
         return counts

@@ -9,6 +9,7 @@ print the status table, the night report and what reached the alert files.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import threading
 import time
@@ -36,6 +37,8 @@ def _site_config(out: Path, instrument: str, detectors: list[int], workers: int 
         "job": {"distributor": str(work / "distributor"), "repo": "butler"},
         "events": {"detectors": {instrument: detectors}},
         "alerts": {"sink": "file"},
+        # the daemon's Prometheus endpoint on a free loopback port (its number in <root>/daemon-metrics.port)
+        "monitoring": {"prometheus_port": 0},
     }
     for section, values in (extra or {}).items():
         data[section] = {**data.get(section, {}), **values}
@@ -82,6 +85,7 @@ def run_demo(out: str | Path, *, instrument: str = "LSSTComCam", visits: int = 3
     from . import repo as repo_script
     from .daemon import run_daemon
     from .night import format_report, night_report
+    from .report import write_night_html
     from .sim import sim_night, sim_replay
     from .status import collect_status, format_status
 
@@ -116,15 +120,24 @@ def run_demo(out: str | Path, *, instrument: str = "LSSTComCam", visits: int = 3
                                                 status_interval=2.0)),
         name="apbatch-daemon", daemon=True)
     daemon.start()
+    url = _metrics_url(cfg)
+    if url:
+        say(f"      daemon metrics (Prometheus): {url}")
     replayed = sim_replay(night, cfg.path(cfg.source.spool_dir), cfg.path(cfg.job.distributor), speed=speed)
 
     say(f"[4/5] waiting for the jobs ({replayed['events']} events replayed)")
     deadline = time.monotonic() + timeout
     ledger = Ledger.from_config(cfg)
+    shown = ""
     try:
         while True:
             rows = ledger.rows()
             done = [r for r in rows if _settled(r, cfg.events.max_attempts, time.time())]
+            counts_now = " ".join(f"{k}={n}" for k, n in sorted(collections.Counter(
+                str(r.state) for r in rows).items()))
+            if counts_now != shown:  # a count per change, not per poll: quiet enough for a log
+                say(f"      {len(done)}/{len(rows)} jobs settled: {counts_now}")
+                shown = counts_now
             if rows and len(done) == len(rows):
                 break
             if time.monotonic() > deadline:
@@ -138,9 +151,10 @@ def run_demo(out: str | Path, *, instrument: str = "LSSTComCam", visits: int = 3
 
     say("[5/5] results")
     say(format_status(collect_status(cfg, ledger=ledger, live=False)))
-    # replay retimes the events to "now", so the ledger's night is today's day_obs
-    for night_day in sorted({r.day_obs for r in rows}):
-        say(format_report(night_report(cfg, day_obs=night_day, ledger=ledger)))
+    # replay retimes the events to "now" but keeps groups and image names: one night, the simulated one
+    say(format_report(night_report(cfg, day_obs=day_obs, ledger=ledger)))
+    page = write_night_html(cfg, day_obs=day_obs, directory=out / "report", ledger=ledger)
+    say(f"night report page: {page}")
     alert_files = sorted(cfg.path(cfg.alerts.directory).rglob("*.avro"))
     n_alerts = sum(_count_alerts(p) for p in alert_files)
     summary = {
@@ -153,6 +167,19 @@ def run_demo(out: str | Path, *, instrument: str = "LSSTComCam", visits: int = 3
     }
     say(json.dumps(summary))
     return summary
+
+
+def _metrics_url(cfg, wait: float = 10.0) -> str | None:
+    """The daemon's metrics URL once it has written its port file (`None` if it did not in ``wait`` s)."""
+    from ..monitoring.prometheus import PORT_FILE
+
+    path = cfg.path(PORT_FILE)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            return f"http://{cfg.monitoring.prometheus_host}:{int(path.read_text().strip())}/metrics"
+        time.sleep(0.1)
+    return None
 
 
 def _settled(row: Submission, max_attempts: int, now: float) -> bool:

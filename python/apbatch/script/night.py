@@ -36,7 +36,7 @@ from ..states import JobStatus, SubmissionState
 from ..submission import Category, Submission
 from ..submitter import Submitter
 from ..work import CcdWork
-from .status import latency_lines
+from .status import latency_lines, verdict, verification_lines
 
 __all__ = ["crontab_text", "format_report", "install_paths", "night_report", "reprocess_night",
            "write_atomic"]
@@ -195,6 +195,9 @@ def night_report(config: ApbatchConfig, *, day_obs: int, ledger: Ledger | None =
         job has both marks of is absent. ``per_visit``: one dict per visit with ``instrument,
         group_id, visit, intent, ccds, states, resubmissions`` and ``raw_to_alerts``
         (``{n, p50, p95, max, within_requirement}`` over its CCDs, or `None` without marks).
+        ``other_nights``: when this night has no CCDs, the ledger's latest nights that do
+        (``day_obs`` as a string -> CCDs), so a report asked for the wrong day says which to ask for.
+        ``calibrations``: the verified calibration CCDs (`apbatch.script.status.verdict`).
     """
     max_attempts = config.events.max_attempts if max_attempts is None else max_attempts
     own_ledger = ledger is None
@@ -205,6 +208,7 @@ def night_report(config: ApbatchConfig, *, day_obs: int, ledger: Ledger | None =
                                     if event_day_obs(ev) in (day_obs, None))
         missing = missing_works(ledger, expected_works(config, ledger, day_obs))
         dead = len(ledger.dead_letter_rows(*night_span(day_obs)))
+        others = {str(d): n for d, n in ledger.nights().items() if d != day_obs} if not rows else {}
     finally:
         if own_ledger:
             ledger.close()
@@ -249,6 +253,8 @@ def night_report(config: ApbatchConfig, *, day_obs: int, ledger: Ledger | None =
         "latency": {"event_to_submit": _spread(first), "submit_to_finish": _spread(ran)},
         "stage_latency": summarize_stages(r.stages for r in timed),
         "per_visit": list(per_visit.values()),
+        "other_nights": others,
+        "calibrations": [verdict(r) for r in rows if r.verification is not None],
     }
 
 
@@ -284,6 +290,9 @@ def format_report(report: dict[str, Any]) -> str:
     stages = report["stage_latency"]
     if stages:
         lines += ["", "stage latency (science CCDs that recorded stage times):", *latency_lines(stages, "  ")]
+    if not report["ccds"] and report.get("other_nights"):
+        lines.append("  no CCDs this night; the ledger's latest nights (--day-obs): " + ", ".join(
+            f"{d} ({n} CCDs)" for d, n in report["other_nights"].items()))
     if report["per_visit"]:
         table = [["INSTRUMENT", "VISIT", "GROUP", "INTENT", "CCDS", "RESUB", "ALERT P50", "ALERT P95",
                   "STATES"]]
@@ -293,6 +302,10 @@ def format_report(report: dict[str, Any]) -> str:
         widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
         lines.append("")
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
+    if report.get("calibrations"):
+        failed = sum(not c["passed"] for c in report["calibrations"])
+        lines += ["", f"calibration verification: {len(report['calibrations']) - failed} passed, "
+                  f"{failed} failed", *verification_lines(report["calibrations"])]
     if report.get("attention"):
         lines += ["", "needs attention (after fixing the cause: apbatch resubmit GROUP [DETECTORS...]"
                   " or night reprocess --include-final):"]

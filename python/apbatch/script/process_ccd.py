@@ -28,7 +28,7 @@ from ..instruments import get_instrument
 from ..work import CcdWork
 
 __all__ = ["AlertStage", "failure_error", "job_boundary", "make_deps", "output_run_of", "process_ccd",
-           "record_stages"]
+           "record_stages", "record_verification"]
 
 log = logging.getLogger(__name__)
 
@@ -225,19 +225,32 @@ def record_stages(cfg: ApbatchConfig, work: CcdWork, stages: dict[str, float]) -
     Stage times are telemetry: a ledger that cannot be reached is logged, never a job failure.
     Returns whether a row was updated (`False` for a job run by hand, without a row).
     """
-    from ..ledger import Ledger
-
     if not stages:
         return False
+    return _update_row(cfg, "the stage times", lambda ledger: ledger.record_stages(
+        work.instrument, work.group_id, work.detector, stages))
+
+
+def record_verification(cfg: ApbatchConfig, work: CcdWork, verdict: dict[str, Any]) -> bool:
+    """Write a calibration job's verification verdict into its ledger row (for ``status`` and the
+    night report); like the stage times, a ledger that cannot be reached is logged, never a failure."""
+    return _update_row(cfg, "the calibration verification", lambda ledger: ledger.record_verification(
+        work.instrument, work.group_id, work.detector, verdict))
+
+
+def _update_row(cfg: ApbatchConfig, what: str, update: Callable[[Any], bool]) -> bool:
+    """Run ``update(ledger)`` on the configured ledger; `False` (logged) if there is none or it fails."""
+    from ..ledger import Ledger
+
     try:
         ledger = Ledger.from_config(cfg, create=False)
     except Exception as exc:
-        log.debug("no ledger for the stage times: %s", exc)
+        log.debug("no ledger for %s: %s", what, exc)
         return False
     try:
-        return ledger.record_stages(work.instrument, work.group_id, work.detector, stages)
+        return update(ledger)
     except Exception as exc:
-        log.warning("could not record the stage times in the ledger: %s", exc)
+        log.warning("could not record %s in the ledger: %s", what, exc)
         return False
     finally:
         ledger.close()
@@ -273,6 +286,11 @@ def process_ccd(cfg: ApbatchConfig, work: CcdWork, *, timeout: float | None = No
     clock = StageClock()
     # a job process of its own counts from its start (interpreter and imports are part of preparing)
     clock.mark("started", process_start_time() if deps is None else None)
+    from ..logs import job_id_from_env, set_job_context, set_log_format
+
+    set_log_format(cfg.monitoring.log_format)  # unless the command line chose (--log-format)
+    # every field is set (or removed), so a process that runs several CCDs never mixes them up
+    set_job_context(visit=work.visit, detector=work.detector, group=work.group_id, job_id=job_id_from_env())
     get_instrument(work.instrument).detector(work.detector, field="--detector")
     run = output_run_of(cfg, work, output_run)
     if deps is None:  # a job process of its own (not a test): reuse freed image buffers
@@ -296,13 +314,20 @@ def process_ccd(cfg: ApbatchConfig, work: CcdWork, *, timeout: float | None = No
             result = run_ccd(work, opened["deps"],
                              timeout=cfg.job.raw_timeout if timeout is None else timeout,
                              output_run=run, region_padding_arcsec=cfg.apdb.region_padding_arcsec,
-                             pointing_pad_arcsec=cfg.job.pointing_pad_arcsec, clock=clock)
+                             pointing_pad_arcsec=cfg.job.pointing_pad_arcsec, clock=clock,
+                             calib_verify=cfg.calib_verify)
+            opened["result"] = result.to_dict()  # the ap_metrics record, for monitoring.job_metrics_topic
     finally:
         close = getattr(getattr(opened["deps"], "alerts", None), "close", None)
         if close is not None:
             close()
         parallel.shutdown()
         record_stages(cfg, work, clock.to_dict())
+        from ..monitoring.job_metrics import publish_job_metrics
+
+        publish_job_metrics(cfg, work, opened.get("result"), clock.to_dict(), job_id=job_id_from_env())
+    if result.verification:  # a calibration's verdict (a failed one is still exit 0)
+        record_verification(cfg, work, result.verification)
     out = {"instrument": work.instrument, "visit": work.visit, "detector": work.detector, **result.to_dict()}
     log.info("done: %s", json.dumps({k: out[k] for k in ("visit", "detector", "status", "n_dia_sources")}))
     return out

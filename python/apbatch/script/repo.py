@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -153,8 +154,11 @@ def ingest(
     calibs: str | Path | None = None,
     templates: str | Path | None = None,
     transfer: str = "copy",
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, int]:
     """Ingest the calibrations and/or templates listed in each directory's ``manifest.yaml``.
+
+    ``progress(message)`` is called once per directory ingested.
 
     Raises
     ------
@@ -171,4 +175,6 @@ def ingest(
     for label, directory in (("calibs", calibs), ("templates", templates)):
         if directory is not None:
             out[label] = ingest_manifest(butler, directory, transfer=transfer)
+            if progress:
+                progress(f"{label}: {out[label]} file(s)")
     return out

@@ -26,8 +26,14 @@ def sim_night(
     cancel_every: int = 0,
     calibrations: dict[str, int] | None = None,
     progress: Callable[[str], None] | None = None,
+    hot_amps: Sequence[str] = (),
+    bias_drift: dict[str, float] | None = None,
 ) -> dict:
-    """Plan and render a night into ``out``; returns the manifest (see `apbatch.sim.produce`)."""
+    """Plan and render a night into ``out``; returns the manifest (see `apbatch.sim.produce`).
+
+    ``hot_amps`` and ``bias_drift`` inject faults into the calibration raws (not the masters):
+    see `apbatch.sim.night.plan_night`.
+    """
     from ..sim.night import plan_night
     from ..sim.produce import simulate_night
 
@@ -41,6 +47,8 @@ def sim_night(
         snaps=snaps,
         cancel_every=cancel_every,
         calibrations=calibrations,
+        hot_amps=hot_amps,
+        bias_drift=bias_drift,
     )
     return simulate_night(plan, out, templates=templates, patch_size=patch_size, progress=progress)
 

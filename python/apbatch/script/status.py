@@ -4,7 +4,8 @@ The ledger holds the states the daemon last polled; unless ``live=False`` the sc
 asked again for every unfinished job shown, and its answer is what is reported (the
 ledger itself is not written: the daemon owns it). The stage times the jobs recorded
 (`apbatch.latency`) are summarised as p50/p95 per interval, raw available -> alerts sent
-first among them.
+first among them. Each CCD that failed or is running names its job's log file
+(`Backend.log_path`); :func:`watch_status` redraws the view every few seconds, like ``watch squeue``.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
+import json
+import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TextIO
 
 from ..backends.base import Backend
 from ..config import ApbatchConfig
@@ -22,7 +26,12 @@ from ..ledger import Ledger
 from ..states import SubmissionState
 from ..submission import Submission
 
-__all__ = ["collect_status", "format_status", "latency_lines"]
+__all__ = ["CLEAR", "LOGGED_STATES", "collect_status", "format_status", "latency_lines", "verdict",
+           "verification_lines", "watch_status"]
+
+LOGGED_STATES = frozenset({SubmissionState.RUNNING, SubmissionState.HELD, SubmissionState.FAILED,
+                           SubmissionState.TIMEOUT, SubmissionState.UNKNOWN})
+"""States whose CCDs show their job's log path (failed, or running)."""
 
 _CCD_FIELDS = ("instrument", "group_id", "visit", "detector", "detector_name", "intent", "backend", "job_id",
                "state", "exit_code", "attempts", "reason", "command", "claimed_at", "submitted_at",
@@ -47,6 +56,11 @@ def collect_status(config: ApbatchConfig, *, visit: int | None = None, group: st
         marks, `apbatch.latency.STAGES` -> UTC unix seconds; ``{}`` before the job recorded
         them) and ``intervals`` (`apbatch.latency.intervals_of` of them, seconds);
         ``attention`` lists the CCDs shown that need a person (`Submission.needs_attention`);
+        every CCD has ``log_path``: its job's stdout/stderr file (`Backend.log_path`) when it is
+        in one of `LOGGED_STATES` or needs attention, else `None`, and ``verification`` (a
+        calibration's verdict, `Submission.verification`, else `None`); ``calibrations`` lists
+        the verified calibration CCDs shown: ``instrument, group_id, visit, intent,
+        detector_name, passed, failed_amps`` (amp -> failed metrics);
         ``latency`` is `apbatch.latency.summarize_stages` over the CCDs shown that have marks:
         interval name -> ``{n, p50, p95, max}`` seconds (``raw_to_alerts`` also has
         ``within_requirement``, the fraction within `apbatch.latency.REQUIREMENT`); ``{}``
@@ -63,6 +77,7 @@ def collect_status(config: ApbatchConfig, *, visit: int | None = None, group: st
             for v in ledger.visits(instrument=instrument, limit=limit):
                 rows += ledger.rows(instrument=v["instrument"], group_id=v["group_id"])
         report: dict[str, Any] = {"live": False, "live_error": ""}
+        backend = backend or _backend_or_none(config)
         if live and any(r.state.unfinished and r.job_id for r in rows):
             try:
                 rows = _apply_live(config, rows, backend)
@@ -71,19 +86,54 @@ def collect_status(config: ApbatchConfig, *, visit: int | None = None, group: st
                 report["live_error"] = f"{type(exc).__name__}: {exc}"
         report["visits"] = _summarize(rows)
         report["latency"] = summarize_stages(r.stages for r in rows if r.stages)
+        attention = [r for r in rows if r.needs_attention(max_attempts=config.events.max_attempts, now=now)]
+        logged = {r.id for r in attention} | {r.id for r in rows if r.state in LOGGED_STATES}
         if visit is not None or group is not None:
-            report["ccds"] = [_ccd(r) for r in rows]
-        report["attention"] = [_ccd(r) for r in rows if r.needs_attention(
-            max_attempts=config.events.max_attempts, now=now)]
+            report["ccds"] = [_ccd(r, backend if r.id in logged else None) for r in rows]
+        report["attention"] = [_ccd(r, backend) for r in attention]
+        report["calibrations"] = [verdict(r) for r in rows if r.verification is not None]
         return report
     finally:
         if own_ledger:
             ledger.close()
 
 
-def _ccd(r: Submission) -> dict[str, Any]:
+def _ccd(r: Submission, backend: Backend | None = None) -> dict[str, Any]:
+    """One CCD of the report; ``log_path`` from ``backend`` if it is the backend of the row."""
     d = r.to_dict()
-    return {**{k: d[k] for k in _CCD_FIELDS}, "stages": dict(r.stages), "intervals": intervals_of(r.stages)}
+    log = None
+    if backend is not None and r.job_id and r.backend == (backend.kind or type(backend).__name__):
+        log = backend.log_path(r.job_id, r.work)
+    return {**{k: d[k] for k in _CCD_FIELDS}, "stages": dict(r.stages), "intervals": intervals_of(r.stages),
+            "log_path": log, "verification": d.get("verification")}
+
+
+def verdict(r: Submission) -> dict[str, Any]:
+    """A calibration CCD's verification (`apbatch.job.calverify`): passed, and the failed metrics per amp."""
+    v = r.verification or {}
+    return {"instrument": r.instrument, "group_id": r.group_id, "visit": r.visit, "intent": r.intent,
+            "detector_name": r.detector_name, "passed": bool(v.get("passed")),
+            "failed_amps": dict(v.get("failed_amps") or {})}
+
+
+def verification_lines(verdicts: list[dict[str, Any]], indent: str = "  ") -> list[str]:
+    """One line per verified calibration CCD: ``PASS``, or ``FAIL`` with each failed amp's metrics."""
+    rows = []
+    for c in verdicts:
+        failed = "; ".join(f"{amp}: {', '.join(m)}" for amp, m in sorted(c["failed_amps"].items()))
+        rows.append([c["group_id"], c["intent"], c["detector_name"], "PASS" if c["passed"] else "FAIL",
+                     failed])
+    return [indent + line for line in _table(["GROUP", "INTENT", "DETECTOR", "VERDICT", "FAILED AMPS"], rows)]
+
+
+def _backend_or_none(config: ApbatchConfig) -> Backend | None:
+    """The configured backend (constructors do no I/O), or `None` if it cannot be made."""
+    from ..backends import make_backend
+
+    try:
+        return make_backend(config)
+    except Exception:
+        return None
 
 
 def _apply_live(config: ApbatchConfig, rows: list[Submission], backend: Backend | None) -> list[Submission]:
@@ -197,6 +247,15 @@ def format_status(report: dict[str, Any]) -> str:
                           _when(c["submitted_at"]), _when(c["finished_at"]), _secs(c["intervals"]),
                           (c["reason"] or "")[:80]]
                          for c in report["ccds"]])
+        logs = [c for c in report["ccds"] if c.get("log_path")]
+        if logs:
+            lines += ["", "job logs (failed and running CCDs):"]
+            lines += [f"  {c['detector_name']:<8} {c['state']:<9} {c['log_path']}" for c in logs]
+    if report.get("calibrations"):
+        failed = sum(not c["passed"] for c in report["calibrations"])
+        passed = len(report["calibrations"]) - failed
+        lines += ["", f"calibration verification: {passed} passed, {failed} failed",
+                  *verification_lines(report["calibrations"])]
     if report.get("latency"):
         lines += ["", "stage latency (CCDs shown that recorded stage times):",
                   *latency_lines(report["latency"])]
@@ -207,6 +266,68 @@ def format_status(report: dict[str, Any]) -> str:
         lines += ["  " + "  ".join([c["group_id"], c["detector_name"], c["state"],
                                     "-" if c["exit_code"] is None else f"exit {c['exit_code']}",
                                     (c["reason"] or "")[:80]]).rstrip() for c in report["attention"]]
+        lines += [f"  log: {c['log_path']}" for c in report["attention"]
+                  if c.get("log_path") and "ccds" not in report]
     if report.get("live_error"):
         lines.append(f"warning: scheduler not queried ({report['live_error']}); states are from the ledger")
     return "\n".join(lines)
+
+
+CLEAR = "\x1b[H\x1b[2J"
+"""ANSI: cursor home, clear screen (written only to a terminal)."""
+
+
+def watch_status(collect: Callable[[], dict[str, Any]], interval: float = 2.0, *, as_json: bool = False,
+                 out: TextIO | None = None, is_tty: bool | None = None,
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.time,
+                 iterations: int | None = None) -> int:
+    """Show the status again every ``interval`` seconds until Ctrl-C, like ``watch squeue``.
+
+    On a terminal the screen is cleared and the view redrawn each time, under a header line
+    with the time; elsewhere (a pipe, a file) a snapshot is printed only when it differs from
+    the last one printed, and no escape codes are written.
+
+    Parameters
+    ----------
+    collect : callable
+        Returns a fresh report (:func:`collect_status` with its arguments bound).
+    interval : `float`
+        Seconds between refreshes.
+    as_json : `bool`
+        Snapshots as JSON (one document each) instead of tables.
+    out : file, optional
+        Default `sys.stdout`.
+    is_tty : `bool`, optional
+        Default: ``out.isatty()``.
+    sleep, clock : callable
+        Injected by tests (no real waiting).
+    iterations : `int`, optional
+        Stop after this many refreshes (tests); default: until Ctrl-C.
+
+    Returns
+    -------
+    exit_code : `int`
+        0 (Ctrl-C is the normal way out).
+    """
+    out = out or sys.stdout
+    tty = out.isatty() if is_tty is None else is_tty
+    last: str | None = None
+    n = 0
+    try:
+        while iterations is None or n < iterations:
+            if n:
+                sleep(interval)
+            report = collect()
+            text = json.dumps(report, indent=2, default=str) if as_json else format_status(report)
+            header = f"Every {interval:g}s: apbatch status    {_when(clock())} UTC"
+            if tty:
+                out.write(f"{CLEAR}{header}\n\n{text}\n")
+            elif text != last:
+                out.write(text + "\n" if as_json else f"{header}\n{text}\n\n")
+            out.flush()
+            last = text
+            n += 1
+    except KeyboardInterrupt:
+        if tty:
+            out.write("\n")
+    return 0

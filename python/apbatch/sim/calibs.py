@@ -13,7 +13,8 @@ products calibrate the raws exactly:
 Calibration products (:class:`apbatch.image.Image`, assembled and trimmed):
 
 * **bias**: the bias structure left after overscan subtraction, in electrons (ADU x nominal
-  gain), ``BUNIT = electron``;
+  gain), ``BUNIT = electron``; headers ``OSLEV<nn>`` (overscan level, ADU) and ``RDNOI<nn>``
+  (read noise, e-) per amplifier index ``nn``, which raw verification compares with;
 * **flat**: ``illumination x nominal/true gain`` per amplifier, mean 1, dimensionless;
   dead and hot columns carry ``MaskBits.BAD`` in its mask.
 """
@@ -174,6 +175,11 @@ def make_bias(sig: DetectorSignature, seed: int, nframes: int = 20) -> Image:
     rng = np.random.default_rng([int(seed), 11, det.id])
     img += (rng.standard_normal(img.shape, dtype=np.float32) * np.sqrt(var)).astype(np.float32)
     meta = _calib_metadata(sig, "bias", seed) | {"BUNIT": "electron", "NCOMBINE": nframes}
+    # what raw verification compares with (apbatch.job.calverify): each amplifier's overscan
+    # level (ADU) and read noise (e-) when the master was made
+    for k, amp in enumerate(sig.amps):  # bias_level is in the order of sig.amps, as camera.to_segments
+        meta[f"OSLEV{amp.index:02d}"] = float(sig.bias_level[k])
+        meta[f"RDNOI{amp.index:02d}"] = float(amp.read_noise)
     return Image(img, var, sig.mask(), None, meta)
 
 

@@ -54,6 +54,16 @@ class ExposureSpec:
     object_name: str = ""
     flat_level: float = 30000.0  # e- per pixel of a flat
     readout: float = 2.0  # s
+    # injected camera faults (calibration verification tests); none by default
+    hot_amps: tuple[str, ...] = ()
+    """Amplifier names with extra signal: ``HOT_AMP_E`` e- plus ``HOT_AMP_RATE`` e-/s of dark time."""
+    bias_drift: tuple[tuple[str, float], ...] = ()
+    """(amplifier name, ADU): the amplifier's bias level (overscan and data) moved by that much."""
+
+    def __post_init__(self):
+        # JSON gives lists back: keep the fields hashable tuples
+        object.__setattr__(self, "hot_amps", tuple(str(a) for a in self.hot_amps))
+        object.__setattr__(self, "bias_drift", tuple((str(a), float(d)) for a, d in self.bias_drift))
 
     @property
     def obs_id(self) -> str:

@@ -172,6 +172,8 @@ def plan_night(
     snaps: Sequence[int] = (1, 2),
     calibrations: dict[str, int] | None = None,
     cancel_every: int = 0,
+    hot_amps: Sequence[str] = (),
+    bias_drift: dict[str, float] | None = None,
 ) -> NightPlan:
     """Make a seeded night plan.
 
@@ -195,6 +197,11 @@ def plan_night(
         Number of CCS images per type, default ``{"BIAS": 2, "DARK": 1, "FLAT": 2}``.
     cancel_every : `int`
         If > 0, every n-th nextVisit is cancelled (``nextVisitCanceled``, no images).
+    hot_amps : sequence of `str`
+        Amplifiers (names, e.g. ``C03``) that are hot in every calibration image of every CCD
+        (`apbatch.sim.raws.HOT_AMP_E`, ``HOT_AMP_RATE``); the master calibrations stay clean.
+    bias_drift : `dict` [`str`, `float`], optional
+        Amplifier name -> ADU by which its bias level has drifted in the calibration images.
 
     Raises
     ------
@@ -239,6 +246,8 @@ def plan_night(
                     reason="calibration",
                     program="",
                     object_name="",
+                    hot_amps=tuple(hot_amps),
+                    bias_drift=tuple((bias_drift or {}).items()),
                 )
             )
             seq += 1

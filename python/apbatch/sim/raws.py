@@ -26,6 +26,10 @@ __all__ = ["ExposureSpec", "SimulatedRaw", "primary_header", "render_exposure", 
 
 _ZP_OFFSET = {"LSSTCam": 0.0, "LSSTComCam": 0.0, "LATISS": -4.2}  # 1.2 m vs 6.4 m effective aperture
 _BETA = camera.BETA
+HOT_AMP_E = 1000.0
+"""Electrons a hot amplifier (``ExposureSpec.hot_amps``) adds to every pixel, besides ``HOT_AMP_RATE``."""
+HOT_AMP_RATE = 50.0
+"""Electrons per second of dark time a hot amplifier adds."""
 
 
 @dataclasses.dataclass
@@ -153,6 +157,9 @@ def render_exposure(
     img *= sig.response
     img += np.float32(0.002 * spec.dark_time)
     sig.add_hot_columns(img, spec.dark_time)
+    for amp in _amps_named(sig, spec.hot_amps, "hot_amps"):
+        x0, x1, y0, y1 = amp.bbox
+        img[y0:y1, x0:x1] += np.float32(HOT_AMP_E + HOT_AMP_RATE * spec.dark_time)
     camera.add_noise(img, rng)
     if cosmic_rays and spec.dark_time > 1:
         camera.add_cosmic_rays(img, int(rng.poisson(0.6 * spec.dark_time)), rng)
@@ -165,7 +172,28 @@ def render_exposure(
         if camera.bleed_saturation(img, fw, xb, yb, 12):
             sat |= (np.abs(truth["x"] - xb) < 0.01) & (np.abs(truth["y"] - yb) < 0.01)
     truth["saturated"] = sat
-    return SimulatedRaw(primary_header(spec, det.id), camera.to_segments(img, sig, rng), truth)
+    segments = camera.to_segments(img, sig, rng)
+    drift = dict(spec.bias_drift)
+    _amps_named(sig, drift, "bias_drift")
+    for seg in segments:  # in the order of sig.amps
+        if seg.amp.name in drift:
+            seg.data += np.int32(round(drift[seg.amp.name]))
+    return SimulatedRaw(primary_header(spec, det.id), segments, truth)
+
+
+def _amps_named(sig, names, field: str) -> list:
+    """The signature's amplifiers called ``names``.
+
+    Raises
+    ------
+    ValueError
+        Raised if a name is not an amplifier of the CCD.
+    """
+    by_name = {a.name: a for a in sig.amps}
+    unknown = sorted(set(names) - set(by_name))
+    if unknown:
+        raise ValueError(f"{field}: no amplifier {', '.join(unknown)} (amplifiers: {', '.join(by_name)})")
+    return [by_name[n] for n in names]
 
 
 def simulate_ccd(
