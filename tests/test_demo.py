@@ -62,6 +62,7 @@ def test_night_end_to_end_to_kafka(tmp_path, kafka_broker):
     for a in alerts:
         assert abs(a["psfFlux"] - by_id[a["diaSourceId"]]) <= 1e-3 * abs(by_id[a["diaSourceId"]]), a
     _stage_times_in_the_ledger(tmp_path / "night")
+    _quality_against_the_truth(tmp_path / "night")
     _misdirected_next_visit(tmp_path / "night", tables)
 
 
@@ -150,6 +151,38 @@ def _misdirected_next_visit(out: Path, tables: dict) -> None:
     key = (w.visit, w.detector)
     (mine,), (night,) = (_truth_scores(out, {key: t}).values() for t in (got, want))
     assert mine["recovered"] == night["recovered"] and mine["false"] == night["false"], (mine, night)
+
+
+def _quality_against_the_truth(out: Path) -> None:
+    """The jobs' data-quality telemetry (``quality`` in ap_metrics) against the simulator's truth:
+    zero point (AB mag of one electron in the exposure) and PSF FWHM."""
+    import numpy as np
+    import pandas as pd
+    from apbatch.instruments import get_instrument
+    from apbatch.job.steps.psf import moffat_psf
+    from apbatch.sim.camera import BETA
+    from lsst.daf.butler import Butler
+
+    cam = get_instrument("LSSTComCam")
+    butler = Butler.from_config(str(out / "work" / "butler"))
+    runs = list(butler.collections.query("LSSTComCam/prompt/*"))
+    checked = 0
+    for ref in butler.query_datasets("ap_metrics", collections=runs):
+        q = butler.get(ref)["quality"]
+        visit, det = ref.dataId["visit"], ref.dataId["detector"]
+        truth = pd.read_parquet(out / "night" / "truth" / "LSSTComCam" / str(visit)
+                                / f"truth_{visit}_{cam.detector(det).name}.parquet")
+        stars = truth[(truth["kind"] == "star") & (truth["flux_e"] > 1e4) & ~truth["saturated"]]
+        zp_true = 31.4 - 2.5 * np.log10(np.median(stars["flux_njy"] / stars["flux_e"]))
+        assert abs(q["zero_point"] - zp_true) <= 0.05, (visit, det, q, zp_true)
+        # 2.3548 x the second-moment sigma, as Rubin's visit summaries derive seeing from psfSigma:
+        # for the simulator's Moffat that is ~17% above its core FWHM
+        moffat = moffat_psf(float(np.median(stars["fwhm_px"])), BETA)
+        fwhm_true = 2.3548 * moffat.sigma * cam.pixel_scale_arcsec
+        assert abs(q["psf_fwhm_arcsec"] / fwhm_true - 1) <= 0.05, (visit, det, q, fwhm_true)
+        assert q["sky_level"] > 0
+        checked += 1
+    assert checked >= 2
 
 
 def _dia_tables(out: Path) -> dict:

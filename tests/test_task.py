@@ -15,6 +15,7 @@ from apbatch.errors import BadInputError, RawTimeoutError, RetriableError
 from apbatch.image import Image
 from apbatch.instruments import get_instrument
 from apbatch.job import task
+from apbatch.job.steps.background import BackgroundResult
 from apbatch.job.steps.psf import gaussian_psf
 from apbatch.raw import RawExposure, RawMetadata
 from apbatch.work import CcdWork
@@ -96,7 +97,8 @@ def fake_steps(monkeypatch):
         return Image(np.zeros((40, 50), np.float32), np.ones((40, 50), np.float32), wcs=wcs)
 
     monkeypatch.setattr(task, "run_isr", isr)
-    monkeypatch.setattr(task, "subtract_background", lambda img: calls.append("bkg"))
+    monkeypatch.setattr(task, "subtract_background",
+                        lambda img: calls.append("bkg") or BackgroundResult(level=120.0, rms=11.0, box=128))
     monkeypatch.setattr(task, "detect_sources", lambda img, **kw: pd.DataFrame(
         {"x": [1.0], "y": [1.0], "flux": [1.0], "flag": [0], "masked": [False]}))
     monkeypatch.setattr(task, "measure_psf", lambda img, src: gaussian_psf(1.5))
@@ -233,6 +235,9 @@ def test_flagged_dia_sources_are_stored_in_the_butler_but_not_alerted(monkeypatc
     alerted = []
     res = task.run_ccd(_work(), task.JobDeps(io, object(), alerts=lambda ccd, d, *a: alerted.append(d) or {}))
     assert res.status == "done" and res.n_dia_sources == 3
+    # telemetry: the PSF model's FWHM in arcsec (1.5 px sigma), the background removed
+    assert res.quality["psf_fwhm_arcsec"] == pytest.approx(2.3548 * 1.5 * 0.2, rel=1e-3)
+    assert res.quality["sky_level"] == 120.0
     assert res.dia_rejected == {"pixelFlags_saturated": 0, "pixelFlags_suspect": 1, "total": 1}
     table = next(p["dia_sources"] for p in io.puts if "dia_sources" in p)
     assert len(table) == 3 and table["pixelFlags_suspect"].tolist() == [False, True, False]

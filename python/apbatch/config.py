@@ -17,9 +17,10 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
-from .config_sources import deep_merge, env_overrides, read_yaml
+from .config_services import CalibVerifyConfig, MonitoringConfig, OcpsConfig
+from .config_sources import ConfigModel, deep_merge, env_overrides, read_yaml
 from .errors import BadInputError
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "LedgerConfig",
     "LocalBackendConfig",
     "MonitoringConfig",
+    "OcpsConfig",
     "SlurmBackendConfig",
     "SourceConfig",
     "load_config",
@@ -42,8 +44,7 @@ __all__ = [
 ]
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+_Model = ConfigModel
 
 
 class LocalBackendConfig(_Model):
@@ -260,48 +261,9 @@ class JobConfig(_Model):
         "the per-CCD command; a bare 'apbatch' becomes this install's script at submission"))
     config_dir: str = Field("config", description="where the night's resolved config for the jobs is written")
     env: dict[str, str] = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-class MonitoringConfig(_Model):
-    """What the daemon and the jobs tell dashboards: Prometheus metrics, job metrics records, log format."""
-
-    prometheus_port: int | None = Field(None, ge=0, le=65535, description=(
-        "port of the daemon's Prometheus /metrics endpoint; unset: off; 0: any free port (logged and "
-        "written to <root>/daemon-metrics.port)"))
-    prometheus_host: str = Field("127.0.0.1", description="loopback address the endpoint binds to")
-    job_metrics_topic: str | None = Field(None, description=(
-        "Kafka topic each job publishes its metrics record to (one JSON record per CCD-visit); unset: off"))
-    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line")
-
-    @field_validator("prometheus_host")
-    @classmethod
-    def _loopback(cls, value: str) -> str:
-        import ipaddress
-
-        try:
-            loopback = ipaddress.ip_address(value).is_loopback
-        except ValueError:
-            loopback = False
-        if not loopback:
-            raise ValueError(f"{value!r} is not a loopback address (metrics are served on loopback only)")
-        return value
-
-
-class CalibVerifyConfig(_Model):
-    """Raw-calibration verification of calibration exposures (`apbatch.job.calverify`): thresholds
-    per amplifier, against the master bias and flat."""
-
-    enabled: bool = Field(True, description="verify bias/dark/flat/cbp raws; off: ISR health check only")
-    overscan_skip: int = Field(2, ge=0, description="serial-overscan columns skipped (CTI trailing)")
-    max_bias_drift: float = Field(10.0, gt=0, description="ADU: overscan level vs the master bias's OSLEVnn")
-    max_read_noise_ratio: float = Field(1.2, gt=0, description="read noise / the master bias's (or camera's)")
-    max_bias_offset: float = Field(5.0, gt=0, description="e-: bias frame after overscan and master bias")
-    max_dark_current: float = Field(0.5, gt=0, description="e-/s: dark frame after overscan and master bias")
-    max_flat_level_deviation: float = Field(0.02, gt=0, description="flat level / CCD's median amp, from 1")
-    max_flat_gradient: float = Field(0.02, gt=0, description="peak-to-peak of the flat ratio across an amp")
-    max_saturated_fraction: float = Field(1e-4, ge=0, description="of an amplifier's data pixels")
-    bad_column_nsigma: float = Field(8.0, gt=0, description="column median vs the amplifier's, robust sigmas")
-    max_new_bad_columns: int = Field(0, ge=0, description="bad columns not in the defect list (master mask)")
+    associate: bool = Field(True, description=(
+        "associate DIA sources with the APDB and send alerts; false (OCPS requests by default): "
+        "calibrated and difference images, the DIA table and the metrics only"))
 
 
 class ApbatchConfig(_Model):
@@ -318,6 +280,7 @@ class ApbatchConfig(_Model):
     job: JobConfig = JobConfig()
     monitoring: MonitoringConfig = MonitoringConfig()
     calib_verify: CalibVerifyConfig = CalibVerifyConfig()
+    ocps: OcpsConfig = OcpsConfig()
 
     def path(self, value: str) -> Path:
         """Resolve a configured path against ``root``."""

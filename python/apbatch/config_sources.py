@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict
 
 from .errors import BadInputError
 
-__all__ = ["deep_merge", "env_overrides", "read_yaml"]
+__all__ = ["ConfigModel", "deep_merge", "env_overrides", "read_yaml"]
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -82,3 +83,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise BadInputError("--config", f"{path} must hold a mapping of sections", fix)
     return loaded
+
+
+class ConfigModel(BaseModel):
+    """Base of every configuration section: unknown keys are refused, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)

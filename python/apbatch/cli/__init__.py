@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "alerts": "apbatch.cli.cmd_alerts:alerts",
     "night": "apbatch.cli.cmd_night:night",
     "demo": "apbatch.cli.cmd_demo:demo",
+    "ocps": "apbatch.cli.cmd_ocps:ocps",
 }
 
 

@@ -30,6 +30,7 @@ job failure: the job worked, the calibration is bad.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,8 +42,9 @@ from ..events import CALIBRATION_INTENTS
 from ..image import MaskBits
 
 __all__ = ["AmpMetric", "Verification", "amp_arrays", "bias_level", "column_outliers", "flat_gradient",
-           "merge_summaries", "read_noise_adu", "verify_calibration", "verify_raw"]
+           "merge_summaries", "read_noise_adu", "store_verification", "verify_calibration", "verify_raw"]
 
+log = logging.getLogger(__name__)
 _BAD = int(MaskBits.BAD)
 
 
@@ -354,3 +356,22 @@ def verify_calibration(raws, instrument, detector, intent: str, calibs: dict[str
         return []
     return [verify_raw(r, instrument, detector, intent, calibs.get("bias"), calibs.get("flat"), config)
             for r in raws]
+
+
+def store_verification(butler_io, work, output_run: str | None,
+                       checks: Sequence[Verification]) -> dict[str, Any]:
+    """Put each raw's table into the butler (``calib_verification``); return the job's verdict.
+
+    A failed verification is not a failed job (the job worked, the calibration is bad): it is
+    logged as a warning, and the verdict goes to the ledger (`Ledger.record_verification`).
+    """
+    from ..butler.datasets import output_run as default_run
+
+    verdict = merge_summaries([v.summary() for v in checks])
+    if not verdict["passed"]:
+        log.warning("calibration verification failed: %s",
+                    "; ".join(f"{amp}: {', '.join(m)}" for amp, m in verdict["failed_amps"].items()))
+    run = output_run or default_run(work.instrument, work.day_obs)
+    for v in checks:
+        butler_io.put_calib_verification(v.table(), v.exposure, work.detector, run)
+    return verdict

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import resource
 import time
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from ..instruments import get_instrument
 from ..latency import StageClock
 from ..work import CcdWork
 from .alert_policy import split_alertable
-from .calverify import Verification, merge_summaries, verify_calibration
+from .calverify import Verification, store_verification, verify_calibration
 from .headers import check_headers, header_pointing, separation_arcsec
 from .photometry import photometric_scale, to_njy
 from .prepare import Prepared, TemplateSet, has_flat, prepare_ccd, read_templates
@@ -49,6 +50,8 @@ from .steps.warp import NoTemplateOverlapError, crop_to_science, warp_template
 __all__ = ["CcdResult", "JobDeps", "check_headers", "run_ccd"]
 
 log = logging.getLogger(__name__)
+_AB_NJY = 31.4
+"""AB magnitude of 1 nJy."""
 
 
 # what ISR found, from the calibrated image's metadata: the snap model and the amplifiers' health
@@ -92,6 +95,11 @@ class CcdResult:
     timings: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     verification: dict = dataclasses.field(default_factory=dict)
     """A calibration's verdict (`apbatch.job.calverify.Verification.summary`); empty for science."""
+    quality: dict = dataclasses.field(default_factory=dict)
+    """Data quality for telemetry (OCPS, dashboards): ``psf_fwhm_arcsec`` (2.3548 x the PSF model's
+    second-moment sigma, the way Rubin's visit summaries derive seeing), ``sky_level``
+    (background, electrons per pixel) and ``zero_point`` (AB magnitude that gives one electron
+    in the exposure, from the template's calibration)."""
 
     def to_dict(self) -> dict:
         """Plain-JSON form."""
@@ -272,15 +280,17 @@ def _process(work, deps, raws, res, step, cam, det, physical_filter, output_run,
         res.status = f"calibration:{work.intent}"
         if checks:
             with step("write_outputs"):
-                _put_verification(deps, work, res, output_run, checks)
+                res.verification = store_verification(deps.butler_io, work, output_run, checks)
         return res
 
     ra, dec, rot = header_pointing(raws[0], work)
     band = cam.band_of(physical_filter, field="filter")
     with step("background_detection"):
-        subtract_background(calexp)
+        sky = subtract_background(calexp)
         sources = detect_sources(calexp)
         psf = measure_psf(calexp, sources)
+    res.quality = {"psf_fwhm_arcsec": round(2.3548 * float(psf.sigma) * cam.pixel_scale_arcsec, 4),
+                   "sky_level": round(float(sky.level), 3)}
     # the stored image's PSF (lsst-images VisitImage); the difference image inherits it
     calexp.metadata["PSFSIGMA"] = float(psf.sigma)
     res.n_sources = len(sources)
@@ -311,6 +321,8 @@ def _process(work, deps, raws, res, step, cam, det, physical_filter, output_run,
                        "coverage": float(warped.metadata.get("COVERAGE", 1))}
     with step("measure"):
         njy = photometric_scale(calexp, warped, sub.kernel_sum)
+        if njy > 0:
+            res.quality["zero_point"] = round(_AB_NJY - 2.5 * math.log10(njy), 4)
         dia = measure_dia_sources(diff, psf, science=calexp, njy_per_e=njy)
         # from here on every image is in nJy, like the DIA fluxes: the butler outputs, the APDB's
         # forced photometry and the alert cutouts (the warped template already is)
@@ -390,23 +402,6 @@ def _no_template(deps: JobDeps, work: CcdWork, res: CcdResult, output_run, calex
     res.status = "no_template"
     _put(deps, work, res, output_run, calexp=calexp)
     return res
-
-
-def _put_verification(deps: JobDeps, work: CcdWork, res: CcdResult, output_run,
-                      checks: list[Verification]) -> None:
-    """A calibration's verdict into the result (for the ledger), its tables into the butler.
-
-    A failed verification is not a failed job: the job worked, the calibration is bad.
-    """
-    from ..butler.datasets import output_run as default_run
-
-    res.verification = merge_summaries([v.summary() for v in checks])
-    if not res.verification["passed"]:
-        log.warning("calibration verification failed: %s",
-                    "; ".join(f"{amp}: {', '.join(m)}" for amp, m in res.verification["failed_amps"].items()))
-    run = output_run or default_run(work.instrument, work.day_obs)
-    for v in checks:
-        deps.butler_io.put_calib_verification(v.table(), v.exposure, work.detector, run)
 
 
 def _put(deps: JobDeps, work: CcdWork, res: CcdResult, output_run, **outputs) -> None:

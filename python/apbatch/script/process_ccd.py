@@ -310,7 +310,8 @@ def process_ccd(cfg: ApbatchConfig, work: CcdWork, *, timeout: float | None = No
     try:
         with job_boundary(reached, discard):
             if opened["deps"] is None:
-                opened["deps"] = make_deps(cfg, work, repo=repo, collections=collections)
+                opened["deps"] = make_deps(cfg, work, repo=repo, collections=collections,
+                                           with_alerts=cfg.job.associate)
             result = run_ccd(work, opened["deps"],
                              timeout=cfg.job.raw_timeout if timeout is None else timeout,
                              output_run=run, region_padding_arcsec=cfg.apdb.region_padding_arcsec,
