@@ -118,7 +118,8 @@ def build_night(root: Path, *, alerts: bool = True) -> BuiltNight:
             if status == "no_template":
                 no_template.add(key)
             metrics[key] = {"status": status, "n_dia_sources": int(rng.integers(0, 60)),
-                            "prepare": {"templates": "prepared"},
+                            "prepare": {"templates": "prepared", **({"no_template": "no template covers "
+                                        "this CCD in band r"} if status == "no_template" else {})},
                             "timings": {s: {"wall": float(rng.uniform(0.1, 5)),
                                             "cpu": float(rng.uniform(0.1, 5)),
                                             "maxrss_mib": float(rng.uniform(300, 1800))} for s in STEPS}}

@@ -95,6 +95,9 @@ def test_every_section_has_its_figures_inline(page, night):
     for f in night.failures:  # failures by reason with exit code and the job's log
         assert f.log_path and f.log_path in text
     assert "needs attention" in text  # the text report, reused
+    # the CCDs that ran without a template are listed with the job's reason
+    untemplated = sum(c.has_template is False for v in night.visits for c in v.ccds)
+    assert untemplated > 0 and text.count(": no template covers this CCD in band r") == untemplated
 
 
 def test_page_loads_nothing_from_the_network(page):

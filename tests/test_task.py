@@ -131,6 +131,7 @@ def test_no_template_gives_calibrated_image_only(fake_steps):
     assert res.status == "no_template"
     assert len(io.puts) == 1 and set(io.puts[0]) == {"calexp", "metrics"}
     assert io.puts[0]["metrics"]["status"] == "no_template"
+    assert io.puts[0]["metrics"]["prepare"]["no_template"] == "no template covers this CCD in band r"
     assert alerts_called == []
     steps = {"wait_for_raw", "calib_retrieval", "isr", "background_detection", "template_retrieval"}
     assert steps <= set(res.timings)

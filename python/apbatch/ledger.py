@@ -324,12 +324,7 @@ class Ledger(SubmissionReads, EventTables):
         found : `bool`
             `False` if the ledger has no row for this CCD (a job run by hand).
         """
-        c = submissions.c
-        with self.engine.begin() as conn:
-            res = conn.execute(submissions.update().where(
-                c.instrument == instrument, c.group_id == group_id, c.detector == int(detector))
-                .values(stages=json.dumps(dict(stages))))
-        return bool(res.rowcount)
+        return self._set_json(instrument, group_id, detector, stages=stages)
 
     def record_verification(self, instrument: str, group_id: str, detector: int,
                             verdict: Mapping[str, Any]) -> bool:
@@ -340,11 +335,15 @@ class Ledger(SubmissionReads, EventTables):
         found : `bool`
             `False` if the ledger has no row for this CCD (a job run by hand).
         """
+        return self._set_json(instrument, group_id, detector, verification=verdict)
+
+    def _set_json(self, instrument: str, group_id: str, detector: int, **values: Mapping[str, Any]) -> bool:
+        """Set JSON columns of one CCD's row; `False` if there is no such row."""
         c = submissions.c
         with self.engine.begin() as conn:
             res = conn.execute(submissions.update().where(
                 c.instrument == instrument, c.group_id == group_id, c.detector == int(detector))
-                .values(verification=json.dumps(dict(verdict))))
+                .values(**{k: json.dumps(dict(v)) for k, v in values.items()}))
         return bool(res.rowcount)
 
     def disable_retry(self, group_id: str, instrument: str | None = None) -> None:

@@ -400,6 +400,7 @@ def _no_template(deps: JobDeps, work: CcdWork, res: CcdResult, output_run, calex
     """Early in a survey there may be no template: keep the calibrated image, record why."""
     log.warning("%s: calibrated image only", why)
     res.status = "no_template"
+    res.prepare["no_template"] = why  # the metrics and the night report say why
     _put(deps, work, res, output_run, calexp=calexp)
     return res
 

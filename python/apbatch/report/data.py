@@ -63,6 +63,8 @@ class CcdInfo:
     timings: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     template: str | None = None
     """What the job said about its template (``ap_metrics`` ``prepare.templates``)."""
+    no_template: str | None = None
+    """Why the job ran without a template (``prepare.no_template``), if it did."""
     log_path: str | None = None
 
     @property
@@ -288,6 +290,7 @@ def _ccd(row: Submission, metrics: Mapping[str, Any] | None, log_path: str | Non
         n_dia=int(m["n_dia_sources"]) if metrics is not None and "n_dia_sources" in m else None,
         timings=dict(m.get("timings") or {}),
         template=prepare.get("templates") if isinstance(prepare, dict) else None,
+        no_template=prepare.get("no_template") if isinstance(prepare, dict) else None,
         log_path=log_path)
 
 

@@ -85,6 +85,16 @@ def _failures(night: NightData) -> str:
     return "\n".join(body)
 
 
+def _untemplated(night: NightData) -> str:
+    """The CCDs that ran without a template, and why (their job's ``prepare.no_template``)."""
+    rows = [(v, c) for v in night.visits for c in v.ccds if c.has_template is False]
+    if not rows:
+        return ""
+    items = "".join(f"<li>visit {v.visit} {html.escape(c.detector_name)}: "
+                    f"{html.escape(c.no_template or 'no reason recorded')}</li>" for v, c in rows)
+    return f"<p>Calibrated image only (no template):</p><ul>{items}</ul>"
+
+
 def _gallery(night: NightData) -> str:
     if not night.alerts.gallery:
         return _img(plots.message("no new alert this night"), "no new alert")
@@ -122,7 +132,7 @@ def render_page(night: NightData, *, max_focal_planes: int = 50,
     sections = [
         _section("summary", "Summary", summary),
         _section("focal-plane", "Focal plane per visit", _focal_planes(night, max_focal_planes)),
-        _section("sky-map", "Sky map", _img(plots.sky_map(night.visits), "sky map")),
+        _section("sky-map", "Sky map", _img(plots.sky_map(night.visits), "sky map") + _untemplated(night)),
         _section("latency", "Latency per stage", _img(plots.latency_histograms(night.stage_values()),
                                                       "latency per stage")),
         _section("resources", "CPU per step and peak memory", _img(plots.resources(ccds), "CPU and memory")),
