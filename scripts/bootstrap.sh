@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # bootstrap.sh — create .venv (Python >= 3.12) and install apbatch with its test extras.
-# Idempotent: reinstalls only when setup.cfg/pyproject.toml changed since the last install.
+# Idempotent: reinstalls only when setup.cfg/pyproject.toml/requirements-nodeps.txt changed since the
+# last install. requirements-nodeps.txt: packages installed without their declared dependencies (why: there).
 # Python: $PYTHON if set, else the first of python3.12/python3/python3.13 on PATH that is >= 3.12,
 # else a pyenv-installed 3.12 (then 3.13): $(pyenv root)/versions/3.12.*/bin/python. 3.12 is the tested one.
 # Usage: scripts/bootstrap.sh            (prints the venv's bin directory on the last line)
@@ -41,11 +42,12 @@ if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv "$venv"
 fi
 stamp="$venv/.apbatch-installed"
-want="$(cat "$here/setup.cfg" "$here/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+want="$(cat "$here/setup.cfg" "$here/pyproject.toml" "$here/requirements-nodeps.txt" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   log="$venv/install.log"
   echo "bootstrap: installing apbatch and its dependencies into $venv (log: $log)" >&2
-  if ! { "$venv/bin/python" -m pip install --upgrade pip && "$venv/bin/python" -m pip install -e "$here[test]"; } \
+  if ! { "$venv/bin/python" -m pip install --upgrade pip && "$venv/bin/python" -m pip install -e "$here[test]" \
+         && "$venv/bin/python" -m pip install --no-deps -r "$here/requirements-nodeps.txt"; } \
       > "$log" 2>&1; then
     tail -n 20 "$log" >&2
     echo "bootstrap: pip install failed; see $log" >&2

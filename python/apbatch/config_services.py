@@ -10,7 +10,7 @@ from pydantic import Field, field_validator
 
 from .config_sources import ConfigModel as _Model
 
-__all__ = ["CalibVerifyConfig", "MonitoringConfig", "OcpsConfig"]
+__all__ = ["CalibVerifyConfig", "EmbargoConfig", "MonitoringConfig", "OcpsConfig", "PpdbConfig"]
 
 
 
@@ -78,3 +78,34 @@ class OcpsConfig(_Model):
         "seconds between polls of the requests' jobs: the completion event follows the last CCD by "
         "up to this (each poll is one scheduler query, e.g. one squeue, only while requests run)"))
     max_concurrent: int = Field(4, ge=1, description="async mode: requests executing at once")
+
+
+class EmbargoConfig(_Model):
+    """The embargo (``apbatch embargo release``): jobs write to ``job.repo``, the embargo repository;
+    outputs whose visit ended ``period_hours`` ago are released to the public ``prompt_repo``."""
+
+    prompt_repo: str | None = Field(None, description=(
+        "the public (prompt) butler repository, made with `apbatch repo create`; unset: no release"))
+    period_hours: float = Field(80.0, ge=0, description=(
+        "hours after a visit (or calibration exposure) ended before its outputs are released"))
+    cache_days: float = Field(30.0, gt=0, description=(
+        "days the prompt repository keeps images (--purge removes older ones; catalogs and metrics stay)"))
+
+
+class PpdbConfig(_Model):
+    """The Prompt Products Database (``apbatch ppdb``, lsst-dax-ppdb) and the APDB's replication into it."""
+
+    url: str = Field("sqlite:///ppdb.sqlite3", description=(
+        "SQLAlchemy URL of the PPDB (its own database); PostgreSQL for real nights: dax_ppdb copies "
+        "into it with COPY, ~13x faster than its SQLite inserts"))
+    chunk_batch: int = Field(100, ge=1, description=(
+        "replica chunks copied per pass at most (each chunk is one PPDB transaction)"))
+    follow_interval: float = Field(60.0, gt=0, description=(
+        "replicate --follow: seconds of sleep after a pass that copied nothing"))
+    min_wait_seconds: float = Field(60.0, ge=0, description=(
+        "a chunk with a newer one is copied once its last visit time is this old"))
+    max_wait_seconds: float = Field(600.0, ge=0, description="the newest chunk is copied once this old")
+    delete_from_apdb: bool = Field(False, description=(
+        "drop copied chunks from the APDB's replica bookkeeping (after the PPDB committed them; "
+        "the catalogs stay in the APDB)"))
+    connection_timeout: int = Field(10, ge=1, description="seconds to wait for a PostgreSQL server")

@@ -34,6 +34,8 @@ COMMANDS: dict[str, str] = {
     "night": "apbatch.cli.cmd_night:night",
     "demo": "apbatch.cli.cmd_demo:demo",
     "ocps": "apbatch.cli.cmd_ocps:ocps",
+    "embargo": "apbatch.cli.cmd_embargo:embargo",
+    "ppdb": "apbatch.cli.cmd_ppdb:ppdb",
 }
 
 

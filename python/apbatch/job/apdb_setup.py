@@ -10,7 +10,7 @@ from ..errors import BadInputError
 __all__ = ["create_apdb", "open_apdb"]
 
 
-def create_apdb(url: str, config_path: str | Path):
+def create_apdb(url: str, config_path: str | Path, *, replication: bool = False):
     """Create an APDB with the ``lsst-sdm-schemas`` schema and write its config file.
 
     Parameters
@@ -20,6 +20,8 @@ def create_apdb(url: str, config_path: str | Path):
         (a plain ``postgresql://`` is taken as psycopg2).
     config_path : `str` or `Path`
         Where to write the dax_apdb config (YAML); must not exist yet.
+    replication : `bool`
+        Also record every store's replica chunk, for the PPDB (`apbatch.products.ppdb`).
 
     Returns
     -------
@@ -48,7 +50,8 @@ def create_apdb(url: str, config_path: str | Path):
         if db_file and ":memory:" not in db_file:
             Path(db_file).parent.mkdir(parents=True, exist_ok=True)
     try:
-        config = ApdbSql.init_database(db_url=url, dia_object_index="last_object_table")
+        config = ApdbSql.init_database(db_url=url, dia_object_index="last_object_table",
+                                       enable_replica=replication)
     except Exception as exc:  # a database the user pointed us at refused: one line, their fix
         raise BadInputError("apdb.url", f"cannot create the APDB: {str(exc).splitlines()[0]}",
                             "check the URL, credentials and that the server is running") from None

@@ -15,7 +15,8 @@ def create(cfg: ApbatchConfig, url: str | None = None, config_file: str | None =
     Parameters
     ----------
     cfg : `ApbatchConfig`
-        Configuration; ``apdb.url`` and ``apdb.config_file`` are the defaults.
+        Configuration; ``apdb.url`` and ``apdb.config_file`` are the defaults; ``apdb.replication``
+        says whether stores are recorded for the PPDB.
     url : `str`, optional
         SQLAlchemy URL overriding ``apdb.url`` (SQLite paths are relative to ``root``).
     config_file : `str`, optional
@@ -35,5 +36,5 @@ def create(cfg: ApbatchConfig, url: str | None = None, config_file: str | None =
 
     db_url = cfg.sqlalchemy_url(url or cfg.apdb.url)
     path = cfg.path(config_file or cfg.apdb.config_file)
-    create_apdb(db_url, path)
+    create_apdb(db_url, path, replication=cfg.apdb.replication)
     return db_url, path
