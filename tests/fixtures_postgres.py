@@ -9,6 +9,7 @@ enter pytest's private (0700) temporary directories.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -47,18 +48,25 @@ def postgres_server():
         shutil.rmtree(state, ignore_errors=True)
 
 
-@pytest.fixture
-def postgres_url(postgres_server):
-    """SQLAlchemy URL of a new, empty database (dropped after the test)."""
+@contextlib.contextmanager
+def new_database(server: str, prefix: str = "t"):
+    """SQLAlchemy URL of a new, empty database on ``server``, dropped when the block ends."""
     import sqlalchemy as sa
 
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(f"{postgres_server}/postgres", isolation_level="AUTOCOMMIT")
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(f"{server}/postgres", isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
             conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-        yield f"{postgres_server}/{name}"
+        yield f"{server}/{name}"
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     finally:
         admin.dispose()
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """SQLAlchemy URL of a new, empty database (dropped after the test)."""
+    with new_database(postgres_server) as url:
+        yield url

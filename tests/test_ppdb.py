@@ -6,8 +6,6 @@ enabled; the PPDB is read back with SQLAlchemy and compared with the APDB field 
 
 from __future__ import annotations
 
-import uuid
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,6 +14,7 @@ from alert_synth import SMALL, make_ccd, make_images, make_sources
 from apbatch.errors import BadInputError
 from apbatch.job.apdb import Association, create_apdb, open_apdb
 from apbatch.products.ppdb import Replicator, create_ppdb, open_apdb_replica, open_ppdb
+from fixtures_postgres import new_database
 
 KEYS = {"DiaObject": ["diaObjectId", "validityStartMjdTai"], "DiaSource": ["diaSourceId"],
         "DiaForcedSource": ["diaObjectId", "visit", "detector"]}
@@ -28,16 +27,8 @@ class KilledError(Exception):
 @pytest.fixture
 def second_postgres_url(postgres_server):
     """A second new database on the same server (the PPDB beside the APDB of ``postgres_url``)."""
-    name = f"p_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(f"{postgres_server}/postgres", isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-        yield f"{postgres_server}/{name}"
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
+    with new_database(postgres_server, "p") as url:
+        yield url
 
 
 def _fill(config_path, visits, detectors=(94, 93), n_sources=4, seed=0):

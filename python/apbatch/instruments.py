@@ -71,6 +71,17 @@ class Amplifier:
     hdr_dtm: tuple[float, float]
     datasec: str
 
+    def segment_view(self, arr: np.ndarray) -> np.ndarray:
+        """This amplifier's box of an assembled CCD array (``bbox``), flipped into raw-segment
+        orientation: a view, so writing into it writes the assembled array."""
+        x0, x1, y0, y1 = self.bbox
+        view = arr[y0:y1, x0:x1]
+        if self.flip_x:
+            view = view[:, ::-1]
+        if self.flip_y:
+            view = view[::-1, :]
+        return view
+
 
 @dataclasses.dataclass(frozen=True)
 class Detector:

@@ -227,17 +227,6 @@ def flat_gradient(ratio: np.ndarray, block: int = 64) -> float:
     return float((abs(gx) * nx + abs(gy) * ny) / abs(level))
 
 
-def _raw_view(arr: np.ndarray, amp) -> np.ndarray:
-    """The amplifier's box of an assembled image, flipped into raw-segment orientation."""
-    x0, x1, y0, y1 = amp.bbox
-    view = arr[y0:y1, x0:x1]
-    if amp.flip_x:
-        view = view[:, ::-1]
-    if amp.flip_y:
-        view = view[::-1, :]
-    return view
-
-
 def _judge(amp: str, metric: str, value: float, reference: float | None, threshold: float,
            ok: bool | None) -> AmpMetric:
     return AmpMetric(amp, metric, float(value), None if reference is None else float(reference),
@@ -309,10 +298,10 @@ def verify_raw(raw, instrument, detector, intent: str, bias=None, flat=None,
         img *= np.float32(a.gain)
         known = np.zeros(img.shape[1], bool)
         if bias is not None:
-            img -= _raw_view(bias.image, a)
-            known |= (_raw_view(bias.mask, a) & _BAD).any(axis=0)
+            img -= a.segment_view(bias.image)
+            known |= (a.segment_view(bias.mask) & _BAD).any(axis=0)
         if flat is not None:
-            known |= (_raw_view(flat.mask, a) & _BAD).any(axis=0)
+            known |= (a.segment_view(flat.mask) & _BAD).any(axis=0)
         resid = float(np.median(img))
         if intent == "bias":
             judged = bias is not None
@@ -323,7 +312,7 @@ def verify_raw(raw, instrument, detector, intent: str, bias=None, flat=None,
             m.append(_judge(a.name, "dark_current", rate, None, cfg.max_dark_current,
                             rate <= cfg.max_dark_current if bias is not None else None))
         elif intent == "flat" and flat is not None:
-            f = _raw_view(flat.image, a)
+            f = a.segment_view(flat.image)
             good = np.isfinite(f) & (f > 0.05)
             img = np.where(good, img / np.where(good, f, 1), np.float32(np.median(img)))
             levels[a.name] = (float(np.median(img[good])), img)

@@ -36,13 +36,7 @@ _HOT_RATE = 25.0  # e-/s of dark current in a hot column
 
 def assembled_view(arr: np.ndarray, amp: Amplifier) -> np.ndarray:
     """The amplifier's data box of an assembled image, flipped into raw-segment orientation."""
-    x0, x1, y0, y1 = amp.bbox
-    view = arr[y0:y1, x0:x1]
-    if amp.flip_x:
-        view = view[:, ::-1]
-    if amp.flip_y:
-        view = view[::-1, :]
-    return view
+    return amp.segment_view(arr)
 
 
 @dataclasses.dataclass
