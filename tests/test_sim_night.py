@@ -266,3 +266,9 @@ def test_cli_injects_calibration_faults(tmp_path):
     res = runner.invoke(cli, ["sim", "night", "--out", str(tmp_path / "x"), "--bias-drift", "C13"])
     assert res.exit_code != 0 and "--bias-drift" in str(res.exception or res.output)
     assert not (tmp_path / "x").exists()
+    for option, value in (("--hot-amp", "XX"), ("--bias-drift", "C99=5")):
+        res = runner.invoke(cli, ["sim", "night", "--out", str(tmp_path / "y"), "--instrument", "LATISS",
+                                  "--visits", "0", "--no-templates", option, value])
+        assert res.exit_code != 0 and option in str(res.exception or res.output)
+        assert "has no amplifier" in str(res.exception or res.output)
+        assert not (tmp_path / "y").exists()  # refused before anything is written

@@ -91,6 +91,7 @@ def night(
         except ValueError:
             raise BadInputError("--bias-drift", f"{item!r} is not AMP=ADU",
                                 "use e.g. --bias-drift C14=40") from None
+    _check_amps(instrument, {"--hot-amp": hot_amps, "--bias-drift": drift})
     dets = [d.strip() for d in detectors.split(",") if d.strip()]
     with progress("simulating: files written") as step:
         manifest = sim_night(
@@ -111,6 +112,20 @@ def night(
             bias_drift=drift,
         )
     click.echo(json.dumps(manifest))
+
+
+def _check_amps(instrument: str, named: dict) -> None:
+    """Refuse amplifier names the camera does not have, before anything is written."""
+    from ..errors import BadInputError
+    from ..instruments import get_instrument
+
+    cam = get_instrument(instrument)
+    known = {a.name for d in cam.detectors for a in cam.amplifiers(d.id)}
+    for option, names in named.items():
+        bad = sorted(set(names) - known)
+        if bad:
+            raise BadInputError(option, f"{cam.name} has no amplifier {', '.join(bad)}",
+                                f"use one of {', '.join(sorted(known))}")
 
 
 @sim.command()
