@@ -5,7 +5,8 @@
 # (PostgreSQL refuses to run as root), and listens on 127.0.0.1 only.
 #
 # Usage:
-#   postgres-local.sh install   # apt-get install postgresql postgresql-contrib if no server is found (root)
+#   postgres-local.sh install   # apt-get install postgresql postgresql-contrib if no server is found, and
+#                               # postgresql-N-pgsphere if pg_sphere is missing (root)
 #   postgres-local.sh start     # install if needed, initdb, start, wait; create database 'apbatch'
 #                               # with btree_gist (the butler registry needs it); prints
 #                               # 'export APBATCH_PG_URL=postgresql+psycopg2://apbatch@127.0.0.1:PORT/apbatch'
@@ -49,6 +50,19 @@ install() {
   bindir >/dev/null || die "postgresql installed but no initdb found under /usr/lib/postgresql"
 }
 
+# pg_sphere (spherical types and indexes): TAP's ADQL geometry (CONTAINS/POINT/CIRCLE) becomes
+# pg_sphere SQL, and ObsCore's s_region is an spoly. Debian packages it per server version.
+install_pgsphere() {
+  local bin major; bin="$(bindir)" || return 0
+  major="$(basename "$(dirname "$bin")")"
+  [ -f "/usr/share/postgresql/$major/extension/pg_sphere.control" ] && return 0
+  [ "$(id -u)" = 0 ] || { echo "postgres-local: pg_sphere missing and not root: apt-get install postgresql-$major-pgsphere" >&2; return 0; }
+  echo "postgres-local: installing postgresql-$major-pgsphere (apt)" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "postgresql-$major-pgsphere" >&2 \
+    || { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "postgresql-$major-pgsphere" >&2; } \
+    || echo "postgres-local: apt-get install postgresql-$major-pgsphere failed (TAP geometry and ObsCore need it)" >&2
+}
+
 # Run a server binary as the cluster's owner (postgres when we are root).
 as_owner() {
   if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
@@ -60,6 +74,7 @@ ready() { "$(bindir)/pg_isready" -q -h 127.0.0.1 -p "$PORT" >/dev/null 2>&1; }
 
 start() {
   install
+  install_pgsphere
   local bin; bin="$(bindir)"
   mkdir -p "$DIR"
   [ "$(id -u)" = 0 ] && chown postgres: "$DIR"
@@ -82,6 +97,11 @@ start() {
   # every database the tests create has it
   "${psql[@]}" -d "$DB" -c "CREATE EXTENSION IF NOT EXISTS btree_gist" >&2
   "${psql[@]}" -d template1 -c "CREATE EXTENSION IF NOT EXISTS btree_gist" >&2
+  # pg_sphere likewise, where installed (the PPDB's TAP service and ObsCore table need it)
+  if [ -f "/usr/share/postgresql/$(basename "$(dirname "$bin")")/extension/pg_sphere.control" ]; then
+    "${psql[@]}" -d "$DB" -c "CREATE EXTENSION IF NOT EXISTS pg_sphere" >&2
+    "${psql[@]}" -d template1 -c "CREATE EXTENSION IF NOT EXISTS pg_sphere" >&2
+  fi
   echo "export APBATCH_PG_URL=$(url)"
 }
 
@@ -92,7 +112,7 @@ stop() {
 }
 
 case "${1:-}" in
-  install) install ;;
+  install) install; install_pgsphere ;;
   start) start ;;
   stop) stop ;;
   status) ready ;;

@@ -123,6 +123,13 @@ def test_kafka_settings_secrets_from_env_or_file(tmp_path):
         kafka_settings(cfg, {"APBATCH_KAFKA_USERNAME": "u"})
     with pytest.raises(BadInputError, match="kafka.username_env"):
         kafka_settings(cfg, {"APBATCH_KAFKA_PASSWORD": "p"})
+    (tmp_path / "empty").write_text("\n")
+    empty = cfg.model_copy(update={"password_file": str(tmp_path / "empty")})
+    with pytest.raises(BadInputError, match=r"^kafka.password_file: '.*empty' is empty \(write the secret"):
+        kafka_settings(empty, {"APBATCH_KAFKA_USERNAME": "u"})
+    missing = cfg.model_copy(update={"password_file": "nope"})
+    with pytest.raises(BadInputError, match=r"^kafka.password_file: cannot read '.*nope'"):
+        kafka_settings(missing, {"APBATCH_KAFKA_USERNAME": "u"}, root=tmp_path)
 
 
 def test_file_sink_declares_the_schema_the_packets_carry(tmp_path, ccd_visit):

@@ -220,6 +220,10 @@ def test_get_calib_by_validity(butler, tmp_path):
     bias = io.get_calib("bias", "R22_S00", MJD)
     assert bias.image[0, 0] == pytest.approx(5.0, abs=0.06)  # quantized at 1/16 of sqrt(3)
     assert bias.mask[1, 2] == 1 and not bias.variance.any()  # ISR reads image and mask only
+    # held from before the raw to ISR: a uint16 mask (MaskBits fit) and a variance with no memory
+    assert bias.mask.dtype == np.uint16 and int(bias.mask.sum()) == 1
+    assert bias.variance.shape == (10, 12) and bias.variance.strides == (0, 0)
+    assert not bias.variance.flags.writeable
     assert io.get_calib("bias", 0, "2024-11-20T03:00:00").image[0, 0] == pytest.approx(5.0, abs=0.06)
     assert io.get_calib("bias", 0, "2024-12-02T00:00:00") is None
     assert io.get_calib("bias", 1, MJD) is None
@@ -343,3 +347,15 @@ def test_put_outputs_creates_missing_run_and_rejects_unknown_visit(butler, raws)
     assert butler.collections.query("LSSTComCam/prompt/custom")
     with pytest.raises(BadInputError, match="visit"):
         io.put_outputs(123, 0, metrics={"ok": True})
+
+
+def test_compact_calib_keeps_a_mask_whose_bits_do_not_fit():
+    """A mask with bits beyond 16 (not MaskBits) stays int32: nothing is lost by the compaction."""
+    from apbatch.butler.io import _compact_calib
+
+    mask = np.zeros((4, 5), np.int32)
+    mask[2, 3] = 1 << 20
+    out = _compact_calib(Image(np.ones((4, 5), np.float32), np.ones((4, 5), np.float32), mask))
+    assert out.mask.dtype == np.int32 and out.mask[2, 3] == 1 << 20
+    assert not out.variance.any() and out.variance.strides == (0, 0)
+    assert _compact_calib("not an image") == "not an image"

@@ -28,7 +28,7 @@ from apbatch.butler.io import ButlerIO
 from apbatch.cli import cli
 from apbatch.config import load_config
 from apbatch.errors import BadInputError
-from apbatch.products.embargo import collect, purge_images, release
+from apbatch.products.embargo import ReleaseMark, collect, purge_images, release
 from apbatch.script import embargo as script
 from apbatch.script import repo as repo_script
 from astropy.time import Time
@@ -227,6 +227,32 @@ def test_a_ccd_rerun_after_its_release_replaces_the_released_outputs(embargo_rep
     assert release(embargo, prompt, now, 80).released == 0
 
 
+def test_a_pass_from_the_last_mark_looks_only_at_what_can_be_new(embargo_repo, tmp_path):
+    shutil.copytree(embargo_repo, tmp_path / "embargo")  # this test writes to its embargo repository
+    embargo = Butler.from_config(str(tmp_path / "embargo"), writeable=True)
+    repo_script.create(tmp_path / "prompt")
+    prompt = Butler.from_config(str(tmp_path / "prompt"), writeable=True)
+    first = release(embargo, prompt, ended(V1) + 81 * HOUR, 80)
+    assert first.released == 7 and first.since is None
+    mark = ReleaseMark.from_dict(first.mark)
+    assert mark.cutoff.tai.isot == Time(ended(V1) + 1 * HOUR).tai.isot
+    no_margin = datetime.timedelta(0)
+    # everything was ingested before the pass began: only the visits ending after its cutoff remain
+    assert [b.id for b in collect(embargo, mark, no_margin)] == [V2["visit_id"], V3["visit_id"]]
+    # a CCD of V1 rerun after the release: ingested after the mark, so looked at again, alone
+    ButlerIO(embargo, INSTRUMENT).put_outputs(V1["visit_id"], 0, metrics={"visit": 1, "attempt": 2})
+    batches = collect(embargo, mark, no_margin)
+    assert [(b.id, len(b.refs)) for b in batches] == [(V1["visit_id"], 1), (V2["visit_id"], 4),
+                                                      (V3["visit_id"], 2)]
+    second = release(embargo, prompt, ended(V3) + 81 * HOUR, 80, since=mark, margin=no_margin)
+    assert (second.released, second.replaced, second.already_public) == (7, 1, 0)
+    assert second.since == first.mark
+    assert refs_of(prompt) == refs_of(embargo)  # the same as a full pass would have left
+    third = release(embargo, prompt, ended(V3) + 81 * HOUR, 80, since=ReleaseMark.from_dict(second.mark),
+                    margin=no_margin)
+    assert (third.released, third.already_public, third.visits) == (0, 0, [])  # nothing looked at
+
+
 # ---------------------------------------------------------------- script and CLI
 def write_config(tmp_path, embargo_repo, prompt="prompt", **embargo):
     path = tmp_path / "apbatch.yaml"
@@ -248,6 +274,14 @@ def test_script_uses_the_configured_period_and_injected_clock(repos, tmp_path, e
     assert f"visit {V1['visit_id']}: 6 dataset(s), 1/2 CCDs with a difference image" in lines
     out = script.release(cfg, "2024-11-15T06:00:00", purge=True)  # naive --now is UTC
     assert out["released"] == 4 and out["purged"] == 5  # V2 released; its and V1's images > 1 day old
+    mark = root.parent / script.MARK_FILE
+    assert out["mark"] is not None
+    assert yaml.safe_load(mark.read_text())["cutoff_tai"] == out["mark"]["cutoff_tai"]
+    assert script.release(cfg, "2024-11-15T06:00:00")["since"] == out["mark"]  # the next pass starts there
+    assert script.release(cfg, "2024-11-15T06:00:00", full=True)["since"] is None
+    mark.write_text("{not json")  # a damaged mark: a full pass, which is always right
+    again = script.release(cfg, "2024-11-15T06:00:00")
+    assert again["since"] is None and again["already_public"] == 11 and again["released"] == 0
 
 
 def test_cli_release(repos, tmp_path, embargo_repo):

@@ -7,7 +7,7 @@ import pytest
 from apbatch.errors import BadInputError, ExitCode
 from apbatch.image import Image, MaskBits
 from apbatch.instruments import get_instrument
-from apbatch.job.steps.isr import IsrConfig, run_isr
+from apbatch.job.steps.isr import IsrConfig, _add_read_noise2, _read_noise2, run_isr
 from steps_scene import render_psf, to_raw
 
 INST = get_instrument("LSSTComCam")
@@ -223,3 +223,30 @@ def test_two_snaps_are_the_same_with_two_threads(truth):
         parallel.set_threads(1)
     for plane in ("image", "variance", "mask"):
         np.testing.assert_array_equal(getattr(one, plane), getattr(two, plane))
+
+
+def test_compact_calibrations_and_released_raws_give_the_same_image(truth):
+    """What a job holds in less memory changes nothing: calibrations with a uint16 mask and a
+    zero-stride variance (`ButlerIO.read_calib`), raw segments released after assembly, and the
+    read noise added per amplifier give the same planes bit for bit."""
+    rng = np.random.default_rng(3)
+    flat = (1.0 + 0.02 * rng.standard_normal(truth.shape)).astype(np.float32)
+    bias_mask = np.zeros(truth.shape, np.int32)
+    bias_mask[:, 1234] = MaskBits.BAD
+    bias = np.full_like(truth, 7.0)
+    noisy = (truth * flat + bias + rng.normal(0, 20, truth.shape)).astype(np.float32)
+    flat[5, 7] = np.nan  # a bad flat pixel: masked BAD, divided by 1
+    full = run_isr([_raw(noisy, noise=True, seed=4)], INST, DET, Image(bias, None, bias_mask), Image(flat))
+    zero = np.broadcast_to(np.float32(0), truth.shape)
+    raw = _raw(noisy, noise=True, seed=4)
+    compact = run_isr([raw], INST, DET, Image(bias, zero, bias_mask.astype(np.uint16)),
+                      Image(flat, zero, np.zeros(truth.shape, np.uint16)), release_raws=True)
+    for plane in ("image", "variance", "mask"):
+        np.testing.assert_array_equal(getattr(full, plane), getattr(compact, plane))
+    assert raw.segments == [] and raw.metadata.detector == DET.id  # pixels dropped, metadata kept
+    assert (compact.mask[5, 7] & MaskBits.BAD) and (compact.mask[:, 1234] & MaskBits.BAD).all()
+    # the read noise added amplifier by amplifier is the sum with the CCD-sized read-noise array
+    var = rng.uniform(0, 1e4, truth.shape).astype(np.float32)
+    expected = var + _read_noise2(INST.amplifiers(0), DET)
+    _add_read_noise2(var, INST.amplifiers(0))
+    np.testing.assert_array_equal(var, expected)

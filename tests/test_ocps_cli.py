@@ -17,7 +17,7 @@ TOKEN_ENV = "APBATCH_OCPS_TOKEN_TEST"
 
 def ocps_config(root, **kw):
     fields = {"host": "127.0.0.1", "port": 0, "mode": "async", "token_env": TOKEN_ENV, "token_file": None,
-              **kw}
+              "execution_duration": 3600.0, **kw}
     return types.SimpleNamespace(root=str(root), ocps=types.SimpleNamespace(**fields))
 
 

@@ -7,6 +7,7 @@ sleeps or exits: what is tested is the runner's bookkeeping, with real job proce
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 
@@ -100,6 +101,32 @@ def test_abort_cancels_the_running_jobs(tmp_path):
     (event,) = pub.completions
     assert event["phase"] == "ABORTED" and event["success"] is False and len(event["jobs"]) == 2
     assert svc.store.list() == [] and svc.store.unpublished() == []
+
+
+def test_a_request_past_its_execution_duration_cancels_its_jobs_and_ends_in_error(tmp_path):
+    pub = MemoryPublisher()
+    svc = Service(_cfg(tmp_path, "import time; time.sleep(60)", execution_duration=2.0), publisher=pub)
+    svc.start()
+    try:
+        t0 = time.monotonic()
+        req = _final(svc, svc.create("ap", DataId(INSTRUMENT, obsid="CC_O_20251015_000046"), run=True).id)
+        took = time.monotonic() - t0
+        rows = svc.ledger.rows(group_id="CC_O_20251015_000046")
+        deadline = time.monotonic() + 20
+        while any(r.state is not SubmissionState.CANCELLED for r in rows) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            rows = svc.ledger.rows(group_id="CC_O_20251015_000046")
+    finally:
+        svc.stop()
+    assert req.phase is Phase.ERROR and 2.0 < took < 30
+    # each unfinished CCD named with its last known state (RUNNING unless the machine is slow)
+    assert re.fullmatch(r"executionDuration 2 s exceeded: 2 of 2 CCD\(s\) unfinished: "
+                        r"R22_S00 \((RUNNING|PENDING|CLAIMED)\), R22_S11 \((RUNNING|PENDING|CLAIMED)\)",
+                        req.error), req.error
+    assert [r.state for r in rows] == [SubmissionState.CANCELLED] * 2  # the jobs were cancelled
+    (event,) = pub.completions
+    assert (event["phase"], event["success"], event["ccds"]) == ("ERROR", False, {"done": 0, "failed": 2})
+    assert len(event["jobs"]) == 2
 
 
 def test_restart_adopts_submitted_jobs_and_reports_once(tmp_path):

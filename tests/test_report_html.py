@@ -100,6 +100,26 @@ def test_every_section_has_its_figures_inline(page, night):
     assert untemplated > 0 and text.count(": no template covers this CCD in band r") == untemplated
 
 
+def test_footprint_section_shows_the_coverage_and_areas(page, night):
+    """"Where we looked": the coverage PNG and the areas per band of the night's MOC."""
+    text = page.read_text()
+    section = text[text.index('<section id="footprint">'):]
+    section = section[:section.index("</section>")]
+    assert "<h2>Where we looked</h2>" in section
+    s = night.footprint.summary()
+    assert s["ccds_observed"] == 9 + 9 + 189 and s["ccds_processed"] == 8 + 8 + 150
+    for band, a in s["bands"].items():
+        cells = f"<td>{a['observed_deg2']:.2f}</td><td>{a['processed_deg2']:.2f}</td>"
+        assert f"<td>band {band}</td>{cells}" in section
+    assert f"<td>all</td><td>{s['observed_deg2']:.2f}</td><td>{s['processed_deg2']:.2f}</td>" in section
+    # the ComCam r visit overlaps the LSSTCam i visit: the total counts the overlap once
+    assert s["observed_deg2"] < sum(a["observed_deg2"] for a in s["bands"].values()) - 0.2
+    png = parse(text).images["footprint"][0]
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=int)
+    assert (np.abs(rgb - (46, 158, 68)).sum(axis=-1) < 6).sum() > 20000  # processed, green
+    assert "Beside this page" not in section  # no MOC file was written
+
+
 def test_page_loads_nothing_from_the_network(page):
     text = page.read_text()
     links = parse(text).links
@@ -165,6 +185,7 @@ def test_cli_writes_the_page_or_refuses_in_one_line(built, tmp_path):
     assert "job metrics not read" in text  # this night has no butler repository
 
 
+
 # ----------------------------------------------------------------------------- in a browser
 @pytest.fixture(scope="module")
 def chromium():
@@ -202,6 +223,8 @@ def test_chromium_draws_every_section(chromium, page, tmp_path):
         if sid == "summary":  # the text report
             assert (region.min(axis=-1) < 128).sum() > 5000, sid
             continue
+        if sid == "footprint":  # the processed coverage, green, drawn in the browser
+            assert (np.abs(region - (46, 158, 68)).sum(axis=-1) < 30).sum() > 10000, sid
         # bar charts may be one colour; maps, histograms and cutouts have several
         want = 1 if sid == "failures" else 5
         assert chroma.sum() > 3000 and colours >= want, (sid, int(chroma.sum()), colours)

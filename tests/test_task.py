@@ -91,7 +91,7 @@ def fake_steps(monkeypatch):
     """Replace the image steps with cheap stand-ins returning plausible objects."""
     calls = []
 
-    def isr(raws, cam, det, bias=None, flat=None):
+    def isr(raws, cam, det, bias=None, flat=None, release_raws=False):
         calls.append("isr")
         wcs = cam.sky_wcs(det, 53.0, -28.0, 10.0)
         return Image(np.zeros((40, 50), np.float32), np.ones((40, 50), np.float32), wcs=wcs)
@@ -210,7 +210,7 @@ def test_flagged_dia_sources_are_stored_in_the_butler_but_not_alerted(monkeypatc
 
     shape = (40, 50)
 
-    def isr(raws, cam, det, bias=None, flat=None):
+    def isr(raws, cam, det, bias=None, flat=None, release_raws=False):
         wcs = cam.sky_wcs(det, 53.0, -28.0, 10.0)
         return Image(np.zeros(shape, np.float32), np.ones(shape, np.float32), wcs=wcs,
                      metadata={"SNAPMODE": "model", "SNAPRATI": 0.9, "AMPSBAD": "C10:dead"})
@@ -336,3 +336,45 @@ def test_raw_available_is_the_distributors_delivery_time(fake_steps):
     io.raw_delivered_at = 1000.0
     res = task.run_ccd(_work(), task.JobDeps(io, object()))
     assert res.stages["raw_available"] == 1000.0 and res.stages["raw_read"] > 1000.0
+
+
+def test_templates_are_prepared_one_patch_at_a_time():
+    """read_templates takes each patch from ``iter_templates`` as it is read, so a patch's image is
+    dropped before the next is read; the result is what preparing them all at once gives."""
+    import gc
+    import weakref
+
+    from apbatch.job.prepare import read_templates, reference_catalog
+    from apbatch.job.steps.warp import prepare_warp
+
+    cam = get_instrument("LSSTComCam")
+    det = cam.detector(4)
+    rng = np.random.default_rng(2)
+    patches = []
+    for k in range(3):
+        img = rng.normal(0, 1, (120, 140)).astype(np.float32)
+        for y, x, f in rng.uniform((10, 10, 200), (110, 130, 900), (4, 3)):  # bright stars
+            img[int(y) - 1 : int(y) + 2, int(x) - 1 : int(x) + 2] += np.float32(f)
+        wcs = cam.sky_wcs(det, 53.0 + 0.01 * k, -28.0, 10.0)
+        patches.append(Image(img, np.ones_like(img), wcs=wcs, metadata={"BUNIT": "nJy"}))
+    alive = []
+
+    class OneAtATime:
+        def iter_templates(self, corners, band):
+            for p in patches:
+                copy = Image(p.image.copy(), p.variance.copy(), p.mask.copy(), p.wcs, dict(p.metadata))
+                gc.collect()
+                alive.append(sum(r() is not None for r in refs))  # earlier copies still held
+                refs.append(weakref.ref(copy))
+                yield copy
+
+    refs: list = []
+    got = read_templates(OneAtATime(), cam, det, (53.0, -28.0, 10.0), "r", 20.0)
+    assert alive == [0, 0, 0]
+    want = reference_catalog(patches)
+    assert want is not None and got.references is not None and len(want) >= 6
+    np.testing.assert_array_equal(got.references, want)
+    for a, b in zip(got.patches, prepare_warp(patches), strict=True):
+        np.testing.assert_array_equal(a.coef, b.coef)
+        np.testing.assert_array_equal(a.variance, b.variance)
+    assert got.band == "r" and got.pointing == (53.0, -28.0, 10.0)

@@ -169,3 +169,32 @@ def test_pad_beyond_the_template_is_no_data():
     assert np.all(out.image[nod] == 0)
     with pytest.raises(BadInputError, match="pad"):
         warp_template([small], SCI, (500, 600), pad=-1)
+
+
+def test_bands_of_rows_give_the_same_warp(monkeypatch):
+    """Resampling a band of rows at a time (bounded memory) is the one-piece warp bit for bit:
+    two overlapping patches, partial coverage, a masked pixel and a padded grid."""
+    from apbatch.job.steps import warp
+
+    tshape = (700, 800)
+    tw = _tmpl_wcs(tshape)
+    ty, tx = np.mgrid[0 : tshape[0], 0 : tshape[1]].astype(float)
+    timg = _smooth(tx, ty).astype(np.float32)
+    var = (1.0 + tx / 800).astype(np.float32)
+    msk = np.zeros(tshape, np.int32)
+    msk[300, 400] = int(MaskBits.SAT)
+    w2 = tw.deepcopy()
+    w2.wcs.crpix = tw.wcs.crpix - np.array([380, 0])
+    w2.wcs.set()
+    parts = warp.prepare_warp([Image(timg[:, :420], var[:, :420], msk[:, :420], tw),
+                               Image(timg[:, 380:], var[:, 380:], msk[:, 380:], w2)])
+    assert parts[0].mask.dtype == parts[1].mask.dtype == np.uint16  # MaskBits fit in 16 bits
+    assert warp.prepare_warp([Image(timg, var, None, tw)])[0].mask is None  # nothing masked
+    monkeypatch.setattr(warp, "_BAND_ROWS", 10**6)
+    whole = warp.warp_template(parts, SCI, (500, 600), pad=7)
+    monkeypatch.setattr(warp, "_BAND_ROWS", 37)
+    bands = warp.warp_template(parts, SCI, (500, 600), pad=7)
+    for plane in ("image", "variance", "mask"):
+        np.testing.assert_array_equal(getattr(whole, plane), getattr(bands, plane))
+    assert bands.metadata == whole.metadata and bands.mask.dtype == np.int32
+    assert ((bands.mask & MaskBits.SAT) != 0).sum() >= 4  # the SAT pixel, dilated, reaches the output

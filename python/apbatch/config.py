@@ -19,7 +19,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
-from .config_services import CalibVerifyConfig, EmbargoConfig, MonitoringConfig, OcpsConfig, PpdbConfig
+from .config_services import (
+    CalibVerifyConfig,
+    EmbargoConfig,
+    MonitoringConfig,
+    ObscoreConfig,
+    OcpsConfig,
+    PpdbConfig,
+    TapConfig,
+)
 from .config_sources import ConfigModel, deep_merge, env_overrides, read_yaml
 from .errors import BadInputError
 
@@ -37,10 +45,12 @@ __all__ = [
     "LedgerConfig",
     "LocalBackendConfig",
     "MonitoringConfig",
+    "ObscoreConfig",
     "OcpsConfig",
     "PpdbConfig",
     "SlurmBackendConfig",
     "SourceConfig",
+    "TapConfig",
     "load_config",
     "time_limit_seconds",
 ]
@@ -288,6 +298,8 @@ class ApbatchConfig(_Model):
     ocps: OcpsConfig = OcpsConfig()
     embargo: EmbargoConfig = EmbargoConfig()
     ppdb: PpdbConfig = PpdbConfig()
+    obscore: ObscoreConfig = ObscoreConfig()
+    tap: TapConfig = TapConfig()
 
     def path(self, value: str) -> Path:
         """Resolve a configured path against ``root``."""

@@ -10,7 +10,8 @@ from pydantic import Field, field_validator
 
 from .config_sources import ConfigModel as _Model
 
-__all__ = ["CalibVerifyConfig", "EmbargoConfig", "MonitoringConfig", "OcpsConfig", "PpdbConfig"]
+__all__ = ["CalibVerifyConfig", "EmbargoConfig", "MonitoringConfig", "ObscoreConfig", "OcpsConfig",
+           "PpdbConfig", "TapConfig"]
 
 
 
@@ -78,6 +79,10 @@ class OcpsConfig(_Model):
         "seconds between polls of the requests' jobs: the completion event follows the last CCD by "
         "up to this (each poll is one scheduler query, e.g. one squeue, only while requests run)"))
     max_concurrent: int = Field(4, ge=1, description="async mode: requests executing at once")
+    execution_duration: float = Field(3600.0, ge=0, description=(
+        "UWS executionDuration: seconds a request may execute; then its unfinished jobs are cancelled "
+        "and it ends in ERROR naming them (a job the scheduler lost, UNKNOWN, cannot hold it forever); "
+        "0: no limit"))
 
 
 class EmbargoConfig(_Model):
@@ -109,3 +114,30 @@ class PpdbConfig(_Model):
         "drop copied chunks from the APDB's replica bookkeeping (after the PPDB committed them; "
         "the catalogs stay in the APDB)"))
     connection_timeout: int = Field(10, ge=1, description="seconds to wait for a PostgreSQL server")
+
+
+class ObscoreConfig(_Model):
+    """ObsCore records of the released images (``apbatch obscore update``, lsst-dax-obscore)."""
+
+    url: str | None = Field(None, description=(
+        "SQLAlchemy URL of the database holding the ObsCore table (PostgreSQL with pg_sphere); "
+        "unset: ppdb.url"))
+    schema_name: str = Field("ivoa", description="SQL schema of the ObsCore table")
+    table: str = Field("obscore", description="SQL name of the ObsCore table (TAP name ivoa.ObsCore)")
+    obs_collection: str = Field("LSST.Prompt", description="obs_collection of the records")
+    publisher_did: str = Field("ivo://org.rubinobs/apbatch/prompt?id={id}", description=(
+        "obs_publisher_did of a record, {id} being the butler dataset id; records without this "
+        "prefix are never removed by `apbatch obscore update`"))
+
+
+class TapConfig(_Model):
+    """The TAP service (``apbatch tap serve``) over the PPDB tables and ObsCore."""
+
+    host: str = Field("127.0.0.1", description="address the HTTP service binds to")
+    port: int = Field(8086, ge=0, le=65535)
+    url: str | None = Field(None, description=(
+        "SQLAlchemy URL of the PPDB database (PostgreSQL with pg_sphere); unset: ppdb.url"))
+    maxrec_default: int = Field(10000, ge=0, description="rows a query returns when it gives no MAXREC")
+    maxrec_limit: int = Field(1000000, ge=1, description=(
+        "rows a query returns at most (larger MAXREC: capped, OVERFLOW)"))
+    statement_timeout: float = Field(60.0, gt=0, description="seconds a query may run in the database")

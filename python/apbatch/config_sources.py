@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from .errors import BadInputError
 
-__all__ = ["ConfigModel", "deep_merge", "env_overrides", "read_yaml"]
+__all__ = ["ConfigModel", "deep_merge", "env_overrides", "read_secret_file", "read_yaml"]
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -89,3 +89,33 @@ class ConfigModel(BaseModel):
     """Base of every configuration section: unknown keys are refused, values are frozen."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def read_secret_file(field: str, path: str | Path, root: str | Path | None = None) -> str:
+    """The secret held in a file (a password, a token): its text, stripped.
+
+    Parameters
+    ----------
+    field : `str`
+        The config field that names the file (for the error message), e.g. ``kafka.password_file``.
+    path : `str` or `~pathlib.Path`
+        The file; a relative path is resolved against ``root`` when given.
+    root : `str` or `~pathlib.Path`, optional
+        Directory relative paths are resolved against (the config's ``root``).
+
+    Raises
+    ------
+    BadInputError
+        Raised, naming ``field``, if the file cannot be read or holds only white space.
+    """
+    file = Path(path)
+    if root is not None and not file.is_absolute():
+        file = Path(root) / file
+    try:
+        secret = file.read_text().strip()
+    except OSError as exc:
+        raise BadInputError(field, f"cannot read {str(file)!r}: {exc.strerror}",
+                            "check the path and its permissions") from None
+    if not secret:
+        raise BadInputError(field, f"{str(file)!r} is empty", "write the secret into it")
+    return secret

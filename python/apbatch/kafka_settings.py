@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .config_sources import read_secret_file
 from .errors import BadInputError
 
 __all__ = ["kafka_settings"]
@@ -58,14 +59,7 @@ def kafka_settings(kafka, environ: Mapping[str, str] | None = None, root: str | 
     user = environ.get(kafka.username_env)
     password = environ.get(kafka.password_env)
     if not password and kafka.password_file:
-        path = Path(kafka.password_file)
-        if root is not None and not path.is_absolute():
-            path = Path(root) / path
-        try:
-            password = path.read_text().strip()
-        except OSError as exc:
-            raise BadInputError("kafka.password_file", f"cannot read {str(path)!r}: {exc.strerror}",
-                                "check the path and its permissions") from None
+        password = read_secret_file("kafka.password_file", kafka.password_file, root)
     if not user:
         raise BadInputError("kafka.username_env", f"${kafka.username_env} is not set", "export it")
     if not password:

@@ -9,7 +9,7 @@ exposure's dimension records if the night's registration did not, then ``butler.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from lsst.daf.butler import (
 )
 
 from ..errors import BadInputError
+from ..image import Image
 from ..instruments import get_instrument
 from ..raw import RawExposure, camera_name, read_raw_header, translate_header
 from . import datasets as ds
@@ -265,11 +266,14 @@ class ButlerIO(OutputsMixin):
     def read_calib(self, ref: Any) -> Any:
         """Read a calibration found by :meth:`calib_ref`.
 
-        Only the image and mask planes are read (the variance comes back as zeros): ISR uses
-        nothing else, and decompressing the variance costs time.
+        Only the image and mask planes are read: ISR uses nothing else, and decompressing the
+        variance costs time. The variance is then a read-only view of zeros (no memory) and the
+        mask is `numpy.uint16` when its bits fit (they are `apbatch.image.MaskBits`, 9 bits):
+        the job holds its bias and flat from before the raw until ISR is done, so each
+        calibration of a 4k x 4k CCD takes about 100 MB instead of 200 MB (the same values).
         """
         if "planes" in ref.datasetType.storageClass.parameters:
-            return self.butler.get(ref, parameters={"planes": ("image", "mask")})
+            return _compact_calib(self.butler.get(ref, parameters={"planes": ("image", "mask")}))
         return self.butler.get(ref)
 
     def skymap(self) -> Any:
@@ -304,12 +308,16 @@ class ButlerIO(OutputsMixin):
         room for the warping kernel and astrometric offsets) is read. Returns an empty list
         when there is no sky map or no template there.
         """
+        return list(self.iter_templates(corners, band, margin))
+
+    def iter_templates(self, corners: Any, band: str, margin: int = 64) -> Iterator[Any]:
+        """:meth:`get_templates` one patch at a time: a caller that turns each patch into
+        something smaller (`apbatch.job.prepare.read_templates`) never holds them all."""
         try:
             skymap = self.skymap()
         except BadInputError as exc:
             log.warning("no templates: %s", exc)
-            return []
-        out = []
+            return
         for info in skymap.patches_overlapping(corners):
             tract, patch = info.tract, info.patch
             ref = self.butler.find_dataset(
@@ -322,8 +330,19 @@ class ButlerIO(OutputsMixin):
             )
             bbox = _patch_bbox(info, np.asarray(corners, dtype=float), margin)
             if ref is not None and bbox is not None:
-                out.append(self.butler.get(ref, parameters={"bbox": bbox}))
-        return out
+                yield self.butler.get(ref, parameters={"bbox": bbox})
+
+
+def _compact_calib(calib: Any) -> Any:
+    """A calibration read without its variance, held in less memory (:meth:`ButlerIO.read_calib`)."""
+    if not isinstance(calib, Image):
+        return calib
+    calib.variance = np.broadcast_to(np.float32(0.0), calib.image.shape)  # read-only: nothing writes it
+    mask = calib.mask
+    if mask.dtype != np.uint16 and mask.size and int(mask.min()) >= 0 and int(mask.max()) <= 0xFFFF:
+        calib.mask = mask.astype(np.uint16)
+    return calib
+
 
 def _patch_bbox(info: Any, corners: np.ndarray, margin: int) -> tuple[int, int, int, int] | None:
     """Pixel box ``(x0, x1, y0, y1)`` of a patch that covers ``corners``; `None` if it misses them."""

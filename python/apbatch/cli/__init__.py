@@ -36,6 +36,8 @@ COMMANDS: dict[str, str] = {
     "ocps": "apbatch.cli.cmd_ocps:ocps",
     "embargo": "apbatch.cli.cmd_embargo:embargo",
     "ppdb": "apbatch.cli.cmd_ppdb:ppdb",
+    "obscore": "apbatch.cli.cmd_obscore:obscore",
+    "tap": "apbatch.cli.cmd_tap:tap",
 }
 
 

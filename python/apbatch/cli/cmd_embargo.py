@@ -22,16 +22,18 @@ def embargo() -> None:
 @click.option("--dry-run", is_flag=True, help="Show what would be released (and purged); change nothing.")
 @click.option("--purge", is_flag=True,
               help="Then remove prompt-repository images older than embargo.cache_days.")
+@click.option("--full", is_flag=True,
+              help="Look at every output dataset, not only those new since the last completed release.")
 @json_option
 def release(
-    config_paths: tuple[str, ...], now: str | None, dry_run: bool, purge: bool, as_json: bool
+    config_paths: tuple[str, ...], now: str | None, dry_run: bool, purge: bool, full: bool, as_json: bool
 ) -> None:
     """Transfer every output whose visit ended more than embargo.period_hours ago (idempotent)."""
     from ..script.embargo import release as run  # noqa: PLC0415
     from .progress import progress  # noqa: PLC0415
 
     with progress("releasing") as step:
-        out = run(now=now, dry_run=dry_run, purge=purge, config_paths=config_paths, progress=step)
+        out = run(now=now, dry_run=dry_run, purge=purge, config_paths=config_paths, progress=step, full=full)
     if as_json:
         click.echo(json.dumps(out, indent=1))
         return

@@ -1,4 +1,4 @@
-"""``apbatch night``: the morning-after runs -- reprocess a night, report it, print a crontab."""
+"""``apbatch night``: the morning-after runs -- reprocess a night, report it, map it, print a crontab."""
 
 from __future__ import annotations
 
@@ -101,16 +101,56 @@ def report(day_obs: str | None, out: str | None, html_dir: str | None, config_pa
 
 
 @night.command()
+@day_obs_option
+@click.option("--out", default=None, metavar="DIR",
+              help="Where the files go (default: <root>/reports; created if missing).")
+@click.option("--order", default=None, metavar="K",
+              help="HEALPix order of the MOCs (default 14: area ~4% above the CCDs' own; 16: ~1%, 4x "
+                   "the time and size).")
+@config_option
+@json_option
+def footprint(day_obs: str | None, out: str | None, order: str | None, config_paths: tuple[str, ...],
+              as_json: bool) -> None:
+    """Where did we look? Write the night's coverage as MOCs (observed, processed) and a PNG.
+
+    Writes DIR/night-<day_obs>.moc.fits, night-<day_obs>-processed.moc.fits and
+    night-<day_obs>-footprint.png, and prints their paths and the areas (deg^2).
+    """
+    from ..night import parse_day_obs
+    from ..report.footprint import check_order
+    from ..script.footprint import write_night_footprint
+
+    day = parse_day_obs(day_obs)
+    k = check_order(order)
+    config, _ = load_cli_config(config_paths)
+    fp = write_night_footprint(config, day_obs=day, out=out, order=k)
+    s = fp.summary()
+    if as_json:
+        click.echo(json.dumps({"day_obs": day, **s, "files": {k: str(p) for k, p in fp.files.items()}},
+                              indent=2))
+        return
+    click.echo(f"night {day}: {s['observed_deg2']:.2f} deg^2 observed ({s['ccds_observed']} CCDs), "
+               f"{s['processed_deg2']:.2f} deg^2 processed ({s['ccds_processed']} CCDs), order {s['order']}")
+    for band, a in s["bands"].items():
+        click.echo(f"  band {band}: {a['observed_deg2']:.2f} deg^2 observed, "
+                   f"{a['processed_deg2']:.2f} processed")
+    for path in fp.files.values():
+        click.echo(f"wrote {path}")
+
+
+@night.command()
 @click.option("--reprocess-at", default="10:00", show_default=True, help="Time (HH:MM) of the reprocess run.")
 @click.option("--report-at", default="10:30", show_default=True, help="Time (HH:MM) of the report.")
 @click.option("--log-dir", default=None, help="Where cron output goes (default: <root>/logs).")
 @click.option("--report-dir", default=None, help="Where reports are written (default: <root>/reports).")
+@click.option("--products", is_flag=True,
+              help="Also the prompt products: PPDB replication, embargo release and ObsCore, purge.")
 @config_option
-def crontab(reprocess_at: str, report_at: str, log_dir: str | None, report_dir: str | None,
+def crontab(reprocess_at: str, report_at: str, log_dir: str | None, report_dir: str | None, products: bool,
             config_paths: tuple[str, ...]) -> None:
-    """Print a crontab that runs the nightly reprocessing and report with this install."""
+    """Print a crontab that runs the nightly reprocessing, footprint and report with this install."""
     from ..errors import BadInputError
-    from ..script.night import crontab_text, install_paths
+    from ..script.crontab import crontab_text, install_paths
 
     config, config_file = load_cli_config(config_paths)
     if config_file is None:
@@ -119,4 +159,4 @@ def crontab(reprocess_at: str, report_at: str, log_dir: str | None, report_dir: 
     click.echo(crontab_text(python=python, apbatch=apbatch, config=config_file,
                             log_dir=os.path.abspath(log_dir or config.path("logs")),
                             report_dir=os.path.abspath(report_dir or config.path("reports")),
-                            reprocess_at=reprocess_at, report_at=report_at), nl=False)
+                            reprocess_at=reprocess_at, report_at=report_at, products=products), nl=False)

@@ -77,8 +77,13 @@ def expected_time(work: CcdWork, now: float | None = None) -> Time:
         return Time(time.time() if now is None else now, format="unix")
 
 
-def reference_catalog(templates: list[Image], threshold: float = 20.0) -> np.ndarray | None:
-    """Bright sources of the template patches as (N, 2) RA/Dec, brightest first; `None` if none."""
+def reference_catalog(templates: list[Image], threshold: float = 20.0, *, sort: bool = True
+                      ) -> np.ndarray | None:
+    """Bright sources of the template patches as (N, 2) RA/Dec, brightest first; `None` if none.
+
+    With ``sort=False``: (N, 3) RA/Dec/flux in detection order, for a caller that merges
+    several calls (:func:`read_templates`) and sorts once.
+    """
     refs = []
     for t in templates:
         ts = detect_bright_sources(t, threshold=threshold)
@@ -88,6 +93,8 @@ def reference_catalog(templates: list[Image], threshold: float = 20.0) -> np.nda
     if not refs:
         return None
     ref = np.concatenate(refs)
+    if not sort:
+        return ref
     return ref[np.argsort(-ref[:, 2])][:, :2]
 
 
@@ -95,13 +102,25 @@ def read_templates(butler_io, cam, det, pointing: tuple[float, float, float], ba
                    pad_arcsec: float) -> TemplateSet:
     """Read, prepare and catalogue the template patches over the footprint at ``pointing``.
 
-    The footprint is grown by 30 arcsec (the warp's margin) plus ``pad_arcsec``.
+    The footprint is grown by 30 arcsec (the warp's margin) plus ``pad_arcsec``. One patch is
+    read, catalogued and prepared at a time (``butler_io.iter_templates`` when it has it), so
+    the images are not all held at once next to their warp inputs.
     """
     corners = cam.footprint(det, *pointing, pad_arcsec=30.0 + pad_arcsec)
-    templates = butler_io.get_templates(corners, band)
-    refs = reference_catalog(templates) if templates else None
-    patches = prepare_warp(templates)
-    return TemplateSet(tuple(map(float, pointing)), band, patches, refs)  # type: ignore[arg-type]
+    read = getattr(butler_io, "iter_templates", None) or butler_io.get_templates
+    patches: list[WarpPatch] = []
+    refs = []
+    for template in read(corners, band):
+        ref = reference_catalog([template], sort=False)
+        if ref is not None:
+            refs.append(ref)
+        patches.extend(prepare_warp([template]))
+        del template
+    catalog = None
+    if refs:
+        ref = np.concatenate(refs)
+        catalog = ref[np.argsort(-ref[:, 2])][:, :2]
+    return TemplateSet(tuple(map(float, pointing)), band, patches, catalog)  # type: ignore[arg-type]
 
 
 def prepare_ccd(work: CcdWork, deps, cam, det, *, pad_arcsec: float = 20.0,

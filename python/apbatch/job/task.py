@@ -260,7 +260,9 @@ def _process(work, deps, raws, res, step, cam, det, physical_filter, output_run,
     with step("calib_retrieval"):
         calibs = _calibs(deps, det, raws[0].metadata.mjd_begin, physical_filter, prepared)
     with step("isr"):
-        calexp = run_isr(raws, cam, det, bias=calibs["bias"], flat=calibs["flat"])
+        # a science job needs no raw pixels after ISR (a calibration's verification does)
+        calexp = run_isr(raws, cam, det, bias=calibs["bias"], flat=calibs["flat"],
+                         release_raws=work.intent == "science")
     checks: list[Verification] = []
     if work.intent != "science" and (calib_verify is None or calib_verify.enabled):
         with step("calib_verify"):  # on the raw pixels and the calibrations, before they are dropped

@@ -218,7 +218,7 @@ def _xml(content: bytes, status_code: int = 200) -> Response:
 
 
 def make_app(service: OcpsService, *, token: str | None, max_wait: float = 60.0,
-             max_waiting: int = 200) -> FastAPI:
+             max_waiting: int = 200, execution_duration: float = 0) -> FastAPI:
     """Build the HTTP application over ``service``.
 
     Parameters
@@ -233,6 +233,8 @@ def make_app(service: OcpsService, *, token: str | None, max_wait: float = 60.0,
     max_waiting : `int`, optional
         Blocking reads waiting at once (more queue). Each waits in a worker thread counted
         apart from the 40 the other requests share, so waiting clients never starve them.
+    execution_duration : `float`, optional
+        The UWS ``executionDuration`` shown (``ocps.execution_duration``; 0: no limit).
 
     Returns
     -------
@@ -329,7 +331,7 @@ def make_app(service: OcpsService, *, token: str | None, max_wait: float = 60.0,
                                                      limiter=wait_limiter[0])
         if _wants_json(request):
             return JSONResponse(uws.request_json(job, base(request)))
-        return _xml(uws.job_xml(job, base(request)))
+        return _xml(uws.job_xml(job, base(request), execution_duration))
 
     @app.post("/jobs/{job_id}")
     async def post_job(job_id: str, request: Request) -> Response:
@@ -394,7 +396,8 @@ def make_app(service: OcpsService, *, token: str | None, max_wait: float = 60.0,
     @app.get("/jobs/{job_id}/{prop}")
     async def get_property(job_id: str, prop: str) -> Response:
         job = await get(job_id)
-        values: dict[str, Any] = {"owner": job.owner, "quote": "", "executionduration": "0",
+        values: dict[str, Any] = {"owner": job.owner, "quote": "",
+                                  "executionduration": f"{execution_duration:.0f}",
                                   "destruction": ""}
         if prop not in values:
             return PlainTextResponse(f"{prop}: no such job resource", status_code=404)

@@ -9,6 +9,8 @@ One step (every ``ocps.poll_interval`` seconds, or at once when woken by the ser
    (its ``ap_metrics`` from the butler, `apbatch.ocps.gather.telemetry_record`), published at
    once; when every CCD ended: results, final phase and completion event in one transaction,
    then the event is published and marked (`apbatch.ocps.store.RequestStore.mark_published`);
+   a request executing longer than ``ocps.execution_duration`` (UWS executionDuration) has its
+   unfinished jobs cancelled and ends in ERROR naming them;
 4. start QUEUED requests, oldest first, while fewer than ``ocps.max_concurrent`` execute (one
    in sync mode): plan the CCDs (`apbatch.ocps.pipelines.plan_works`) and submit them through
    `apbatch.submitter.Submitter` into the OCPS ledger, or run ``gather`` here.
@@ -283,6 +285,10 @@ class Runner:
         if not ccds:  # stopped between EXECUTING and its plan: plan again
             self.store.set_phase(req.id, Phase.QUEUED, expect=[Phase.EXECUTING])
             return
+        limit = self.config.ocps.execution_duration
+        if limit and req.started_at is not None and self.clock() - req.started_at > limit:
+            self._overrun(req, ccds, limit)
+            return
         backend = self._backend(req)
         if any(not c["job_id"] and not c["ended"] for c in ccds):
             self._submit(req, ccds)
@@ -308,6 +314,20 @@ class Runner:
             self.store.update(req.id, ccds=ccds)
         if all(c["ended"] for c in ccds):
             self._complete(req, ccds, rows)
+
+    def _overrun(self, req: OcpsRequest, ccds: list[dict[str, Any]], limit: float) -> None:
+        """The request ran past ``ocps.execution_duration``: cancel its unfinished jobs, end in ERROR."""
+        rows = self._rows(ccds)
+        late = [c for c in ccds if not c["ended"]]
+        states = [f"{CcdWork.from_dict(c['work']).detector_name} "
+                  f"({rows[tuple(c['key'])].state if tuple(c['key']) in rows else 'not submitted'})"
+                  for c in late]
+        self._cancel_jobs(req.id)
+        reason = (f"executionDuration {limit:g} s exceeded: {len(late)} of {len(ccds)} CCD(s) unfinished: "
+                  + ", ".join(states[:5]) + (", ..." if len(states) > 5 else ""))
+        done = sum(1 for c in ccds if c["ended"] and c.get("state") == str(SubmissionState.COMPLETED))
+        self._finish(req, Phase.ERROR, reason, [c["job_id"] for c in ccds if c["job_id"]], done,
+                     len(ccds) - done, {})
 
     def _runs(self, cfg: ApbatchConfig, instrument: str, day_obs: int) -> list[str]:
         from ..butler.datasets import output_run

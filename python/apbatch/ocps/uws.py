@@ -204,7 +204,7 @@ def _to_xml(model: Any, drop_empty: Iterable[str] = ()) -> bytes:
     return etree.tostring(tree, xml_declaration=True, encoding="UTF-8")
 
 
-def job_xml(request: OcpsRequest, base_url: str) -> bytes:
+def job_xml(request: OcpsRequest, base_url: str, execution_duration: float = 0) -> bytes:
     """The UWS ``job`` document of a request (``GET /jobs/{id}``).
 
     Parameters
@@ -213,6 +213,8 @@ def job_xml(request: OcpsRequest, base_url: str) -> bytes:
         The request.
     base_url : `str`
         The service root (``http://host:port``); result links are absolute under it.
+    execution_duration : `float`
+        Seconds the request may execute (``ocps.execution_duration``; 0: no limit).
     """
     error = None
     if request.error is not None and request.phase == "ERROR":
@@ -227,7 +229,7 @@ def job_xml(request: OcpsRequest, base_url: str) -> bytes:
         creation_time=_utc(request.created_at),
         start_time=_utc(request.started_at),
         end_time=_utc(request.ended_at),
-        execution_duration=0,
+        execution_duration=int(execution_duration),
         parameters=_parameters(request),
         results=_result_refs(request, base_url),
         error_summary=error,

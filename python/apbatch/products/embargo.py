@@ -14,6 +14,13 @@ already in the prompt repository is skipped), so two runs never duplicate and ne
 A CCD whose job was rerun after its outputs were released (``night reprocess``) has new
 datasets with the same data IDs: the next release replaces the released ones by them.
 
+Each pass can start where the last one ended (a `ReleaseMark`): it then looks only at the
+datasets of visits that ended after the last pass's cutoff, or that were ingested (``ingest_date``,
+the registry's wall clock) after the last pass began, both less a ``margin`` for clock skew and
+transactions in flight. Everything older was released by that pass, so the query stays the size
+of what is new instead of growing with every night kept. Without a mark (or with ``--full``) the
+pass looks at every output dataset; the mark is only ever an optimisation.
+
 CCDs that had no template have a calibrated image but no difference image; they are released
 like the others, and the summary gives, per visit, the CCDs released and how many of them had
 a difference image.
@@ -51,6 +58,7 @@ __all__ = [
     "IMAGE_TYPES",
     "OUTPUT_TYPES",
     "Batch",
+    "ReleaseMark",
     "ReleaseSummary",
     "VisitRelease",
     "collect",
@@ -92,6 +100,32 @@ class Batch:
 
 
 @dataclasses.dataclass(frozen=True)
+class ReleaseMark:
+    """Where a completed release pass got to; the next pass need look only past it.
+
+    Attributes
+    ----------
+    cutoff : `astropy.time.Time`
+        Visits (exposures) that ended before this were released by the pass.
+    started : `astropy.time.Time`
+        When the pass began, by the system clock: datasets ingested since may be new (a CCD rerun
+        after its release), whatever their visit's time.
+    """
+
+    cutoff: Time
+    started: Time
+
+    def as_dict(self) -> dict[str, str]:
+        """ISO strings (cutoff TAI, started UTC) for a JSON file."""
+        return {"cutoff_tai": self.cutoff.tai.isot, "started_utc": self.started.utc.isot}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, str]) -> ReleaseMark:
+        """Inverse of `as_dict`."""
+        return cls(Time(d["cutoff_tai"], scale="tai"), Time(d["started_utc"], scale="utc"))
+
+
+@dataclasses.dataclass(frozen=True)
 class VisitRelease:
     """What one release did for one visit (or calibration exposure)."""
 
@@ -125,6 +159,10 @@ class ReleaseSummary:
     replaced: int = 0
     """Released datasets replaced by a later attempt of their CCD's job (rerun after the release)."""
     visits: list[VisitRelease] = dataclasses.field(default_factory=list)
+    since: dict[str, str] | None = None
+    """The `ReleaseMark` the pass started from (`ReleaseMark.as_dict`); `None`: every dataset looked at."""
+    mark: dict[str, str] | None = None
+    """Where this pass got to, for the next one (`None` for a dry run)."""
 
     def as_dict(self) -> dict[str, Any]:
         """Plain types, for JSON and printing."""
@@ -145,13 +183,29 @@ def _output_runs(butler: Butler) -> list[str]:
     return sorted(butler.collections.query("*", collection_types={CollectionType.RUN}))
 
 
-def collect(butler: Butler) -> list[Batch]:
+def _since(element: str, mark: ReleaseMark | None, margin: datetime.timedelta) -> str:
+    """The query's ``where``: datasets that can be new since ``mark`` (empty: all)."""
+    if mark is None:
+        return ""
+    ended = (mark.cutoff - margin).tai.isot
+    ingested = (mark.started - margin).utc.isot
+    return f"{element}.timespan.end > T'{ended}/tai' OR ingest_date > T'{ingested}/utc'"
+
+
+def collect(butler: Butler, since: ReleaseMark | None = None,
+            margin: datetime.timedelta = datetime.timedelta(minutes=10)) -> list[Batch]:
     """The output datasets of ``butler`` grouped by visit or exposure, oldest first.
 
     Parameters
     ----------
     butler : `Butler`
         The embargo repository.
+    since : `ReleaseMark`, optional
+        Only datasets whose visit ended after ``since.cutoff`` or that were ingested after
+        ``since.started`` (each less ``margin``); default: all.
+    margin : `datetime.timedelta`
+        Allowance for clock skew between this host and the registry, and for datasets whose
+        transaction was in flight when the last pass queried.
 
     Returns
     -------
@@ -164,8 +218,9 @@ def collect(butler: Butler) -> list[Batch]:
     if not runs:
         return []
     for name in OUTPUT_TYPES:
+        where = _since("exposure" if name == ds.CALIB_VERIFICATION else "visit", since, margin)
         try:
-            refs = butler.query_datasets(name, collections=runs, find_first=False,
+            refs = butler.query_datasets(name, collections=runs, find_first=False, where=where,
                                          with_dimension_records=True, limit=None, explain=False)
         except MissingDatasetTypeError:  # a repository older than the dataset type
             continue
@@ -215,6 +270,8 @@ def release(
     *,
     dry_run: bool = False,
     after_batch: Callable[[VisitRelease], None] | None = None,
+    since: ReleaseMark | None = None,
+    margin: datetime.timedelta = datetime.timedelta(minutes=10),
 ) -> ReleaseSummary:
     """Transfer the output datasets whose embargo has ended from ``embargo`` to ``prompt``.
 
@@ -232,15 +289,26 @@ def release(
         Count what would be transferred; change nothing.
     after_batch : callable, optional
         Called with each visit's `VisitRelease` once its transaction committed (progress).
+    since : `ReleaseMark`, optional
+        Where the last completed pass got to (its ``summary.mark``): look only past it.
+    margin : `datetime.timedelta`
+        See `collect`.
 
     Returns
     -------
     summary : `ReleaseSummary`
+        With ``mark``, the `ReleaseMark` of this pass (dict form) for the next.
     """
+    started = Time.now()
     t_now = _utc(now)
     cutoff = t_now - datetime.timedelta(hours=period_hours)
-    summary = ReleaseSummary(now=_iso(t_now), cutoff=_iso(cutoff), dry_run=dry_run)
-    for batch in collect(embargo):
+    summary = ReleaseSummary(now=_iso(t_now), cutoff=_iso(cutoff), dry_run=dry_run,
+                             since=since.as_dict() if since is not None else None)
+    if since is not None and since.cutoff > cutoff:  # a clock set back: keep the later cutoff
+        cutoff_mark = since.cutoff
+    else:
+        cutoff_mark = cutoff
+    for batch in collect(embargo, since, margin):
         if batch.end > cutoff:
             summary.embargoed += len(batch.refs)
             continue
@@ -269,6 +337,8 @@ def release(
                  batch.element, batch.id, item.datasets, item.ccds, item.ccds_with_diffim)
         if after_batch is not None:
             after_batch(item)
+    if not dry_run:
+        summary.mark = ReleaseMark(cutoff_mark, started).as_dict()
     return summary
 
 

@@ -24,7 +24,7 @@ import heapq
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..backends import make_backend
 from ..backends.base import Backend
@@ -34,6 +34,9 @@ from ..ledger import Ledger
 from ..night import night_rows
 from ..states import SubmissionState
 from ..submission import Submission
+
+if TYPE_CHECKING:
+    from .footprint import NightFootprint
 
 __all__ = ["AlertSummary", "CcdInfo", "Failure", "GalleryAlert", "MetricsKey", "NightData", "VisitInfo",
            "butler_metrics", "gather_night", "job_log_path", "read_alerts"]
@@ -149,6 +152,8 @@ class NightData:
     alerts: AlertSummary
     notes: list[str] = dataclasses.field(default_factory=list)
     """What could not be read (no butler repository, unreadable alert files...)."""
+    footprint: NightFootprint | None = None
+    """The sky the night covered (`apbatch.report.footprint`)."""
 
     @property
     def ccds(self) -> list[CcdInfo]:
@@ -362,5 +367,8 @@ def gather_night(config: ApbatchConfig, *, day_obs: int, ledger: Ledger | None =
                                     r.reason, r.job_id, ccd.log_path))
     for v in visits.values():
         v.ccds.sort(key=lambda c: c.detector)
+    from .footprint import night_footprint, pointings_from_visits
+
     return NightData(day_obs=day_obs, summary=summary, visits=list(visits.values()), failures=failures,
-                     alerts=alerts, notes=notes)
+                     alerts=alerts, notes=notes,
+                     footprint=night_footprint(pointings_from_visits(visits.values()), day_obs=day_obs))

@@ -1,7 +1,8 @@
 """The night report as one self-contained HTML page: inline CSS, PNG figures as data URIs, no script.
 
 Sections (each an element with an ``id``, in this order): ``summary`` (the text report),
-``focal-plane``, ``sky-map``, ``latency``, ``resources``, ``alerts``, ``failures``, ``gallery``.
+``focal-plane``, ``sky-map``, ``footprint`` (where we looked: the night's MOC), ``latency``,
+``resources``, ``alerts``, ``failures``, ``gallery``.
 The page loads nothing: it can be mailed, archived, or opened on a machine without network.
 """
 
@@ -21,7 +22,8 @@ from .data import NightData, VisitInfo
 
 __all__ = ["SECTIONS", "check_directory", "page_path", "render_page", "write_report"]
 
-SECTIONS = ("summary", "focal-plane", "sky-map", "latency", "resources", "alerts", "failures", "gallery")
+SECTIONS = ("summary", "focal-plane", "sky-map", "footprint", "latency", "resources", "alerts", "failures",
+            "gallery")
 """The ``id`` of every section of the page, in order."""
 
 _CSS = """
@@ -95,6 +97,25 @@ def _untemplated(night: NightData) -> str:
     return f"<p>Calibrated image only (no template):</p><ul>{items}</ul>"
 
 
+def _footprint(night: NightData) -> str:
+    """The coverage PNG, the areas per band, and the MOC files if they were written."""
+    fp = night.footprint
+    if fp is None or not fp.ccds_observed:
+        return _img(plots.message("no science CCD was submitted this night"), "no footprint")
+    s = fp.summary()
+    rows = [(f"band {b}", a) for b, a in s["bands"].items()] + [("all", s)]
+    cells = "".join(f"<tr><td>{html.escape(name)}</td><td>{a['observed_deg2']:.2f}</td>"
+                    f"<td>{a['processed_deg2']:.2f}</td></tr>" for name, a in rows)
+    table = ("<table><tr><th></th><th>observed (deg²)</th><th>processed (deg²)</th></tr>"
+             f"{cells}</table>")
+    text = (f"<p>{s['ccds_observed']} science CCD-visit(s) submitted, {s['ccds_processed']} completed; "
+            f"areas of their HEALPix MOC at order {s['order']} (overlaps counted once).</p>")
+    files = "".join(f"<li><code>{html.escape(p.name)}</code></li>" for p in fp.files.values())
+    return (_img(fp.image(), "where we looked") + text + table
+            + (f"<p>Beside this page (<code>apbatch night footprint</code>):</p><ul>{files}</ul>"
+               if files else ""))
+
+
 def _gallery(night: NightData) -> str:
     if not night.alerts.gallery:
         return _img(plots.message("no new alert this night"), "no new alert")
@@ -133,6 +154,7 @@ def render_page(night: NightData, *, max_focal_planes: int = 50,
         _section("summary", "Summary", summary),
         _section("focal-plane", "Focal plane per visit", _focal_planes(night, max_focal_planes)),
         _section("sky-map", "Sky map", _img(plots.sky_map(night.visits), "sky map") + _untemplated(night)),
+        _section("footprint", "Where we looked", _footprint(night)),
         _section("latency", "Latency per stage", _img(plots.latency_histograms(night.stage_values()),
                                                       "latency per stage")),
         _section("resources", "CPU per step and peak memory", _img(plots.resources(ccds), "CPU and memory")),

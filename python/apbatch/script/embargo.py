@@ -15,7 +15,7 @@ from typing import Any
 from ..config import ApbatchConfig, load_config
 from ..errors import BadInputError, RetriableError
 
-__all__ = ["parse_now", "release"]
+__all__ = ["MARK_FILE", "open_repo", "parse_now", "release"]
 
 
 def parse_now(value: str | None, clock: Callable[[], datetime.datetime] | None = None) -> datetime.datetime:
@@ -36,7 +36,7 @@ def parse_now(value: str | None, clock: Callable[[], datetime.datetime] | None =
     return when if when.tzinfo is not None else when.replace(tzinfo=datetime.UTC)
 
 
-def _open(path: Path, field: str):
+def open_repo(path: Path, field: str):
     """A writeable butler on ``path``; bad input if there is no repository there."""
     import sqlalchemy.exc  # noqa: PLC0415
     from lsst.daf.butler import Butler  # noqa: PLC0415 (1 s import: only when needed)
@@ -50,6 +50,23 @@ def _open(path: Path, field: str):
         raise RetriableError(f"cannot reach the registry of {path}: {' '.join(str(exc).split())}") from exc
 
 
+MARK_FILE = "embargo/release-mark.json"
+"""Where (under the config's ``root``) the last completed pass's `ReleaseMark` is kept."""
+
+
+def _load_mark(path: Path, repos: dict[str, str]) -> Any:
+    """The `ReleaseMark` saved at ``path`` for these two repositories; `None` if none (or unreadable)."""
+    import json  # noqa: PLC0415
+
+    from ..products.embargo import ReleaseMark  # noqa: PLC0415
+
+    try:
+        saved = json.loads(path.read_text())
+        return ReleaseMark.from_dict(saved) if saved.get("repos") == repos else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # no mark, or a damaged one: a full pass, which is always right
+
+
 def release(
     cfg: ApbatchConfig | None = None,
     now: str | datetime.datetime | None = None,
@@ -59,6 +76,7 @@ def release(
     config_paths: list[str] | tuple[str, ...] = (),
     clock: Callable[[], datetime.datetime] | None = None,
     progress: Callable[[str], None] | None = None,
+    full: bool = False,
 ) -> dict[str, Any]:
     """Release what the embargo period allows; with ``purge``, then drop old images.
 
@@ -78,6 +96,9 @@ def release(
         Returns the current aware `datetime.datetime` (default: the system clock, UTC).
     progress : callable, optional
         Called with one line per visit released.
+    full : `bool`
+        Look at every output dataset, not only those new since the last completed pass (whose
+        `~apbatch.products.embargo.ReleaseMark` is kept in ``<root>/embargo/release-mark.json``).
 
     Returns
     -------
@@ -105,15 +126,26 @@ def release(
     if embargo_path.resolve() == prompt_path.resolve():
         raise BadInputError("embargo.prompt_repo", "is job.repo, the embargo repository itself",
                             "give the public repository")
-    prompt = _open(prompt_path, "embargo.prompt_repo")
-    embargo = _open(embargo_path, "job.repo")
+    prompt = open_repo(prompt_path, "embargo.prompt_repo")
+    embargo = open_repo(embargo_path, "job.repo")
 
     def step(item) -> None:
         if progress is not None:
             progress(f"{item.element} {item.id}: {item.datasets} dataset(s), "
                      f"{item.ccds_with_diffim}/{item.ccds} CCDs with a difference image")
 
-    summary = run(embargo, prompt, when, cfg.embargo.period_hours, dry_run=dry_run, after_batch=step)
+    mark_path = cfg.path(MARK_FILE)
+    repos = {"embargo": str(embargo_path.resolve()), "prompt": str(prompt_path.resolve())}
+    since = None if full else _load_mark(mark_path, repos)
+    summary = run(embargo, prompt, when, cfg.embargo.period_hours, dry_run=dry_run, after_batch=step,
+                  since=since)
+    if summary.mark is not None:
+        import json  # noqa: PLC0415
+
+        from ..atomic import write_atomic  # noqa: PLC0415
+
+        mark_path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(mark_path, json.dumps({"repos": repos, **summary.mark}, indent=1) + "\n")
     out = summary.as_dict()
     out["purged"] = purge_images(prompt, when, cfg.embargo.cache_days, dry_run=dry_run) if purge else None
     return out

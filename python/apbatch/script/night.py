@@ -1,4 +1,5 @@
-"""``apbatch night``: what cron runs the morning after a night -- reprocess, report, crontab.
+"""``apbatch night``: what cron runs the morning after a night -- reprocess, report (the crontab:
+`apbatch.script.crontab`).
 
 The policy (what is resubmitted, what counts as missed, which events belong to a night) is
 in `apbatch.night`; these are the commands' plain functions.
@@ -8,10 +9,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
-import re
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -38,8 +35,7 @@ from ..submitter import Submitter
 from ..work import CcdWork
 from .status import latency_lines, verdict, verification_lines
 
-__all__ = ["crontab_text", "format_report", "install_paths", "night_report", "reprocess_night",
-           "write_atomic"]
+__all__ = ["format_report", "night_report", "reprocess_night", "write_atomic"]
 
 _REDO = (Category.RETRY, Category.LOST)
 _REDO_FINAL = (*_REDO, Category.EXHAUSTED, Category.FINAL)
@@ -197,8 +193,11 @@ def night_report(config: ApbatchConfig, *, day_obs: int, ledger: Ledger | None =
         (``{n, p50, p95, max, within_requirement}`` over its CCDs, or `None` without marks).
         ``other_nights``: when this night has no CCDs, the ledger's latest nights that do
         (``day_obs`` as a string -> CCDs), so a report asked for the wrong day says which to ask for.
-        ``calibrations``: the verified calibration CCDs (`apbatch.script.status.verdict`).
+        ``calibrations``: the verified calibration CCDs (`apbatch.script.status.verdict`). ``footprint``:
+        the sky covered (`apbatch.report.footprint.rows_summary`: deg^2 observed/processed, per band).
     """
+    from ..report.footprint import rows_summary
+
     max_attempts = config.events.max_attempts if max_attempts is None else max_attempts
     own_ledger = ledger is None
     ledger = ledger or Ledger.from_config(config, create=False)
@@ -255,6 +254,7 @@ def night_report(config: ApbatchConfig, *, day_obs: int, ledger: Ledger | None =
         "per_visit": list(per_visit.values()),
         "other_nights": others,
         "calibrations": [verdict(r) for r in rows if r.verification is not None],
+        "footprint": rows_summary(rows, day_obs),
     }
 
 
@@ -283,6 +283,9 @@ def format_report(report: dict[str, Any]) -> str:
              f"  needs attention {report['needs_attention']}",
              f"  missing CCDs    {report['missing_ccds']}",
              f"  dead letters    {report['dead_letters']}"]
+    if report.get("footprint"):
+        lines.append("  sky covered     {observed_deg2:.2f} deg^2 observed, {processed_deg2:.2f} deg^2 "
+                     "processed".format(**report["footprint"]))
     for name, title in (("event_to_submit", "event -> submitted"),
                         ("submit_to_finish", "submitted -> finished")):
         s = lat[name]
@@ -329,67 +332,3 @@ def write_atomic(path: str, text: str, day_obs: int | None = None) -> Path:
     except OSError as exc:
         raise BadInputError("--out", f"cannot write {str(target)!r}: {exc.strerror}",
                             "choose a writable path") from None
-
-
-# ----------------------------------------------------------------------------- crontab
-def _cron_word(text: str | Path) -> str:
-    return shlex.quote(str(text)).replace("%", "\\%")  # cron turns a bare % into a newline
-
-
-def crontab_text(*, python: str, apbatch: str, config: str, log_dir: str, report_dir: str,
-                 reprocess_at: str = "10:00", report_at: str = "10:30") -> str:
-    """A crontab running ``night reprocess`` and then ``night report`` (text and JSON) every day.
-
-    Raises
-    ------
-    BadInputError
-        Raised if a time is not HH:MM or a path is not absolute (cron has no working directory).
-    """
-    times = {}
-    for field, value in (("--reprocess-at", reprocess_at), ("--report-at", report_at)):
-        m = re.fullmatch(r"([01]?\d|2[0-3]):([0-5]\d)", value)
-        if not m:
-            raise BadInputError(field, f"{value!r} is not a time HH:MM", "e.g. 10:00")
-        times[field] = f"{int(m[2])} {int(m[1])}"
-    for field, value in (("python", python), ("apbatch", apbatch), ("--config", config),
-                         ("--log-dir", log_dir), ("--report-dir", report_dir)):
-        if not os.path.isabs(value):
-            raise BadInputError(field, f"{value!r} is not an absolute path", "cron needs absolute paths")
-    cmd = f"{_cron_word(python)} {_cron_word(apbatch)} night"
-    cfg, log = f"--config {_cron_word(config)}", Path(log_dir)
-    lock = f"flock -n {_cron_word(log / 'night.lock')}"
-    report = Path(report_dir) / "night-{day_obs}"
-    return "\n".join([
-        "# apbatch nightly runs (install with `crontab FILE`; times are the cron daemon's time zone).",
-        "# reprocess: refresh job states, resubmit retriable (exit 3/4) and lost jobs, submit missed CCDs",
-        "# of the night that ended (default --day-obs: yesterday's UTC date, the night that ended this",
-        "# morning in Chile); report: the night's summary, written atomically, one file per day_obs.",
-        "# flock keeps two reprocess runs from overlapping. Create the log directory first.",
-        "PATH=/usr/local/bin:/usr/bin:/bin",
-        f"{times['--reprocess-at']} * * * {lock} {cmd} reprocess {cfg}"
-        f" >> {_cron_word(log / 'night-reprocess.log')} 2>&1",
-        f"{times['--report-at']} * * * {cmd} report {cfg} --out {_cron_word(str(report) + '.txt')}"
-        f" >> {_cron_word(log / 'night-report.log')} 2>&1",
-        f"{times['--report-at']} * * * {cmd} report {cfg} --json --out {_cron_word(str(report) + '.json')}"
-        f" >> {_cron_word(log / 'night-report.log')} 2>&1",
-    ]) + "\n"
-
-
-def install_paths() -> tuple[str, str]:
-    """The Python interpreter running now and the ``bin/apbatch`` shim of this install, absolute.
-
-    Raises
-    ------
-    BadInputError
-        Raised if no ``apbatch`` command can be found (neither the shim nor one on ``PATH``).
-    """
-    import shutil
-
-    import apbatch
-
-    shim = Path(apbatch.__file__).resolve().parents[2] / "bin" / "apbatch"
-    found = str(shim) if shim.is_file() else shutil.which("apbatch")
-    if not found:
-        raise BadInputError("apbatch", "cannot find the apbatch command of this install",
-                            "put bin/apbatch on PATH")
-    return os.path.abspath(sys.executable), os.path.abspath(found)

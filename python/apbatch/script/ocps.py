@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..config_sources import read_secret_file
 from ..errors import BadInputError, NonRetriableError, RetriableError
 from ..ocps.server import ServerThread
 
@@ -79,16 +80,7 @@ def read_token(ocps: Any, root: str | Path = ".", environ: Mapping[str, str] | N
         return environ[ocps.token_env].strip()
     if not ocps.token_file:
         return None
-    path = Path(ocps.token_file)
-    path = path if path.is_absolute() else Path(root) / path
-    try:
-        token = path.read_text().strip()
-    except OSError as exc:
-        raise BadInputError("ocps.token_file", f"cannot read {str(path)!r}: {exc.strerror}",
-                            "fix the path or its permissions") from None
-    if not token:
-        raise BadInputError("ocps.token_file", f"{str(path)!r} is empty", "write the token into it")
-    return token
+    return read_secret_file("ocps.token_file", ocps.token_file, root)
 
 
 def check_exposure(host: str, token: str | None, token_env: str | None = None) -> None:
@@ -154,7 +146,8 @@ def serve(
     token = read_token(ocps, config.root, environ)
     check_exposure(host, token, ocps.token_env)
     service = _make_service(config) if service is None else service
-    server = ServerThread(make_app(service, token=token), host, port)
+    app = make_app(service, token=token, execution_duration=ocps.execution_duration)
+    server = ServerThread(app, host, port)
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -16,6 +16,9 @@ def write_night_html(config: ApbatchConfig, *, day_obs: int, directory: str | Pa
                      **gather) -> Path:
     """Write ``<directory>/night-<day_obs>.html``, the self-contained report page of one night.
 
+    The page names the night's coverage files found beside it (``apbatch night footprint --out``
+    the same directory writes them); it does not write them: a full night's MOCs are hundreds of MB.
+
     Parameters
     ----------
     config : `ApbatchConfig`
@@ -43,8 +46,11 @@ def write_night_html(config: ApbatchConfig, *, day_obs: int, directory: str | Pa
         nothing is written then).
     """
     from ..report.data import gather_night
+    from ..report.footprint import footprint_paths
     from ..report.html import check_directory, write_report
 
     check_directory(Path(directory))
     night = gather_night(config, day_obs=day_obs, ledger=ledger, summary=summary, **gather)
+    if night.footprint is not None:
+        night.footprint.files = {k: p for k, p in footprint_paths(directory, day_obs).items() if p.is_file()}
     return write_report(night, directory)

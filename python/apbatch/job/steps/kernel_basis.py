@@ -181,9 +181,13 @@ def convolve_terms(img, coefs, funcs, terms, fshape, crop: tuple[slice, slice]):
 
     One forward FFT of the image; each kernel's FFT is a sum of outer products of the
     separable basis' 1-d FFTs (one small complex matrix product), then one inverse FFT.
-    A generator: the caller uses each CCD-sized result before the next is made.
+    A generator: the caller uses each CCD-sized result before the next is made. Once the
+    forward FFT is taken the generator lets go of ``img`` (a caller that drops its own
+    reference frees the image while the terms are made), and each inverse FFT is freed
+    before its crop is handed over.
     """
     FT = sfft.rfft2(img, s=fshape, workers=parallel.threads())
+    del img
     fy = np.array([np.fft.fft(_centred(funcs[(si, j)], fshape[0])) for si, i, j in terms]).T.astype(
         np.complex64
     )
@@ -196,5 +200,7 @@ def convolve_terms(img, coefs, funcs, terms, fshape, crop: tuple[slice, slice]):
         # FK is a temporary: let the inverse transform work in its buffer
         out = sfft.irfft2(FK, s=fshape, workers=parallel.threads(), overwrite_x=True)
         del FK
-        yield np.ascontiguousarray(out[crop])
+        term = np.ascontiguousarray(out[crop])
         del out
+        yield term
+        del term

@@ -277,7 +277,7 @@ def subtract_images(
     fshape = (sfft.next_fast_len(tny + h + 1, real=True), sfft.next_fast_len(tnx + h + 1, real=True))
     inner = (slice(pad, pad + ny), slice(pad, pad + nx))
     tmask = template.mask
-    timg = np.where((tmask & int(MaskBits.NO_DATA)) != 0, 0.0, template.image).astype(np.float32)
+    timg = np.where((tmask & int(MaskBits.NO_DATA)) != 0, np.float32(0.0), template.image)
     xs = ((np.arange(nx, dtype=np.float32) - nx / 2) / (nx / 2))[None, :]
     ys = ((np.arange(ny, dtype=np.float32) - ny / 2) / (ny / 2))[:, None]
     # spatial terms 1, x, y, x^2, xy, y^2 as (row, column) factors
@@ -285,8 +285,9 @@ def subtract_images(
     diff = science.image.astype(np.float32, copy=True)
     floor = None
     # in place where possible: every CCD-sized temporary costs page faults as well as time
-    for (fx, fy), c in zip(facs, convolve_terms(timg, coef[:, :-1], funcs, terms, fshape, inner),
-                           strict=False):
+    terms_of = convolve_terms(timg, coef[:, :-1], funcs, terms, fshape, inner)
+    del timg  # the generator frees it once it has its FFT
+    for (fx, fy), c in zip(facs, terms_of, strict=False):
         if fx is None and fy is None:
             diff -= c
             floor = np.square(c, out=c)  # model error: a fraction of the matched template's flux
@@ -298,7 +299,7 @@ def subtract_images(
             c *= fy
         diff -= c
         del c
-    del timg
+    del terms_of
     bg = coef[:, -1].astype(np.float32)
     for k, (fx, fy) in enumerate(facs):
         diff -= bg[k] * (fx if fx is not None else np.float32(1)) * (fy if fy is not None else np.float32(1))

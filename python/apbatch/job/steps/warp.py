@@ -41,6 +41,8 @@ class NoTemplateOverlapError(BadInputError):
 
 
 _EDGE_MARGIN = 4.0
+_BAND_ROWS = 256
+"""Output rows :func:`warp_template` resamples at a time (bounds its temporaries to ~30 MB)."""
 
 
 def _spline_matrix(nodes: np.ndarray, n: int) -> np.ndarray:
@@ -107,6 +109,14 @@ def _or_dilate(m: np.ndarray) -> np.ndarray:
     return b
 
 
+def _dilated_mask(mask: np.ndarray) -> np.ndarray | None:
+    """:func:`_or_dilate` of ``mask``, as `numpy.uint16` when its bits fit; `None` if no bit is set."""
+    lo, hi = (int(mask.min()), int(mask.max())) if mask.size else (0, 0)
+    if lo == hi == 0:
+        return None
+    return _or_dilate(mask.astype(np.uint16) if lo >= 0 and hi <= 0xFFFF else mask)
+
+
 def shift_wcs(wcs: WCS, offset: float) -> WCS:
     """A copy of ``wcs`` for pixel coordinates larger by ``offset`` on both axes (a grid grown by ``offset``).
 
@@ -161,8 +171,10 @@ class WarpPatch:
     Everything here depends on the patch alone, not on the science image, so a job computes
     it before its raw arrives: cubic B-spline coefficients of the image (non-finite pixels
     zeroed), the variance, and the mask with non-finite pixels set ``NO_DATA`` and dilated by one
-    pixel (or `None` when nothing is masked). ``metadata`` is the patch's (its ``BUNIT``, the
-    coadd PSF description): the image planes themselves need not be kept.
+    pixel (or `None` when nothing is masked; `numpy.uint16` when its bits fit, as
+    `apbatch.image.MaskBits` do: a job holds its patches from before the raw to the warp).
+    ``metadata`` is the patch's (its ``BUNIT``, the coadd PSF description): the image planes
+    themselves need not be kept.
     """
 
     wcs: WCS
@@ -198,7 +210,7 @@ def prepare_warp(templates: list[Image]) -> list[WarpPatch]:
             tmask = tmask | np.where(bad, np.int32(MaskBits.NO_DATA), np.int32(0))
         # float32 spline coefficients; 'mirror' needs no padding (covered pixels are >= 4 px inside)
         coef = ndimage.spline_filter(img, order=3, output=np.float32, mode="mirror")
-        out.append(WarpPatch(t_wcs, coef, tvar, _or_dilate(tmask) if tmask.any() else None, dict(t.metadata)))
+        out.append(WarpPatch(t_wcs, coef, tvar, _dilated_mask(tmask), dict(t.metadata)))
     return out
 
 
@@ -280,52 +292,13 @@ def warp_template(
         # patches up to 16k px), stacked as map_coordinates wants them
         oy, ox = 0.5 * (tny - 1), 0.5 * (tnx - 1)
         (ay, by), (ax, bx) = _map_factors(sci_wcs, t_wcs, shape, grid, region, origin=(oy, ox))
-        coords = np.empty((2, r1 - r0, c1 - c0), np.float32)
-        np.matmul(ay.astype(np.float32), by.astype(np.float32), out=coords[0])
-        np.matmul(ax.astype(np.float32), bx.astype(np.float32), out=coords[1])
-        # 4 px inside the patch: the spline coefficients near a patch edge depend on the
-        # boundary rule, so a seam between patches would show
-        e = _EDGE_MARGIN
-        cy, cx = coords
-        cover = (cx >= e - ox) & (cx <= tnx - 1 - e - ox) & (cy >= e - oy) & (cy <= tny - 1 - e - oy)
-        cover &= ~filled[region]
-        del cx, cy
-        if not cover.any():
-            continue
-        rows = np.flatnonzero(cover.any(axis=1))
-        cols = np.flatnonzero(cover.any(axis=0))
-        sub = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-        sl = (slice(r0 + rows[0], r0 + rows[-1] + 1), slice(c0 + cols[0], c0 + cols[-1] + 1))
-        coords, cov = coords[:, sub[0], sub[1]], cover[sub]
-        del cover
-        coords[0] += np.float32(oy)
-        coords[1] += np.float32(ox)
-        # only the covered pixels unless (almost) all are
-        partial = cov.mean() <= 0.9
-        if partial:
-            coords = coords[:, cov]
-        w_img = parallel.map_coordinates(p.coef, coords, order=3, mode="mirror", prefilter=False)
-        # variance and mask: nearest pixel (the mask dilated by one pixel first, keeping every bit)
-        # flat index of the nearest pixel; outside pixels are clipped (and not covered anyway)
-        np.rint(coords, out=coords)
-        itype = np.int32 if p.coef.size < 2**31 else np.intp
-        flat = coords[0].astype(itype)
-        flat *= itype(tnx)
-        flat += coords[1].astype(itype)
-        del coords
-        w_var = np.take(p.variance.ravel(), flat, mode="clip")
-        w_msk = np.take(p.mask.ravel(), flat, mode="clip") if p.mask is not None else None
-        del flat
-        o, v, m, f = out[sl], var[sl], msk[sl], filled[sl]
-        if partial:
-            o[cov], v[cov] = w_img, w_var
-            m[cov] = w_msk if w_msk is not None else 0
-        else:
-            np.copyto(o, w_img, where=cov)
-            np.copyto(v, w_var, where=cov)
-            np.copyto(m, w_msk if w_msk is not None else np.int32(0), where=cov)
-        f |= cov
-        del w_img, w_var, w_msk
+        factors = (ay.astype(np.float32), by.astype(np.float32), ax.astype(np.float32), bx.astype(np.float32))
+        # a band of rows at a time: every value is computed pixel by pixel, so the result is the
+        # same as in one piece, without CCD-sized coordinate and index temporaries (~600 MB)
+        for a in range(0, r1 - r0, _BAND_ROWS):
+            b = min(a + _BAND_ROWS, r1 - r0)
+            _warp_band(p, factors, (a, b), (oy, ox), out[r0 + a : r0 + b, c0:c1], var[r0 + a : r0 + b, c0:c1],
+                       msk[r0 + a : r0 + b, c0:c1], filled[r0 + a : r0 + b, c0:c1])
     coverage = float(filled[pad : ny - pad, pad : nx - pad].mean())
     if coverage == 0.0 or coverage < min_coverage:
         raise NoTemplateOverlapError(f"template patches cover {coverage:.1%} of the science image")
@@ -333,6 +306,55 @@ def warp_template(
     if unit:
         meta["BUNIT"] = unit
     return Image(out, var, msk, sci_wcs, meta)
+
+
+def _warp_band(p: WarpPatch, factors, rows: tuple[int, int], origin: tuple[float, float],
+               out: np.ndarray, var: np.ndarray, msk: np.ndarray, filled: np.ndarray) -> None:
+    """Warp patch ``p`` onto one band of rows of the output (views ``out``, ``var``, ``msk``, ``filled``).
+
+    ``factors`` are the float32 ``(ay, by, ax, bx)`` of the patch's region and ``rows`` the
+    band's rows in it; ``origin`` is the patch centre (oy, ox). Pixels already ``filled`` by an
+    earlier patch are kept.
+    """
+    ay, by, ax, bx = factors
+    a, b = rows
+    tny, tnx = p.shape
+    oy, ox = origin
+    coords = np.empty((2, b - a, by.shape[1]), np.float32)
+    np.matmul(ay[a:b], by, out=coords[0])
+    np.matmul(ax[a:b], bx, out=coords[1])
+    # 4 px inside the patch: the spline coefficients near a patch edge depend on the
+    # boundary rule, so a seam between patches would show
+    e = _EDGE_MARGIN
+    cy, cx = coords
+    cov = (cx >= e - ox) & (cx <= tnx - 1 - e - ox) & (cy >= e - oy) & (cy <= tny - 1 - e - oy)
+    cov &= ~filled
+    del cx, cy
+    if not cov.any():
+        return
+    coords[0] += np.float32(oy)
+    coords[1] += np.float32(ox)
+    partial = not cov.all()
+    if partial:  # only the covered pixels
+        coords = coords[:, cov]
+    w_img = parallel.map_coordinates(p.coef, coords, order=3, mode="mirror", prefilter=False)
+    # variance and mask: nearest pixel (the mask dilated by one pixel first, keeping every bit)
+    # flat index of the nearest pixel; outside pixels are clipped (and not covered anyway)
+    np.rint(coords, out=coords)
+    itype = np.int32 if p.coef.size < 2**31 else np.intp
+    flat = coords[0].astype(itype)
+    flat *= itype(tnx)
+    flat += coords[1].astype(itype)
+    del coords
+    w_var = np.take(p.variance.ravel(), flat, mode="clip")
+    w_msk = np.take(p.mask.ravel(), flat, mode="clip") if p.mask is not None else None
+    if partial:
+        out[cov], var[cov] = w_img, w_var
+        msk[cov] = w_msk if w_msk is not None else 0
+    else:
+        out[...], var[...] = w_img, w_var
+        msk[...] = w_msk if w_msk is not None else 0
+    filled |= cov
 
 
 def template_unit(templates: list[Image] | list[WarpPatch]) -> str:
