@@ -128,5 +128,8 @@ def test_read_only_some_planes_and_refuse_unknown_ones(tmp_path):
     assert back.image.shape == img.image.shape and not back.image.any() and not back.variance.any()
     box = read_image(tmp_path / "p.fits", bbox=(0, 20, 0, 10), planes=("image", "mask"))
     np.testing.assert_array_equal(box.image, img.image[:10, :20])
+    # the variance not read: zeros of the right shape that take no memory and cannot be written
+    assert box.variance.shape == (10, 20) and not box.variance.any() and box.variance.dtype == np.float32
+    assert box.variance.strides == (0, 0) and not box.variance.flags.writeable
     with pytest.raises(ValueError, match="planes"):
         read_image(tmp_path / "p.fits", planes=("image", "weights"))

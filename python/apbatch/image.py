@@ -183,7 +183,7 @@ def read_image(path: str | Path, bbox: tuple[int, int, int, int] | None = None,
     that overlap the box are decompressed; the WCS is shifted so that pixel (0, 0) of the
     result is pixel (x0, y0) of the file, and metadata ``BBOX_X0``/``BBOX_Y0`` record it.
     With ``planes`` (a subset of :data:`PLANES`) only those are decompressed; the others are
-    zeros (a bias or flat's variance is not needed by ISR, for one).
+    read-only zeros that take no memory (a bias or flat's variance is not needed by ISR, for one).
 
     Raises
     ------
@@ -207,6 +207,9 @@ def read_image(path: str | Path, bbox: tuple[int, int, int, int] | None = None,
                   if name.lower() in wanted else None
                   for name, dt in (("IMAGE", np.float32), ("VARIANCE", np.float32), ("MASK", np.int32))]
         image = arrays[0] if arrays[0] is not None else np.zeros((y1 - y0, x1 - x0), np.float32)
+        for i, dt in ((1, np.float32), (2, np.int32)):  # a plane not read: zeros that take no memory
+            if arrays[i] is None:
+                arrays[i] = np.broadcast_to(dt(0), image.shape)
         wcs = WCS(ihdr) if "CTYPE1" in ihdr else None
         if wcs is not None:
             if bbox is not None:
