@@ -67,6 +67,7 @@ def run_chain(scene, timer=None) -> dict:
         subtract_images,
         warp_template,
     )
+    from apbatch.job.steps.apcorr import apply_aperture_correction, measure_aperture_correction
     from apbatch.job.steps.subtract import template_pad
     from apbatch.job.steps.template_psf import template_psf_sigma
     from apbatch.job.steps.warp import crop_to_science
@@ -100,8 +101,11 @@ def run_chain(scene, timer=None) -> dict:
     warped = crop_to_science(warped)
     with t("measure"):
         dia = measure_dia_sources(diff, psf, calexp)
+        apcorr = measure_aperture_correction(calexp, psf, sources)
+        dia = apply_aperture_correction(dia, apcorr)
     out.update(
-        calexp=calexp, sources=sources, psf=psf, astro=astro, warped=warped, diff=diff, sres=sres, dia=dia
+        calexp=calexp, sources=sources, psf=psf, astro=astro, warped=warped, diff=diff, sres=sres, dia=dia,
+        apcorr=apcorr,
     )
     return out
 

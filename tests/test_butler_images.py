@@ -53,13 +53,18 @@ def ccd_image(bunit="nJy", seed=3, detector=DET, **meta):
                  cam.sky_wcs(det, m.ra, m.dec, m.rotation), metadata)
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    butler = create_repo(tmp_path_factory.mktemp("images") / "repo")
+def make_repo(path):
+    """A new repository with ComCam, the visit of :func:`comcam_meta` and its output run."""
+    butler = create_repo(path)
     register_instrument(butler, "LSSTComCam")
     register_exposures(butler, [comcam_meta()])
     register_output_run(butler, "LSSTComCam", 20241108)
     return butler
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    return make_repo(tmp_path_factory.mktemp("images") / "repo")
 
 
 @pytest.fixture(scope="module")

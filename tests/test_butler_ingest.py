@@ -58,11 +58,21 @@ SKYMAP = SkyMap(
 )  # 5 x 5 patches per tract
 
 
-def write_templates(directory):
+def template_image(patch, stars=()):
+    """A 20 x 30 template of patch ``patch`` of tract 1 (with its WCS), ``stars`` ((x, y) px) drawn in."""
+    img = small_image(float(patch))
+    img.wcs = SKYMAP.patch(1, patch).wcs
+    yy, xx = np.mgrid[0:20, 0:30]
+    for x, y in stars:
+        img.image += 500.0 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 1.5**2)).astype(np.float32)
+    return img
+
+
+def write_templates(directory, stars=()):
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "skymap.yaml").write_text(yaml.safe_dump(SKYMAP.to_dict()))
     for patch in (5, 6):
-        write_image(small_image(float(patch)), directory / f"t1_p{patch}_g.fits", lossless=True)
+        write_image(template_image(patch, stars), directory / f"t1_p{patch}_g.fits", lossless=True)
     (directory / "manifest.yaml").write_text(
         yaml.safe_dump(
             {
@@ -113,6 +123,7 @@ def test_ingest_calibs_with_validity_ranges(butler, tmp_path):
 
 
 def test_ingest_templates_and_skymap(butler, tmp_path):
+    # two templates (and the template_sources the ingest made for each, not counted: none listed)
     assert ingest_manifest(butler, write_templates(tmp_path / "templates")) == 2
     run = ds.templates_run("LSSTComCam")
     ref = butler.find_dataset(
@@ -217,3 +228,43 @@ def test_ingest_requires_registered_instrument(tmp_path):
 
 
 # ---------------------------------------------------------------- command line
+
+
+def test_ingest_catalogues_template_sources(butler, tmp_path):
+    """Each template gets its astrometric references at ingest: its stars at their sky positions."""
+    ingest_manifest(butler, write_templates(tmp_path / "templates", stars=[(8.0, 7.0), (21.0, 12.0)]))
+    coll = ds.defaults_collection("LSSTComCam")
+    cat = butler.get(ds.TEMPLATE_SOURCES, skymap="apbatch_sim", tract=1, patch=6, band="g", collections=coll)
+    assert list(cat.columns) == ["ra", "dec", "flux"] and len(cat) == 2
+    x, y = SKYMAP.patch(1, 6).wcs.world_to_pixel_values(cat["ra"].to_numpy(), cat["dec"].to_numpy())
+    assert sorted(zip(np.round(x, 1), np.round(y, 1), strict=True)) == [(8.0, 7.0), (21.0, 12.0)]
+    assert cat["flux"].to_numpy() == pytest.approx([500 * 2 * np.pi * 1.5**2] * 2, rel=0.1)
+
+
+def test_listed_template_sources_are_ingested_as_given(butler, tmp_path):
+    import pandas as pd
+    from apbatch.job.template_sources import write_template_sources
+
+    directory = write_templates(tmp_path / "templates", stars=[(8.0, 7.0)])
+    given = pd.DataFrame({"ra": [1.0], "dec": [2.0], "flux": [3.0]})
+    write_template_sources(given, directory / "t1_p5_g.parq")
+    manifest = yaml.safe_load((directory / "manifest.yaml").read_text())
+    manifest["datasets"].append({"dataset_type": "template_sources", "file": "t1_p5_g.parq",
+                                 "data_id": {"tract": 1, "patch": 5, "band": "g"}})
+    (directory / "manifest.yaml").write_text(yaml.safe_dump(manifest))
+    assert ingest_manifest(butler, directory) == 3  # 2 templates and 1 listed catalogue (1 made)
+    coll = ds.defaults_collection("LSSTComCam")
+    got = butler.get(ds.TEMPLATE_SOURCES, skymap="apbatch_sim", tract=1, patch=5, band="g", collections=coll)
+    assert got.to_dict("list") == given.to_dict("list")
+    made = butler.get(ds.TEMPLATE_SOURCES, skymap="apbatch_sim", tract=1, patch=6, band="g", collections=coll)
+    assert len(made) == 1
+
+
+def test_template_without_wcs_is_refused_and_nothing_ingested(butler, tmp_path):
+    directory = write_templates(tmp_path / "templates")
+    write_image(small_image(6.0), directory / "t1_p6_g.fits", lossless=True)  # no WCS
+    with pytest.raises(BadInputError, match=r"template .*patch.*: has no WCS"):
+        ingest_manifest(butler, directory)
+    assert not butler.query_datasets(ds.TEMPLATE, collections=ds.templates_run("LSSTComCam"),
+                                     find_first=False, explain=False)
+    assert not list((tmp_path / "repo").rglob("t1_p5_g*.fits"))  # the copied file went with the rollback

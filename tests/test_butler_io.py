@@ -295,6 +295,17 @@ def test_get_templates(butler, tmp_path):
     assert io.get_templates(corners, "g") == []
     far = inst.footprint(inst.detector(4), 200.0, 30.0, 0.0, 10.0)
     assert io.get_templates(far, "r") == []
+    # with each patch, its template_sources (made at ingest; these flat patches have no sources)
+    pairs = list(io.iter_template_patches(corners, "r"))
+    assert sorted(t.image[0, 0] for t, _ in pairs) == sorted(float(p.patch) for p in patches)
+    assert all(list(cat.columns) == ["ra", "dec", "flux"] and cat.empty for _, cat in pairs)
+    # a repository from before template_sources existed: the patches come without catalogues
+    butler.pruneDatasets(butler.query_datasets(ds.TEMPLATE_SOURCES, collections="*", find_first=False,
+                                              explain=False),
+                         disassociate=True, unstore=True, purge=True)
+    butler.registry.removeDatasetType(ds.TEMPLATE_SOURCES)
+    old = ButlerIO(butler, "LSSTComCam")
+    assert [cat for _, cat in old.iter_template_patches(corners, "r")] == [None] * len(patches)
 
 
 # ---------------------------------------------------------------- outputs

@@ -61,7 +61,7 @@ def test_fit_recovers_a_gaussian_kernel_from_a_padded_template():
     stamps = select_stamps(src, s, t, 8, pad, 40, 3, 30.0)
     assert len(stamps) >= 20
     funcs, terms = basis_1d((0.75, 1.5, 3.0), (2, 2, 1), 8)
-    coef, chi2, n_used, _ = fit_kernel(s, t, stamps, funcs, terms, 8, pad, 3, 1, 3.0, 2)
+    coef, chi2, n_used, _, profile = fit_kernel(s, t, stamps, funcs, terms, 8, pad, 3, 1, 3.0, 2)
     k = kernel_image(coef[0, :-1], funcs, terms)
     y, x = np.mgrid[-8:9, -8:9]
     g = np.exp(-(x * x + y * y) / (2 * 1.5**2))
@@ -69,6 +69,9 @@ def test_fit_recovers_a_gaussian_kernel_from_a_padded_template():
     assert np.abs(k - g / g.sum()).max() < 2e-3
     assert coef[0, -1] == pytest.approx(3.0, abs=0.05)  # the background
     assert np.abs(coef[1:, :-1]).max() < 1e-3  # no spatial variation to find
+    # an exact kernel leaves no residual beyond the noise: the profile is negligible
+    assert profile.shape == (8 + 3 + 1,) and (profile >= 0).all()
+    assert (1e5**2 * profile).max() < 0.1
 
 
 def test_select_stamps_isolation():

@@ -9,9 +9,9 @@ import warnings
 
 import httpx
 import pytest
-from apbatch.ocps.app import make_app, parse_job_parameters
+from apbatch.http_server import ServerThread
+from apbatch.ocps.app import make_app
 from apbatch.ocps.model import Phase
-from apbatch.ocps.server import ServerThread
 from ocps_fake import FakeService
 from pyvo.io.uws import parse_job, parse_job_list
 from pyvo.io.vosi import parse_availability
@@ -302,14 +302,6 @@ def test_availability_and_uws_job_properties(serve):
     results = client.get(f"/jobs/{job_id}/results")
     assert results.status_code == 200 and b"uws:results" in results.content
     assert client.get(f"/jobs/{job_id}/results/none").status_code == 404
-
-
-def test_parse_job_parameters_is_case_insensitive_for_uws_names():
-    p = parse_job_parameters([("PIPELINE", "ap"), ("Instrument", "LATISS"), ("GROUPID", "g"),
-                              ("phase", "run"), ("config.job.raw_timeout", "5"), ("CONFIG", "/etc/o.yaml")])
-    assert (p.pipeline, p.data_id.instrument, p.data_id.group_id, p.run, p.config_file) == \
-        ("ap", "LATISS", "g", True, "/etc/o.yaml")
-    assert p.overrides == {"job.raw_timeout": "5"}
 
 
 # -- against the real service (apbatch.ocps.service): runner, local backend, OCPS ledger ---------------------

@@ -338,3 +338,28 @@ def test_too_few_stars_even_for_a_constant_kernel_is_bad_input():
     sci, tmpl = _pair(seed=12, n=2)
     with pytest.raises(BadInputError, match=r"only \d clean star stamps for the kernel fit \(at least 4\)"):
         _run(sci, tmpl)
+
+
+def test_kernel_residual_is_added_to_the_variance_around_bright_stars():
+    """A kernel that cannot follow the PSF (constant, while the PSF widens 1.5 -> 2.5 px across
+    the CCD) leaves residuals around bright stars; the residual it leaves on its own stamps
+    is added to the variance there, so those residuals stand out less, and nothing else changes."""
+    sci, tmpl = _pair(seed=2, sci_sigma=(1.5, 2.5), kind="gauss")
+    src = detect_sources(sci, threshold=10, psf_sigma=2.0)
+    cfg_off = SubtractConfig(spatial_degree=0, n_residual_stars=0)
+    off, r_off = subtract_images(sci, tmpl, 2.0, 1.3, src, cfg_off)
+    on, r_on = subtract_images(sci, tmpl, 2.0, 1.3, src, SubtractConfig(spatial_degree=0))
+    assert r_off.n_residual_stars == 0 and off.metadata["DIFFNRES"] == 0
+    assert r_on.n_residual_stars > 10 and on.metadata["DIFFNRES"] == r_on.n_residual_stars
+    np.testing.assert_array_equal(on.image, off.image)  # the difference itself is unchanged
+    brightest = src.nlargest(5, "flux")
+    xi, yi = np.rint(brightest["x"]).astype(int), np.rint(brightest["y"]).astype(int)
+    ratio = on.variance[yi, xi] / off.variance[yi, xi]
+    assert (ratio > 1.2).all()  # raised at the bright stars' cores
+    valid = (on.mask & MaskBits.EDGE) == 0
+    # not elsewhere (before the empirical noise rescale, which the residuals no longer inflate)
+    raw = (on.variance / r_on.noise_scale**2) / (off.variance / r_off.noise_scale**2)
+    assert np.median(raw[valid]) == pytest.approx(1.0, abs=0.01)
+    assert r_on.noise_scale < r_off.noise_scale
+    z_on, z_off = (d.image / np.sqrt(d.variance) for d in (on, off))
+    assert np.abs(z_on[valid]).max() < np.abs(z_off[valid]).max()

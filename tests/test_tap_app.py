@@ -15,8 +15,8 @@ import pyvo
 import requests
 import sqlalchemy as sa
 from alert_synth import SMALL, make_ccd, make_images, make_sources
+from apbatch.http_server import ServerThread
 from apbatch.job.apdb import Association, create_apdb, open_apdb
-from apbatch.ocps.server import ServerThread
 from apbatch.products.ppdb import Replicator, create_ppdb
 from apbatch.tap.app import make_app
 from apbatch.tap.schema import create_indexes

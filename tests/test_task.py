@@ -15,6 +15,7 @@ from apbatch.errors import BadInputError, RawTimeoutError, RetriableError
 from apbatch.image import Image
 from apbatch.instruments import get_instrument
 from apbatch.job import task
+from apbatch.job.forced import ForcedPhotometry
 from apbatch.job.steps.background import BackgroundResult
 from apbatch.job.steps.psf import gaussian_psf
 from apbatch.raw import RawExposure, RawMetadata
@@ -127,7 +128,7 @@ def test_unexpected_failure_before_apdb_is_retriable(monkeypatch, fake_steps):
 def test_no_template_gives_calibrated_image_only(fake_steps):
     io = FakeButlerIO(templates=[])
     alerts_called = []
-    res = task.run_ccd(_work(), task.JobDeps(io, object(), alerts=lambda *a: alerts_called.append(a)))
+    res = task.run_ccd(_work(), task.JobDeps(io, object(), alerts=lambda *a, **k: alerts_called.append(a)))
     assert res.status == "no_template"
     assert len(io.puts) == 1 and set(io.puts[0]) == {"calexp", "metrics"}
     assert io.puts[0]["metrics"]["status"] == "no_template"
@@ -233,9 +234,16 @@ def test_flagged_dia_sources_are_stored_in_the_butler_but_not_alerted(monkeypatc
     monkeypatch.setattr(task, "photometric_scale", lambda *a: 1.0)
     monkeypatch.setattr(task, "measure_dia_sources", lambda *a, **k: dia.copy())
     io = FakeButlerIO(templates=[tmpl])
-    alerted = []
-    res = task.run_ccd(_work(), task.JobDeps(io, object(), alerts=lambda ccd, d, *a: alerted.append(d) or {}))
+    alerted, forced = [], []
+    res = task.run_ccd(_work(), task.JobDeps(io, object(), alerts=lambda ccd, d, *a, **k: (
+        alerted.append(d), forced.append(k["photometry"])) and {}))
     assert res.status == "done" and res.n_dia_sources == 3
+    # too few stars for an aperture correction: 1, said so; the APDB's forced photometry gets the
+    # same PSF model and correction as the DIA fluxes
+    assert res.apcorr["fallback"] is True and res.apcorr["value"] == 1.0
+    (phot,) = forced
+    assert isinstance(phot, ForcedPhotometry) and phot.apcorr is not None and phot.apcorr.value == 1.0
+    assert phot.fwhm == pytest.approx(2.3548 * 1.5, rel=1e-3)
     # telemetry: the PSF model's FWHM in arcsec (1.5 px sigma), the background removed
     assert res.quality["psf_fwhm_arcsec"] == pytest.approx(2.3548 * 1.5 * 0.2, rel=1e-3)
     assert res.quality["sky_level"] == 120.0

@@ -36,6 +36,7 @@ __all__ = [
     "RawTimeoutError",
     "RetriableError",
     "SchedulerError",
+    "first_line",
 ]
 
 
@@ -132,3 +133,15 @@ class SchedulerError(RetriableError):
         detail = (stderr or stdout).strip().splitlines()
         tail = detail[-1] if detail else "no output"
         super().__init__(f"{argv[0]} exited with {returncode}: {tail}")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, for a one-line error; the exception's type if empty.
+
+    A SQLAlchemy error is described by the driver's own error (``exc.orig``), without the
+    server's ``ERROR:`` prefix (PostgreSQL's).
+    """
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line.removeprefix("ERROR:").strip()

@@ -8,7 +8,7 @@ name                                     type          holds
 ``<instrument>/raw/all``                 RUN           raws ingested by jobs or ``apbatch repo``
 ``<instrument>/calib``                   CALIBRATION   bias, flat, certified with validity ranges
 ``<instrument>/calib/run/<valid_from>``  RUN           the calibration files (one RUN per validity start)
-``<instrument>/templates``               RUN           ``template_coadd`` and the ``skyMap`` definition
+``<instrument>/templates``               RUN           ``template_coadd``, ``template_sources``, ``skyMap``
 ``<instrument>/defaults``                CHAINED       [calib, templates, raw/all]: what jobs read
 ``<instrument>/prompt/<day_obs>``        RUN           job outputs of one observing day
 =======================================  ============  ===================================================
@@ -66,6 +66,7 @@ RAW = "raw"
 BIAS = "bias"
 FLAT = "flat"
 TEMPLATE = "template_coadd"
+TEMPLATE_SOURCES = "template_sources"
 SKYMAP = "skyMap"
 CALEXP = "preliminary_visit_image"
 DIFFIM = "difference_image"
@@ -94,6 +95,9 @@ DATASET_TYPES: tuple[DatasetTypeSpec, ...] = (
     DatasetTypeSpec(FLAT, ("instrument", "detector", "physical_filter"), IMAGE_STORAGE_CLASS, True),
     DatasetTypeSpec(SKYMAP, ("skymap",), "StructuredDataDict"),
     DatasetTypeSpec(TEMPLATE, ("skymap", "tract", "patch", "band"), IMAGE_STORAGE_CLASS),
+    # a template patch's bright sources (ra, dec, flux): the jobs' astrometric references
+    # (apbatch.job.template_sources), made once per patch instead of once per CCD
+    DatasetTypeSpec(TEMPLATE_SOURCES, ("skymap", "tract", "patch", "band"), "DataFrame"),
     DatasetTypeSpec(CALEXP, _CCD_VISIT, VISIT_IMAGE_STORAGE_CLASS),
     DatasetTypeSpec(DIFFIM, _CCD_VISIT, DIFFERENCE_IMAGE_STORAGE_CLASS),
     DatasetTypeSpec(DIA_SOURCES, _CCD_VISIT, "DataFrame"),

@@ -19,11 +19,16 @@ one next to its templates); paths are relative to that directory::
       - dataset_type: template_coadd
         file: templates/t0_p12_g.fits
         data_id: {tract: 0, patch: 12, band: g}   # the sky map comes from ``skymap``
+      - dataset_type: template_sources    # optional: its astrometric references (Parquet .parq,
+        file: templates/t0_p12_g.parq     # apbatch.job.template_sources); made here if omitted
+        data_id: {tract: 0, patch: 12, band: g}
 
 Calibrations go into RUN ``<instrument>/calib/run/<valid_from>`` and are certified into CALIBRATION
 ``<instrument>/calib`` with their validity range; templates and the sky map go into RUN
-``<instrument>/templates``. Every entry is checked before anything is written, and each
-manifest is ingested in one butler transaction: a bad manifest leaves the repository as it was.
+``<instrument>/templates``, with each template's ``template_sources`` (detected from the template
+here when the manifest does not list one: the jobs' astrometric references). Every entry is
+checked before anything is written, and each manifest is ingested in one butler transaction: a
+bad manifest leaves the repository as it was.
 """
 
 from __future__ import annotations
@@ -34,19 +39,28 @@ from typing import Any
 
 import yaml
 from astropy.time import Time
-from lsst.daf.butler import Butler, DatasetIdGenEnum, DatasetRef, FileDataset, Timespan
+from lsst.daf.butler import (
+    Butler,
+    DatasetIdGenEnum,
+    DatasetRef,
+    FileDataset,
+    MissingDatasetTypeError,
+    Timespan,
+)
 from lsst.daf.butler.registry import ConflictingDefinitionError
 
 from ..errors import BadInputError
 from ..instruments import get_instrument
 from . import datasets as ds
+from .repo import register_dataset_types
 from .skymaps import register_skymap
 
 __all__ = ["ingest_manifest", "load_manifest"]
 
 log = logging.getLogger(__name__)
 
-_KINDS = (ds.BIAS, ds.FLAT, ds.TEMPLATE)
+_KINDS = (ds.BIAS, ds.FLAT, ds.TEMPLATE, ds.TEMPLATE_SOURCES)
+_PATCH_KINDS = (ds.TEMPLATE, ds.TEMPLATE_SOURCES)
 
 
 def load_manifest(directory: str | Path) -> dict[str, Any]:
@@ -90,6 +104,7 @@ def load_manifest(directory: str | Path) -> dict[str, Any]:
             ds.BIAS: ("detector",),
             ds.FLAT: ("detector", "physical_filter"),
             ds.TEMPLATE: ("tract", "patch", "band"),
+            ds.TEMPLATE_SOURCES: ("tract", "patch", "band"),
         }[kind]
         for key in needed:
             if data_id.get(key) is None:
@@ -102,7 +117,7 @@ def load_manifest(directory: str | Path) -> dict[str, Any]:
                 _time(entry.get("valid_from"), f"{where}.valid_from"),
                 _time(entry.get("valid_to"), f"{where}.valid_to"),
             )
-    if any(e["dataset_type"] == ds.TEMPLATE for e in manifest["datasets"]):
+    if any(e["dataset_type"] in _PATCH_KINDS for e in manifest["datasets"]):
         if not manifest.get("skymap") or not (directory / str(manifest["skymap"])).is_file():
             raise BadInputError(f"{path}: skymap", "templates need the sky map file", "skymap: skymap.yaml")
         manifest["skymap_path"] = (directory / str(manifest["skymap"])).resolve()
@@ -129,7 +144,8 @@ def _label(timespan: Timespan) -> str:
 
 
 def ingest_manifest(butler: Butler, directory: str | Path, transfer: str = "copy") -> int:
-    """Ingest (and certify) everything a manifest lists; returns the number of datasets.
+    """Ingest (and certify) everything a manifest lists; returns the number of datasets it lists
+    (``template_sources`` made for templates the manifest gives none are not counted).
 
     Parameters
     ----------
@@ -165,13 +181,18 @@ def ingest_manifest(butler: Butler, directory: str | Path, transfer: str = "copy
 
 
 def _ingest(butler: Butler, manifest: dict, instrument: str, entries: list[dict], transfer: str) -> int:
+    if any(e["dataset_type"] in _PATCH_KINDS for e in entries):
+        try:
+            butler.get_dataset_type(ds.TEMPLATE_SOURCES)
+        except MissingDatasetTypeError:  # a repository created before template_sources existed
+            register_dataset_types(butler)
     with butler.transaction():
         skymap_name = None
         if "skymap_path" in manifest:
             pairs = [
                 (int(e["data_id"]["tract"]), int(e["data_id"]["patch"]))
                 for e in entries
-                if e["dataset_type"] == ds.TEMPLATE
+                if e["dataset_type"] in _PATCH_KINDS
             ]
             skymap_name = register_skymap(
                 butler, manifest["skymap_path"], ds.templates_run(instrument), pairs
@@ -179,7 +200,7 @@ def _ingest(butler: Butler, manifest: dict, instrument: str, entries: list[dict]
         files, certify = [], []
         for entry in entries:
             kind = entry["dataset_type"]
-            if kind == ds.TEMPLATE:
+            if kind in _PATCH_KINDS:
                 data_id, run = {"skymap": skymap_name, **entry["data_id"]}, ds.templates_run(instrument)
             else:
                 data_id = {"instrument": instrument, **entry["data_id"]}
@@ -198,4 +219,30 @@ def _ingest(butler: Butler, manifest: dict, instrument: str, entries: list[dict]
             butler.ingest(*files, transfer=transfer)
         for ref, timespan in certify:
             butler.registry.certify(ds.calib_collection(instrument), [ref], timespan)
+        _make_missing_sources(butler, files)
     return len(files)
+
+
+def _patch_key(ref: DatasetRef) -> tuple:
+    return tuple(ref.dataId[k] for k in ("skymap", "tract", "patch", "band"))
+
+
+def _make_missing_sources(butler: Butler, files: list[FileDataset]) -> int:
+    """Detect and store ``template_sources`` for each ingested template the manifest gave none."""
+    from ..job.template_sources import template_sources  # noqa: PLC0415 (detection: only here)
+
+    refs = [f.refs[0] for f in files]
+    have = {_patch_key(r) for r in refs if r.datasetType.name == ds.TEMPLATE_SOURCES}
+    made = 0
+    for ref in refs:
+        if ref.datasetType.name == ds.TEMPLATE and _patch_key(ref) not in have:
+            template = butler.get(ref)
+            if getattr(template, "wcs", None) is None:
+                raise BadInputError(f"template {dict(ref.dataId.required)}", "has no WCS",
+                                    "give the template its sky WCS (jobs warp it with that)")
+            catalog = template_sources(template)
+            butler.put(catalog, ds.TEMPLATE_SOURCES, ref.dataId, run=ref.run)
+            made += 1
+    if made:
+        log.info("catalogued the sources of %d template(s)", made)
+    return made

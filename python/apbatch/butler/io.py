@@ -20,6 +20,7 @@ from lsst.daf.butler import (
     DatasetIdGenEnum,
     DatasetRef,
     FileDataset,
+    MissingDatasetTypeError,
     Timespan,
 )
 
@@ -313,24 +314,46 @@ class ButlerIO(OutputsMixin):
     def iter_templates(self, corners: Any, band: str, margin: int = 64) -> Iterator[Any]:
         """:meth:`get_templates` one patch at a time: a caller that turns each patch into
         something smaller (`apbatch.job.prepare.read_templates`) never holds them all."""
+        for template, _ in self.iter_template_patches(corners, band, margin, sources=False):
+            yield template
+            del template  # not held while the next patch is read
+
+    def iter_template_patches(self, corners: Any, band: str, margin: int = 64, *, sources: bool = True
+                              ) -> Iterator[tuple[Any, Any]]:
+        """:meth:`iter_templates` with each patch's ``template_sources`` catalogue (a DataFrame),
+        or `None` for a patch without one (or with ``sources=False``)."""
         try:
             skymap = self.skymap()
         except BadInputError as exc:
             log.warning("no templates: %s", exc)
             return
-        for info in skymap.patches_overlapping(corners):
-            tract, patch = info.tract, info.patch
-            ref = self.butler.find_dataset(
-                ds.TEMPLATE,
-                skymap=self._skymap_name,
-                tract=tract,
-                patch=patch,
-                band=band,
-                collections=self.collections,
-            )
+        infos = skymap.patches_overlapping(corners)
+        templates = self._patch_refs(ds.TEMPLATE, band, infos)
+        catalogues = self._patch_refs(ds.TEMPLATE_SOURCES, band, infos) if sources and templates else {}
+        for info in infos:
+            ref = templates.get((info.tract, info.patch))
             bbox = _patch_bbox(info, np.asarray(corners, dtype=float), margin)
             if ref is not None and bbox is not None:
-                yield self.butler.get(ref, parameters={"bbox": bbox})
+                cat = catalogues.get((info.tract, info.patch))
+                yield (self.butler.get(ref, parameters={"bbox": bbox}),
+                       None if cat is None else self.butler.get(cat))
+
+    def _patch_refs(self, kind: str, band: str, infos: Sequence[Any]) -> dict[tuple[int, int], DatasetRef]:
+        """(tract, patch) -> ref of ``kind`` in ``band`` for the patches ``infos``, in one query
+        (a lookup per patch costs ~10 ms each); empty for a dataset type the repository lacks
+        (``template_sources`` in a repository older than it)."""
+        if not infos:
+            return {}
+        try:
+            refs = self.butler.query_datasets(
+                kind, collections=self.collections, explain=False,
+                where="skymap = sm AND band = b AND tract IN (tracts)",
+                bind={"sm": self._skymap_name, "b": band, "tracts": sorted({int(i.tract) for i in infos})})
+        except MissingDatasetTypeError:
+            return {}
+        wanted = {(int(i.tract), int(i.patch)) for i in infos}
+        found = {(int(r.dataId["tract"]), int(r.dataId["patch"])): r for r in refs}
+        return {k: r for k, r in found.items() if k in wanted}
 
 
 def _compact_calib(calib: Any) -> Any:

@@ -336,7 +336,8 @@ class CcdAlertReport:
 def process_ccd_alerts(ccd: CcdVisit, dia_sources: pd.DataFrame, science: Image, template: Image,
                        difference: Image, *, psf_fwhm_pix: float, association: Association,
                        builder: AlertBuilder, spool: AlertSpool, sink: AlertSink, send_timeout: float = 30.0,
-                       checkpoint: Callable[[str], None] | None = None) -> CcdAlertReport:
+                       checkpoint: Callable[[str], None] | None = None,
+                       photometry: Callable | None = None) -> CcdAlertReport:
     """Associate, store and alert one CCD-visit; safe to rerun after a crash at any point.
 
     Order: if the APDB already holds the CCD-visit, only deliver what its spool still owes.
@@ -351,6 +352,8 @@ def process_ccd_alerts(ccd: CcdVisit, dia_sources: pd.DataFrame, science: Image,
         Called with ``"associated"``, ``"spooled"`` (the APDB store comes next), ``"stored"``,
         ``"delivered"``, and ``"already_stored"`` instead of the first three on a rerun; tests
         inject crashes here, the job boundary learns from it whether the APDB was reached.
+    photometry : callable, optional
+        Forced photometry of the DiaObjects (`apbatch.job.apdb.Association.run`).
 
     Raises
     ------
@@ -371,7 +374,7 @@ def process_ccd_alerts(ccd: CcdVisit, dia_sources: pd.DataFrame, science: Image,
         _LOG.info("%s already stored; delivering what its spool still owes", name)
         hook("already_stored")
     else:
-        result = association.run(ccd, dia_sources, difference, science, psf_fwhm_pix)
+        result = association.run(ccd, dia_sources, difference, science, psf_fwhm_pix, photometry=photometry)
         hook("associated")
         spool.write(name, builder.payloads(result, science, template, difference), builder.schema_id)
         hook("spooled")

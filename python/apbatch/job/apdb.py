@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 
 import astropy.time
 import numpy as np
@@ -31,6 +32,9 @@ from ..errors import BadInputError, NonRetriableError, RetriableError
 from ..image import Image, MaskBits
 from .apdb_ids import pack_id, unpack_id
 from .apdb_setup import create_apdb, open_apdb
+
+Photometry = Callable[[Image, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+"""Forced photometry at positions: ``(image, x, y) -> (flux, err)`` in the image's units."""
 
 __all__ = [
     "Association",
@@ -235,8 +239,13 @@ class Association:
 
     # ---------------------------------------------------------------- the whole CCD
     def run(self, ccd: CcdVisit, dia_sources: pd.DataFrame, difference: Image, science: Image,
-            psf_fwhm_pix: float, radius_arcsec: float | None = None) -> AssociationResult:
+            psf_fwhm_pix: float, radius_arcsec: float | None = None, *,
+            photometry: Photometry | None = None) -> AssociationResult:
         """Load, associate, summarise and measure one CCD-visit; stores nothing.
+
+        ``photometry(image, x, y) -> (flux, err)`` measures the forced sources (the job passes
+        `apbatch.job.forced.ForcedPhotometry`: its PSF model, aperture-corrected, as the DIA
+        sources are measured); by default a Gaussian of ``psf_fwhm_pix`` (:func:`forced_photometry`).
 
         Raises
         ------
@@ -270,7 +279,10 @@ class Association:
         new_objects = pd.DataFrame({"diaObjectId": sources["diaObjectId"][match < 0],
                                     "ra": sources["ra"][match < 0], "dec": sources["dec"][match < 0]})
         on_ccd = pd.concat([objects[["diaObjectId", "ra", "dec"]], new_objects], ignore_index=True)
-        forced = self._forced(ccd, on_ccd, difference, science, psf_fwhm_pix, now)
+        if photometry is None:
+            def photometry(img, x, y):
+                return forced_photometry(img, x, y, psf_fwhm_pix)
+        forced = self._forced(ccd, on_ccd, difference, science, photometry, now)
         summaries = self._summaries(ccd, sources, prv_sources, prv_forced, forced, prev)
         return AssociationResult(ccd, summaries, sources, forced, prv_sources, prv_forced,
                                  int((match < 0).sum()))
@@ -295,7 +307,7 @@ class Association:
             out["pixelFlags"] = out[flags].fillna(False).astype(bool).any(axis=1)
         return out
 
-    def _forced(self, ccd, objects, difference, science, fwhm, now) -> pd.DataFrame:
+    def _forced(self, ccd, objects, difference, science, photometry, now) -> pd.DataFrame:
         objects = objects.sort_values("diaObjectId", kind="stable").reset_index(drop=True)
         if len(objects):
             x, y = difference.wcs.world_to_pixel_values(objects["ra"].to_numpy(float),
@@ -305,8 +317,8 @@ class Association:
             objects, x, y = objects[on].reset_index(drop=True), x[on], y[on]
         else:
             x = y = np.zeros(0)
-        flux, err = forced_photometry(difference, x, y, fwhm)
-        sflux, serr = forced_photometry(science, x, y, fwhm)
+        flux, err = photometry(difference, x, y)
+        sflux, serr = photometry(science, x, y)
         return pd.DataFrame({
             "diaForcedSourceId": pack_id(ccd.visit, ccd.detector, np.arange(len(objects)), forced=True),
             "diaObjectId": objects["diaObjectId"].to_numpy(np.int64),

@@ -3,7 +3,8 @@
 nextVisit gives a job its CCD, boresight, rotation and filter about 30 s before readout.
 :func:`prepare_ccd` uses that time to read what the raw will need: the calibrations for the
 expected time and the filter, the template patches over the predicted footprint (grown by
-``pointing_pad_arcsec`` for pointing error), their astrometric reference catalogue, their
+``pointing_pad_arcsec`` for pointing error), their astrometric reference catalogues (stored
+with the templates: `apbatch.job.template_sources`), their
 warp inputs (spline coefficients, dilated masks: `apbatch.job.steps.warp.prepare_warp`) and,
 through the alert stage, the APDB history of the region. The process phase
 (`apbatch.job.task`) checks each of these against the raw's headers and reads again only
@@ -12,8 +13,8 @@ templates when the telescope pointed farther than the pad from where nextVisit s
 Preparing writes nothing, so a raw that never arrives leaves nothing behind.
 
 What was measured to move here (bench/bench_job.py, 4k x 4k ComCam CCDs): calibrations
-0.45 s, template reads 0.65 s, reference detection 0.4 s, warp prefilter and mask dilation
-about 0.8 s CPU per CCD.
+0.45 s, template reads 0.65 s, reference detection 0.4 s (0.7 s later; since then read from
+the butler: 0.02 s per patch), warp prefilter and mask dilation about 0.8 s CPU per CCD.
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ from astropy.time import Time
 
 from ..image import Image
 from ..work import CcdWork
-from .steps.detection import detect_bright_sources
+from .headers import separation_arcsec
 from .steps.warp import WarpPatch, prepare_warp
+from .template_sources import detect_references, sources_in_box
 
-__all__ = ["Prepared", "TemplateSet", "expected_time", "has_flat", "prepare_ccd", "read_templates",
-           "reference_catalog"]
+__all__ = ["Prepared", "TemplateSet", "calibs_for_raw", "expected_time", "has_flat", "prepare_ccd",
+           "read_templates", "reference_catalog", "templates_for_pointing"]
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +86,7 @@ def reference_catalog(templates: list[Image], threshold: float = 20.0, *, sort: 
     With ``sort=False``: (N, 3) RA/Dec/flux in detection order, for a caller that merges
     several calls (:func:`read_templates`) and sorts once.
     """
-    refs = []
-    for t in templates:
-        ts = detect_bright_sources(t, threshold=threshold)
-        if len(ts) and t.wcs is not None:
-            ra, dec = t.wcs.pixel_to_world_values(ts["x"].to_numpy(), ts["y"].to_numpy())
-            refs.append(np.column_stack([ra, dec, ts["flux"].to_numpy()]))
+    refs = [r for r in (detect_references(t, threshold) for t in templates) if r is not None]
     if not refs:
         return None
     ref = np.concatenate(refs)
@@ -103,15 +100,16 @@ def read_templates(butler_io, cam, det, pointing: tuple[float, float, float], ba
     """Read, prepare and catalogue the template patches over the footprint at ``pointing``.
 
     The footprint is grown by 30 arcsec (the warp's margin) plus ``pad_arcsec``. One patch is
-    read, catalogued and prepared at a time (``butler_io.iter_templates`` when it has it), so
-    the images are not all held at once next to their warp inputs.
+    read, catalogued and prepared at a time (``butler_io.iter_template_patches`` when it has
+    it), so the images are not all held at once next to their warp inputs. A patch's
+    references come from its stored ``template_sources`` (`apbatch.job.template_sources`),
+    or are detected in the part read when it has none.
     """
     corners = cam.footprint(det, *pointing, pad_arcsec=30.0 + pad_arcsec)
-    read = getattr(butler_io, "iter_templates", None) or butler_io.get_templates
     patches: list[WarpPatch] = []
     refs = []
-    for template in read(corners, band):
-        ref = reference_catalog([template], sort=False)
+    for template, catalog in _template_patches(butler_io, corners, band):
+        ref = detect_references(template) if catalog is None else sources_in_box(catalog, template)
         if ref is not None:
             refs.append(ref)
         patches.extend(prepare_warp([template]))
@@ -119,8 +117,20 @@ def read_templates(butler_io, cam, det, pointing: tuple[float, float, float], ba
     catalog = None
     if refs:
         ref = np.concatenate(refs)
-        catalog = ref[np.argsort(-ref[:, 2])][:, :2]
+        catalog = ref[np.argsort(-ref[:, 2], kind="stable")][:, :2]
     return TemplateSet(tuple(map(float, pointing)), band, patches, catalog)  # type: ignore[arg-type]
+
+
+def _template_patches(butler_io, corners, band: str):
+    """(template, its reference catalogue or `None`) pairs from any of the butler I/O's readers."""
+    pairs = getattr(butler_io, "iter_template_patches", None)
+    if pairs is not None:
+        yield from pairs(corners, band)
+        return
+    read = getattr(butler_io, "iter_templates", None) or butler_io.get_templates
+    for template in read(corners, band):
+        yield template, None
+        del template  # not held while the next patch is read
 
 
 def prepare_ccd(work: CcdWork, deps, cam, det, *, pad_arcsec: float = 20.0,
@@ -172,3 +182,55 @@ def prepare_ccd(work: CcdWork, deps, cam, det, *, pad_arcsec: float = 20.0,
             region = cam.footprint(det, *pointing, pad_arcsec=region_padding_arcsec + pad_arcsec)
             out.apdb_objects = prep(region, when)
     return out
+
+
+# ----------------------------------------------------------------------------- after the raw
+def calibs_for_raw(butler_io, det, when, physical_filter: str | None, prepared: Prepared) -> dict[str, Any]:
+    """Bias and flat valid at the raw's time: the prepared ones when they are the same datasets.
+
+    The prepared calibrations are dropped from ``prepared`` once used (large images).
+    """
+    out: dict[str, Any] = {"bias": None, "flat": None}
+    if when is None:
+        return out
+    for kind in ("bias", "flat"):
+        if kind == "flat" and not has_flat(physical_filter):
+            continue
+        flt = physical_filter if kind == "flat" else None
+        ref = butler_io.calib_ref(kind, det.id, when, physical_filter=flt)
+        have = prepared.calibs.get(kind)
+        if ref is None:
+            continue
+        if have is not None and have[0].id == ref.id:
+            out[kind] = have[1]
+            continue
+        if have is not None:
+            log.info("%s: the prepared one does not apply to the raw's time; reading %s", kind, ref.id)
+        out[kind] = butler_io.read_calib(ref)
+    prepared.calibs.clear()
+    return out
+
+
+def templates_for_pointing(butler_io, cam, det, pointing: tuple[float, float, float], band: str,
+                           prepared: Prepared, pad: float, report: dict) -> TemplateSet:
+    """The prepared templates if they cover the CCD where the header says it pointed, else new ones.
+
+    ``report["templates"]`` says which (``prepared``, or why they were read again).
+    """
+    have = prepared.templates
+    prepared.templates = None
+    if have is not None and have.band == band:
+        # how far the CCD's corners are from where nextVisit put them (pointing and rotation)
+        new = cam.footprint(det, *pointing, pad_arcsec=0.0)
+        old = cam.footprint(det, *have.pointing, pad_arcsec=0.0)
+        moved = max(separation_arcsec(float(n[0]), float(n[1]), float(o[0]), float(o[1]))
+                    for o, n in zip(old, new, strict=True))
+        if moved <= pad:
+            report["templates"] = "prepared"
+            return have
+        report["templates"] = f"re-read: the CCD is {moved:.0f} arcsec from nextVisit's footprint"
+        log.warning("templates read again: the CCD is %.0f arcsec from where nextVisit said (pad %.0f)",
+                    moved, pad)
+    else:
+        report["templates"] = "read after the raw" if have is None else f"re-read: band {band}"
+    return read_templates(butler_io, cam, det, pointing, band, pad)

@@ -34,9 +34,11 @@ from ..latency import StageClock
 from ..work import CcdWork
 from .alert_policy import split_alertable
 from .calverify import Verification, store_verification, verify_calibration
-from .headers import check_headers, header_pointing, separation_arcsec
+from .forced import ForcedPhotometry
+from .headers import check_headers, header_pointing
 from .photometry import photometric_scale, to_njy
-from .prepare import Prepared, TemplateSet, has_flat, prepare_ccd, read_templates
+from .prepare import Prepared, calibs_for_raw, prepare_ccd, templates_for_pointing
+from .steps.apcorr import apply_aperture_correction, measure_aperture_correction
 from .steps.astrometry import AstrometryError, fit_wcs
 from .steps.background import subtract_background
 from .steps.detection import detect_sources
@@ -63,7 +65,8 @@ class JobDeps:
     """What a job talks to. Lifetime: one job; not thread-safe.
 
     ``alerts`` is a callable ``(ccd_visit, dia_sources, science, template, difference,
-    psf_fwhm_pix) -> report`` (normally a closure over
+    psf_fwhm_pix, photometry=) -> report`` (``photometry``: the DiaObjects' forced photometry,
+    `apbatch.job.forced.ForcedPhotometry`; normally a closure over
     `apbatch.job.alerts.process_ccd_alerts` with the APDB association, alert builder, spool
     and sink); `None` skips association and alerts (calibrated/difference images only).
     """
@@ -95,6 +98,8 @@ class CcdResult:
     timings: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     verification: dict = dataclasses.field(default_factory=dict)
     """A calibration's verdict (`apbatch.job.calverify.Verification.summary`); empty for science."""
+    apcorr: dict = dataclasses.field(default_factory=dict)
+    """The aperture correction applied to the DIA PSF fluxes (`ApertureCorrection.to_dict`)."""
     quality: dict = dataclasses.field(default_factory=dict)
     """Data quality for telemetry (OCPS, dashboards): ``psf_fwhm_arcsec`` (2.3548 x the PSF model's
     second-moment sigma, the way Rubin's visit summaries derive seeing), ``sky_level``
@@ -209,56 +214,11 @@ def run_ccd(work: CcdWork, deps: JobDeps, *, timeout: float = 120.0, output_run:
         raise RetriableError(f"{type(exc).__name__}: {exc}") from exc
 
 
-def _calibs(deps, det, when, physical_filter, prepared: Prepared) -> dict[str, Any]:
-    """Bias and flat valid at the raw's time: the prepared ones when they are the same datasets."""
-    out: dict[str, Any] = {"bias": None, "flat": None}
-    if when is None:
-        return out
-    for kind in ("bias", "flat"):
-        if kind == "flat" and not has_flat(physical_filter):
-            continue
-        ref = deps.butler_io.calib_ref(kind, det.id, when,
-                                       physical_filter=physical_filter if kind == "flat" else None)
-        have = prepared.calibs.get(kind)
-        if ref is None:
-            continue
-        if have is not None and have[0].id == ref.id:
-            out[kind] = have[1]
-            continue
-        if have is not None:
-            log.info("%s: the prepared one does not apply to the raw's time; reading %s", kind, ref.id)
-        out[kind] = deps.butler_io.read_calib(ref)
-    prepared.calibs.clear()  # large images: dropped once used
-    return out
-
-
-def _templates_for(deps, cam, det, pointing, band, prepared: Prepared, pad: float,
-                   res: CcdResult) -> TemplateSet:
-    """The prepared templates if they cover the CCD where the header says it pointed, else new ones."""
-    have = prepared.templates
-    prepared.templates = None
-    if have is not None and have.band == band:
-        # how far the CCD's corners are from where nextVisit put them (pointing and rotation)
-        new = cam.footprint(det, *pointing, pad_arcsec=0.0)
-        old = cam.footprint(det, *have.pointing, pad_arcsec=0.0)
-        moved = max(separation_arcsec(float(n[0]), float(n[1]), float(o[0]), float(o[1]))
-                    for o, n in zip(old, new, strict=True))
-        if moved <= pad:
-            res.prepare["templates"] = "prepared"
-            return have
-        res.prepare["templates"] = f"re-read: the CCD is {moved:.0f} arcsec from nextVisit's footprint"
-        log.warning("templates read again: the CCD is %.0f arcsec from where nextVisit said (pad %.0f)",
-                    moved, pad)
-    else:
-        res.prepare["templates"] = "read after the raw" if have is None else f"re-read: band {band}"
-    return read_templates(deps.butler_io, cam, det, pointing, band, pad)
-
-
 def _process(work, deps, raws, res, step, cam, det, physical_filter, output_run, padding,
              prepared: Prepared, pointing_pad: float, clock: StageClock,
              calib_verify: Any = None) -> CcdResult:
     with step("calib_retrieval"):
-        calibs = _calibs(deps, det, raws[0].metadata.mjd_begin, physical_filter, prepared)
+        calibs = calibs_for_raw(deps.butler_io, det, raws[0].metadata.mjd_begin, physical_filter, prepared)
     with step("isr"):
         # a science job needs no raw pixels after ISR (a calibration's verification does)
         calexp = run_isr(raws, cam, det, bias=calibs["bias"], flat=calibs["flat"],
@@ -297,7 +257,8 @@ def _process(work, deps, raws, res, step, cam, det, physical_filter, output_run,
     calexp.metadata["PSFSIGMA"] = float(psf.sigma)
     res.n_sources = len(sources)
     with step("template_retrieval"):
-        tset = _templates_for(deps, cam, det, (ra, dec, rot), band, prepared, pointing_pad, res)
+        tset = templates_for_pointing(deps.butler_io, cam, det, (ra, dec, rot), band, prepared,
+                                      pointing_pad, res.prepare)
     if not tset.patches:
         why = f"no template covers this CCD in band {band}"
         return _no_template(deps, work, res, output_run, calexp, why)
@@ -326,6 +287,8 @@ def _process(work, deps, raws, res, step, cam, det, physical_filter, output_run,
         if njy > 0:
             res.quality["zero_point"] = round(_AB_NJY - 2.5 * math.log10(njy), 4)
         dia = measure_dia_sources(diff, psf, science=calexp, njy_per_e=njy)
+        apcorr = measure_aperture_correction(calexp, psf, sources)
+        dia, res.apcorr = apply_aperture_correction(dia, apcorr), apcorr.to_dict()
         # from here on every image is in nJy, like the DIA fluxes: the butler outputs, the APDB's
         # forced photometry and the alert cutouts (the warped template already is)
         for img in (calexp, diff):
@@ -347,7 +310,8 @@ def _process(work, deps, raws, res, step, cam, det, physical_filter, output_run,
                  "butler table, not alerted", res.dia_rejected["total"], len(dia))
     if deps.alerts is not None:
         with step("associate_alerts"):
-            report = deps.alerts(ccd, alertable, calexp, warped, diff, psf.fwhm)
+            report = deps.alerts(ccd, alertable, calexp, warped, diff, psf.fwhm,
+                                 photometry=ForcedPhotometry(psf, apcorr))
         res.alerts = report.to_dict() if hasattr(report, "to_dict") else dict(report)
         if res.alerts.get("pending"):  # not sent: the latency is not known until a flush
             clock.marks.pop("alerts_sent", None)

@@ -65,7 +65,7 @@ from astropy.time import Time
 from lsst.daf.butler import Butler, DatasetRef
 from lsst.daf.butler.registry.obscore.pgsphere import PgSpherePolygon
 
-from ..errors import BadInputError
+from ..errors import BadInputError, first_line
 from .obscore_changes import CHUNK as _CHUNK
 from .obscore_changes import DID_COLUMN, present_records, replaced_records, stored_images, visit_of
 from .obscore_records import ObscoreRecords
@@ -166,11 +166,6 @@ def obscore_url(url: str, field: str = "obscore.url", connect_timeout: int = 10)
     return sa_url.render_as_string(hide_password=False), sa_url.render_as_string(hide_password=True)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _connect(url: str, field: str, connect_timeout: int) -> tuple[sa.Engine, str]:
     """An engine on a reachable PostgreSQL database with pg_sphere (created if missing)."""
     full, shown = obscore_url(url, field, connect_timeout)
@@ -180,14 +175,14 @@ def _connect(url: str, field: str, connect_timeout: int) -> tuple[sa.Engine, str
             conn.execute(sa.text("SELECT 1"))
     except sa.exc.DBAPIError as exc:
         engine.dispose()
-        raise BadInputError(field, f"cannot reach {shown}: {_first_line(exc)}",
+        raise BadInputError(field, f"cannot reach {shown}: {first_line(exc)}",
                             "check the URL, credentials and that the server is running") from None
     try:
         with engine.begin() as conn:
             conn.execute(sa.text("CREATE EXTENSION IF NOT EXISTS pg_sphere"))
     except sa.exc.DBAPIError as exc:
         engine.dispose()
-        raise BadInputError(field, f"pg_sphere is not installed in {shown} ({_first_line(exc)})",
+        raise BadInputError(field, f"pg_sphere is not installed in {shown} ({first_line(exc)})",
                             "install postgresql-<version>-pgsphere on the server and run "
                             "CREATE EXTENSION pg_sphere in that database as a superuser") from None
     return engine, shown

@@ -34,7 +34,7 @@ from typing import Any
 import sqlalchemy as sa
 from lsst.dax.apdb import ApdbTableData
 
-from ..errors import BadInputError
+from ..errors import BadInputError, first_line
 
 __all__ = ["ChunkCopy", "ReplicationReport", "Replicator", "create_ppdb", "open_apdb_replica", "open_ppdb",
            "ppdb_url"]
@@ -75,11 +75,6 @@ def ppdb_url(url: str, connect_timeout: int = 10) -> tuple[str, str]:
     return (sa_url.render_as_string(hide_password=False), sa_url.render_as_string(hide_password=True))
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def create_ppdb(url: str, *, connection_timeout: int = 10) -> Any:
     """Create the PPDB tables (``lsst-sdm-schemas`` APDB schema, as dax_ppdb makes them).
 
@@ -108,7 +103,7 @@ def create_ppdb(url: str, *, connection_timeout: int = 10) -> Any:
     try:
         return PpdbSql.init_database(db_url=full)
     except Exception as exc:  # the database the user pointed us at refused: one line, their fix
-        raise BadInputError("ppdb.url", f"cannot create the PPDB at {shown}: {_first_line(exc)}",
+        raise BadInputError("ppdb.url", f"cannot create the PPDB at {shown}: {first_line(exc)}",
                             "check the URL, credentials and that the server is running") from None
 
 
@@ -125,7 +120,7 @@ def _has_ppdb(url: str) -> bool:
         return sa.inspect(engine).has_table("PpdbReplicaChunk")
     except Exception as exc:
         shown = sa.engine.make_url(url).render_as_string(hide_password=True)
-        raise BadInputError("ppdb.url", f"cannot reach {shown}: {_first_line(exc)}",
+        raise BadInputError("ppdb.url", f"cannot reach {shown}: {first_line(exc)}",
                             "check the URL, credentials and that the server is running") from None
     finally:
         engine.dispose()
@@ -147,7 +142,7 @@ def open_ppdb(url: str, *, connection_timeout: int = 10) -> Any:
     try:
         return PpdbSql(PpdbSqlConfig(db_url=full))
     except Exception as exc:  # schema version mismatch and the like
-        raise BadInputError("ppdb.url", f"cannot open the PPDB at {shown}: {_first_line(exc)}",
+        raise BadInputError("ppdb.url", f"cannot open the PPDB at {shown}: {first_line(exc)}",
                             "recreate it with: apbatch ppdb create") from None
 
 

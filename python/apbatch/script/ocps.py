@@ -24,7 +24,7 @@ from typing import Any
 
 from ..config_sources import read_secret_file
 from ..errors import BadInputError, NonRetriableError, RetriableError
-from ..ocps.server import ServerThread
+from ..http_server import ServerThread
 
 __all__ = [
     "check_exposure",

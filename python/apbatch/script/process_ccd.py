@@ -162,12 +162,13 @@ class AlertStage:
         if self.clock is not None and point == "delivered":
             self.clock.mark("alerts_sent")
 
-    def __call__(self, ccd, dia, science, template, difference, fwhm):
+    def __call__(self, ccd, dia, science, template, difference, fwhm, photometry=None):
         from ..job.alerts import process_ccd_alerts
 
         return process_ccd_alerts(ccd, dia, science, template, difference, psf_fwhm_pix=fwhm,
                                   association=self.association, builder=self.builder, spool=self.spool,
-                                  sink=self.sink, send_timeout=self.send_timeout, checkpoint=self._checkpoint)
+                                  sink=self.sink, send_timeout=self.send_timeout, checkpoint=self._checkpoint,
+                                  photometry=photometry)
 
     def close(self) -> None:
         """Release the sink's connections."""

@@ -90,23 +90,19 @@ def serve(config: Any, *, host: str | None = None, port: int | None = None,
     BadInputError
         Raised if the database URL is not PostgreSQL or the address cannot be bound.
     """
-    from ..ocps.server import ServerThread  # noqa: PLC0415 (the same uvicorn-in-a-thread server)
+    from ..http_server import ServerThread  # noqa: PLC0415 (the same uvicorn-in-a-thread server as OCPS)
     from ..tap.app import make_app  # noqa: PLC0415
 
     host = config.tap.host if host is None else host
     port = config.tap.port if port is None else port
     service = _service(config)
-    server = ServerThread(make_app(service), host, port)
+    server = ServerThread(make_app(service), host, port, section="tap")
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
     try:
-        try:
-            server.start()
-        except BadInputError as exc:
-            raise BadInputError("tap.port", exc.problem,
-                                "pick a free port (0: any) or another tap.host") from None
+        server.start()  # BadInputError naming tap.port if the address is taken
         log.info("TAP serving at %s", server.url)
         print(server.url, flush=True)
         if ready is not None:

@@ -17,6 +17,7 @@ import yaml
 
 from ..image import write_image
 from ..instruments import get_instrument
+from ..job.template_sources import template_sources, write_template_sources
 from ..skymap import SkyMap
 from .calibs import detector_signature, make_bias, make_flat
 from .events import raw_relpath, timeline, write_timeline
@@ -123,14 +124,15 @@ def simulate_night(
         for (tract, patch), bands in sorted(needed.items()):
             info = skymap.patch(tract, patch)
             for band in sorted(bands):
-                path = write_template(
-                    render_template(info, band, sky, plan.seed, pixel_scale=skymap.pixel_scale),
-                    out / "templates",
-                    skymap.name,
-                )
-                template_entries.append({"dataset_type": "template_coadd",
-                                         "file": path.relative_to(out / "templates").as_posix(),
-                                         "data_id": {"tract": int(tract), "patch": int(patch), "band": band}})
+                img = render_template(info, band, sky, plan.seed, pixel_scale=skymap.pixel_scale)
+                path = write_template(img, out / "templates", skymap.name)
+                # its astrometric references, made once here rather than by every job
+                sources = write_template_sources(template_sources(img), path.with_suffix(".parq"))
+                del img
+                data_id = {"tract": int(tract), "patch": int(patch), "band": band}
+                for kind, file in (("template_coadd", path), ("template_sources", sources)):
+                    template_entries.append({"dataset_type": kind, "data_id": dict(data_id),
+                                             "file": file.relative_to(out / "templates").as_posix()})
                 counts["templates"] += 1
                 say(f"template {tract}/{patch} {band}")
     write_timeline(timeline(plan), out / "timeline.jsonl")

@@ -19,6 +19,7 @@ import psycopg2  # type: ignore[import-untyped]
 import psycopg2.errors  # type: ignore[import-untyped]
 import sqlalchemy as sa
 
+from ..errors import first_line
 from .adql import AdqlError, parse_adql, to_sql
 from .schema import Registry, load_registry
 from .validity import current_validity_time, mjd_tai_to_iso_utc, pin_query
@@ -44,13 +45,6 @@ class TapLimits:
     """Seconds a query may run."""
     registry_refresh: float = 60.0
     """Seconds a table registry is reused before the database is looked at again."""
-
-
-def _first_line(exc: BaseException) -> str:
-    orig = getattr(exc, "orig", None)
-    text = str(orig if orig is not None else exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    return line.removeprefix("ERROR:").strip()
 
 
 class TapService:
@@ -98,7 +92,7 @@ class TapService:
                 oids = {int(oid): name for oid, name in conn.execute(sa.text(
                     "SELECT oid, typname FROM pg_type WHERE typname IN ('spoly', 'spoint', 'scircle')"))}
         except sa.exc.SQLAlchemyError as exc:
-            raise QueryError(f"database unavailable: {_first_line(exc)}") from None
+            raise QueryError(f"database unavailable: {first_line(exc)}") from None
         with self._lock:
             self._registry = (time.monotonic(), registry, oids)
         return registry, oids
@@ -109,7 +103,7 @@ class TapService:
             with self._engine.connect() as conn:
                 conn.execute(sa.text("SELECT 1"))
         except sa.exc.SQLAlchemyError as exc:
-            return False, f"database unavailable: {_first_line(exc)}"
+            return False, f"database unavailable: {first_line(exc)}"
         return True, "database reachable"
 
     def parse_maxrec(self, text: str | None) -> int:
@@ -184,12 +178,12 @@ class TapService:
         except psycopg2.errors.QueryCanceled:
             raise QueryError(f"query took longer than {self.limits.statement_timeout:g} s") from None
         except (sa.exc.OperationalError, psycopg2.OperationalError) as exc:
-            text = _first_line(exc)
+            text = first_line(exc)
             if "statement timeout" in text:  # in a statement run through SQLAlchemy
                 raise QueryError(f"query took longer than {self.limits.statement_timeout:g} s") from None
             raise QueryError(f"database unavailable: {text}") from None
         except (sa.exc.SQLAlchemyError, psycopg2.Error) as exc:
-            raise QueryError(f"query failed: {_first_line(exc)}") from None
+            raise QueryError(f"query failed: {first_line(exc)}") from None
         if description is None:
             raise QueryError("the query returned no table")
         overflow = len(rows) > maxrec

@@ -18,6 +18,7 @@ from scipy.spatial import cKDTree
 
 from ...image import Image, MaskBits
 from . import parallel
+from .kernel_residual import residual_profile
 
 __all__ = ["STAMP_BAD", "basis_1d", "convolve_terms", "fit_kernel", "kernel_image", "select_stamps",
            "spatial_terms"]
@@ -102,8 +103,10 @@ def fit_kernel(sci: Image, tmpl: Image, stamps, funcs, terms, h: int, pad: int, 
                spatial_degree: int, clip_sigma: float, max_iter: int):
     """Weighted least-squares kernel coefficients, clipping stamps whose chi^2 is an outlier.
 
-    Returns ``(coef, chi2_per_dof, n_used, n_rejected)``; ``coef`` is (n_spatial, n_terms + 1),
-    the last column the background.
+    Returns ``(coef, chi2_per_dof, n_used, n_rejected, profile)``; ``coef`` is (n_spatial,
+    n_terms + 1), the last column the background; ``profile`` the radial profile of the
+    residual the fit leaves on the stamps it kept
+    (:func:`~apbatch.job.steps.kernel_residual.residual_profile`).
     """
     ny, nx = sci.shape
     S = h + margin
@@ -156,7 +159,11 @@ def fit_kernel(sci: Image, tmpl: Image, stamps, funcs, terms, h: int, pad: int, 
             break
         use &= ~bad
         n_rej += int(bad.sum())
-    return coef, float(np.median(chi2[use])), int(use.sum()), n_rej
+    fitted = P @ coef
+    star = model - fitted[:, -1:]  # the model without its background: the star's flux
+    side = 2 * S + 1
+    profile = residual_profile((Rf - model)[use].reshape(-1, side, side), V[use], star[use].sum(axis=1))
+    return coef, float(np.median(chi2[use])), int(use.sum()), n_rej, profile
 
 
 def kernel_image(coef_row, funcs, terms) -> np.ndarray:

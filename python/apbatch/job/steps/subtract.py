@@ -31,7 +31,12 @@ kernel size: ``T * K_x = sum_s P_s(x) (T * K_s)`` exactly (float32 ``scipy.fft``
 
 Variance: ``var_sci + var_tmpl * sum(K_0**2) + (flux_error_floor * T*K)**2`` (the template
 variance is smooth; the last term stands for the kernel model's error, proportional to
-the local flux, and keeps bright-star residuals from being detected), then
+the local flux, and keeps bright-star residuals from being detected), plus, around each of
+the ``n_residual_stars`` brightest science sources, ``residual_scale`` (3) x ``F^2 * profile(r)``:
+the residual the fitted kernel leaves on its own stamps (which it fits better than the stars
+between them), measured in rings per unit flux squared
+(:mod:`~apbatch.job.steps.kernel_residual`; a kernel that cannot follow a PSF whose
+ellipticity turns across the CCD left 5-6 sigma lobes 3-8 px from 1e5 e- stars), then
 multiplied by the square of the empirical noise ratio (robust spread of
 ``diff / sqrt(var)``), which absorbs the noise correlation of warping and convolution.
 The template must have the smaller PSF (true of coadd templates); the result says if not.
@@ -49,6 +54,7 @@ import scipy.fft as sfft
 from ...errors import BadInputError
 from ...image import Image, MaskBits
 from .kernel_basis import STAMP_BAD, basis_1d, convolve_terms, fit_kernel, kernel_image, select_stamps
+from .kernel_residual import add_star_variance, box_fluxes
 from .psf import PsfModel
 
 _log = logging.getLogger(__name__)
@@ -77,6 +83,11 @@ class SubtractConfig:
     """Stamps a constant kernel needs (a sparse field: LATISS, a short exposure); fewer is bad input."""
     stamp_margin: int = 5
     min_stamp_snr: float = 30.0
+    n_residual_stars: int = 500
+    """Brightest science sources whose measured kernel residual is added to the variance."""
+    residual_scale: float = 3.0
+    """Factor on the residual measured on the fit stamps (the kernel fits its own stamps better
+    than the stars between them)."""
     clip_sigma: float = 3.0
     max_iter: int = 3
     flux_error_floor: float = 0.005
@@ -115,6 +126,8 @@ class SubtractionResult:
     template_psf_smaller: bool
     kernel: np.ndarray
     spatial_degree: int = 1
+    n_residual_stars: int = 0
+    """Bright stars around which the kernel's measured residual was added to the variance."""
 
     @property
     def kernel_size(self) -> int:
@@ -270,8 +283,8 @@ def subtract_images(
         # than no difference image at all; the metadata says so (DIFFSDEG 0)
         _log.warning("only %d clean star stamps: a kernel constant across the CCD", len(stamps))
         sdeg = 0
-    coef, chi2, n_used, n_rej = fit_kernel(science, template, stamps, funcs, terms, h, pad,
-                                           cfg.stamp_margin, sdeg, cfg.clip_sigma, cfg.max_iter)
+    coef, chi2, n_used, n_rej, profile = fit_kernel(science, template, stamps, funcs, terms, h, pad,
+                                                    cfg.stamp_margin, sdeg, cfg.clip_sigma, cfg.max_iter)
     ny, nx = science.shape
     tny, tnx = template.shape
     fshape = (sfft.next_fast_len(tny + h + 1, real=True), sfft.next_fast_len(tnx + h + 1, real=True))
@@ -284,12 +297,16 @@ def subtract_images(
     facs = [(None, None), (xs, None), (None, ys), (xs * xs, None), (xs, ys), (None, ys * ys)][: len(coef)]
     diff = science.image.astype(np.float32, copy=True)
     floor = None
+    # the brightest stars, ranked by the catalogue; their flux is measured on the matched template
+    bright = sources.nlargest(cfg.n_residual_stars, "flux") if "flux" in sources else sources.iloc[:0]
+    star_flux = np.zeros(0)
     # in place where possible: every CCD-sized temporary costs page faults as well as time
     terms_of = convolve_terms(timg, coef[:, :-1], funcs, terms, fshape, inner)
     del timg  # the generator frees it once it has its FFT
     for (fx, fy), c in zip(facs, terms_of, strict=False):
         if fx is None and fy is None:
             diff -= c
+            star_flux = box_fluxes(c, bright["x"].to_numpy(), bright["y"].to_numpy(), h + cfg.stamp_margin)
             floor = np.square(c, out=c)  # model error: a fraction of the matched template's flux
             floor *= np.float32(cfg.flux_error_floor**2)
             continue
@@ -309,6 +326,8 @@ def subtract_images(
     if floor is not None:
         var += floor
         del floor
+    n_res = add_star_variance(var, bright["x"].to_numpy(), bright["y"].to_numpy(), star_flux,
+                              cfg.residual_scale * profile) if len(star_flux) else 0
     mask = science.mask.copy()
     grow = dilate_bits(tmask, int(MaskBits.NO_DATA | MaskBits.SAT | MaskBits.BAD), h)[inner]
     mask |= tmask[inner]
@@ -327,9 +346,10 @@ def subtract_images(
     var *= np.float32(scale**2)
     res = SubtractionResult(
         n_used, n_rej, float(k0.sum()), float(scale), sigmas, chi2,
-        bool(_sigma(tmpl_sigma) <= _sigma(sci_sigma)), k0, sdeg,
+        bool(_sigma(tmpl_sigma) <= _sigma(sci_sigma)), k0, sdeg, n_res,
     )
     meta = dict(science.metadata)
     meta.update({"DIFFKSUM": res.kernel_sum, "DIFFNSCL": res.noise_scale, "DIFFNSTM": n_used,
-                 "DIFFKSIZ": res.kernel_size, "DIFFSDEG": sdeg, "DIFFTPAD": pad})
+                 "DIFFKSIZ": res.kernel_size, "DIFFSDEG": sdeg, "DIFFTPAD": pad,
+                 "DIFFNRES": n_res})
     return Image(diff, var, mask, science.wcs, meta), res

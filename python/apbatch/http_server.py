@@ -1,4 +1,4 @@
-"""`ServerThread`: uvicorn serving the OCPS application from a background thread."""
+"""`ServerThread`: uvicorn serving an ASGI application (OCPS, TAP) from a background thread."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Any
 
-from ..errors import BadInputError
+from .errors import BadInputError
 
 __all__ = ["ServerThread"]
 
@@ -26,12 +26,15 @@ class ServerThread:
         Address to bind.
     port : `int`
         Port; 0 picks a free one (see `url`).
+    section : `str`
+        The config section the address comes from (``ocps``, ``tap``), named in errors.
     """
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, *, section: str = "ocps"):
         import uvicorn  # noqa: PLC0415 (only the serving process needs it)
 
         self.host = host
+        self.section = section
         # log_config=None: apbatch's logging set-up (text or JSON lines) stays in charge
         self._config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level="warning",
                                       access_log=False, lifespan="off", timeout_graceful_shutdown=5)
@@ -52,7 +55,7 @@ class ServerThread:
         Raises
         ------
         BadInputError
-            Raised if the address cannot be bound (naming ``ocps.port``/``ocps.host``).
+            Raised if the address cannot be bound (naming ``<section>.port``/``<section>.host``).
         """
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only when the
@@ -64,18 +67,19 @@ class ServerThread:
             sock.bind((self.host, self._port))
         except OSError as exc:
             sock.close()
-            raise BadInputError("ocps.port", f"cannot listen on {self.host}:{self._port}: {exc.strerror}",
-                                "pick a free port (0: any) or another ocps.host") from None
+            raise BadInputError(f"{self.section}.port",
+                                f"cannot listen on {self.host}:{self._port}: {exc.strerror}",
+                                f"pick a free port (0: any) or another {self.section}.host") from None
         self._sock = sock
         self._port = sock.getsockname()[1]
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
-                                        name="ocps-http", daemon=True)
+                                        name=f"{self.section}-http", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self._server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 self.stop()
-                raise BadInputError("ocps.port", f"the HTTP server did not start on {self.url}",
+                raise BadInputError(f"{self.section}.port", f"the HTTP server did not start on {self.url}",
                                     "see the log above")
             time.sleep(0.01)
         return self
