@@ -40,3 +40,29 @@ def test_a_taken_port_names_the_section(section):
     msg = str(info.value)
     assert msg.startswith(f"{section}.port: cannot listen on 127.0.0.1:{port}") and "\n" not in msg
     assert f"another {section}.host" in msg
+
+
+def test_stop_on_signals_sets_the_event_on_sigterm_and_leaves_other_threads_alone():
+    import os
+    import signal
+    import threading
+
+    from apbatch.http_server import stop_on_signals
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        given = threading.Event()
+        assert stop_on_signals(given) is given and not given.is_set()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert given.wait(5)
+        # from another thread no handler is installed (Python allows it only in the main thread)
+        signal.signal(signal.SIGTERM, saved[signal.SIGTERM])
+        made: list = []
+        t = threading.Thread(target=lambda: made.append(stop_on_signals()))
+        t.start()
+        t.join(10)
+        assert isinstance(made[0], threading.Event)
+        assert signal.getsignal(signal.SIGTERM) is saved[signal.SIGTERM]
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 import time
@@ -9,7 +10,7 @@ from typing import Any
 
 from .errors import BadInputError
 
-__all__ = ["ServerThread"]
+__all__ = ["ServerThread", "stop_on_signals"]
 
 
 class ServerThread:
@@ -91,3 +92,16 @@ class ServerThread:
             self._thread.join(timeout=10)
         if self._sock is not None:
             self._sock.close()
+
+
+def stop_on_signals(stop: threading.Event | None = None) -> threading.Event:
+    """``stop`` (a new event if `None`), set by SIGTERM or SIGINT when called from the main thread.
+
+    A serving command waits on it; an embedding caller (a test, another thread) passes its own
+    and sets it itself (signal handlers can only be installed from the main thread).
+    """
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    return stop

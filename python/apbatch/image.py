@@ -31,7 +31,8 @@ from astropy.wcs import WCS
 
 from .atomic import replacing
 
-__all__ = ["PLANES", "QUANTIZE_LEVEL", "Image", "MaskBits", "read_image", "write_image"]
+__all__ = ["PLANES", "QUANTIZE_LEVEL", "Image", "MaskBits", "noise_quantization_steps", "read_image",
+           "write_image"]
 
 
 class MaskBits(enum.IntFlag):
@@ -116,14 +117,24 @@ QUANTIZE_LEVEL = 16.0
 TILE_SHAPE = (512, 512)
 
 
-def _quantize_steps(variance: np.ndarray) -> tuple[float, float]:
-    """cfitsio ``quantize_level`` for the image and variance planes (negative: an absolute step)."""
-    v = variance.ravel()[:: max(1, variance.size // 200_000)]
+def noise_quantization_steps(variance: np.ndarray) -> tuple[float, float] | None:
+    """Quantization steps (image, variance) from a variance plane: 1/:data:`QUANTIZE_LEVEL` of
+    the 5th-percentile sigma and 1/1000 of the 5th-percentile variance (module docstring);
+    `None` if fewer than 100 sampled pixels have a finite positive variance."""
+    v = np.asarray(variance).ravel()[:: max(1, variance.size // 200_000)]
     v = v[np.isfinite(v) & (v > 0)]
     if v.size < 100:
-        return QUANTIZE_LEVEL, QUANTIZE_LEVEL
+        return None
     low = float(np.percentile(v, 5))
-    return -np.sqrt(low) / QUANTIZE_LEVEL, -low / 1000.0
+    return float(np.sqrt(low)) / QUANTIZE_LEVEL, low / 1000.0
+
+
+def _quantize_steps(variance: np.ndarray) -> tuple[float, float]:
+    """cfitsio ``quantize_level`` for the image and variance planes (negative: an absolute step)."""
+    steps = noise_quantization_steps(variance)
+    if steps is None:
+        return QUANTIZE_LEVEL, QUANTIZE_LEVEL
+    return -steps[0], -steps[1]
 
 
 def _float_hdu(data: np.ndarray, name: str, header=None, lossless: bool = False,

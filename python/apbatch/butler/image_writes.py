@@ -7,8 +7,9 @@ the variance from pixel differences, which was 1.9 s of the 2.5 s a 4k x 4k imag
 store (bench/bench_job.py, ``write_outputs``). The image carries its noise in its variance
 plane, so :func:`put_image` hands cfitsio the step directly (a negative ``level``: ``-ZSCALE``,
 lsst-images' public `~lsst.images.fits.FitsQuantizationOptions`): 1/16 of the
-5th-percentile sigma for the image (dithered, as the recipe; the same rule as apbatch's own
-`apbatch.image.write_image`) and 1/1000 of the 5th-percentile variance for the variance. It
+5th-percentile sigma for the image (dithered, as the recipe) and 1/1000 of the 5th-percentile
+variance for the variance, the rule apbatch's own `apbatch.image.write_image` uses
+(`apbatch.image.noise_quantization_steps`). It
 writes the file with `lsst.images.fits.write` and ingests it (moved, not copied) under the
 dataset type's own formatter, lsst-images' ``GenericFormatter``: readers need daf_butler and
 lsst-images only, exactly as for a put, and the file carries the same butler information.
@@ -30,27 +31,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from lsst.daf.butler import Butler, DatasetProvenance, DatasetRef, FileDataset
 
-__all__ = ["QUANTIZE_FRACTION", "STALE_AFTER", "compression_options", "put_image"]
+from ..image import noise_quantization_steps
 
-QUANTIZE_FRACTION = 16.0
-"""The image's quantization step is sigma / this (Rubin's lossy recipe's level)."""
+__all__ = ["STALE_AFTER", "compression_options", "put_image"]
+
 _TILE = [512, 512]
 _TMP_PREFIX = ".apbatch-put-"
 STALE_AFTER = 3600.0
 """Seconds after which a temporary directory under the repository root is a killed job's leftover."""
-
-
-def _noise_steps(variance: np.ndarray) -> tuple[float, float] | None:
-    """(image step, variance step) from the 5th percentile of the variance; `None` if it is unusable."""
-    v = np.asarray(variance).ravel()[:: max(1, variance.size // 200_000)]
-    v = v[np.isfinite(v) & (v > 0)]
-    if v.size < 100:
-        return None
-    low = float(np.percentile(v, 5))
-    return float(np.sqrt(low)) / QUANTIZE_FRACTION, low / 1000.0
 
 
 def compression_options(image: Any) -> dict[str, Any] | None:
@@ -61,7 +51,7 @@ def compression_options(image: Any) -> dict[str, Any] | None:
     """
     from lsst.images.fits import FitsCompressionOptions  # noqa: PLC0415
 
-    steps = _noise_steps(image.variance.array)
+    steps = noise_quantization_steps(image.variance.array)
     if steps is None:
         return None
     rice = {"algorithm": "RICE_1", "tile_shape": _TILE}

@@ -12,7 +12,6 @@ import ipaddress
 import json
 import logging
 import os
-import signal
 import threading
 import time
 import urllib.error
@@ -24,7 +23,7 @@ from typing import Any
 
 from ..config_sources import read_secret_file
 from ..errors import BadInputError, NonRetriableError, RetriableError
-from ..http_server import ServerThread
+from ..http_server import ServerThread, stop_on_signals
 
 __all__ = [
     "check_exposure",
@@ -148,10 +147,7 @@ def serve(
     service = _make_service(config) if service is None else service
     app = make_app(service, token=token, execution_duration=ocps.execution_duration)
     server = ServerThread(app, host, port)
-    stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+    stop = stop_on_signals(stop)
     try:
         server.start()  # bind first: a taken port fails before the runner resumes anything
         service.start()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 from typing import Any
 
@@ -90,17 +89,14 @@ def serve(config: Any, *, host: str | None = None, port: int | None = None,
     BadInputError
         Raised if the database URL is not PostgreSQL or the address cannot be bound.
     """
-    from ..http_server import ServerThread  # noqa: PLC0415 (the same uvicorn-in-a-thread server as OCPS)
+    from ..http_server import ServerThread, stop_on_signals  # noqa: PLC0415 (the server OCPS uses)
     from ..tap.app import make_app  # noqa: PLC0415
 
     host = config.tap.host if host is None else host
     port = config.tap.port if port is None else port
     service = _service(config)
     server = ServerThread(make_app(service), host, port, section="tap")
-    stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+    stop = stop_on_signals(stop)
     try:
         server.start()  # BadInputError naming tap.port if the address is taken
         log.info("TAP serving at %s", server.url)
