@@ -1,7 +1,8 @@
 """Prompt latency end to end through the daemon: stage times per CCD, raw -> alert, critical-path CPU.
 
 Run: ``.venv/bin/python bench/bench_latency.py [--scenario latiss|comcam|all] [--visits N]
-[--detectors 0,4,8] [--cadence S] [--workers N] [--backend local|slurm] [--out DIR]``
+[--detectors 0,4,8] [--cadence S] [--workers N] [--backend local|slurm|pilot] [--whole-cpu]
+[--job-pythonpath] [--out DIR]``
 
 Scenarios (issue 12, item 3), each a simulated night replayed at real speed (bench/latency_night.py):
 
@@ -12,10 +13,15 @@ Scenarios (issue 12, item 3), each a simulated night replayed at real speed (ben
   visit stays real.
 
 ``--backend slurm`` uses a Slurm started by ``scripts/slurm-local.sh start`` (if none is
-running, the scenario is skipped). After each night the ledger rows are read and, over the
-science CCDs, printed: every interval of `apbatch.latency.INTERVALS` (n, p50, p95, max), raw
-available -> alerts sent against the 6 s target and the 60 s requirement, prepare against the
-30 s exposure, and the CPU of the steps after the raw (from each CCD's ``ap_metrics``).
+running, the scenario is skipped); ``--backend pilot`` runs the CCDs in warm pilot processes
+(`apbatch.backends.pilot`; ``--workers`` pilots, default CCDs per visit + cores) and prints,
+after the night, each pilot's items (whole-item CPU, RSS after each), then stops the pilots.
+``--whole-cpu`` runs each local job under ``/usr/bin/time`` and prints its whole-process CPU
+(imports included), the number to compare with a warm pilot's whole-item CPU.
+After each night the ledger rows are read and, over the science CCDs, printed: every interval
+of `apbatch.latency.INTERVALS` (n, p50, p95, max), raw available -> alerts sent against the
+6 s target and the 60 s requirement, prepare against the 30 s exposure, and the CPU of the
+steps after the raw (from each CCD's ``ap_metrics``).
 Exit 1 if any job failed, 0 otherwise (latencies over target are reported, not failures).
 """
 
@@ -47,6 +53,7 @@ phase on 9 CCDs: steps ~18.5 s (prepare ~5.5, after the raw ~12.5) plus ~3.4 s o
 (the issue's figure before the prepare phase) the cadence was 80 s, and the queue grew."""
 CADENCE_MARGIN = 1.25
 SLURM_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "slurm-local.sh"
+WHOLE_CPU_TAG = "apbatch-whole-cpu"
 THREADS = dict.fromkeys(("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"), "1")
 
 
@@ -168,7 +175,7 @@ def cpu_table(cfg, rows, say) -> None:
 
 def _job_error(cfg, row) -> str:
     """The ``error:`` line a local job printed last (empty for other backends, or none)."""
-    if cfg.backend.kind != "local" or not row.job_id:
+    if cfg.backend.kind not in ("local", "pilot") or not row.job_id:
         return ""
     log = cfg.path(cfg.backend.log_dir) / "jobs" / row.job_id / "out.log"
     try:
@@ -178,7 +185,7 @@ def _job_error(cfg, row) -> str:
     return next((ln[:200] for ln in reversed(lines) if ln.startswith("error:")), "")
 
 
-def report(cfg_path: Path, say=print) -> int:
+def report(cfg_path: Path, say=print, stop_pilots: bool = False) -> int:
     """Print a night's tables from its ledger; returns the number of failed jobs."""
     from apbatch.config import load_config
     from apbatch.ledger import Ledger
@@ -197,7 +204,74 @@ def report(cfg_path: Path, say=print) -> int:
         say("  (stage table over every science job: a failed one counts in the intervals it reached)")
     stage_table(science, say)
     cpu_table(cfg, done, say)
+    if cfg.backend.kind == "pilot":
+        pilot_table(cfg, say, stop=stop_pilots)
+    if cfg.backend.kind == "local":
+        job_cpu_table(cfg, [r for r in done if r.intent == "science"], say)
     return len(failed)
+
+
+def pilot_table(cfg, say, stop: bool = False) -> None:
+    """Print each pilot of the night: items done/failed, why it ended, whole-item CPU and RSS
+    after each item; ``stop``: end the idle ones (the bench started them; its night is over)."""
+    import signal
+
+    from apbatch.backends.pilot import pilot_records
+
+    cpu: list[float] = []
+    for p in sorted(pilot_records(cfg.path(cfg.backend.log_dir).absolute()), key=lambda r: r["started"]):
+        if stop and p["state"] in ("idle", "starting"):
+            os.kill(int(p["pid"]), signal.SIGTERM)
+        items = p.get("items", [])
+        say(f"  pilot {p['pilot']}: {p['state']} ({p.get('reason', '')}), {p['done']} done, "
+            f"{p['failed']} failed; per item (job exit cpu_s rss_mib): "
+            + (", ".join(f"{j} {c} {t:.2f} {r:.0f}" for j, c, t, r in items) or "-"))
+        cpu += [float(t) for _, c, t, _ in items[1:] if c == 0]  # the first item of a pilot is cold
+    if cpu:
+        p50, p95, mx = _pct(cpu)
+        say(f"  whole-item CPU in a warm pilot (items after each pilot's first, exit 0): n {len(cpu)}, "
+            f"p50 {p50:.2f} s, p95 {p95:.2f} s, max {mx:.2f} s")
+
+
+def job_cpu_table(cfg, rows, say) -> None:
+    """Print the whole-process CPU of local jobs run under ``/usr/bin/time`` (``--whole-cpu``)."""
+    cpu = []
+    for r in rows:
+        log = cfg.path(cfg.backend.log_dir) / "jobs" / (r.job_id or "-") / "out.log"
+        try:
+            lines = log.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        tagged = (ln.split() for ln in lines if ln.startswith(WHOLE_CPU_TAG))
+        cpu += [float(a) + float(b) for _, a, b in tagged]
+    if cpu:
+        p50, p95, mx = _pct(cpu)
+        say(f"  whole-job CPU per local job (process incl. imports, /usr/bin/time): n {len(cpu)}, "
+            f"p50 {p50:.2f} s, p95 {p95:.2f} s, max {mx:.2f} s")
+
+
+def _edit_site_config(whole_cpu: bool, job_pythonpath: bool) -> None:
+    """Edit the nights' config: run each local job under ``/usr/bin/time`` (``--whole-cpu``);
+    give the jobs (and pilots) this process's ``PYTHONPATH`` (``--job-pythonpath``)."""
+    import latency_night
+    from apbatch.jobconfig import resolve_command
+
+    site_config = latency_night._site_config
+    command = ["/usr/bin/time", "-f", f"{WHOLE_CPU_TAG} %U %S", *resolve_command(["apbatch", "process-ccd"])]
+
+    def edited(out, instrument, detectors, backend):
+        import yaml
+
+        path = site_config(out, instrument, detectors, backend)
+        data = yaml.safe_load(path.read_text())
+        if whole_cpu and backend["kind"] == "local":
+            data["job"]["command"] = command
+        if job_pythonpath and os.environ.get("PYTHONPATH"):
+            data["job"]["env"] = {**THREADS, "PYTHONPATH": os.environ["PYTHONPATH"]}
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    latency_night._site_config = edited
 
 
 def run_scenario(name: str, args, out: Path, backend: dict, say=print) -> int:
@@ -218,11 +292,14 @@ def run_scenario(name: str, args, out: Path, backend: dict, say=print) -> int:
     n_det = len(dets) or 1
     if backend["kind"] == "local":
         backend = {**backend, "max_workers": args.workers or n_det + cores}
-    workers = f", {backend['max_workers']} local workers" if backend["kind"] == "local" else ""
+    if backend["kind"] == "pilot":
+        backend = {**backend, "pilots": args.workers or n_det + cores, "idle_timeout": 300.0}
+    workers = (f", {backend['max_workers']} local workers" if backend["kind"] == "local"
+               else f", {backend['pilots']} pilots" if backend["kind"] == "pilot" else "")
     say(f"\n=== {name}: {instrument}, {visits} visits, {how}, backend {backend['kind']}{workers}")
     cfg_path = run_night(out / name, instrument=instrument, visits=visits, detectors=dets, seed=args.seed,
                          backend=backend, cadence=cadence, say=say)
-    return report(cfg_path, say)
+    return report(cfg_path, say, stop_pilots=True)
 
 
 def main(argv=None) -> int:
@@ -233,9 +310,14 @@ def main(argv=None) -> int:
     ap.add_argument("--visits", type=int, help="visits per night (default: latiss 6, comcam 4)")
     ap.add_argument("--detectors", help="comcam CCD ids, comma-separated (default: all 9)")
     ap.add_argument("--cadence", type=float, help="comcam seconds between visits (default: comcam_cadence)")
-    ap.add_argument("--workers", type=int, help="local backend slots (default: CCDs per visit + cores)")
-    ap.add_argument("--backend", choices=("local", "slurm"), default="local")
+    ap.add_argument("--workers", type=int,
+                    help="local backend slots or pilots (default: CCDs per visit + cores)")
+    ap.add_argument("--backend", choices=("local", "slurm", "pilot"), default="local")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--whole-cpu", action="store_true",
+                    help="local backend: run each job under /usr/bin/time and print its whole-process CPU")
+    ap.add_argument("--job-pythonpath", action="store_true",
+                    help="give the jobs this PYTHONPATH (job.env), to bench a snapshot of the code")
     ap.add_argument("--out", type=Path, help="work directory (default: a temporary one, removed)")
     ap.add_argument("--report", type=Path, metavar="CONFIG",
                     help="only print the tables of a finished night (its apbatch.yaml)")
@@ -247,9 +329,11 @@ def main(argv=None) -> int:
     if args.workers is not None and args.workers < 1:
         ap.error("--workers: must be >= 1; give e.g. --workers 4")
     os.environ.update(THREADS)
+    if args.whole_cpu or args.job_pythonpath:
+        _edit_site_config(args.whole_cpu, args.job_pythonpath)
     if args.report:
         return 1 if report(args.report) else 0
-    backend: dict = {"kind": "local"}
+    backend: dict = {"kind": args.backend if args.backend == "pilot" else "local"}
     if args.backend == "slurm":
         slurm = slurm_backend()
         if slurm is None:

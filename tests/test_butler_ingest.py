@@ -268,3 +268,31 @@ def test_template_without_wcs_is_refused_and_nothing_ingested(butler, tmp_path):
     assert not butler.query_datasets(ds.TEMPLATE, collections=ds.templates_run("LSSTComCam"),
                                      find_first=False, explain=False)
     assert not list((tmp_path / "repo").rglob("t1_p5_g*.fits"))  # the copied file went with the rollback
+
+
+@pytest.mark.parametrize("content, message", [
+    ("not parquet", r"datasets\[2\]\.file: t1_p5_g\.parq is not a Parquet file"),
+    ({"ra": [1.0], "dec": [2.0]}, r"datasets\[2\]\.file: t1_p5_g\.parq lacks numeric column\(s\) flux"),
+    ({"ra": [1.0], "dec": ["x"], "flux": [3.0]}, r"lacks numeric column\(s\) dec"),
+])
+def test_bad_template_sources_file_is_refused_before_anything_is_written(butler, tmp_path, content, message):
+    """A listed catalogue every job would fail on is refused at ingest, naming the entry; nothing ingested."""
+    import pandas as pd
+
+    directory = write_templates(tmp_path / "templates")
+    path = directory / "t1_p5_g.parq"
+    if isinstance(content, str):
+        path.write_text(content)
+    else:
+        pd.DataFrame(content).to_parquet(path, index=False)
+    manifest = yaml.safe_load((directory / "manifest.yaml").read_text())
+    manifest["datasets"].append({"dataset_type": "template_sources", "file": "t1_p5_g.parq",
+                                 "data_id": {"tract": 1, "patch": 5, "band": "g"}})
+    (directory / "manifest.yaml").write_text(yaml.safe_dump(manifest))
+    with pytest.raises(BadInputError, match=message) as info:
+        ingest_manifest(butler, directory)
+    assert "\n" not in str(info.value)
+    fix = "write_template_sources" if isinstance(content, str) else "columns ra, dec, flux"
+    assert fix in str(info.value)
+    assert not butler.query_datasets(ds.TEMPLATE, collections=ds.templates_run("LSSTComCam"),
+                                     find_first=False, explain=False)

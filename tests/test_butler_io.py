@@ -133,6 +133,36 @@ def test_two_snaps_by_image_name(butler, store, raws):
         io.get_raw_blocking(["CC_O_20241108_000300"], 0, 1, DistributorClient.from_location(store.root), 1)
 
 
+def test_first_snap_is_read_while_the_second_is_awaited(butler, store, raws):
+    """Two snaps, partial accepted (a job's case): snap 1 is ingested and read before snap 2 arrives."""
+    io = ButlerIO(butler, "LSSTComCam")
+    deliver(store, raws["snap1"])
+    reads = []
+    real_get = butler.get
+
+    def get(ref, *args, **kwargs):
+        reads.append((ref.dataId["exposure"], time.monotonic()))
+        return real_get(ref, *args, **kwargs)
+
+    butler.get = get
+    arrived = []
+    threading.Timer(0.6, lambda: arrived.append((deliver(store, raws["snap2"]), time.monotonic()))).start()
+    out = io.get_raw_blocking(GROUP, 0, 2, DistributorClient.from_location(store.root), timeout=5,
+                              allow_partial=True)
+    assert [r.metadata.seq_num for r in out] == [300, 301]
+    assert [e for e, _ in reads] == [2024110800300, 2024110800301]  # each read once
+    assert reads[0][1] < arrived[0][1] <= reads[1][1]
+    assert io.raw_delivered_at == arrived[0][0].delivered
+
+
+def test_timeout_without_partial_writes_nothing_even_if_one_snap_arrived(butler, store, raws):
+    deliver(store, raws["snap1"])
+    io = ButlerIO(butler, "LSSTComCam")
+    with pytest.raises(RawTimeoutError, match="1 of 2"):
+        io.get_raw_blocking(GROUP, 0, 2, DistributorClient.from_location(store.root), timeout=0.5)
+    assert not butler.query_datasets(ds.RAW, collections=ds.raw_run("LSSTComCam"), explain=False)
+
+
 def test_preregistered_exposure_is_left_alone(butler, store, raws):
     planned = translate_header(read_raw_header(raws["S00"]))
     import dataclasses

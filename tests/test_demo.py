@@ -206,14 +206,16 @@ def _dia_tables(out: Path) -> dict:
 
 def _forced_fluxes_agree_with_dia_fluxes(out: Path) -> None:
     """An object's DiaForcedSource and DiaSource fluxes of the same visit agree, as read from the
-    APDB with SQLAlchemy alone (a Gaussian-weighted forced flux was 8% low on these Moffat PSFs)."""
+    APDB with SQLAlchemy alone (a Gaussian-weighted forced flux was 8% low on these Moffat PSFs),
+    and so do their errors (both carry the difference's matched-filter noise rescale)."""
     import sqlalchemy as sa
     from apbatch.config import load_config
 
     cfg = load_config(out / "apbatch.yaml", environ={})
     url = cfg.sqlalchemy_url(cfg.apdb.url)
     query = sa.text('SELECT s."psfFlux" AS dia, f."psfFlux" AS forced, s."psfFluxErr" AS err, '
-                    'f."scienceFlux" AS fsci, s."scienceFlux" AS sci FROM "DiaSource" s '
+                    'f."scienceFlux" AS fsci, s."scienceFlux" AS sci, f."psfFluxErr" AS ferr '
+                    'FROM "DiaSource" s '
                     'JOIN "DiaForcedSource" f ON f."diaObjectId" = s."diaObjectId" AND f.visit = s.visit '
                     'AND f.detector = s.detector')
     with sa.create_engine(url).connect() as conn:
@@ -222,6 +224,7 @@ def _forced_fluxes_agree_with_dia_fluxes(out: Path) -> None:
     assert len(bright) >= 5, len(bright)
     assert abs(float(np.median(bright[:, 1] / bright[:, 0])) - 1.0) <= 0.02, bright
     assert abs(float(np.median(bright[:, 3] / bright[:, 4])) - 1.0) <= 0.02, bright
+    assert abs(float(np.median(bright[:, 5] / bright[:, 2])) - 1.0) <= 0.03, bright[:, [2, 5]]
 
 
 def _truth_scores(out: Path, tables: dict) -> dict:

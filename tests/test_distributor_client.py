@@ -155,6 +155,34 @@ def test_two_snaps_in_order_and_partial(store, raw):
     assert [p.name[:20] for p in both] == ["CC_O_20241108_000266", "CC_O_20241108_000267"]
 
 
+def test_on_ready_gets_each_early_raw_once(store, raw):
+    """The first snap is handed over while the second is awaited; the last one only returned."""
+    client = LocalDistributorClient(store.root)
+    store.deliver(raw, meta(seq=266, index=1))
+    seen = []
+    later(0.4, store.deliver, raw, meta(seq=267, index=2))
+    paths = client.wait_for_raws("LSSTComCam", GROUP, "R22_S11", 2, timeout=5, on_ready=seen.append)
+    assert [p.name[:20] for p in paths] == ["CC_O_20241108_000266", "CC_O_20241108_000267"]
+    assert seen == paths[:1]
+    # all there at the first look (a rerun): nothing early
+    seen.clear()
+    assert client.wait_for_raws("LSSTComCam", GROUP, "R22_S11", 2, timeout=1, on_ready=seen.append) == paths
+    assert seen == []
+
+
+def test_on_ready_error_ends_the_wait(store, raw):
+    store.deliver(raw, meta(seq=266, index=1))
+
+    def bad(path):
+        raise BadInputError("raw", "is from another detector", "check the distributor")
+
+    t0 = time.monotonic()
+    with pytest.raises(BadInputError, match="another detector"):
+        LocalDistributorClient(store.root).wait_for_raws("LSSTComCam", GROUP, "R22_S11", 2, timeout=5,
+                                                        on_ready=bad)
+    assert time.monotonic() - t0 < 1
+
+
 def test_partial_with_nothing_still_raises(store):
     with pytest.raises(RawTimeoutError, match="0 of 2"):
         LocalDistributorClient(store.root).wait_for_raws(

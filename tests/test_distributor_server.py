@@ -134,6 +134,18 @@ def test_late_writer_over_http(client, store, raw):
     assert client.delivered_at(paths) == entry.delivered
 
 
+def test_on_ready_over_http_gets_the_first_snap_early(client, store, raw):
+    store.deliver(raw, meta(seq=266, index=1))
+    seen = []
+    threading.Timer(0.6, store.deliver, (raw, meta(seq=267, index=2))).start()
+    t0 = time.monotonic()
+    paths = client.wait_for_raws("LSSTComCam", GROUP, "R22_S11", 2, timeout=10,
+                                 on_ready=lambda p: seen.append((p, time.monotonic() - t0)))
+    assert [p.name[:20] for p in paths] == ["CC_O_20241108_000266", "CC_O_20241108_000267"]
+    assert [p for p, _ in seen] == paths[:1] and seen[0][1] < 0.5  # before the second was delivered
+    assert paths[0].read_bytes() == raw.read_bytes() and paths[1].read_bytes() == raw.read_bytes()
+
+
 def test_timeout_over_http_is_on_time(client):
     t0 = time.monotonic()
     with pytest.raises(RawTimeoutError, match="0 of 1"):

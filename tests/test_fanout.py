@@ -129,6 +129,20 @@ def test_bias_without_group_uses_exposure_id(config):
     assert w.image_names == ("MC_C_20250425_000032",)
 
 
+def test_calibration_without_group_in_a_sequence_is_one_image(config):
+    """The 2nd of 5 biases without groupId is a group of its own: the job must not wait for 5 raws of
+    it (it waited out its 120 s timeout for images that belong to other groups)."""
+    ev = event("calib_bias_LSSTCam.json", imagesInSequence=5, imageIndex=2)
+    w = fan_out(ev, config)[0]
+    assert w.group_id == "2025042500032" and w.nimages == 1
+    assert w.image_names == ("MC_C_20250425_000032",)
+    # with a shared groupId the job waits for the whole sequence, like snaps
+    ev = event("calib_bias_LSSTCam.json", imagesInSequence=5, imageIndex=2,
+               additionalKeys="imageType:groupId", additionalValues="BIAS:bias-seq-7")
+    w = fan_out(ev, config)[0]
+    assert w.group_id == "bias-seq-7" and w.nimages == 5 and w.image_names == ()
+
+
 def test_flat_with_group(config):
     works = fan_out(event("calib_flat_LSSTComCam.json"), config)
     assert len(works) == 9

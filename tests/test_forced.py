@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from apbatch.image import Image, MaskBits
 from apbatch.job.apdb import forced_photometry
-from apbatch.job.forced import ForcedPhotometry
+from apbatch.job.forced import DIFF_NOISE_SCALE, ForcedPhotometry
 from apbatch.job.steps.apcorr import ApertureCorrection
 from apbatch.job.steps.psf import moffat_psf
 
@@ -63,3 +63,16 @@ def test_the_correction_scales_flux_and_error_alike(value):
     corr = ApertureCorrection(value=value, n_stars=20, scatter=0.01, radius=30.0, fallback=False)
     got = ForcedPhotometry(psf, corr)(img, x, y)
     np.testing.assert_allclose(got, np.array(base) * value)
+
+
+def test_errors_on_a_difference_carry_its_noise_rescale():
+    """A difference's DIA errors are scaled by the matched-filter noise rescale (``DIANSCL``);
+    the forced errors on it are too, so forced and DIA S/N of an object agree. Fluxes do not change."""
+    img = moffat_field(TRUTH)
+    psf = moffat_psf(FWHM, BETA)
+    x, y = np.array([40.3, 110.0]), np.array([50.7, 70.2])
+    flux, err = ForcedPhotometry(psf)(img, x, y)
+    img.metadata[DIFF_NOISE_SCALE] = 1.3
+    sflux, serr = ForcedPhotometry(psf)(img, x, y)
+    np.testing.assert_allclose(sflux, flux)
+    np.testing.assert_allclose(serr, 1.3 * err)

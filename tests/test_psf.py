@@ -45,12 +45,108 @@ def test_shifted_stamp_moves_centroid():
 def test_masked_and_saturated_stars_excluded():
     im = _stars(1.6, seed=3)
     src = detect_sources(im, psf_sigma=1.6)
-    # mark every star but a few as saturated: too few PSF stars remain
+    # mark every star but three as saturated: a sparse field's constant model from those three
     for x, y in src[["x", "y"]].to_numpy()[:-3]:
         im.mask[int(y), int(x)] = MaskBits.SAT
     src = detect_sources(im, psf_sigma=1.6)
-    with pytest.raises(BadInputError, match="PSF stars"):
-        measure_psf(im, src)
+    psf = measure_psf(im, src)
+    assert psf.n_stars == 3 and psf.degree == 0 and psf.coeffs is None
+    assert psf.fallback == "sparse field: constant PSF from 3 star(s)"
+    assert psf.sigma == pytest.approx(1.6, rel=0.06)
+    # one star left: no model
+    for x, y in src[["x", "y"]].to_numpy()[:-1]:
+        im.mask[int(y), int(x)] = MaskBits.SAT
+    with pytest.raises(BadInputError, match=r"only 1 PSF stars found \(at least 2\)"):
+        measure_psf(im, detect_sources(im, psf_sigma=1.6))
+
+
+def _observed(img, rng, box):
+    """``img`` (e-, sky included) with Poisson-like noise and 5 e- read noise, background-subtracted."""
+    var = img + 25
+    im = Image((img + rng.normal(0, np.sqrt(var))).astype(np.float32), var.astype(np.float32))
+    subtract_background(im, box=box)
+    return im
+
+
+def _sparse_field(n_bright, n_faint, seed=11, sigma=2.2, galaxy=True):
+    """A sparse field: a few bright stars, fainter ones below the default detection, and a bright galaxy."""
+    rng = np.random.default_rng(seed)
+    img = np.full((800, 800), 200.0)
+    for flux in [*rng.uniform(8e4, 2e5, n_bright), *rng.uniform(2.3e3, 3.0e3, n_faint)]:
+        x, y = rng.uniform(40, 760, 2)
+        _paint(img, x, y, flux, lambda h, dx, dy: _gauss_stamp(sigma, h, dx, dy))
+    if galaxy:
+        _paint(img, 400.3, 400.6, 4e5, lambda h, dx, dy: _gauss_stamp(4.5, h, dx, dy, 0.7), h=25)
+    return _observed(img, rng, box=128)
+
+
+def test_sparse_field_model_leaves_the_galaxy_out():
+    """4 stars and a brighter galaxy: no stellar locus to find, the constant model is the stars'."""
+    im = _sparse_field(4, 0)
+    src = detect_sources(im, psf_sigma=2.2)
+    assert len(src) == 5  # four stars and the galaxy
+    psf = measure_psf(im, src)
+    assert psf.fallback == "sparse field: constant PSF from 4 star(s)"
+    assert psf.n_stars == 4
+    assert psf.sigma == pytest.approx(2.2, rel=0.05)
+
+
+def test_sparse_field_model_is_wide_enough_for_a_wide_psf():
+    """LATISS-like (Moffat, FWHM 10.6 px): the constant model spans 5 FWHM like a stellar-locus one, so
+    PSF fluxes hold the light (a 25-px model gave 0.81-0.87 of the truth on a LATISS CCD)."""
+    from apbatch.job.steps.measure import psf_flux
+
+    rng = np.random.default_rng(4)
+    img = np.full((700, 700), 200.0)
+    xy = [(150.2, 160.7), (520.6, 210.1), (300.4, 540.3), (580.8, 590.5)]
+    flux = rng.uniform(2e5, 4e5, len(xy))
+    _add_stars(img, *zip(*xy, strict=True), flux, "moffat", 4.5)
+    im = _observed(img, rng, box=256)
+    psf = measure_psf(im, detect_sources(im, psf_sigma=4.5))
+    assert psf.fallback == "sparse field: constant PSF from 4 star(s)"
+    assert psf.image.shape[0] >= 2 * round(2.5 * 2.3548 * 4.5 * 0.95) + 1
+    x, y = (np.array(c) for c in zip(*xy, strict=True))
+    got, _ = psf_flux(im, psf, x, y)
+    np.testing.assert_allclose(got / flux, 1.0, atol=0.03)
+
+
+def test_sparse_field_takes_fainter_psf_stars_from_the_deeper_catalogue():
+    """A LATISS-like field (Moffat FWHM 10.6 px) with 2 bright stars and fainter ones at S/N 20-40
+    that the default detection misses: the second look finds them and, with the S/N floor at
+    ``SPARSE_MIN_SNR``, builds a normal model (a real LATISS visit failed with "only 1 PSF stars")."""
+    from apbatch.job.steps.psf import SPARSE_MIN_SNR, SPARSE_THRESHOLD, sources_and_psf
+
+    rng = np.random.default_rng(11)
+    img = np.full((1000, 1000), 200.0)
+    flux = np.r_[rng.uniform(2e5, 4e5, 2), rng.uniform(6.5e3, 9.5e3, 10)]
+    _add_stars(img, rng.uniform(60, 940, flux.size), rng.uniform(60, 940, flux.size), flux, "moffat", 4.5)
+    im = _observed(img, rng, box=256)
+    assert len(detect_sources(im)) == 2
+    deep = detect_sources(im, threshold=SPARSE_THRESHOLD)
+    assert ((deep["snr"] >= SPARSE_MIN_SNR) & (deep["snr"] < 50)).sum() >= 3
+    src, psf = sources_and_psf(im)
+    assert len(src) == len(deep) and psf.fallback is None and psf.n_stars >= 5
+    assert psf.fwhm == pytest.approx(measure_psf(im, deep, min_snr=50).fwhm, rel=0.05)
+
+
+def test_sources_and_psf_looks_deeper_only_in_a_sparse_field():
+    """Too few stars for a normal model: the catalogue the job goes on with is a deeper one."""
+    from apbatch.job.steps.psf import SPARSE_THRESHOLD, sources_and_psf
+
+    im = _sparse_field(3, 25)
+    shallow = detect_sources(im)
+    deep = detect_sources(im, threshold=SPARSE_THRESHOLD)
+    assert len(shallow) <= 4 < len(deep)
+    src, psf = sources_and_psf(im)
+    assert len(src) == len(deep)
+    # the deeper catalogue (for the astrometric fit and the kernel's stamps) holds the faint stars;
+    # they are too faint for PSF stars (S/N >= 50), so the model is the bright three's
+    assert psf.fallback == "sparse field: constant PSF from 3 star(s)"
+    assert psf.sigma == pytest.approx(2.2, rel=0.05)
+    # a field with stars enough: one detection, the default one
+    rich = _stars(1.6)
+    src, psf = sources_and_psf(rich)
+    assert len(src) == len(detect_sources(rich)) and psf.fallback is None
 
 
 def test_no_sources():
@@ -127,11 +223,7 @@ def _galaxy_field(seed=5, n_stars=70, n_gal=220, star_sigma=1.5):
         x, y = rng.uniform(25, 975, 2)
         s, q = rng.uniform(2.6, 5.0), rng.uniform(0.6, 1.0)
         _paint(img, x, y, rng.uniform(5e4, 6e5), lambda h, dx, dy, s=s, q=q: _gauss_stamp(s, h, dx, dy, q))
-    var = img + 25
-    img = img + rng.normal(0, np.sqrt(var))
-    im = Image(img.astype(np.float32), var.astype(np.float32))
-    subtract_background(im, box=64)
-    return im
+    return _observed(img, rng, box=64)
 
 
 def test_psf_stars_are_stars_in_a_galaxy_rich_field():

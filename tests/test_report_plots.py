@@ -131,3 +131,13 @@ def test_cutouts_decode_the_fits_bytes(night):
     assert n_colours(img) > 10 and ink(img) > 0.5  # three filled stamps, the difference in colour
     blank = pixels(gallery.cutouts({"science": None, "template": None, "difference": None}))
     assert n_colours(blank) == 0 and ink(blank) < 0.1
+
+
+@pytest.mark.parametrize("npanel, shape, size", [(1, (1, 1), (8.0, 7.0)), (3, (1, 3), (15.6, 4.8)),
+                                                 (7, (3, 3), (15.6, 14.4))])
+def test_panel_figure_lays_out_rows_of_three(npanel, shape, size):
+    from apbatch.report.plots import panel_figure
+
+    fig, nrow, ncol = panel_figure(npanel, (8, 7), 4.8)
+    assert (nrow, ncol) == shape and nrow * ncol >= npanel
+    assert tuple(fig.get_size_inches()) == pytest.approx(size)

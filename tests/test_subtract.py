@@ -334,6 +334,35 @@ def test_sparse_field_gets_a_constant_kernel_not_a_failure():
     assert stamp.sum() == pytest.approx(2e4, rel=0.06)
 
 
+def test_sparse_field_kernel_from_fainter_stars():
+    """Three stars at S/N >= 30 (a sparse LATISS field): the constant kernel takes stars down to
+    S/N 10 (``sparse_stamp_snr``) rather than exiting 2, and the difference is noise."""
+    rng = np.random.default_rng(21)
+    fl = np.r_[rng.uniform(8e4, 2e5, 3), rng.uniform(3e3, 5e3, 8)]
+    xs, ys = rng.uniform(60, N - 60, fl.size), rng.uniform(60, N - 60, fl.size)
+    timg = np.zeros((N, N), np.float32)
+    _add_stars(timg, xs, ys, fl, "gauss", 1.3)
+    tvar = (30.0 + timg / 10).astype(np.float32)
+    timg += rng.normal(0, np.sqrt(tvar)).astype(np.float32)
+    simg = np.zeros((N, N), np.float32)
+    _add_stars(simg, xs, ys, fl, "gauss", 1.9)
+    svar = (300.0 + simg).astype(np.float32)
+    simg += rng.normal(0, np.sqrt(svar)).astype(np.float32)
+    sci, tmpl = Image(simg, svar), Image(timg, tvar)
+    src = detect_sources(sci, threshold=2.5, psf_sigma=1.9)
+    cfg = SubtractConfig()
+    assert (src["snr"] >= cfg.min_stamp_snr).sum() == 3 and (src["snr"] >= cfg.sparse_stamp_snr).sum() >= 7
+    diff, res = subtract_images(sci, tmpl, 1.9, 1.3, src, cfg)
+    assert res.n_stamps >= cfg.min_stamps_constant and diff.metadata["DIFFSDEG"] == 0
+    assert res.kernel_sum == pytest.approx(1.0, abs=0.03)
+    z = diff.image / np.sqrt(diff.variance)
+    inner = (diff.mask & MaskBits.EDGE) == 0
+    assert np.std(z[inner]) == pytest.approx(1.0, abs=0.06)
+    # with the floor at the default S/N there are too few stamps
+    with pytest.raises(BadInputError, match=r"only 3 clean star stamps"):
+        subtract_images(sci, tmpl, 1.9, 1.3, src, SubtractConfig(sparse_stamp_snr=cfg.min_stamp_snr))
+
+
 def test_too_few_stars_even_for_a_constant_kernel_is_bad_input():
     sci, tmpl = _pair(seed=12, n=2)
     with pytest.raises(BadInputError, match=r"only \d clean star stamps for the kernel fit \(at least 4\)"):

@@ -100,9 +100,8 @@ def fake_steps(monkeypatch):
     monkeypatch.setattr(task, "run_isr", isr)
     monkeypatch.setattr(task, "subtract_background",
                         lambda img: calls.append("bkg") or BackgroundResult(level=120.0, rms=11.0, box=128))
-    monkeypatch.setattr(task, "detect_sources", lambda img, **kw: pd.DataFrame(
-        {"x": [1.0], "y": [1.0], "flux": [1.0], "flag": [0], "masked": [False]}))
-    monkeypatch.setattr(task, "measure_psf", lambda img, src: gaussian_psf(1.5))
+    monkeypatch.setattr(task, "sources_and_psf", lambda img: (pd.DataFrame(
+        {"x": [1.0], "y": [1.0], "flux": [1.0], "flag": [0], "masked": [False]}), gaussian_psf(1.5)))
     return calls
 
 

@@ -13,12 +13,19 @@ Every path that is not absolute is relative to ``root`` (default ``./apbatch-wor
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
+from .config_backends import (
+    BackendConfig,
+    HTCondorBackendConfig,
+    LocalBackendConfig,
+    PilotBackendConfig,
+    SlurmBackendConfig,
+    time_limit_seconds,
+)
 from .config_services import (
     CalibVerifyConfig,
     EmbargoConfig,
@@ -47,6 +54,7 @@ __all__ = [
     "MonitoringConfig",
     "ObscoreConfig",
     "OcpsConfig",
+    "PilotBackendConfig",
     "PpdbConfig",
     "SlurmBackendConfig",
     "SourceConfig",
@@ -57,86 +65,6 @@ __all__ = [
 
 
 _Model = ConfigModel
-
-
-class LocalBackendConfig(_Model):
-    """Local process pool: jobs run as separate processes on this machine."""
-
-    kind: Literal["local"] = "local"
-    max_workers: int | None = Field(None, ge=1, description="concurrent jobs; default: number of cores")
-    log_dir: str = "logs/local"
-
-
-class SlurmBackendConfig(_Model):
-    """Slurm through its command-line tools (sbatch/squeue/scontrol/scancel/sacct)."""
-
-    kind: Literal["slurm"] = "slurm"
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    time_limit: str = "00:10:00"
-    mem: str | None = "4G"
-    cpus_per_task: int = Field(1, ge=1)
-    requeue: bool = True
-    max_array_parallel: int | None = Field(None, ge=1, description="the %N throttle of --array")
-    extra_directives: list[str] = []
-    log_dir: str = "logs/slurm"
-    jobcomp_log: str | None = Field(None, description="jobcomp/filetxt log read when sacct is unavailable")
-    command_timeout: float = 30.0
-
-
-class HTCondorBackendConfig(_Model):
-    """HTCondor through the ``htcondor2`` Python bindings."""
-
-    kind: Literal["htcondor"] = "htcondor"
-    schedd_name: str | None = None
-    collector: str | None = None
-    request_memory: str = "4GB"
-    request_cpus: int = Field(1, ge=1)
-    max_retries: int = Field(2, ge=0, description=(
-        "HTCondor reruns of a job killed by a signal (a lost node), like Slurm's --requeue; a job "
-        "that exits is never rerun by HTCondor: the daemon owns retries of exit codes 3 and 4"))
-    time_limit: str = Field("00:10:00", description="wall time ([[D-]HH:]MM:SS or minutes, as Slurm's "
-                            "--time): a job running longer is removed and reported TIMEOUT")
-    extra_attributes: dict[str, str] = {}
-    log_dir: str = "logs/htcondor"
-
-    @field_validator("time_limit")
-    @classmethod
-    def _time_limit(cls, value: str) -> str:
-        time_limit_seconds(value)
-        return value
-
-
-def time_limit_seconds(text: str) -> int:
-    """Seconds of a Slurm-style time limit: ``M``, ``MM:SS``, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``.
-
-    Raises
-    ------
-    ValueError
-        Raised if ``text`` is none of these, or not positive.
-    """
-    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
-    if m is None:
-        raise ValueError(f"{text!r} is not a time limit (M, MM:SS, HH:MM:SS or D-HH:MM:SS)")
-    days, a, b, c = (int(x) if x is not None else None for x in m.groups())
-    assert a is not None
-    if days is not None:
-        seconds = days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
-    elif c is not None:
-        seconds = a * 3600 + (b or 0) * 60 + c
-    elif b is not None:
-        seconds = a * 60 + b
-    else:
-        seconds = a * 60
-    if seconds <= 0:
-        raise ValueError(f"{text!r} is not a positive time limit")
-    return seconds
-
-
-BackendConfig = Annotated[
-    LocalBackendConfig | SlurmBackendConfig | HTCondorBackendConfig, Field(discriminator="kind")
-]
 
 
 class LedgerConfig(_Model):
@@ -315,7 +243,7 @@ class ApbatchConfig(_Model):
 
 
 _BACKENDS = {cls.model_fields["kind"].default: cls
-             for cls in (LocalBackendConfig, SlurmBackendConfig, HTCondorBackendConfig)}
+             for cls in (LocalBackendConfig, SlurmBackendConfig, HTCondorBackendConfig, PilotBackendConfig)}
 
 
 def _check_backend_fields(data: dict[str, Any], env: dict[str, Any]) -> None:

@@ -17,7 +17,9 @@ What each event becomes
   (obs_lsst's ``exposure_group`` when there is no GROUPID). Visit: the visit of the
   ``groupId`` when it is an ISO time, else the exposure id (obs_lsst's ``visit_id`` rule).
   Calibration sequences that share one ``groupId`` are thus one job per CCD, which waits
-  for all ``imagesInSequence`` images, like a science visit with snaps.
+  for all ``imagesInSequence`` images, like a science visit with snaps; an image without
+  ``groupId`` is its own one-image group (``nimages`` 1, its image named), whatever the
+  length of its sequence.
 """
 
 from __future__ import annotations
@@ -190,7 +192,9 @@ def _start_integration_fields(event: StartIntegration, next_visit: NextVisit | N
         except BadInputError:
             visit = obs.exposure_id  # a calibration group that is not an ISO time
     ra, dec, rot = _pointing(next_visit) if event.intent == "science" else (None, None, None)
-    nimages = event.imagesInSequence
+    # a calibration without a groupId is a group of its own (its exposure id): one image, whatever
+    # the sequence's length (waiting for imagesInSequence raws of it would wait out the timeout)
+    nimages = event.imagesInSequence if event.intent == "science" or event.groupId else 1
     return {
         "instrument": inst.name, "group_id": group, "visit": visit, "day_obs": obs.day_obs,
         "intent": event.intent, "exposure_time": event.exposureTime, "nimages": nimages, "ra": ra, "dec": dec,

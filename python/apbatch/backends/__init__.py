@@ -17,6 +17,7 @@ BACKENDS: dict[str, str] = {
     "local": "apbatch.backends.local:LocalBackend",
     "slurm": "apbatch.backends.slurm:SlurmBackend",
     "htcondor": "apbatch.backends.htcondor:HTCondorBackend",
+    "pilot": "apbatch.backends.pilot:PilotBackend",
 }
 
 

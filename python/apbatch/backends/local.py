@@ -150,8 +150,13 @@ class LocalBackend(Backend):
         lines = [" ".join(shlex.quote(a) for a in self.job_argv(w)) for w in works]
         return render_shell_script(self.job_env(), lines, header)
 
+    def _job_record(self, work: CcdWork, env: dict[str, str], token: str | None) -> dict[str, Any]:
+        """What ``jobs/<id>/job.json`` holds: the command, its environment, the work, the claim's token."""
+        return {"argv": self.job_argv(work), "env": env, "work": work.to_dict(), "submitted": time.time(),
+                "token": token}
+
     def submit(self, works: Sequence[CcdWork], token: str | None = None) -> list[SubmittedJob]:
-        """Queue one process per CCD and make sure a runner is working on the queue."""
+        """Queue one process per CCD (job ids ``<kind>-<n>``); make sure a runner works on the queue."""
         check_visit(works)
         if token is not None:
             checked_token(token)
@@ -166,12 +171,10 @@ class LocalBackend(Backend):
             first = int(counter.read_text()) + 1 if counter.exists() else 1
             _write_atomic(counter, str(first + len(works) - 1))
             for n, work in enumerate(works, start=first):
-                job_id = f"local-{n}"
+                job_id = f"{self.kind}-{n}"
                 job_dir = root / "jobs" / job_id
                 job_dir.mkdir()
-                _write_atomic(job_dir / "job.json", json.dumps(
-                    {"argv": self.job_argv(work), "env": env, "work": work.to_dict(),
-                     "submitted": time.time(), "token": token}))
+                _write_atomic(job_dir / "job.json", json.dumps(self._job_record(work, env, token)))
                 (root / "queue" / job_id).touch()
                 submitted.append(SubmittedJob(work, job_id))
             self._ensure_runner()

@@ -112,6 +112,8 @@ def load_manifest(directory: str | Path) -> dict[str, Any]:
         if "detector" in data_id:
             data_id["detector"] = camera.detector(data_id["detector"], field=f"{where}.data_id.detector").id
         entry["data_id"] = data_id
+        if kind == ds.TEMPLATE_SOURCES:
+            _check_sources_file(file, f"{where}.file")
         if kind in ds.CALIBRATIONS:
             entry["timespan"] = Timespan(
                 _time(entry.get("valid_from"), f"{where}.valid_from"),
@@ -122,6 +124,28 @@ def load_manifest(directory: str | Path) -> dict[str, Any]:
             raise BadInputError(f"{path}: skymap", "templates need the sky map file", "skymap: skymap.yaml")
         manifest["skymap_path"] = (directory / str(manifest["skymap"])).resolve()
     return manifest
+
+
+def _check_sources_file(path: Path, field: str) -> None:
+    """Refuse a ``template_sources`` file that is not Parquet with numeric ``ra``/``dec``/``flux``.
+
+    Checked here, not when a job reads it: a bad catalogue would fail every job on that patch.
+    """
+    import pyarrow as pa  # noqa: PLC0415 (only manifests with catalogues need it)
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    from ..job.template_sources import COLUMNS  # noqa: PLC0415
+
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise BadInputError(field, f"{path.name} is not a Parquet file ({str(exc).splitlines()[0]})",
+                            "write it with apbatch.job.template_sources.write_template_sources") from None
+    bad = [c for c in COLUMNS if c not in schema.names
+           or not (pa.types.is_floating(schema.field(c).type) or pa.types.is_integer(schema.field(c).type))]
+    if bad:
+        raise BadInputError(field, f"{path.name} lacks numeric column(s) {', '.join(bad)}",
+                            f"a template_sources table has columns {', '.join(COLUMNS)}")
 
 
 def _time(value: Any, field: str) -> Time | None:

@@ -143,6 +143,13 @@ class ButlerIO(OutputsMixin):
             group = group_id or ""
         if not group:
             raise BadInputError("group", "needed to find raws at the distributor", "pass group_id=")
+        read: dict[Path, RawExposure] = {}
+
+        def ingest_and_read(path: Path) -> None:
+            read[Path(path)] = self.butler.get(self.ingest_raw(path, det.id))
+
+        # a snap complete before the others is ingested and read while they are awaited (only when
+        # a partial set is accepted: then it is used whatever happens, and a timeout writes nothing)
         paths = distributor_client.wait_for_raws(
             self.instrument,
             group,
@@ -151,10 +158,14 @@ class ButlerIO(OutputsMixin):
             image_names=names,
             timeout=timeout,
             allow_partial=allow_partial,
+            on_ready=ingest_and_read if allow_partial else None,
         )
         # when the distributor had them: the start of the raw -> alert latency (apbatch.latency)
         self.raw_delivered_at = distributor_client.delivered_at(paths)
-        return [self.butler.get(self.ingest_raw(p, det.id)) for p in paths]
+        for p in paths:
+            if Path(p) not in read:
+                ingest_and_read(p)
+        return [read[Path(p)] for p in paths]
 
     def ingest_raw(self, path: str | Path, detector: int | None = None) -> DatasetRef:
         """Ingest one raw file (registering its exposure if needed); returns its ref.

@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "resubmit": "apbatch.cli.cmd_resubmit:resubmit",
     "render-job": "apbatch.cli.cmd_render:render_job",
     "process-ccd": "apbatch.cli.cmd_process_ccd:process_ccd",
+    "pilot": "apbatch.cli.cmd_pilot:pilot",
     "sim": "apbatch.cli.cmd_sim:sim",
     "repo": "apbatch.cli.cmd_repo:repo",
     "distributor": "apbatch.cli.cmd_distributor:distributor",

@@ -6,7 +6,8 @@ directly (polling with backoff, 10 ms growing to 200 ms), an ``http://host:port`
 talks to ``apbatch distributor serve`` (long-poll, then a streamed download with size and
 SHA-256 checks into a local cache directory). Either way :meth:`wait_for_raws` returns
 local paths of complete files only, or raises `~apbatch.errors.RawTimeoutError` at the
-deadline.
+deadline; its ``on_ready`` hands over each raw that is complete before the others (the
+first of two snaps), so that a job reads it while the second is still being exposed.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..atomic import replacing
@@ -106,6 +107,7 @@ class DistributorClient(abc.ABC):
         image_names: Sequence[str] = (),
         timeout: float = 120.0,
         allow_partial: bool = False,
+        on_ready: Callable[[Path], None] | None = None,
     ) -> list[Path]:
         """Block until the raw(s) of one CCD of one group are complete; return local paths.
 
@@ -126,6 +128,12 @@ class DistributorClient(abc.ABC):
         allow_partial : `bool`
             At the deadline return whatever complete raws arrived (at least one) instead of
             raising.
+        on_ready : callable, optional
+            Called once with the (local) path of each wanted raw as soon as it is complete
+            (over HTTP: downloaded) while the others are still awaited; the last one is only
+            returned. A job ingests and reads the first snap here, so that only the last one
+            is read after the last raw arrived.
+            An exception it raises ends the wait and propagates.
 
         Returns
         -------
@@ -197,12 +205,14 @@ class LocalDistributorClient(DistributorClient):
         image_names: Sequence[str] = (),
         timeout: float = 120.0,
         allow_partial: bool = False,
+        on_ready: Callable[[Path], None] | None = None,
     ) -> list[Path]:
         self._check_args(instrument, group_id, detector_name, nimages, image_names)
         image_names = tuple(image_names)
         want = _wanted(nimages, image_names)
         deadline = time.monotonic() + timeout
         verified: dict[tuple, bool] = {}
+        notified: set[Path] = set()
         sleep = _FIRST_SLEEP
         while True:
             ready = [
@@ -213,6 +223,11 @@ class LocalDistributorClient(DistributorClient):
             chosen = select_raws(ready, nimages, image_names)
             if len(chosen) >= want:
                 return self._note(chosen)
+            if on_ready is not None:
+                for e in chosen:  # the early ones: read while the rest are on their way
+                    if e.path not in notified:
+                        notified.add(e.path)
+                        on_ready(e.path)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 if allow_partial and chosen:
@@ -282,20 +297,24 @@ class HttpDistributorClient(DistributorClient):
         image_names: Sequence[str] = (),
         timeout: float = 120.0,
         allow_partial: bool = False,
+        on_ready: Callable[[Path], None] | None = None,
     ) -> list[Path]:
         self._check_args(instrument, group_id, detector_name, nimages, image_names)
         image_names = tuple(image_names)
         want = _wanted(nimages, image_names)
         deadline = time.monotonic() + timeout
         chosen: list[dict] = []
+        early: dict[str, Path] = {}  # obs_id -> path of a raw downloaded and handed to on_ready
         sleep = _FIRST_SLEEP
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
+            # with on_ready, the long poll answers at each new raw, not only at the last
+            n = min(len(early) + 1, want) if on_ready is not None else want
             try:
                 listing = self._list(
-                    instrument, group_id, detector_name, want, image_names, wait=min(remaining, _LONG_POLL)
+                    instrument, group_id, detector_name, n, image_names, wait=min(remaining, _LONG_POLL)
                 )
             except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
                 log.warning("distributor %s: %s; retrying", self.base_url, exc)
@@ -303,13 +322,24 @@ class HttpDistributorClient(DistributorClient):
                 sleep = min(sleep * 2, 1.0)
                 continue
             chosen = self._select(listing, nimages, image_names)
+            if on_ready is not None and len(chosen) < want:
+                for d in chosen:
+                    if d["obs_id"] in early:
+                        continue
+                    p = self._download(instrument, group_id, d)
+                    if p is None:  # short or corrupt: ask again a little later
+                        time.sleep(min(_MAX_SLEEP, max(deadline - time.monotonic(), 0)))
+                        break
+                    early[d["obs_id"]] = p
+                    on_ready(p)
+                continue
             if len(chosen) >= want:
-                paths = self._download_all(instrument, group_id, chosen)
+                paths = self._download_all(instrument, group_id, chosen, early)
                 if paths is not None:
                     return self._note(chosen, paths)
                 time.sleep(min(_MAX_SLEEP, max(deadline - time.monotonic(), 0)))
         if allow_partial and chosen:
-            paths = self._download_all(instrument, group_id, chosen)
+            paths = self._download_all(instrument, group_id, chosen, early)
             if paths:
                 return self._note(chosen, paths)
         raise self._timeout_error(instrument, group_id, detector_name, len(chosen), want, timeout)
@@ -337,10 +367,12 @@ class HttpDistributorClient(DistributorClient):
         with urllib.request.urlopen(url, timeout=wait + 10) as resp:  # noqa: S310 (http only, checked)
             return json.loads(resp.read())["raws"]
 
-    def _download_all(self, instrument, group_id, entries: list[dict]) -> list[Path] | None:
+    def _download_all(
+        self, instrument, group_id, entries: list[dict], have: dict[str, Path]
+    ) -> list[Path] | None:
         paths = []
         for d in entries:
-            p = self._download(instrument, group_id, d)
+            p = have.get(d["obs_id"]) or self._download(instrument, group_id, d)
             if p is None:
                 return None
             paths.append(p)

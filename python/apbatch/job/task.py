@@ -34,17 +34,16 @@ from ..latency import StageClock
 from ..work import CcdWork
 from .alert_policy import split_alertable
 from .calverify import Verification, store_verification, verify_calibration
-from .forced import ForcedPhotometry
+from .forced import DIFF_NOISE_SCALE, ForcedPhotometry
 from .headers import check_headers, header_pointing
 from .photometry import photometric_scale, to_njy
 from .prepare import Prepared, calibs_for_raw, prepare_ccd, templates_for_pointing
 from .steps.apcorr import apply_aperture_correction, measure_aperture_correction
 from .steps.astrometry import AstrometryError, fit_wcs
 from .steps.background import subtract_background
-from .steps.detection import detect_sources
 from .steps.isr import run_isr
 from .steps.measure import measure_dia_sources
-from .steps.psf import measure_psf
+from .steps.psf import sources_and_psf
 from .steps.subtract import subtract_images, template_pad
 from .steps.template_psf import template_psf_sigma
 from .steps.warp import NoTemplateOverlapError, crop_to_science, warp_template
@@ -249,10 +248,12 @@ def _process(work, deps, raws, res, step, cam, det, physical_filter, output_run,
     band = cam.band_of(physical_filter, field="filter")
     with step("background_detection"):
         sky = subtract_background(calexp)
-        sources = detect_sources(calexp)
-        psf = measure_psf(calexp, sources)
+        sources, psf = sources_and_psf(calexp)
     res.quality = {"psf_fwhm_arcsec": round(2.3548 * float(psf.sigma) * cam.pixel_scale_arcsec, 4),
-                   "sky_level": round(float(sky.level), 3)}
+                   "sky_level": round(float(sky.level), 3), "psf_n_stars": int(psf.n_stars)}
+    if psf.fallback:
+        res.quality["psf_fallback"] = psf.fallback
+        log.warning("PSF: %s", psf.fallback)
     # the stored image's PSF (lsst-images VisitImage); the difference image inherits it
     calexp.metadata["PSFSIGMA"] = float(psf.sigma)
     res.n_sources = len(sources)
@@ -287,6 +288,8 @@ def _process(work, deps, raws, res, step, cam, det, physical_filter, output_run,
         if njy > 0:
             res.quality["zero_point"] = round(_AB_NJY - 2.5 * math.log10(njy), 4)
         dia = measure_dia_sources(diff, psf, science=calexp, njy_per_e=njy)
+        # the DIA errors' matched-filter noise rescale, for the forced photometry on the difference
+        diff.metadata[DIFF_NOISE_SCALE] = float(dia.attrs.get("noise_scale", 1.0))
         apcorr = measure_aperture_correction(calexp, psf, sources)
         dia, res.apcorr = apply_aperture_correction(dia, apcorr), apcorr.to_dict()
         # from here on every image is in nJy, like the DIA fluxes: the butler outputs, the APDB's

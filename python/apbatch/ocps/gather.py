@@ -13,16 +13,43 @@ import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..atomic import write_atomic
+from ..errors import ExitCode
 from ..work import CcdWork
 
-__all__ = ["TELEMETRY_FIELDS", "gather_group", "read_metrics", "telemetry_record"]
+if TYPE_CHECKING:
+    from ..config import ApbatchConfig
+    from ..submission import Submission
+
+__all__ = ["TELEMETRY_FIELDS", "ccd_failure", "gather_group", "metric_runs", "read_metrics",
+           "telemetry_record"]
 
 TELEMETRY_FIELDS = ("request_id", "instrument", "visit", "detector", "detector_name", "status", "exit_code",
                     "psf_fwhm_arcsec", "zero_point", "sky_level", "n_sources", "n_dia_sources", "centroid_ra",
                     "centroid_dec", "time")
+
+
+def metric_runs(cfg: ApbatchConfig, ocps_output_run: str, instrument: str, day_obs: int) -> list[str]:
+    """The runs a CCD's ``ap_metrics`` may be in, first found wins: the job's configured output run,
+    the OCPS output run, then prompt processing's (`apbatch.butler.datasets.output_run`)."""
+    from ..butler.datasets import output_run  # noqa: PLC0415 (lsst.daf.butler: only when asked)
+
+    return list(dict.fromkeys([cfg.job.output_run.format(instrument=instrument, day_obs=day_obs),
+                               ocps_output_run.format(instrument=instrument, day_obs=day_obs),
+                               output_run(instrument, day_obs)]))
+
+
+def ccd_failure(row: Submission) -> str:
+    """One CCD's failure for a completion event: ``<detector>: exit <code> (<name>): <reason>``."""
+    code = row.exit_code
+    try:
+        name = f"exit {code} ({ExitCode(code).name.lower()})" if code is not None else str(row.state)
+    except ValueError:
+        name = f"exit {code}"
+    reason = " ".join(row.reason.split())[:200]
+    return f"{row.detector_name}: {name}" + (f": {reason}" if reason else "")
 
 
 def read_metrics(butler: Any, runs: Sequence[str], instrument: str, visit: int,

@@ -33,14 +33,14 @@ from typing import Any
 from ..backends import make_backend
 from ..backends.base import Backend
 from ..config import ApbatchConfig
-from ..errors import ApbatchError, ExitCode
+from ..errors import ApbatchError
 from ..ledger import Ledger
 from ..states import SubmissionState
 from ..submission import Submission
 from ..submitter import Submitter, cancel_rows
 from ..work import CcdWork
 from .events import EventPublisher, completion_event
-from .gather import gather_group, read_metrics, telemetry_record
+from .gather import ccd_failure, gather_group, metric_runs, read_metrics, telemetry_record
 from .model import OcpsRequest, Phase
 from .pipelines import ExposureLookup, get_pipeline, plan_works, request_config, results_of
 from .store import RequestStore
@@ -60,16 +60,6 @@ def _distributor(cfg: ApbatchConfig) -> str:
     """Where the jobs find their raws: a URL as it is, a directory made absolute (as the fan-out does)."""
     loc = cfg.job.distributor
     return loc if "://" in loc else str(cfg.path(loc).absolute())
-
-
-def _why(row: Submission) -> str:
-    code = row.exit_code
-    try:
-        name = f"exit {code} ({ExitCode(code).name.lower()})" if code is not None else str(row.state)
-    except ValueError:
-        name = f"exit {code}"
-    reason = " ".join(row.reason.split())[:200]
-    return f"{row.detector_name}: {name}" + (f": {reason}" if reason else "")
 
 
 class Runner:
@@ -330,11 +320,7 @@ class Runner:
                      len(ccds) - done, {})
 
     def _runs(self, cfg: ApbatchConfig, instrument: str, day_obs: int) -> list[str]:
-        from ..butler.datasets import output_run
-
-        return list(dict.fromkeys([cfg.job.output_run.format(instrument=instrument, day_obs=day_obs),
-                                   self.config.ocps.output_run.format(instrument=instrument, day_obs=day_obs),
-                                   output_run(instrument, day_obs)]))
+        return metric_runs(cfg, self.config.ocps.output_run, instrument, day_obs)
 
     def _telemetry(self, req: OcpsRequest, cfg: ApbatchConfig, row: Submission) -> None:
         metrics = None
@@ -361,7 +347,8 @@ class Runner:
                                         for r in mine})
         reason = None
         if failed:
-            reason = f"{len(failed)} of {len(mine)} CCD(s) failed: " + "; ".join(_why(r) for r in failed[:5])
+            why = "; ".join(ccd_failure(r) for r in failed[:5])
+            reason = f"{len(failed)} of {len(mine)} CCD(s) failed: {why}"
         self._finish(req, Phase.ERROR if failed else Phase.COMPLETED, reason,
                      [r.job_id for r in mine if r.job_id], len(mine) - len(failed), len(failed), results)
 

@@ -26,8 +26,8 @@ from ..latency import INTERVALS, REQUIREMENT
 from .data import CcdInfo, Failure, VisitInfo
 
 __all__ = ["BAND_COLOURS", "NO_TEMPLATE_COLOUR", "STATE_COLOURS", "alerts_per_visit", "dia_per_ccd",
-           "failures_by_reason", "focal_plane", "latency_histograms", "message", "png", "resources",
-           "sky_map"]
+           "failures_by_reason", "focal_plane", "latency_histograms", "message", "panel_figure", "png",
+           "resources", "sky_map"]
 
 STATE_COLOURS = {
     "COMPLETED": "#2e9e44", "FAILED": "#d62728", "TIMEOUT": "#ff7f0e", "CANCELLED": "#8c8c8c",
@@ -52,6 +52,18 @@ def png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=_DPI, bbox_inches="tight", facecolor="white")
     return buf.getvalue()
+
+
+def panel_figure(npanel: int, single: tuple[float, float], panel_height: float,
+                 max_cols: int = 3) -> tuple[Figure, int, int]:
+    """A constrained-layout figure for ``npanel`` panels, at most ``max_cols`` per row: ``(fig, nrow, ncol)``.
+
+    One panel gets the ``single`` size (inches); several get 5.2 x ``panel_height`` each.
+    """
+    ncol = min(max_cols, npanel)
+    nrow = math.ceil(npanel / ncol)
+    size = (5.2 * ncol, panel_height * nrow) if npanel > 1 else single
+    return Figure(figsize=size, layout="constrained"), nrow, ncol
 
 
 def message(text: str) -> bytes:
@@ -213,10 +225,7 @@ def sky_map(visits: Sequence[VisitInfo], max_fields: int = 5, field_radius_deg: 
     fields = sorted(_clusters(on_sky, field_radius_deg), key=len, reverse=True)
     shown = fields[:max_fields]
     npanel = len(shown) + (len(fields) > 1)
-    ncol = min(3, npanel)
-    nrow = math.ceil(npanel / ncol)
-    fig = Figure(figsize=(5.2 * ncol if npanel > 1 else 9, (4.6 if npanel > 1 else 7) * nrow),
-                 layout="constrained")
+    fig, nrow, ncol = panel_figure(npanel, (9, 7), 4.6)
     axes = list(np.atleast_1d(fig.subplots(nrow, ncol)).ravel())
     counts: dict[str, int] = {}
     if len(fields) > 1:

@@ -125,7 +125,8 @@ class AlertStage:
     codes 4 and 5. Lifetime: one job; not thread-safe.
     """
 
-    def __init__(self, cfg: ApbatchConfig):
+    def __init__(self, cfg: ApbatchConfig, *, apdb=None, builder=None, spool=None, sink=None):
+        # apdb, builder, spool, sink: already open ones (a warm pilot's, `apbatch.script.pilot`)
         from ..job.alert_schemas import alert_schema
         from ..job.alert_sinks import AlertSpool, make_sink
         from ..job.alerts import AlertBuilder
@@ -134,13 +135,14 @@ class AlertStage:
 
         self.send_timeout = cfg.alerts.send_timeout
         # everything that can be refused is refused here, before the job waits for its raw
-        self.builder = AlertBuilder(schema=alert_schema(cfg.alerts.schema_version),
-                                    cutout_size=cfg.alerts.cutout_size, history_days=cfg.alerts.history_days)
-        self.association = PreloadingAssociation(open_apdb(cfg.path(cfg.apdb.config_file)),
+        self.builder = builder or AlertBuilder(schema=alert_schema(cfg.alerts.schema_version),
+                                               cutout_size=cfg.alerts.cutout_size,
+                                               history_days=cfg.alerts.history_days)
+        self.association = PreloadingAssociation(apdb or open_apdb(cfg.path(cfg.apdb.config_file)),
                                                  history_days=cfg.apdb.history_days,
                                                  radius_arcsec=cfg.apdb.association_radius_arcsec)
-        self.spool = AlertSpool(cfg.path(cfg.alerts.spool_dir))
-        self.sink = make_sink(cfg)
+        self.spool = spool or AlertSpool(cfg.path(cfg.alerts.spool_dir))
+        self.sink = sink or make_sink(cfg)
         self.apdb_reached = False
         self.clock: Any = None  # the job's StageClock, set by the job: marks apdb_stored, alerts_sent
 

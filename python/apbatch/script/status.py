@@ -64,7 +64,8 @@ def collect_status(config: ApbatchConfig, *, visit: int | None = None, group: st
         ``latency`` is `apbatch.latency.summarize_stages` over the CCDs shown that have marks:
         interval name -> ``{n, p50, p95, max}`` seconds (``raw_to_alerts`` also has
         ``within_requirement``, the fraction within `apbatch.latency.REQUIREMENT`); ``{}``
-        when no CCD shown has marks.
+        when no CCD shown has marks; with the pilot backend, ``pilots``
+        (`apbatch.backends.pilot.PilotBackend.pilots`: each pilot's state, item, items done).
     """
     now = time.time() if now is None else now
     own_ledger = ledger is None
@@ -92,6 +93,9 @@ def collect_status(config: ApbatchConfig, *, visit: int | None = None, group: st
             report["ccds"] = [_ccd(r, backend if r.id in logged else None) for r in rows]
         report["attention"] = [_ccd(r, backend) for r in attention]
         report["calibrations"] = [verdict(r) for r in rows if r.verification is not None]
+        pilots = getattr(backend, "pilots", None)  # the pilot backend: its warm pilots and their work
+        if pilots is not None:
+            report["pilots"] = pilots()
         return report
     finally:
         if own_ledger:
@@ -256,6 +260,12 @@ def format_status(report: dict[str, Any]) -> str:
         passed = len(report["calibrations"]) - failed
         lines += ["", f"calibration verification: {passed} passed, {failed} failed",
                   *verification_lines(report["calibrations"])]
+    if report.get("pilots"):
+        lines += ["", "pilots:"]
+        lines += _table(["PILOT", "STATE", "ITEM", "DONE", "FAILED", "RSS MiB", "STARTED (UTC)", "REASON"],
+                        [[p["pilot"], p["state"], p.get("item") or "-", str(p["done"]), str(p["failed"]),
+                          f"{p.get('rss_mib') or 0:.0f}", _when(p.get("started")), p.get("reason", "")]
+                         for p in report["pilots"]])
     if report.get("latency"):
         lines += ["", "stage latency (CCDs shown that recorded stage times):",
                   *latency_lines(report["latency"])]

@@ -82,6 +82,15 @@ def psf_fit(img: Image, psf: PsfModel, x: np.ndarray, y: np.ndarray, noise_scale
     The PSF stamp (half-size 2 FWHM) is cut where it crosses the image border, and
     ``_ZERO`` pixels get zero weight, so sources at the edge are measured on what is left.
 
+    The fit is unweighted (``sum(p I) / sum(p^2)`` over the usable pixels); the variance
+    plane gives only the error, ``sqrt(sum(p^2 V)) / sum(p^2)``, scaled by ``noise_scale``.
+    The variance plane is made from the pixels' own values (Poisson), so an
+    inverse-variance weight is larger where the noise happened to be low: weighting by it
+    biased every flux low by about the PSF's footprint times one electron, measured -0.21
+    sigma on blank sky in 0.8" seeing and -0.56 sigma in 2" (0.96 and 0.88 of the truth for
+    transients at S/N 5-10); unweighted, -0.004 and -0.02 sigma. On a sky-limited source
+    the two estimators have the same variance.
+
     Returns
     -------
     flux, err : `numpy.ndarray`
@@ -110,13 +119,15 @@ def psf_fit(img: Image, psf: PsfModel, x: np.ndarray, y: np.ndarray, noise_scale
         p = p[y0 - (yi - half) : y1 - (yi - half), x0 - (xi - half) : x1 - (xi - half)]
         m = mask[box]
         truncated[k] = (y1 - y0 < size) or (x1 - x0 < size) or bool((m & int(MaskBits.EDGE)).any())
-        w = 1.0 / np.maximum(variance[box].astype(float), 1e-6)
-        w[(m & _ZERO) != 0] = 0.0
-        den = (p * p * w).sum()
+        use = (m & _ZERO) == 0
+        p = np.where(use, p, 0.0)
+        p2 = p * p
+        den = p2.sum()
         if den <= 0:
             continue
-        flux[k] = (p * w * img.image[box]).sum() / den
-        err[k] = noise_scale / np.sqrt(den)
+        flux[k] = (p * np.where(use, img.image[box], 0.0)).sum() / den
+        var = float((p2 * np.where(use, variance[box], 0.0)).sum())
+        err[k] = noise_scale * np.sqrt(max(var, 0.0)) / den
     return flux, err, truncated
 
 

@@ -24,6 +24,7 @@ from scipy import ndimage
 
 from ...errors import BadInputError
 from ...image import Image
+from .detection import detect_sources
 from .psf_stars import (
     centred_stamp,
     encircled,
@@ -33,7 +34,8 @@ from .psf_stars import (
     weighted_sizes,
 )
 
-__all__ = ["PsfModel", "gaussian_psf", "measure_psf", "moffat_psf"]
+__all__ = ["SPARSE_MIN_SNR", "SPARSE_THRESHOLD", "PsfModel", "gaussian_psf", "measure_psf", "moffat_psf",
+           "sources_and_psf"]
 
 
 def _terms(degree: int) -> list[tuple[int, int]]:
@@ -62,6 +64,8 @@ class PsfModel:
     degree: int = 0
     ccd_shape: tuple[int, int] | None = None
     encircled: np.ndarray | None = None
+    fallback: str | None = None
+    """Why the model is simpler than the data would normally give (a sparse field), else `None`."""
 
     @property
     def fwhm(self) -> float:
@@ -183,6 +187,33 @@ def _fit_pixels(stamps: np.ndarray, wts: np.ndarray, design: np.ndarray, n_iter:
     return coef.reshape((design.shape[1],) + stamps.shape[1:])
 
 
+MIN_STARS = 5
+"""Candidates below which no stellar locus is sought: the sparse-field fallback (`measure_psf`)."""
+MIN_STARS_SPARSE = 2
+"""PSF stars a sparse-field constant model needs; with fewer the image is bad input."""
+FEW_STARS_SIZE_RATIO = 1.3
+"""In a sparse field, candidates larger than this times the smallest one's size are left out."""
+
+
+def _smallest(img: Image, cand: pd.DataFrame) -> tuple[pd.DataFrame, float | None]:
+    """The candidates of a sparse field no larger than `FEW_STARS_SIZE_RATIO` x the smallest one,
+    and their median size (sigma, px; `None` when none could be measured).
+
+    Sizes are the flux-independent weighted sizes of the stellar locus (an isophotal size
+    grows with the flux, so a bright star would pass for a galaxy).
+    """
+    if cand.empty:
+        return cand, None
+    iso = np.sqrt(0.5 * (cand["ixx"] + cand["iyy"])).to_numpy()
+    w = float(np.clip(1.5 * iso.min(), 1.5, 8.0))
+    size = weighted_sizes(img.image, cand["x"].to_numpy(), cand["y"].to_numpy(), w)
+    ok = np.isfinite(size)
+    if not ok.any():
+        return cand.iloc[:0], None
+    ok &= size <= FEW_STARS_SIZE_RATIO * size[ok].min()
+    return cand[ok], float(np.median(size[ok]))
+
+
 def measure_psf(
     img: Image,
     sources: pd.DataFrame,
@@ -211,10 +242,17 @@ def measure_psf(
         Polynomial degree of the spatial variation; default 2 with >= 40 stars, 1 with
         >= 15, else 0 (constant).
 
+    Notes
+    -----
+    A sparse field (a LATISS field at high latitude, a short snap: fewer than
+    `MIN_STARS` candidates, so no stellar locus can be found) gets a constant model from
+    the candidates no larger than `FEW_STARS_SIZE_RATIO` times the smallest (a galaxy is
+    larger than every star), and ``fallback`` says so; the job reports it in its metrics.
+
     Raises
     ------
     BadInputError
-        Raised if fewer than 5 PSF stars are found.
+        Raised if fewer than `MIN_STARS_SPARSE` PSF stars are found.
     """
     if len(sources) == 0:
         raise BadInputError(
@@ -237,9 +275,17 @@ def measure_psf(
         cx, cy = cand["x"], cand["y"]
         cand = cand[(cx > h + 2) & (cx < nx - h - 3) & (cy > h + 2) & (cy < ny - h - 3)]
     cand = cand.head(max_stars)
-    if len(cand) < 5:
+    sparse = len(cand) < MIN_STARS
+    if sparse:
+        cand, star_size = _smallest(img, cand)
+        if size is None and star_size is not None:  # as for a stellar locus: 5 FWHM across
+            h = int(min(max(12, round(2.5 * 2.3548 * star_size)), 40))
+            cx, cy = cand["x"], cand["y"]
+            cand = cand[(cx > h + 2) & (cx < nx - h - 3) & (cy > h + 2) & (cy < ny - h - 3)]
+    if len(cand) < MIN_STARS_SPARSE:
         raise BadInputError(
-            "image", f"only {len(cand)} PSF stars found", "the image has too few bright stars"
+            "image", f"only {len(cand)} PSF stars found (at least {MIN_STARS_SPARSE})",
+            "the image has too few bright stars"
         )
     stamps, wts, pos = [], [], []
     for x, y in zip(cand["x"].to_numpy(), cand["y"].to_numpy(), strict=False):
@@ -251,11 +297,15 @@ def measure_psf(
             stamps.append(st / tot)
             wts.append(tot * tot / max(var, 1e-6))
             pos.append((x, y))
-    if len(stamps) < 5:
+    if len(stamps) < MIN_STARS_SPARSE:
         raise BadInputError(
-            "image", f"only {len(stamps)} PSF stars found", "the image has too few bright stars"
+            "image", f"only {len(stamps)} PSF stars found (at least {MIN_STARS_SPARSE})",
+            "the image has too few bright stars"
         )
-    if degree is None:
+    fallback = f"sparse field: constant PSF from {len(stamps)} star(s)" if sparse else None
+    if sparse:
+        degree = 0
+    elif degree is None:
         degree = 2 if len(stamps) >= 40 else 1 if len(stamps) >= 15 else 0
     w_arr = np.array(wts)
     w_arr = np.minimum(w_arr, np.percentile(w_arr, 80))  # a few very bright stars must not decide alone
@@ -275,4 +325,37 @@ def measure_psf(
         degree=degree,
         ccd_shape=(ny, nx),
         encircled=ee,
+        fallback=fallback,
     )
+
+
+SPARSE_THRESHOLD = 2.5
+"""Detection threshold (per-pixel sigma of the smoothed image) of a sparse field's second look."""
+SPARSE_MIN_SNR = 20.0
+"""PSF-star S/N floor of a sparse field's second look (a normal field's is 50)."""
+
+
+def sources_and_psf(img: Image) -> tuple[pd.DataFrame, PsfModel]:
+    """Detect the sources of a calibrated image and build its PSF model, looking deeper in a sparse field.
+
+    The default detection (:func:`~apbatch.job.steps.detection.detect_sources`, 5 sigma per
+    pixel) keeps only bright sources: a LATISS field at high latitude gives 4-10. When they
+    are too few for a normal PSF model (fewer than `MIN_STARS` stars, or none usable),
+    detection runs again at `SPARSE_THRESHOLD` (~0.3 s on a 4k x 4k CCD; only then), PSF
+    stars down to S/N `SPARSE_MIN_SNR` are accepted, and the deeper catalogue (for the
+    astrometric fit and the kernel's stamps too) is the one used.
+
+    Raises
+    ------
+    BadInputError
+        Raised if even the deeper catalogue has fewer than `MIN_STARS_SPARSE` PSF stars.
+    """
+    sources = detect_sources(img)
+    try:
+        psf = measure_psf(img, sources)
+        if psf.fallback is None:
+            return sources, psf
+    except BadInputError:
+        pass
+    sources = detect_sources(img, threshold=SPARSE_THRESHOLD)
+    return sources, measure_psf(img, sources, min_snr=SPARSE_MIN_SNR)

@@ -83,6 +83,8 @@ class SubtractConfig:
     """Stamps a constant kernel needs (a sparse field: LATISS, a short exposure); fewer is bad input."""
     stamp_margin: int = 5
     min_stamp_snr: float = 30.0
+    sparse_stamp_snr: float = 10.0
+    """Stamp S/N floor of a sparse field (fewer than ``min_stamps_constant`` stamps at ``min_stamp_snr``)."""
     n_residual_stars: int = 500
     """Brightest science sources whose measured kernel residual is added to the variance."""
     residual_scale: float = 3.0
@@ -272,6 +274,9 @@ def subtract_images(
     if len(stamps) < cfg.min_stamps:  # a large kernel in a crowded field: accept neighbours in the outer half
         stamps = select_stamps(sources, science, template, h, pad, cfg.n_stamps, cfg.stamp_margin,
                                cfg.min_stamp_snr, isolation=(h + cfg.stamp_margin) / 2.0)
+    if len(stamps) < cfg.min_stamps_constant:  # a sparse field: fainter stars for a constant kernel
+        stamps = select_stamps(sources, science, template, h, pad, cfg.n_stamps, cfg.stamp_margin,
+                               cfg.sparse_stamp_snr, isolation=(h + cfg.stamp_margin) / 2.0)
     if len(stamps) < cfg.min_stamps_constant:
         raise BadInputError(
             "science",

@@ -76,7 +76,9 @@ def template_psf_sigma(
     src["x"] = src["x"] + pad
     src["y"] = src["y"] + pad
     try:
-        meas: float | None = measure_psf(warped, src, max_stars=100, degree=0).sigma
+        model = measure_psf(warped, src, max_stars=100, degree=0)
+        # a sparse field's few stars (``fallback``) are too few to overrule the header
+        meas: float | None = None if model.fallback else model.sigma
     except BadInputError as exc:
         _log.info("template PSF not measured on the science stars: %s", exc)
         meas = None
