@@ -195,6 +195,17 @@ FEW_STARS_SIZE_RATIO = 1.3
 """In a sparse field, candidates larger than this times the smallest one's size are left out."""
 
 
+def _model_half(star_sigma: float) -> int:
+    """Half-size (px) of a PSF model 5 FWHM across for stars of Gaussian-equivalent ``star_sigma``, 12-40."""
+    return int(min(max(12, round(2.5 * 2.3548 * star_sigma)), 40))
+
+
+def _inside(cand: pd.DataFrame, h: int, nx: int, ny: int) -> pd.DataFrame:
+    """The candidates whose model stamp of half-size ``h`` lies inside an ``ny`` x ``nx`` image."""
+    cx, cy = cand["x"], cand["y"]
+    return cand[(cx > h + 2) & (cx < nx - h - 3) & (cy > h + 2) & (cy < ny - h - 3)]
+
+
 def _smallest(img: Image, cand: pd.DataFrame) -> tuple[pd.DataFrame, float | None]:
     """The candidates of a sparse field no larger than `FEW_STARS_SIZE_RATIO` x the smallest one,
     and their median size (sigma, px; `None` when none could be measured).
@@ -270,18 +281,15 @@ def measure_psf(
         v = (cand["y"].to_numpy() - ny / 2.0) / (ny / 2.0)
         member = stellar_locus(sizes, u, v)
         if size is None and member.any():
-            h = int(min(max(12, round(2.5 * 2.3548 * float(np.median(sizes[member])))), 40))
-        cand = cand[member]
-        cx, cy = cand["x"], cand["y"]
-        cand = cand[(cx > h + 2) & (cx < nx - h - 3) & (cy > h + 2) & (cy < ny - h - 3)]
+            h = _model_half(float(np.median(sizes[member])))
+        cand = _inside(cand[member], h, nx, ny)
     cand = cand.head(max_stars)
     sparse = len(cand) < MIN_STARS
     if sparse:
         cand, star_size = _smallest(img, cand)
         if size is None and star_size is not None:  # as for a stellar locus: 5 FWHM across
-            h = int(min(max(12, round(2.5 * 2.3548 * star_size)), 40))
-            cx, cy = cand["x"], cand["y"]
-            cand = cand[(cx > h + 2) & (cx < nx - h - 3) & (cy > h + 2) & (cy < ny - h - 3)]
+            h = _model_half(star_size)
+            cand = _inside(cand, h, nx, ny)
     if len(cand) < MIN_STARS_SPARSE:
         raise BadInputError(
             "image", f"only {len(cand)} PSF stars found (at least {MIN_STARS_SPARSE})",
