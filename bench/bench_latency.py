@@ -1,8 +1,8 @@
 """Prompt latency end to end through the daemon: stage times per CCD, raw -> alert, critical-path CPU.
 
 Run: ``.venv/bin/python bench/bench_latency.py [--scenario latiss|comcam|all] [--visits N]
-[--detectors 0,4,8] [--cadence S] [--workers N] [--backend local|slurm|pilot] [--whole-cpu]
-[--job-pythonpath] [--out DIR]``
+[--detectors 0,4,8] [--cadence S] [--workers N] [--backend local|slurm|pilot]
+[--pilot-launcher local|slurm] [--whole-cpu] [--job-pythonpath] [--out DIR]``
 
 Scenarios (issue 12, item 3), each a simulated night replayed at real speed (bench/latency_night.py):
 
@@ -14,8 +14,9 @@ Scenarios (issue 12, item 3), each a simulated night replayed at real speed (ben
 
 ``--backend slurm`` uses a Slurm started by ``scripts/slurm-local.sh start`` (if none is
 running, the scenario is skipped); ``--backend pilot`` runs the CCDs in warm pilot processes
-(`apbatch.backends.pilot`; ``--workers`` pilots, default CCDs per visit + cores) and prints,
-after the night, each pilot's items (whole-item CPU, RSS after each), then stops the pilots.
+(`apbatch.backends.pilot`; ``--workers`` pilots, default CCDs per visit + cores; each a Slurm
+job with ``--pilot-launcher slurm``) and prints, after the night, each pilot's items (whole-item
+CPU, RSS after each) and peak RSS, then stops the pilots.
 ``--whole-cpu`` runs each local job under ``/usr/bin/time`` and prints its whole-process CPU
 (imports included), the number to compare with a warm pilot's whole-item CPU.
 After each night the ledger rows are read and, over the science CCDs, printed: every interval
@@ -213,24 +214,37 @@ def report(cfg_path: Path, say=print, stop_pilots: bool = False) -> int:
 
 def pilot_table(cfg, say, stop: bool = False) -> None:
     """Print each pilot of the night: items done/failed, why it ended, whole-item CPU and RSS
-    after each item; ``stop``: end the idle ones (the bench started them; its night is over)."""
+    after each item, its peak RSS (``VmHWM``); ``stop``: end the live ones (the bench started
+    them; its night is over): SIGTERM to a local pilot, ``scancel`` / remove for a batch one."""
     import signal
 
-    from apbatch.backends.pilot import pilot_records
+    from apbatch.backends import make_backend
 
+    backend = make_backend(cfg)
     cpu: list[float] = []
-    for p in sorted(pilot_records(cfg.path(cfg.backend.log_dir).absolute()), key=lambda r: r["started"]):
-        if stop and p["state"] in ("idle", "starting"):
-            os.kill(int(p["pid"]), signal.SIGTERM)
+    peaks: list[float] = []
+    for p in sorted(backend.pilots(limit=1000), key=lambda r: r["started"]):
+        if stop and p["state"] in ("idle", "starting", "running"):
+            if p.get("batch_id"):
+                backend.launcher.cancel([p["batch_id"]])
+            elif p["state"] != "running":
+                os.kill(int(p["pid"]), signal.SIGTERM)
         items = p.get("items", [])
-        say(f"  pilot {p['pilot']}: {p['state']} ({p.get('reason', '')}), {p['done']} done, "
-            f"{p['failed']} failed; per item (job exit cpu_s rss_mib): "
-            + (", ".join(f"{j} {c} {t:.2f} {r:.0f}" for j, c, t, r in items) or "-"))
+        where = f" ({p['batch']} job {p['batch_id']})" if p.get("batch_id") else ""
+        say(f"  pilot {p['pilot']}{where}: {p['state']} ({p.get('reason', '')}), {p['done']} done, "
+            f"{p['failed']} failed, peak RSS {p.get('peak_rss_mib') or 0:.0f} MiB; per item (job exit cpu_s "
+            "rss_mib): " + (", ".join(f"{j} {c} {t:.2f} {r:.0f}" for j, c, t, r in items) or "-"))
         cpu += [float(t) for _, c, t, _ in items[1:] if c == 0]  # the first item of a pilot is cold
+        if items and p.get("peak_rss_mib"):
+            peaks.append(float(p["peak_rss_mib"]))
     if cpu:
         p50, p95, mx = _pct(cpu)
         say(f"  whole-item CPU in a warm pilot (items after each pilot's first, exit 0): n {len(cpu)}, "
             f"p50 {p50:.2f} s, p95 {p95:.2f} s, max {mx:.2f} s")
+    if peaks:
+        p50, _, mx = _pct(peaks)
+        say(f"  peak RSS per pilot (VmHWM, pilots that ran a CCD): n {len(peaks)}, p50 {p50:.0f} MiB, "
+            f"max {mx:.0f} MiB")
 
 
 def job_cpu_table(cfg, rows, say) -> None:
@@ -294,6 +308,12 @@ def run_scenario(name: str, args, out: Path, backend: dict, say=print) -> int:
         backend = {**backend, "max_workers": args.workers or n_det + cores}
     if backend["kind"] == "pilot":
         backend = {**backend, "pilots": args.workers or n_det + cores, "idle_timeout": 300.0}
+        if args.pilot_launcher == "slurm":
+            slurm = slurm_backend()
+            if slurm is None:
+                say("skipped: no slurm for --pilot-launcher slurm (start it: scripts/slurm-local.sh start)")
+                return 0
+            backend["launcher"] = {"kind": "slurm", "jobcomp_log": slurm.get("jobcomp_log")}
     workers = (f", {backend['max_workers']} local workers" if backend["kind"] == "local"
                else f", {backend['pilots']} pilots" if backend["kind"] == "pilot" else "")
     say(f"\n=== {name}: {instrument}, {visits} visits, {how}, backend {backend['kind']}{workers}")
@@ -313,6 +333,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int,
                     help="local backend slots or pilots (default: CCDs per visit + cores)")
     ap.add_argument("--backend", choices=("local", "slurm", "pilot"), default="local")
+    ap.add_argument("--pilot-launcher", choices=("local", "slurm"), default="local",
+                    help="--backend pilot: start each pilot as a local process or as a Slurm job")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--whole-cpu", action="store_true",
                     help="local backend: run each job under /usr/bin/time and print its whole-process CPU")

@@ -50,6 +50,8 @@ def test_sqlite_urls_resolve_against_root(tmp_path):
         ("events: {max_age: -1}\n", "config events.max_age"),
         ("ledger: {nope: 1}\n", "config ledger.nope"),
         ("job: {threads: 0}\n", "config job.threads"),
+        ("backend: {kind: slurm, time_limit: ten minutes}\n", "config backend.slurm.time_limit"),
+        ("backend: {kind: slurm, time_limit: '00:00'}\n", "config backend.slurm.time_limit"),
         ("job: {pointing_pad_arcsec: -5}\n", "config job.pointing_pad_arcsec"),
         ("- a\n- b\n", "--config"),
         ("backend: [unclosed\n", "--config"),
@@ -127,6 +129,12 @@ def test_backend_env_field_the_kind_lacks_names_the_variable_and_the_fix():
     assert "APBATCH_BACKEND__KIND to one of" in message  # slurm and htcondor have one
     cfg = load_config(environ={"APBATCH_BACKEND__TIME_LIMIT": "00:20:00", "APBATCH_BACKEND__KIND": "slurm"})
     assert cfg.backend.time_limit == "00:20:00"
+
+
+def test_slurm_time_limit_takes_what_sbatch_takes():
+    for text in ("30", "10:00", "01:00:00", "1-12", "2-00:30:00", "UNLIMITED", "infinite"):
+        cfg = load_config(overrides={"backend": {"kind": "slurm", "time_limit": text}}, environ={})
+        assert cfg.backend.time_limit == text
 
 
 def test_backend_file_field_the_kind_lacks(tmp_path):

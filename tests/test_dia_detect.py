@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 from apbatch.job.steps import gaussian_psf
-from apbatch.job.steps.dia_detect import difference_background, filtered_snr, find_peaks
+from apbatch.job.steps.dia_detect import difference_background, filtered_snr, find_peaks, source_free_spread
 from scipy import ndimage
 from steps_scene import _add_stars
 
@@ -45,6 +45,28 @@ def test_matched_filter_is_normalised_and_centred():
     s, _, _ = filtered_snr(img, np.full(img.shape, 400.0, np.float32), np.zeros(img.shape, bool), SIG)
     peaks = [s[y - 1 : y + 2, x - 1 : x + 2].max() for x, y in xy]
     assert np.median(peaks) == pytest.approx(30.0, rel=0.02)
+
+
+def test_noise_spread_leaves_sources_out():
+    # sources are not noise: with many of them on a broad PSF (a 2" seeing difference holds 400
+    # transients) the filter's spread over every pixel is too high; without them it is the noise's
+    rng = np.random.default_rng(4)
+    sig, n = 4.0, 900
+    noise = rng.normal(0, 20.0, (n, n)).astype(np.float32)
+    var = np.full((n, n), 400.0, np.float32)
+    zero = np.zeros((n, n), bool)
+    img = noise.copy()
+    p = gaussian_psf(sig, size=41).image
+    x, y = rng.uniform(20, n - 20, 150), rng.uniform(20, n - 20, 150)
+    _add_stars(img, x, y, rng.uniform(15, 40, 150) * 20.0 / np.sqrt((p**2).sum()), "gauss", sig)
+    s, everything, _ = filtered_snr(img, var, zero, sig)
+    s_alone, alone, _ = filtered_snr(noise, var, zero, sig)
+    assert everything > 1.05 * alone  # the sources inflate the spread over every pixel
+    assert everything * source_free_spread(s, zero, sig) == pytest.approx(alone, rel=0.01)
+    # on noise alone nothing is left out (nothing reaches 5 sigma): the plain spread, 1
+    assert source_free_spread(s_alone, zero, sig) == pytest.approx(1.0, abs=0.002)
+    # excluded pixels are not measured; with too few left the answer is 1
+    assert source_free_spread(s, np.ones((n, n), bool), sig) == 1.0
 
 
 def test_matched_filter_does_not_reflect_the_image_border():

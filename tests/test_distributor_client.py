@@ -234,3 +234,35 @@ def test_nine_concurrent_readers(store, raw):
     for det, (paths, t_ret) in results.items():
         assert paths[0].name == f"CC_O_20241108_000266_{det}.fits"
         assert 0 <= t_ret - delivered[det] < 1.0
+
+
+def test_http_client_removes_only_the_download_dir_it_made(tmp_path):
+    """A client without cache_dir makes a temporary one: close() (or the with block) removes it,
+    raws included; a cache_dir it was given is never removed; closing twice is harmless."""
+    made = HttpDistributorClient("http://127.0.0.1:9")
+    (made.cache_dir / "LSSTComCam").mkdir()
+    (made.cache_dir / "LSSTComCam" / "raw.fits").write_bytes(b"x")
+    made.close()
+    assert not made.cache_dir.exists()
+    made.close()
+    given = tmp_path / "cache"
+    given.mkdir()
+    with DistributorClient.from_location("http://127.0.0.1:9", cache_dir=given) as client:
+        (client.cache_dir / "raw.fits").write_bytes(b"x")
+    assert (given / "raw.fits").exists()
+    with DistributorClient.from_location("http://127.0.0.1:9") as client:
+        own = client.cache_dir
+        assert own.is_dir()
+    assert not own.exists()
+    LocalDistributorClient(tmp_path).close()  # nothing to remove; the directory stays
+    assert tmp_path.is_dir()
+
+
+def test_http_client_dir_goes_when_the_client_is_collected():
+    import gc
+
+    client = HttpDistributorClient("http://127.0.0.1:9")
+    path = client.cache_dir
+    del client
+    gc.collect()
+    assert not path.exists()

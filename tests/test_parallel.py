@@ -98,3 +98,41 @@ def test_shutdown_leaves_no_worker_thread(two_threads):
     assert not any(t.name.startswith("apbatch-step") for t in threading.enumerate())
     assert parallel.both(lambda: 1, lambda: 2) == (1, 2)  # started again on demand
     parallel.shutdown()
+
+
+def test_for_each_spreads_items_and_nested_calls_run_serially(two_threads):
+    """Items run on the pool; a parallel call made on a pool thread runs in place (a nested call
+    that waited for the pool it occupies could wait for ever with two threads)."""
+    seen: dict[int, str] = {}
+    coef = np.arange(400, dtype=np.float32).reshape(20, 20)
+    coords = np.full((2, 6, 4), 3.5, np.float32)
+
+    def item(k: int) -> None:
+        a, b = parallel.both(lambda: k, lambda: -k)  # nested: must not deadlock
+        seen[k] = threading.current_thread().name
+        assert (a, b) == (k, -k)
+        assert parallel.map_coordinates(coef, coords, order=1).shape == (6, 4)
+
+    parallel.for_each(item, range(8))
+    assert sorted(seen) == list(range(8))
+    assert all(name.startswith("apbatch-step") for name in seen.values())
+
+
+def test_for_each_reraises_after_every_item_ended(two_threads):
+    done = []
+
+    def item(k: int) -> None:
+        if k == 0:
+            raise ValueError("item 0")
+        time.sleep(0.05)
+        done.append(k)
+
+    with pytest.raises(ValueError, match="item 0"):
+        parallel.for_each(item, range(4))
+    assert sorted(done) == [1, 2, 3]
+
+
+def test_for_each_with_one_thread_is_a_loop():
+    order: list[int] = []
+    parallel.for_each(order.append, range(5))
+    assert order == [0, 1, 2, 3, 4]

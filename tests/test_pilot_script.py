@@ -45,6 +45,25 @@ def test_exit_code_rule_is_the_cli_rule():
     assert exit_code_of(RetriableError("again")) == ExitCode.RETRIABLE
     assert exit_code_of(ValueError("bug")) == ExitCode.NON_RETRIABLE
     assert exit_code_of(SystemExit(4)) == 4
+    assert exit_code_of(KeyboardInterrupt()) == 130
+
+
+@pytest.mark.parametrize("exc", [RetriableError("again"), RawTimeoutError("late"), ValueError("bug"),
+                                 KeyboardInterrupt()])
+def test_cli_main_ends_with_the_same_rule(monkeypatch, capsys, exc):
+    """`apbatch.cli.main` and a pilot's items share `apbatch.errors.exit_code_of`: a command that
+    raises ``exc`` exits with the code an item that raised it gets."""
+    import click
+    from apbatch import cli
+
+    @click.command("boom")
+    def boom():
+        raise exc
+
+    monkeypatch.setattr(cli.cli, "get_command", lambda ctx, name: boom if name == "boom" else None)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["boom"])
+    assert info.value.code == exit_code_of(exc) and cli.exit_code_of is exit_code_of
 
 
 def test_pilot_refuses_another_backend(tmp_path):
@@ -137,14 +156,16 @@ class _Ref:
         self.id = uuid.uuid4()
 
 
-def test_calibration_cache_reuses_by_dataset_id_bounded_and_read_only():
+def test_calibration_cache_reuses_by_dataset_id_bounded_and_copies():
     reads = []
 
     class Inner:
         def read_calib(self, ref):
             reads.append(ref.id)
-            return SimpleNamespace(image=np.zeros((4, 4), np.float32), mask=np.zeros((4, 4), np.uint16),
-                                   variance=None)
+            image = np.arange(256 * 256, dtype=np.float32).reshape(256, 256) + len(reads)
+            variance = np.broadcast_to(np.float32(0), (256, 256))
+            return SimpleNamespace(image=image, mask=np.ones((256, 256), np.uint16), variance=variance,
+                                   metadata={"n": len(reads)})
 
         def calib_ref(self, *a):
             return "delegated"
@@ -152,15 +173,54 @@ def test_calibration_cache_reuses_by_dataset_id_bounded_and_read_only():
     io = _CachingButlerIO(Inner(), size=2)
     r1, r2, r3 = _Ref(), _Ref(), _Ref()
     c1 = io.read_calib(r1)
-    assert io.read_calib(r1) is c1 and reads == [r1.id] and io.calib_hits == 1
-    with pytest.raises(ValueError):
-        c1.image += 1  # shared between CCDs: nothing may change it in place
+    again = io.read_calib(r1)
+    assert reads == [r1.id] and io.calib_hits == 1
+    assert again is not c1 and again.image is not c1.image and np.array_equal(again.image, c1.image)
+    assert np.array_equal(again.mask, c1.mask) and again.mask.dtype == np.uint16
+    c1.metadata["n"] = 7  # the first CCD changes what it read: the cache kept its own
+    assert again.metadata == {"n": 1}
+    assert again.variance.strides == (0, 0)  # the variance of zeros stays a view: no memory
+    again.image += 1  # each CCD's own copy: changing it changes nothing for the next
+    again.metadata["n"] = 99
+    third = io.read_calib(r1)
+    assert np.array_equal(third.image, c1.image) and third.metadata == {"n": 1}
+    # the pixels are kept in files, not in memory: 2 planes of 256 x 256 (float32 + uint16)
+    assert io.calibs.nbytes == 256 * 256 * 6 and len(list(io.calibs._directory().iterdir())) == 2
     io.read_calib(r2)
     io.read_calib(r3)  # evicts r1 (least recently used)
     io.read_calib(r1)
     assert reads == [r1.id, r2.id, r3.id, r1.id]
+    assert io.calib_hits == 2 and len(io.calibs) == 2
     assert io.calib_ref() == "delegated"
-    assert _CachingButlerIO(Inner(), size=0).read_calib(r1).image.flags.writeable
+    folder = io.calibs._directory()
+    io.close()
+    assert not folder.exists()
+    # nothing kept without a count, or over the MiB budget (256 x 256 x 6 B = 0.375 MiB each)
+    none = _CachingButlerIO(Inner(), size=0)
+    none.read_calib(r1)
+    assert len(none.calibs) == 0
+    small = _CachingButlerIO(Inner(), size=4, budget_mib=0.8)
+    for ref in (r1, r2, r3):
+        small.read_calib(ref)
+    assert len(small.calibs) == 2 and small.calibs.nbytes <= 0.8 * (1 << 20)
+    small.close()
+
+
+def test_calibration_cache_reads_again_when_its_files_are_gone():
+    class Inner:
+        n = 0
+
+        def read_calib(self, ref):
+            Inner.n += 1
+            return SimpleNamespace(image=np.full((256, 256), Inner.n, np.float32), mask=None)
+
+    io = _CachingButlerIO(Inner(), size=2)
+    ref = _Ref()
+    io.read_calib(ref)
+    for path in io.calibs._directory().iterdir():
+        path.unlink()
+    assert io.read_calib(ref).image[0, 0] == 2 and Inner.n == 2  # read from the butler again
+    io.close()
 
 
 def test_cli_pilot_command(tmp_path, monkeypatch, capsys):
@@ -176,6 +236,25 @@ def test_cli_pilot_command(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as info:
         main(["pilot", "--config", str(cfg_file)])
     assert info.value.code == ExitCode.BAD_INPUT and "backend.kind" in capsys.readouterr().err
+
+
+def test_bad_batch_pilot_id_is_one_line_exit_2_and_nothing_written(tmp_path, monkeypatch, capsys):
+    from apbatch.cli import main
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(f"root: {tmp_path}\nbackend: {{kind: pilot, idle_timeout: 0.2}}\n")
+    monkeypatch.setenv("APBATCH_PILOT_ID", "slurm-12;x")
+    with pytest.raises(SystemExit) as info:
+        main(["pilot", "--config", str(cfg_file)])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == ExitCode.BAD_INPUT and len(err.splitlines()) == 1
+    assert err.startswith("error: APBATCH_PILOT_ID:") and "slurm-<job id>" in err
+    assert not (tmp_path / "logs").exists()
+    # a batch pilot's own id names its record and its claims
+    monkeypatch.setenv("APBATCH_PILOT_ID", "slurm-12")
+    rec = run_pilot(load_config([str(cfg_file)], environ={}), poll=0.01)
+    assert (rec["pilot"], rec["batch"], rec["batch_id"], rec["state"]) == ("slurm-12", "slurm", "12", "ended")
+    assert (tmp_path / "logs" / "pilot" / "pilots" / "slurm-12.json").exists()
 
 
 def test_pilot_over_its_memory_bound_hands_the_queue_to_a_fresh_pilot(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ import pytest
 from apbatch.errors import BadInputError, ExitCode
 from apbatch.image import Image, MaskBits
 from apbatch.instruments import get_instrument
+from apbatch.job.steps import parallel
 from apbatch.job.steps.warp import NoTemplateOverlapError, pixel_map, warp_template
 from astropy.wcs import WCS
 from steps_scene import _add_stars
@@ -194,7 +195,13 @@ def test_bands_of_rows_give_the_same_warp(monkeypatch):
     whole = warp.warp_template(parts, SCI, (500, 600), pad=7)
     monkeypatch.setattr(warp, "_BAND_ROWS", 37)
     bands = warp.warp_template(parts, SCI, (500, 600), pad=7)
+    parallel.set_threads(2)  # bands spread over two threads (disjoint rows)
+    try:
+        threaded = warp.warp_template(parts, SCI, (500, 600), pad=7)
+    finally:
+        parallel.set_threads(1)
     for plane in ("image", "variance", "mask"):
         np.testing.assert_array_equal(getattr(whole, plane), getattr(bands, plane))
+        np.testing.assert_array_equal(getattr(whole, plane), getattr(threaded, plane))
     assert bands.metadata == whole.metadata and bands.mask.dtype == np.int32
     assert ((bands.mask & MaskBits.SAT) != 0).sum() >= 4  # the SAT pixel, dilated, reaches the output

@@ -36,6 +36,7 @@ __all__ = [
     "RawTimeoutError",
     "RetriableError",
     "SchedulerError",
+    "exit_code_of",
     "first_line",
 ]
 
@@ -133,6 +134,22 @@ class SchedulerError(RetriableError):
         detail = (stderr or stdout).strip().splitlines()
         tail = detail[-1] if detail else "no output"
         super().__init__(f"{argv[0]} exited with {returncode}: {tail}")
+
+
+def exit_code_of(exc: BaseException | None) -> int:
+    """The exit code a command ends with after ``exc`` (`None`: success), the one rule
+    `apbatch.cli.main` and a warm pilot's items (`apbatch.script.pilot`) share: an
+    `ApbatchError`'s own code, ``SystemExit``'s code, 130 for an interrupt, anything else 5
+    ("needs a person": nobody can tell whether a rerun is safe)."""
+    if exc is None:
+        return int(ExitCode.SUCCESS)
+    if isinstance(exc, ApbatchError):
+        return int(exc.exit_code)
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    return int(ExitCode.NON_RETRIABLE)
 
 
 def first_line(exc: BaseException) -> str:

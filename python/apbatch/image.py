@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
+from astropy.io.fits.hdu.compressed import DITHER_SEED_CHECKSUM
 from astropy.wcs import WCS
 
 from .atomic import replacing
@@ -142,8 +143,11 @@ def _float_hdu(data: np.ndarray, name: str, header=None, lossless: bool = False,
     data = data.astype(np.float32, copy=False)
     if lossless:
         return fits.ImageHDU(data, header=header, name=name)
+    # the dither's seed from the first tile's checksum, not the clock (astropy's default): the same
+    # pixels always give the same file (a re-simulated night, a rerun job)
     return fits.CompImageHDU(data, header=header, name=name, compression_type="RICE_1", quantize_level=level,
-                             quantize_method=2 if dither else -1, tile_shape=TILE_SHAPE)
+                             quantize_method=2 if dither else -1, tile_shape=TILE_SHAPE,
+                             dither_seed=DITHER_SEED_CHECKSUM)
 
 
 def _mask_plane(mask: np.ndarray) -> np.ndarray:

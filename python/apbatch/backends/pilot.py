@@ -31,9 +31,23 @@ token), then makes sure ``backend.pilots`` pilots are alive. What changes is who
   last two cases it starts a fresh pilot if work is queued. SIGTERM ends an idle pilot cleanly
   and kills a busy one at once.
 
-Only local pilots are implemented: a pilot is a detached process on the submitting machine
-(as the local backend's jobs are). Slurm/HTCondor pilots would need the state directory on a
-shared filesystem with working ``link``/``flock`` and a pilot-submit path; not wired.
+**Launchers** (``backend.launcher``): ``local`` (default) starts a pilot as a detached process
+on the submitting machine, as the local backend starts its jobs; ``slurm`` and ``htcondor``
+submit each pilot as one ordinary batch job (`apbatch.backends.pilot_launch`: time limit
+``max_lifetime`` plus a grace for the last CCD, memory ``max_rss_mib`` plus one CCD's working
+set, a job name ``ap-pilot-<day_obs>`` that reads well in ``squeue``). A batch pilot's record
+is ``pilots/<kind>-<batch id>.json`` and its claims carry that batch id, so whether it lives is
+the batch system's job state (queue, then history), never the local process table: an item
+claimed by a pilot that Slurm ended (time limit, ``scancel``, node failure) reads FAILED
+"lost", never done, and :meth:`PilotBackend.status` starts a new pilot when work is queued
+and fewer than ``backend.pilots`` live. Cancelling a running item cancels its pilot's batch job.
+
+Multi-host sites: the state directory (``backend.log_dir``) must be on a filesystem that the
+submitting host and every pilot node share, with working ``link`` (the exactly-once claim)
+and ``flock`` (``queue.lock``), and close-to-open consistency (NFSv4, Lustre, GPFS: yes;
+NFS with attribute caching on ``jobs/``, a pilot's ``exit`` may be seen late, which delays a
+state but never turns a lost item into a done one). Here Slurm runs on this machine, so
+the state directory is trivially shared.
 Job ids are ``pilot-<n>``.
 """
 
@@ -49,16 +63,17 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 from ..config import PilotBackendConfig, time_limit_seconds
-from ..errors import BadInputError
+from ..errors import BadInputError, SchedulerError
 from ..jobconfig import resolve_command
 from ..work import CcdWork
-from .base import EXPORTED, Backend, JobStatus, SubmittedJob, check_visit, render_shell_script
+from .base import EXPORTED, Backend, JobState, JobStatus, SubmittedJob, check_visit, render_shell_script
 from .local import LocalBackend, _kill_if_running, _locked, _proc_start_ticks, _write_atomic
+from .pilot_launch import BatchLauncher, make_launcher
 
 __all__ = ["PilotBackend", "claim_next", "pilot_records"]
 
@@ -69,13 +84,15 @@ class PilotBackend(LocalBackend):
     """Queues CCDs like `LocalBackend` and keeps up to ``backend.pilots`` warm pilots on them.
 
     See `Backend` for the constructor; ``python`` is accepted for symmetry with the local
-    backend and unused. No I/O until a method is called.
+    backend and unused; ``schedd`` / ``schedd_factory`` go to an HTCondor launcher. No I/O
+    until a method is called.
     """
 
     kind: ClassVar[str] = "pilot"
     id_pattern = re.compile(r"^(?P<id>pilot-\d+)$")
 
-    def __init__(self, *args: Any, python: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, python: str | None = None, schedd: Any = None,
+                 schedd_factory: Any = None, **kwargs: Any) -> None:
         Backend.__init__(self, *args, **kwargs)
         settings = self.config.backend
         if not isinstance(settings, PilotBackendConfig):
@@ -86,6 +103,17 @@ class PilotBackend(LocalBackend):
         self.max_workers = settings.pilots
         self._runners: list[subprocess.Popen] = []
         self._pilot_command: list[str] | None = None
+        self._launcher_deps = {"runner": kwargs.get("runner"), "schedd": schedd,
+                               "schedd_factory": schedd_factory}
+        self._launcher: BatchLauncher | None = None
+        self._batch_now: dict[str, JobStatus] = {}
+
+    @property
+    def launcher(self) -> BatchLauncher | None:
+        """The batch launcher of ``backend.launcher`` (made on first use); `None` for local pilots."""
+        if self._launcher is None and self.settings.launcher.kind != "local":
+            self._launcher = make_launcher(self.config, self.state_dir, **self._launcher_deps)
+        return self._launcher
 
     # ------------------------------------------------------------- the pilot command
     def pilot_argv(self, day_obs: int) -> list[str]:
@@ -101,15 +129,20 @@ class PilotBackend(LocalBackend):
         return [*self._pilot_command, "--config", self.job_command(day_obs)[-1]]
 
     def render(self, works: Sequence[CcdWork]) -> str:
-        """The pilot command (what is started) and, as comments, each CCD's work as a pilot runs it."""
+        """What starts one pilot (its command line, or its batch script / submit description) and,
+        as comments, each CCD's work as a pilot runs it."""
         check_visit(works)
-        header = [f"# apbatch pilot backend: {len(works)} CCDs queued for up to {self.settings.pilots} warm "
-                  "pilot(s); the line below starts one pilot (idle ones end after "
-                  f"{self.settings.idle_timeout:g} s).",
+        s, launcher = self.settings, self.launcher
+        how = f"each one {launcher.kind} job as below" if launcher else "the line below starts one"
+        header = [f"# apbatch pilot backend: {len(works)} CCDs queued for up to {s.pilots} warm pilot(s), "
+                  f"{how} (idle ones end after {s.idle_timeout:g} s).",
                   "# Each CCD runs in a pilot, in-process, exactly as this per-CCD command would:"]
         header += ["#   " + " ".join(shlex.quote(a) for a in self.job_argv(w)) for w in works]
-        line = " ".join(shlex.quote(a) for a in self.pilot_argv(works[0].day_obs))
-        return render_shell_script(self.job_env(), [line], header)
+        argv = self.pilot_argv(works[0].day_obs)
+        if launcher is not None:
+            # after the script: a batch script must start with its #! line and #SBATCH lines
+            return launcher.render(argv, self.job_env(), works[0].day_obs) + "\n".join(header) + "\n"
+        return render_shell_script(self.job_env(), [" ".join(shlex.quote(a) for a in argv)], header)
 
     # ------------------------------------------------------------- submit
     def _job_record(self, work: CcdWork, env: dict[str, str], token: str | None) -> dict[str, Any]:
@@ -117,35 +150,101 @@ class PilotBackend(LocalBackend):
         return {**super()._job_record(work, env, token), "config": self.job_command(work.day_obs)[-1]}
 
     def submit(self, works: Sequence[CcdWork], token: str | None = None) -> list[SubmittedJob]:
-        """Queue one work item per CCD (the local backend's files) and make sure pilots run."""
+        """Queue one work item per CCD (the local backend's files) and make sure pilots run.
+
+        Batch pilots are submitted first: if the batch system refuses them (`SchedulerError`),
+        nothing is queued, so the daemon's retry of the visit cannot run a CCD twice.
+        """
         check_visit(works)
         self.pilot_argv(works[0].day_obs)  # a bad pilot command is refused before anything is queued
         self._day_obs = works[0].day_obs
+        if self.launcher is not None:
+            self.prepare(works)  # the night's config file, which the pilots read, before they can start
+            (self.state_dir / "queue").mkdir(parents=True, exist_ok=True)
+            with _locked(self.state_dir / "queue.lock"):
+                self._ensure_runner()
         return super().submit(works, token)
 
     def _reap(self) -> None:
         """Collect the exit of pilots this process started (a zombie would still look alive)."""
         self._runners = [p for p in self._runners if p.poll() is None]
 
+    def status(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
+        """The local backend's states, a batch pilot's liveness from its batch system; if work is
+        queued and fewer than ``backend.pilots`` pilots live (one was killed), a new one starts."""
+        out = super().status(job_ids)
+        if any(s.state is JobState.PENDING for s in out.values()):
+            try:
+                with _locked(self.state_dir / "queue.lock"):
+                    self._ensure_runner()
+            except SchedulerError as exc:  # the states stand; the next status tries again
+                _log.warning("cannot start a pilot for the queued CCDs (will retry): %s", exc)
+        return out
+
     def _query_queue(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
         self._reap()
-        return super()._query_queue(job_ids)
+        self._batch_now = {}
+        if self.launcher is not None:  # one batch query for every pilot that holds one of these items
+            claims = (_claim_of(self._job_dir(j)) for j in job_ids)
+            held = {str(c["batch_id"]) for c in claims if c and c.get("batch_id")}
+            self._batch_now = self.launcher.states(sorted(held))
+        try:
+            return super()._query_queue(job_ids)
+        finally:
+            self._batch_now = {}
+
+    def _read_state(self, job_id: str, retry: bool = True) -> JobStatus | None:
+        """A batch pilot's item: RUNNING while its batch job is queued or running; when that job
+        has ended without the item's ``exit``, FAILED "lost" (or CANCELLED, if asked)."""
+        job_dir = self._job_dir(job_id)
+        claim = _claim_of(job_dir)
+        if claim is None or not claim.get("batch_id") or (job_dir / "exit").exists():
+            return super()._read_state(job_id, retry)
+        batch_id = str(claim["batch_id"])
+        pilot = self._batch_now.get(batch_id)
+        if pilot is None and self.launcher is not None:
+            pilot = self.launcher.states([batch_id]).get(batch_id)
+        cancelled = (job_dir / "cancel").exists()
+        if pilot is not None and not pilot.state.finished and pilot.state is not JobState.UNKNOWN:
+            return self.map_state(job_id, "running", None, "being cancelled" if cancelled else "")
+        if (job_dir / "exit").exists():  # the pilot wrote it, then ended, between our two looks
+            return super()._read_state(job_id, retry)
+        if cancelled:
+            return self.map_state(job_id, "cancelled")
+        how = _how(pilot)
+        return self.map_state(job_id, "lost", None, f"pilot {claim.get('pilot')} ({claim.get('batch')} job "
+                              f"{batch_id}, {how}) ended without an exit status for this item")
 
     def _ensure_runner(self) -> None:
         """Start pilots until ``backend.pilots`` are alive (call with queue.lock held)."""
         self._reap()
         root = self.state_dir
         (root / "pilots").mkdir(exist_ok=True)
-        alive = [r for r in pilot_records(root) if r["state"] not in ("ended", "lost")]
+        alive = [r for r in self._pilot_records() if r["state"] not in ("ended", "lost")]
+        missing = self.settings.pilots - len(alive)
+        if missing <= 0:
+            return
         day_obs = getattr(self, "_day_obs", None)
-        if day_obs is None:  # find_submitted / cancel: the newest queued job's night
+        if day_obs is None:  # find_submitted / cancel / status: the newest queued job's night
             day_obs = _queued_day_obs(root)
             if day_obs is None:
                 return
         argv = self.pilot_argv(day_obs)
-        base = {k: os.environ[k] for k in EXPORTED if k in os.environ}  # never the daemon's secrets
-        env = {**base, **self.job_env()}
-        for _ in range(self.settings.pilots - len(alive)):
+        launcher = self.launcher
+        for _ in range(missing):
+            now = time.time()
+            if launcher is not None:  # an ordinary batch job; its record, until the pilot writes its own
+                batch_id = launcher.submit(argv, self.job_env(), day_obs)
+                if (root / "pilots" / f"{launcher.kind}-{batch_id}.json").exists():
+                    continue  # the pilot started already and wrote its own record
+                register_pilot(root, {"pilot": f"{launcher.kind}-{batch_id}", "batch": launcher.kind,
+                                      "batch_id": batch_id, "pid": None, "host": None, "state": "starting",
+                                      "item": None, "done": 0, "failed": 0, "started": now,
+                                      "last_active": now})
+                continue
+            base = {k: os.environ[k] for k in EXPORTED if k in os.environ}  # never the daemon's secrets
+            env = {**base, **self.job_env()}
+            env.pop("APBATCH_PILOT_ID", None)
             log = open(root / "pilots" / "pilots.log", "a")
             with log:
                 proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log,
@@ -154,8 +253,15 @@ class PilotBackend(LocalBackend):
             # registered by the spawner at once, so that the next submit counts it before it starts
             register_pilot(root, {"pid": proc.pid, "ticks": _proc_start_ticks(proc.pid),
                                   "host": socket.gethostname(), "state": "starting", "item": None,
-                                  "done": 0, "failed": 0, "started": time.time(), "last_active": time.time()})
+                                  "done": 0, "failed": 0, "started": now, "last_active": now})
             _log.info("started pilot %s: %s", pilot_id(proc.pid), shlex.join(argv))
+
+    def _pilot_records(self) -> list[dict[str, Any]]:
+        """`pilot_records`, with each batch pilot's liveness asked of its batch system (one query)."""
+        launcher = self.launcher
+        if launcher is None:
+            return pilot_records(self.state_dir)
+        return pilot_records(self.state_dir, launcher.states)
 
     def cancel(self, job_ids: Sequence[str]) -> None:
         """Mark the jobs cancelled; a running one's pilot ends (SIGTERM), and pilots are
@@ -167,7 +273,11 @@ class PilotBackend(LocalBackend):
                 continue
             (job_dir / "cancel").touch()
             killed = killed or (job_dir / "started.json").exists()
-            _kill_if_running(job_dir)
+            claim = _claim_of(job_dir)
+            if claim is not None and claim.get("batch_id") and self.launcher is not None:
+                self.launcher.cancel([str(claim["batch_id"])])  # its pilot's batch job
+            else:
+                _kill_if_running(job_dir)
         if killed and (self.state_dir / "queue").is_dir():
             time.sleep(0.2)  # let the pilot die before it is counted
             self._reap()
@@ -179,25 +289,36 @@ class PilotBackend(LocalBackend):
     def pilots(self, limit: int = 20) -> list[dict[str, Any]]:
         """The ``limit`` newest pilots of the state dir, newest first: ``pilot, host, pid, state``
         (starting, idle, running, ended, lost), ``item`` (the job id it runs), ``done``,
-        ``failed``, ``rss_mib``, ``started``, ``last_active``, ``reason`` (why it ended)."""
+        ``failed``, ``rss_mib``, ``peak_rss_mib``, ``started``, ``last_active``, ``reason`` (why it
+        ended); a batch pilot also ``batch`` (slurm, htcondor) and ``batch_id`` (its job id)."""
         self._reap()
-        return sorted(pilot_records(self.state_dir), key=lambda r: -float(r.get("started") or 0))[:limit]
+        return sorted(self._pilot_records(), key=lambda r: -float(r.get("started") or 0))[:limit]
 
 
 def pilot_id(pid: int, host: str | None = None) -> str:
-    """``<host>-<pid>``: names a pilot's record file."""
+    """``<host>-<pid>``: names a local pilot's record file (a batch pilot's is ``<kind>-<batch id>``)."""
     return f"{host or socket.gethostname()}-{pid}"
 
 
 def register_pilot(state_dir: Path, record: dict[str, Any]) -> Path:
-    """Write a pilot's record (atomically) to ``pilots/<pilot id>.json``; returns its path."""
-    path = state_dir / "pilots" / f"{pilot_id(record['pid'], record.get('host'))}.json"
+    """Write a pilot's record (atomically) to ``pilots/<pilot id>.json``; returns its path.
+
+    The id is ``record["pilot"]`` if given (a batch pilot's), else `pilot_id` of its pid and host.
+    """
+    name = record.get("pilot") or pilot_id(record["pid"], record.get("host"))
+    path = state_dir / "pilots" / f"{name}.json"
     _write_atomic(path, json.dumps({**record, "pilot": path.stem}))
     return path
 
 
-def pilot_records(state_dir: Path) -> list[dict[str, Any]]:
-    """The pilots' records; one whose process is gone without saying so is ``lost``."""
+def pilot_records(state_dir: Path, batch_states: Callable[[list[str]], dict[str, JobStatus]] | None = None
+                  ) -> list[dict[str, Any]]:
+    """The pilots' records; one whose process is gone without saying so is ``lost``.
+
+    A local pilot on this host lives while its pid has its start ticks; a batch pilot (record
+    with ``batch_id``) while ``batch_states`` says its job is queued, running or held (without
+    ``batch_states`` its record is taken as written).
+    """
     out: list[dict[str, Any]] = []
     folder = state_dir / "pilots"
     if not folder.is_dir():
@@ -207,11 +328,35 @@ def pilot_records(state_dir: Path) -> list[dict[str, Any]]:
             rec = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if rec.get("state") not in ("ended", "lost") and rec.get("host") == socket.gethostname() \
+        here = not rec.get("batch_id") and rec.get("host") == socket.gethostname()
+        if rec.get("state") not in ("ended", "lost") and here \
                 and _proc_start_ticks(int(rec["pid"])) != rec.get("ticks"):
             rec = {**rec, "state": "lost", "reason": "process gone without ending (killed?)"}
         out.append(rec)
+    batch = [r for r in out if r.get("batch_id") and r.get("state") not in ("ended", "lost")]
+    if batch and batch_states is not None:
+        states = batch_states([str(r["batch_id"]) for r in batch])
+        for rec in batch:
+            st = states.get(str(rec["batch_id"]))
+            if st is None or st.state.finished or st.state is JobState.UNKNOWN:
+                how = _how(st)
+                rec.update(state="lost", reason=f"{rec['batch']} job {rec['batch_id']} {how} without ending")
     return out
+
+
+def _how(status: JobStatus | None) -> str:
+    """A batch job's end for a reason line: ``CANCELLED``, ``TIMEOUT: ...``, ``gone``."""
+    if status is None:
+        return "gone"
+    return status.state.name + (f": {status.reason}" if status.reason else "")
+
+
+def _claim_of(job_dir: Path) -> dict[str, Any] | None:
+    """The item's ``started.json`` (who claimed it), or `None` if not claimed (or unreadable)."""
+    try:
+        return json.loads((job_dir / "started.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _queued_day_obs(root: Path) -> int | None:

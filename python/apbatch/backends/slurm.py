@@ -189,14 +189,23 @@ class SlurmBackend(Backend):
         comment = f"apbatch group={group} visit={first.visit} detectors={detectors} n={len(works)}"
         if token is not None:
             comment += f" token={checked_token(token)}"
+        out = self.job_directives(first.label, comment, "%x_%A_%a.out")
+        out.insert(1, f"--array={array}")
+        return out
+
+    def job_directives(self, name: str, comment: str, output: str) -> list[str]:
+        """The ``#SBATCH`` options of any job this backend submits (a visit's array, a warm pilot):
+        name, comment, ``--export``, time limit, requeue, ``--output`` (``output`` in the log
+        directory), CPUs, then partition, account, qos, mem and ``extra_directives``. ``name``
+        and ``comment`` must already be safe in an ``#SBATCH`` line (the callers build them)."""
+        s = self.settings
         out = [
-            f"--job-name={first.label}",
-            f"--array={array}",
+            f"--job-name={name}",
             f'--comment="{comment}"',
             f"--export={','.join(EXPORTED)}",
             f"--time={s.time_limit}",
             "--requeue" if s.requeue else "--no-requeue",
-            f"--output={self._log_dir()}/%x_%A_%a.out",
+            f"--output={self._log_dir()}/{output}",
             f"--cpus-per-task={s.cpus_per_task}",
         ]
         optional = (("partition", s.partition), ("account", s.account), ("qos", s.qos), ("mem", s.mem))

@@ -14,7 +14,7 @@ import traceback
 
 import click
 
-from ..errors import ApbatchError, ExitCode
+from ..errors import ApbatchError, ExitCode, exit_code_of
 
 __all__ = ["COMMANDS", "cli", "main"]
 
@@ -113,13 +113,13 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             click.echo(traceback.format_exc(), err=True, nl=False)
         click.echo(f"error: {_one_line(str(exc))}", err=True)
-        sys.exit(int(exc.exit_code))
-    except KeyboardInterrupt:
-        sys.exit(130)
+        sys.exit(exit_code_of(exc))
+    except KeyboardInterrupt as exc:
+        sys.exit(exit_code_of(exc))
     except Exception as exc:
         if debug:
             click.echo(traceback.format_exc(), err=True, nl=False)
         click.echo(f"error: unexpected {type(exc).__name__}: {_one_line(str(exc))} "
                    "(rerun with --log-level DEBUG for the traceback)", err=True)
-        sys.exit(int(ExitCode.NON_RETRIABLE))
+        sys.exit(exit_code_of(exc))
     sys.exit(0)

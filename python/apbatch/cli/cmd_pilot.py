@@ -1,4 +1,5 @@
-"""``apbatch pilot``: one warm pilot of the pilot backend (started by the backend itself)."""
+"""``apbatch pilot``: one warm pilot of the pilot backend (started by the backend itself: a local
+process, or the command of a Slurm / HTCondor job, which names the pilot in ``APBATCH_PILOT_ID``)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def pilot(max_items: int | None, config_paths: tuple[str, ...]) -> None:
 
     Each CCD ends with the exit code `apbatch process-ccd` would give it (written to its job
     directory under backend.log_dir); the pilot itself exits 0 when idle for
-    backend.idle_timeout or past backend.max_lifetime, 2 if the config is not a pilot backend's.
+    backend.idle_timeout or past backend.max_lifetime, 2 if the config is not a pilot backend's
+    (or APBATCH_PILOT_ID, set by a batch launcher, is not slurm-<id> / htcondor-<cluster>.<proc>).
     """
     from ..config import load_config
     from ..script.pilot import run_pilot

@@ -8,7 +8,7 @@ light curve mixing the two jumped by 8%. :class:`ForcedPhotometry` fits the CCD'
 model at each position (`apbatch.job.steps.measure.psf_flux`, as the DIA measurement does)
 and applies the CCD's aperture correction (`apbatch.job.steps.apcorr`), so the forced and the
 detected fluxes of an object agree. On the difference image the errors are scaled, as the DIA
-sources' are, by the measured noise of the matched-filter image over its expectation (the
+sources' are, by the measured noise of the matched-filter image (away from sources) over its expectation (the
 image's ``DIANSCL`` metadata, `DIFF_NOISE_SCALE`, which the job sets after the DIA measurement):
 without it, forced S/N on a difference whose variance plane underestimates the noise (a kernel's
 correlated noise) would read higher than the same object's DIA S/N.

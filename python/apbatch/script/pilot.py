@@ -5,9 +5,11 @@ in-process with `apbatch.script.process_ccd.process_ccd`, exactly as ``apbatch p
 would (same exit codes, stage marks, ap_metrics, log file per item), but with what is
 per-process kept warm between items (:class:`WarmDeps`): the imports, the butler (one per
 repository), the APDB connection, the alert schema/builder, spool and sink, and the
-calibrations read (an LRU of ``backend.calib_cache`` images keyed by dataset id, so the same
-detector's bias and flat are read once; their arrays are made read-only, so a step that
-tried to change one would fail instead of corrupting the next CCD). What is per CCD is new
+calibrations read (`apbatch.script.pilot_calibs`: an LRU of at most ``backend.calib_cache``
+calibrations and ``backend.calib_cache_mib`` MiB keyed by dataset id, so the same detector's
+bias and flat are read and decompressed once; their pixels are kept in files, not in the
+pilot's memory, and each CCD gets its own copy, which it frees after ISR as a per-CCD job
+does: a pilot's peak memory is then a per-CCD job's plus what stays open). What is per CCD is new
 for every item: the distributor client, the APDB association and its preloaded region, the
 job's `StageClock`, `Prepared` data, result. After an item that failed with a code other
 than 0, 2 or 3 the warm state is dropped (a connection may be broken) and opened again.
@@ -15,7 +17,6 @@ than 0, 2 or 3 the warm state is dropped (a connection may be broken) and opened
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import logging
@@ -30,22 +31,32 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ApbatchConfig, PilotBackendConfig, load_config
-from ..errors import ApbatchError, BadInputError, ExitCode
+from ..errors import ApbatchError, BadInputError, ExitCode, SchedulerError, exit_code_of
+from .pilot_calibs import SpilledCalibCache
 
-__all__ = ["WarmDeps", "exit_code_of", "rss_mib", "run_item", "run_pilot"]
+__all__ = ["WarmDeps", "exit_code_of", "peak_rss_mib", "rss_mib", "run_item", "run_pilot"]
 
 log = logging.getLogger(__name__)
 
 
-def rss_mib() -> float:
-    """This process's resident memory now, MiB (Linux ``/proc``; 0 elsewhere)."""
+def _vm(field: str) -> float:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return round(int(line.split()[1]) / 1024.0, 1)
     except OSError:
         pass
     return 0.0
+
+
+def rss_mib() -> float:
+    """This process's resident memory now, MiB (Linux ``/proc``; 0 elsewhere)."""
+    return _vm("VmRSS")
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (``VmHWM``), MiB (0 where unknown)."""
+    return _vm("VmHWM")
 
 
 def _cpu_seconds() -> float:
@@ -54,47 +65,29 @@ def _cpu_seconds() -> float:
     return use.ru_utime + use.ru_stime
 
 
-def exit_code_of(exc: BaseException | None) -> int:
-    """The exit code ``apbatch process-ccd`` ends with after ``exc`` (`apbatch.cli.main`'s rule):
-    an `ApbatchError`'s own code, ``SystemExit``'s code, anything else 5 (needs a person)."""
-    if exc is None:
-        return int(ExitCode.SUCCESS)
-    if isinstance(exc, ApbatchError):
-        return int(exc.exit_code)
-    if isinstance(exc, SystemExit):
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return int(ExitCode.NON_RETRIABLE)
-
-
 class _CachingButlerIO:
-    """A `ButlerIO` whose ``read_calib`` keeps the last ``size`` calibrations (by dataset id)."""
+    """A `ButlerIO` whose ``read_calib`` keeps calibrations by dataset id in a `SpilledCalibCache`
+    (``size`` of them, ``budget_mib`` MiB at most): each CCD gets its own copy."""
 
-    def __init__(self, inner, size: int):
-        self._inner, self._size = inner, size
-        self._calibs: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+    def __init__(self, inner, size: int, budget_mib: float = 512.0):
+        self._inner = inner
+        self.calibs = SpilledCalibCache(size, budget_mib)
         self.calib_hits = 0
 
     def __getattr__(self, name: str):
         return getattr(self._inner, name)
 
     def read_calib(self, ref):
-        key = ref.id
-        if key in self._calibs:
-            self._calibs.move_to_end(key)
+        calib = self.calibs.get(ref.id)
+        if calib is not None:
             self.calib_hits += 1
-            return self._calibs[key]
-        calib = self._inner.read_calib(ref)
-        if self._size <= 0:
             return calib
-        for name in ("image", "mask", "variance"):  # shared by later CCDs: nothing may change it
-            arr = getattr(calib, name, None)
-            if arr is not None and hasattr(arr, "flags"):
-                with contextlib.suppress(ValueError):
-                    arr.flags.writeable = False
-        self._calibs[key] = calib
-        while len(self._calibs) > self._size:
-            self._calibs.popitem(last=False)
+        calib = self._inner.read_calib(ref)
+        self.calibs.put(ref.id, calib)
         return calib
+
+    def close(self) -> None:
+        self.calibs.close()
 
 
 class WarmDeps:
@@ -104,6 +97,8 @@ class WarmDeps:
     ----------
     calib_cache : `int`
         Calibrations kept read per butler (0: none).
+    calib_cache_mib : `float`
+        Bytes of those calibrations kept at most, MiB (`SpilledCalibCache`).
 
     Notes
     -----
@@ -111,8 +106,8 @@ class WarmDeps:
     configs never share the wrong one. Lifetime: one pilot; not thread-safe.
     """
 
-    def __init__(self, calib_cache: int = 4):
-        self.calib_cache = calib_cache
+    def __init__(self, calib_cache: int = 4, calib_cache_mib: float = 512.0):
+        self.calib_cache, self.calib_cache_mib = calib_cache, calib_cache_mib
         self._cache: dict[Any, Any] = {}
 
     def _get(self, key, make):
@@ -133,7 +128,7 @@ class WarmDeps:
         butler = self._get(("butler", str(repo)), lambda: _open_butler(repo, "job.repo"))
         butler_io = self._get(("butler_io", str(repo), work.instrument, inputs),
                               lambda: _CachingButlerIO(ButlerIO(butler, work.instrument, collections=inputs),
-                                                       self.calib_cache))
+                                                       self.calib_cache, self.calib_cache_mib))
         alerts = None
         if cfg.job.associate and work.intent == "science":
             alerts = self._alert_stage(cfg)
@@ -167,7 +162,7 @@ class WarmDeps:
     def close(self) -> None:
         """Close the sinks and forget everything (the next CCD opens again)."""
         for key, value in self._cache.items():
-            if key[0] == "sink":
+            if key[0] in ("sink", "butler_io"):  # the sinks; the calibration cache's files
                 with contextlib.suppress(Exception):
                     value.close()
         self._cache.clear()
@@ -216,6 +211,7 @@ def run_item(spec: dict[str, Any], warm: WarmDeps, configs: dict[str, ApbatchCon
     from .process_ccd import process_ccd
 
     error: BaseException | None = None
+    deps = None
     try:
         if "error" in spec:
             raise BadInputError("job.json", spec["error"], "resubmit the CCD")
@@ -237,6 +233,8 @@ def run_item(spec: dict[str, Any], warm: WarmDeps, configs: dict[str, ApbatchCon
         log.debug("item failed", exc_info=True)
     finally:
         clear_job_context()
+        if deps is not None:
+            deps.distributor.close()  # the item's downloaded raws: the pilot outlives them
     code = exit_code_of(error)
     if code not in (0, int(ExitCode.BAD_INPUT), int(ExitCode.RAW_TIMEOUT)):
         warm.close()  # a broken connection must not reach the next CCD
@@ -265,10 +263,12 @@ def run_pilot(cfg: ApbatchConfig, *, poll: float = 0.1, max_items: int | None = 
     Raises
     ------
     BadInputError
-        Raised if the configured backend is not ``pilot``.
+        Raised if the configured backend is not ``pilot``, or ``APBATCH_PILOT_ID`` (set by a
+        batch launcher) is not a batch pilot id.
     """
     from ..backends.local import _locked, _proc_start_ticks, _write_atomic
     from ..backends.pilot import PilotBackend, claim_next, lifetime_seconds, register_pilot
+    from ..backends.pilot_launch import parse_pilot_id
     from ..job.steps.memory import keep_freed_memory
 
     settings = cfg.backend
@@ -276,6 +276,7 @@ def run_pilot(cfg: ApbatchConfig, *, poll: float = 0.1, max_items: int | None = 
         raise BadInputError("config backend.kind", f"is {settings.kind!r}: a pilot needs the pilot backend",
                             "set backend.kind: pilot")
     state_dir = cfg.path(settings.log_dir).absolute()
+    batch = parse_pilot_id(os.environ.get("APBATCH_PILOT_ID"))  # a Slurm / HTCondor pilot: its job id
     (state_dir / "pilots").mkdir(parents=True, exist_ok=True)
     (state_dir / "queue").mkdir(exist_ok=True)
     keep_freed_memory()
@@ -283,11 +284,14 @@ def run_pilot(cfg: ApbatchConfig, *, poll: float = 0.1, max_items: int | None = 
     started = time.time()
     rec: dict[str, Any] = {"pid": pid, "ticks": _proc_start_ticks(pid), "host": host, "state": "idle",
                            "item": None, "done": 0, "failed": 0, "started": started, "last_active": started,
-                           "rss_mib": rss_mib(), "items": []}
+                           "rss_mib": rss_mib(), "peak_rss_mib": peak_rss_mib(), "items": []}
+    if batch is not None:
+        rec.update(pilot=f"{batch[0]}-{batch[1]}", batch=batch[0], batch_id=batch[1])
     rec_path = register_pilot(state_dir, rec)
     rec["pilot"] = rec_path.stem
-    identity = {"pid": pid, "ticks": rec["ticks"], "pilot": rec["pilot"], "host": host}
-    warm = WarmDeps(settings.calib_cache)
+    identity = {"pid": pid, "ticks": rec["ticks"], "pilot": rec["pilot"], "host": host,
+                **({"batch": batch[0], "batch_id": batch[1]} if batch else {})}
+    warm = WarmDeps(settings.calib_cache, settings.calib_cache_mib)
     configs: dict[str, ApbatchConfig] = {}
     previous = _end_on_sigterm(rec)
     deadline = started + lifetime_seconds(settings)
@@ -307,7 +311,10 @@ def run_pilot(cfg: ApbatchConfig, *, poll: float = 0.1, max_items: int | None = 
                         rec.update(state="ended", item=None, reason=why, ended=now)
                         register_pilot(state_dir, rec)
                         if not why.startswith("idle") and any((state_dir / "queue").iterdir()):
-                            PilotBackend(cfg)._ensure_runner()  # a fresh pilot for the work left
+                            try:
+                                PilotBackend(cfg)._ensure_runner()  # a fresh pilot for the work left
+                            except SchedulerError as exc:  # the daemon's next status tries again
+                                log.warning("pilot %s: cannot start a fresh pilot: %s", rec["pilot"], exc)
                         return rec
             else:
                 claimed = claim_next(state_dir, identity)
@@ -328,7 +335,8 @@ def run_pilot(cfg: ApbatchConfig, *, poll: float = 0.1, max_items: int | None = 
                 rec["items"] = [*rec["items"], item][-50:]
             _write_atomic(job_dir / "exit", str(code))
             rec["done" if code == 0 else "failed"] += 1
-            rec.update(state="idle", item=None, last_active=time.time(), rss_mib=rss_mib())
+            rec.update(state="idle", item=None, last_active=time.time(), rss_mib=rss_mib(),
+                       peak_rss_mib=peak_rss_mib())
             register_pilot(state_dir, rec)
             log.info("pilot %s: %s exited %d (%d done, %d failed, RSS %.0f MiB)", rec["pilot"], job_id, code,
                      rec["done"], rec["failed"], rec["rss_mib"])

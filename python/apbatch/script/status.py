@@ -227,6 +227,11 @@ def latency_lines(summary: dict[str, dict[str, float]], indent: str = "") -> lis
     return [indent + line for line in lines]
 
 
+def _pilot_job(p: dict[str, Any]) -> str:
+    """A pilot's batch job (``slurm 1234``) or, for a local pilot, its pid."""
+    return f"{p['batch']} {p['batch_id']}" if p.get("batch_id") else f"pid {p.get('pid')}"
+
+
 def format_status(report: dict[str, Any]) -> str:
     """Readable tables: one line per visit (counts per state), one per CCD if selected, then the
     stage latencies (`latency_lines`) when any job recorded its stage times."""
@@ -262,9 +267,11 @@ def format_status(report: dict[str, Any]) -> str:
                   *verification_lines(report["calibrations"])]
     if report.get("pilots"):
         lines += ["", "pilots:"]
-        lines += _table(["PILOT", "STATE", "ITEM", "DONE", "FAILED", "RSS MiB", "STARTED (UTC)", "REASON"],
-                        [[p["pilot"], p["state"], p.get("item") or "-", str(p["done"]), str(p["failed"]),
-                          f"{p.get('rss_mib') or 0:.0f}", _when(p.get("started")), p.get("reason", "")]
+        lines += _table(["PILOT", "JOB", "HOST", "STATE", "ITEM", "DONE", "FAILED", "RSS MiB", "PEAK MiB",
+                         "STARTED (UTC)", "REASON"],
+                        [[p["pilot"], _pilot_job(p), p.get("host") or "-", p["state"], p.get("item") or "-",
+                          str(p["done"]), str(p["failed"]), f"{p.get('rss_mib') or 0:.0f}",
+                          f"{p.get('peak_rss_mib') or 0:.0f}", _when(p.get("started")), p.get("reason", "")]
                          for p in report["pilots"]])
     if report.get("latency"):
         lines += ["", "stage latency (CCDs shown that recorded stage times):",

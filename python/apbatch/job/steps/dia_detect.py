@@ -15,6 +15,15 @@
 3. :func:`find_peaks`: connected regions above +-``threshold``; one peak per region, except
    in ``split`` pixels (saturated stars' halos), where every local maximum at least a FWHM
    from a higher one is a peak, so that a transient is not merged into a halo's residual.
+
+The noise rescale handed to the PSF fit (:func:`detection_image`'s ``scale``) is the filter's
+spread without the sources (:func:`source_free_spread`: pixels within 2 PSF sigma of a
+5-sigma excursion left out): sources are not noise, and in 2" seeing the 400 injected
+transients and the stars' residuals (~2.4% of the pixels) raised the spread over every clean
+pixel from 1.050 (PSF fits on 23677 blank-sky positions) to 1.074, so that every PSF-fit
+error was 2.3% too large. Detection keeps the spread over every clean pixel: normalised by
+the source-free one, ``S`` gave 2-3% more S/N 5-10 transients in 2" seeing but one more
+unflagged false detection on 4 of 12 grid CCDs.
 """
 
 from __future__ import annotations
@@ -29,7 +38,8 @@ from .halos import saturated_star_halos
 from .psf import PsfModel
 from .subtract import dilate_bits
 
-__all__ = ["ZERO_BITS", "detection_image", "difference_background", "filtered_snr", "find_peaks"]
+__all__ = ["ZERO_BITS", "detection_image", "difference_background", "filtered_snr", "find_peaks",
+           "source_free_spread"]
 
 ZERO_BITS = int(MaskBits.BAD | MaskBits.SAT | MaskBits.NO_DATA | MaskBits.EDGE)
 """Mask bits whose pixels are zeroed before filtering and ignored by the measurement."""
@@ -39,7 +49,10 @@ def detection_image(diff: Image, psf: PsfModel, science: Image | None):
     """Halos, residual background and the normalised S/N image of a difference.
 
     ``diff.image`` loses its residual background and ``diff.mask`` gets ``SUSPECT`` on the
-    halos, in place. Returns ``(s, scale, offset, halo, n_saturated_stars, background_rms)``.
+    halos, in place. Returns ``(s, scale, offset, halo, n_saturated_stars, background_rms)``:
+    ``s`` normalised by the filter's spread over every clean pixel (:func:`filtered_snr`),
+    ``scale`` the noise rescale of a PSF fit on the difference (that spread times
+    :func:`source_free_spread`).
     """
     mask = diff.mask
     zero = (mask & ZERO_BITS) != 0
@@ -59,6 +72,8 @@ def detection_image(diff: Image, psf: PsfModel, science: Image | None):
     bkg_rms = float(np.std(bkg[::16, ::16]))
     del bkg
     s, scale, offset = filtered_snr(diff.image, diff.variance, zero, psf.sigma, ignore=halo)
+    # the PSF fit's rescale: the noise's own spread, without the sources
+    scale *= source_free_spread(s, zero | halo, psf.sigma)
     return s, scale, offset, halo, len(stars), bkg_rms
 
 
@@ -132,6 +147,77 @@ def filtered_snr(
     s /= np.float32(scale)
     s[zero] = 0.0
     return s, scale, offset
+
+
+def source_free_spread(
+    s: np.ndarray,
+    exclude: np.ndarray,
+    sigma: float,
+    source_nsigma: float = 5.0,
+    source_grow: float = 2.0,
+    n_sample: int = 400_000,
+) -> float:
+    """Robust spread of a normalised S/N image over clean pixels away from the sources.
+
+    Pixels in ``exclude`` and those within ``source_grow`` x ``sigma`` px (rounded up to
+    8-px cells) of a pixel where ``|s - median|`` exceeds ``source_nsigma`` times the spread
+    of every clean pixel are left out: what is left is noise (on noise alone nothing reaches
+    5 sigma and the result is the plain spread).
+
+    Parameters
+    ----------
+    s : `numpy.ndarray`
+        S/N image (:func:`filtered_snr`).
+    exclude : `numpy.ndarray`
+        Boolean, pixels left out (zeroed, saturated stars' halos).
+    sigma : `float`
+        PSF sigma, px.
+    source_nsigma, source_grow : `float`
+        Excursion level (in spreads) and growth (in ``sigma``) that make a source.
+    n_sample : `int`
+        Random pixels the spreads are measured on.
+
+    Returns
+    -------
+    spread : `float`
+        1.4826 x the median absolute deviation of ``s`` from its median on those pixels;
+        1.0 with 100 clean pixels or fewer.
+    """
+    rng = np.random.default_rng(4321)
+    idx = rng.integers(0, s.size, size=min(s.size, n_sample))
+    keep = ~exclude.ravel()[idx]
+    level, spread = _median_spread(s.ravel()[idx][keep])
+    if spread <= 0:
+        return 1.0
+    near = _near_excursions(s, level, source_nsigma * spread, source_grow * sigma, idx)
+    _, clean = _median_spread(s.ravel()[idx][keep & ~near])
+    return clean if clean > 0 else spread
+
+
+def _near_excursions(s: np.ndarray, level: float, limit: float, radius: float, idx: np.ndarray,
+                     block: int = 8) -> np.ndarray:
+    """Whether each flat index ``idx`` of ``s`` is within ``radius`` px (at least; rounded up to
+    ``block`` px cells) of a pixel with ``|s - level| > limit``: a cell map, dilated, not a pixel
+    map (one pass over the image instead of a dilation of it)."""
+    ny, nx = s.shape
+    cy, cx = ny // block, nx // block
+    if cy == 0 or cx == 0:
+        return np.zeros(idx.shape, bool)
+    sub = s[: cy * block, : cx * block]
+    exc = sub > np.float32(level + limit)
+    exc |= sub < np.float32(level - limit)
+    cells = exc.reshape(cy, block, cx, block).any(axis=(1, 3))
+    cells = dilate_bits(cells.view(np.uint8), 1, int(np.ceil(radius / block)) + 1)
+    iy, ix = np.divmod(idx, nx)
+    return cells[np.minimum(iy // block, cy - 1), np.minimum(ix // block, cx - 1)]
+
+
+def _median_spread(z: np.ndarray) -> tuple[float, float]:
+    """Median and robust spread (1.4826 MAD) of a sample; ``(0, 0)`` for 100 values or fewer."""
+    if z.size <= 100:
+        return 0.0, 0.0
+    m = float(np.median(z))
+    return m, float(1.4826 * np.median(np.abs(z - m)))
 
 
 def _prominent(sub: np.ndarray, cand: list[tuple[int, int]], prominence: float) -> list[tuple[int, int]]:

@@ -255,7 +255,8 @@ def measure_dia_sources(
     Returns
     -------
     sources : `pandas.DataFrame`
-        Columns :data:`COLUMNS`; ``attrs``: ``noise_scale`` (the matched-filter noise rescale),
+        Columns :data:`COLUMNS`; ``attrs``: ``noise_scale`` (the PSF fit's noise rescale: the
+        matched filter's spread without the sources, `dia_detect.source_free_spread`),
         ``n_in_saturation_halos`` (sources centred in a saturated star's halo, flagged
         ``pixelFlags_suspect``), ``n_saturated_stars``, ``background_rms`` (spread of the
         residual background removed, image units) and ``snr_offset`` (median matched-filter

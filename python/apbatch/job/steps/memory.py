@@ -11,6 +11,10 @@ heap is returned to the kernel when the job's process exits.
 Call it once at the start of a job process (``apbatch process-ccd``), never at import: it
 changes the allocator of the whole process. The same effect, from outside the process, is
 the environment ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large>``.
+
+Kept buffers still cost a page fault the first time: the first ISR, warp and subtraction of a
+fresh process touch some 500 MB of new heap. :func:`warm_heap`, called while the job waits for
+its raw, touches that much heap once and frees it, so those faults are paid before the raw.
 """
 
 from __future__ import annotations
@@ -19,13 +23,16 @@ import ctypes
 import ctypes.util
 import logging
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["keep_freed_memory", "warm_heap"]
 
 log = logging.getLogger(__name__)
 
 # mallopt(3) parameters (glibc malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
+_PAGE = 4096
+_STATE = {"kept": False, "warmed": False}
 
 
 def keep_freed_memory(trim_threshold: int = 2**31 - 1) -> bool:
@@ -52,7 +59,34 @@ def keep_freed_memory(trim_threshold: int = 2**31 - 1) -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    ok = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)) == 1
+    # one arena: the steps' worker threads allocate from the same (kept, warm) heap as the main one
+    ok = (mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)) == 1
+          and mallopt(_M_ARENA_MAX, 1) == 1)
     if not ok:
         log.debug("mallopt refused the settings: allocator left as is")
+    _STATE["kept"] = ok
     return ok
+
+
+def warm_heap(nbytes: int) -> bool:
+    """Page-fault ``nbytes`` of heap now and free them for the steps to reuse, once per process.
+
+    Only after :func:`keep_freed_memory` succeeded (otherwise the freed block would go back to
+    the kernel at once) and only the first time (a process that runs several CCDs, a pilot,
+    keeps its heap warm anyway: a second call could only grow it). Peak memory does not grow
+    when ``nbytes`` is below what the steps allocate beyond the process's size at the call.
+
+    Returns
+    -------
+    warmed : `bool`
+        Whether the heap was touched by this call.
+    """
+    if not _STATE["kept"] or _STATE["warmed"] or nbytes < _PAGE:
+        return False
+    import numpy as np
+
+    block = np.empty(int(nbytes), np.uint8)
+    block[::_PAGE] = 0  # one write per page faults it in; the free keeps it (no trim, no munmap)
+    del block
+    _STATE["warmed"] = True
+    return True

@@ -12,16 +12,18 @@ bit for bit either way (work is split into independent pieces, never reduced acr
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["both", "map_coordinates", "set_threads", "shutdown", "threads"]
+__all__ = ["both", "for_each", "map_coordinates", "set_threads", "shutdown", "threads"]
 
 _THREADS = 1
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_PREFIX = "apbatch-step"
 
 
 def set_threads(n: int) -> None:
@@ -54,13 +56,19 @@ def threads() -> int:
 def _pool() -> concurrent.futures.ThreadPoolExecutor:
     global _POOL
     if _POOL is None:
-        _POOL = concurrent.futures.ThreadPoolExecutor(_THREADS, thread_name_prefix="apbatch-step")
+        _POOL = concurrent.futures.ThreadPoolExecutor(_THREADS, thread_name_prefix=_PREFIX)
     return _POOL
+
+
+def _serial() -> bool:
+    """Whether calls here run serially: one thread, or already on one of the pool's threads
+    (a nested call waiting for the pool it runs on could wait for ever)."""
+    return _THREADS < 2 or threading.current_thread().name.startswith(_PREFIX)
 
 
 def both[T, U](f: Callable[[], T], g: Callable[[], U]) -> tuple[T, U]:
     """``(f(), g())``, concurrently when there are two threads or more."""
-    if _THREADS < 2:
+    if _serial():
         return f(), g()
     fut = _pool().submit(g)
     a = f()
@@ -73,7 +81,7 @@ def map_coordinates(coef: np.ndarray, coords: np.ndarray, **kwargs: Any) -> np.n
     ``coords`` is ``(2, ...)``; its second axis is split into one contiguous piece per thread.
     """
     n = coords.shape[1]
-    if _THREADS < 2 or n < 2 * _THREADS:
+    if _serial() or n < 2 * _THREADS:
         return ndimage.map_coordinates(coef, coords, output=np.float32, **kwargs)
     out = np.empty(coords.shape[1:], np.float32)
     edges = np.linspace(0, n, _THREADS + 1).astype(int)
@@ -84,3 +92,19 @@ def map_coordinates(coef: np.ndarray, coords: np.ndarray, **kwargs: Any) -> np.n
 
     list(_pool().map(part, range(_THREADS)))
     return out
+
+
+def for_each[T](f: Callable[[T], None], items: Iterable[T]) -> None:
+    """``f(item)`` for every item, spread over the threads (``f`` must write disjoint outputs).
+
+    Items are taken in order as threads free up; the first exception raised is re-raised after
+    every started call has ended. Serial with one thread or on a pool thread (`_serial`).
+    """
+    if _serial():
+        for item in items:
+            f(item)
+        return
+    futures = [_pool().submit(f, item) for item in items]
+    concurrent.futures.wait(futures)
+    for fut in futures:
+        fut.result()

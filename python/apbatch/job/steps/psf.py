@@ -29,6 +29,7 @@ from .psf_stars import (
     centred_stamp,
     encircled,
     encircled_profile,
+    inside,
     psf_candidates,
     stellar_locus,
     weighted_sizes,
@@ -200,12 +201,6 @@ def _model_half(star_sigma: float) -> int:
     return int(min(max(12, round(2.5 * 2.3548 * star_sigma)), 40))
 
 
-def _inside(cand: pd.DataFrame, h: int, nx: int, ny: int) -> pd.DataFrame:
-    """The candidates whose model stamp of half-size ``h`` lies inside an ``ny`` x ``nx`` image."""
-    cx, cy = cand["x"], cand["y"]
-    return cand[(cx > h + 2) & (cx < nx - h - 3) & (cy > h + 2) & (cy < ny - h - 3)]
-
-
 def _smallest(img: Image, cand: pd.DataFrame) -> tuple[pd.DataFrame, float | None]:
     """The candidates of a sparse field no larger than `FEW_STARS_SIZE_RATIO` x the smallest one,
     and their median size (sigma, px; `None` when none could be measured).
@@ -282,14 +277,15 @@ def measure_psf(
         member = stellar_locus(sizes, u, v)
         if size is None and member.any():
             h = _model_half(float(np.median(sizes[member])))
-        cand = _inside(cand[member], h, nx, ny)
+        cand = cand[member]
+        cand = cand[inside(cand, h, nx, ny)]
     cand = cand.head(max_stars)
     sparse = len(cand) < MIN_STARS
     if sparse:
         cand, star_size = _smallest(img, cand)
         if size is None and star_size is not None:  # as for a stellar locus: 5 FWHM across
             h = _model_half(star_size)
-            cand = _inside(cand, h, nx, ny)
+            cand = cand[inside(cand, h, nx, ny)]
     if len(cand) < MIN_STARS_SPARSE:
         raise BadInputError(
             "image", f"only {len(cand)} PSF stars found (at least {MIN_STARS_SPARSE})",

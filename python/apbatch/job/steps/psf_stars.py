@@ -20,8 +20,15 @@ from scipy.spatial import cKDTree
 
 from ...image import Image
 
-__all__ = ["centred_stamp", "encircled", "encircled_profile", "psf_candidates", "stellar_locus",
+__all__ = ["centred_stamp", "encircled", "encircled_profile", "inside", "psf_candidates", "stellar_locus",
            "weighted_sizes"]
+
+
+def inside(cand: pd.DataFrame, h: int, nx: int, ny: int) -> pd.Series:
+    """Whether each candidate's stamp of half-size ``h`` (plus its 2-3 px for sub-pixel centring)
+    lies inside an ``ny`` x ``nx`` image."""
+    cx, cy = cand["x"], cand["y"]
+    return (cx > h + 2) & (cx < nx - h - 3) & (cy > h + 2) & (cy < ny - h - 3)
 
 
 def encircled(img: np.ndarray) -> np.ndarray:
@@ -92,12 +99,7 @@ def psf_candidates(img, sources, h, min_snr, isolation, saturation):
     xy = sources[["x", "y"]].to_numpy()
     nn = cKDTree(xy).query(xy, k=2)[0][:, 1] if len(xy) > 1 else np.full(len(xy), np.inf)
     ok = (sources["snr"] >= min_snr) & (sources["flag"] == 0) & (~sources["masked"]) & (nn > isolation)
-    ok &= (
-        (sources["x"] > h + 2)
-        & (sources["x"] < nx - h - 3)
-        & (sources["y"] > h + 2)
-        & (sources["y"] < ny - h - 3)
-    )
+    ok &= inside(sources, h, nx, ny)
     if saturation is not None:
         ok &= sources["peak"] < 0.8 * saturation
     return sources[ok]
@@ -113,8 +115,7 @@ def encircled_profile(img: Image, cand: pd.DataFrame, sources: pd.DataFrame, fwh
     """
     ny, nx = img.shape
     hb = int(min(max(np.ceil(8.0 * fwhm), 24), 64))
-    far = (cand["x"] > hb + 2) & (cand["x"] < nx - hb - 3) & (cand["y"] > hb + 2) & (cand["y"] < ny - hb - 3)
-    sel = cand[far].sort_values("snr", ascending=False).head(n)
+    sel = cand[inside(cand, hb, nx, ny)].sort_values("snr", ascending=False).head(n)
     if len(sel) < 5:
         return None
     yy, xx = np.mgrid[-hb : hb + 1, -hb : hb + 1]

@@ -19,6 +19,7 @@ template pixels beyond the CCD edge, and the difference is valid up to the edge.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 from astropy.wcs import WCS
@@ -294,11 +295,11 @@ def warp_template(
         (ay, by), (ax, bx) = _map_factors(sci_wcs, t_wcs, shape, grid, region, origin=(oy, ox))
         factors = (ay.astype(np.float32), by.astype(np.float32), ax.astype(np.float32), bx.astype(np.float32))
         # a band of rows at a time: every value is computed pixel by pixel, so the result is the
-        # same as in one piece, without CCD-sized coordinate and index temporaries (~600 MB)
-        for a in range(0, r1 - r0, _BAND_ROWS):
-            b = min(a + _BAND_ROWS, r1 - r0)
-            _warp_band(p, factors, (a, b), (oy, ox), out[r0 + a : r0 + b, c0:c1], var[r0 + a : r0 + b, c0:c1],
-                       msk[r0 + a : r0 + b, c0:c1], filled[r0 + a : r0 + b, c0:c1])
+        # same as in one piece, without CCD-sized coordinate and index temporaries (~600 MB);
+        # bands write disjoint rows, so the job's threads take one band each
+        planes = [a[r0:r1, c0:c1] for a in (out, var, msk, filled)]
+        parallel.for_each(functools.partial(_warp_band, p, factors, (oy, ox), planes),
+                          range(0, r1 - r0, _BAND_ROWS))
     coverage = float(filled[pad : ny - pad, pad : nx - pad].mean())
     if coverage == 0.0 or coverage < min_coverage:
         raise NoTemplateOverlapError(f"template patches cover {coverage:.1%} of the science image")
@@ -308,16 +309,16 @@ def warp_template(
     return Image(out, var, msk, sci_wcs, meta)
 
 
-def _warp_band(p: WarpPatch, factors, rows: tuple[int, int], origin: tuple[float, float],
-               out: np.ndarray, var: np.ndarray, msk: np.ndarray, filled: np.ndarray) -> None:
-    """Warp patch ``p`` onto one band of rows of the output (views ``out``, ``var``, ``msk``, ``filled``).
+def _warp_band(p: WarpPatch, factors, origin: tuple[float, float], planes: list[np.ndarray], a: int) -> None:
+    """Warp patch ``p`` onto the band of :data:`_BAND_ROWS` rows from row ``a`` of its region.
 
-    ``factors`` are the float32 ``(ay, by, ax, bx)`` of the patch's region and ``rows`` the
-    band's rows in it; ``origin`` is the patch centre (oy, ox). Pixels already ``filled`` by an
-    earlier patch are kept.
+    ``factors`` are the float32 ``(ay, by, ax, bx)`` of the patch's region, ``origin`` is the
+    patch centre (oy, ox) and ``planes`` the region's views ``out``, ``var``, ``msk``, ``filled``
+    of the output. Pixels already ``filled`` by an earlier patch are kept.
     """
     ay, by, ax, bx = factors
-    a, b = rows
+    b = min(a + _BAND_ROWS, ay.shape[0])
+    out, var, msk, filled = (x[a:b] for x in planes)
     tny, tnx = p.shape
     oy, ox = origin
     coords = np.empty((2, b - a, by.shape[1]), np.float32)
@@ -327,14 +328,19 @@ def _warp_band(p: WarpPatch, factors, rows: tuple[int, int], origin: tuple[float
     # boundary rule, so a seam between patches would show
     e = _EDGE_MARGIN
     cy, cx = coords
-    cov = (cx >= e - ox) & (cx <= tnx - 1 - e - ox) & (cy >= e - oy) & (cy <= tny - 1 - e - oy)
-    cov &= ~filled
+    lo_y, hi_y, lo_x, hi_x = e - oy, tny - 1 - e - oy, e - ox, tnx - 1 - e - ox
+    # the usual case, a band well inside one patch: four reductions instead of a coverage image
+    inside = bool(cy.min() >= lo_y and cy.max() <= hi_y and cx.min() >= lo_x and cx.max() <= hi_x)
+    partial = not inside or bool(filled.any())
+    if partial:
+        cov = (cx >= lo_x) & (cx <= hi_x) & (cy >= lo_y) & (cy <= hi_y)
+        cov &= ~filled
+        if not cov.any():
+            return
+        partial = not bool(cov.all())
     del cx, cy
-    if not cov.any():
-        return
     coords[0] += np.float32(oy)
     coords[1] += np.float32(ox)
-    partial = not cov.all()
     if partial:  # only the covered pixels
         coords = coords[:, cov]
     w_img = parallel.map_coordinates(p.coef, coords, order=3, mode="mirror", prefilter=False)
@@ -351,10 +357,11 @@ def _warp_band(p: WarpPatch, factors, rows: tuple[int, int], origin: tuple[float
     if partial:
         out[cov], var[cov] = w_img, w_var
         msk[cov] = w_msk if w_msk is not None else 0
+        filled |= cov
     else:
         out[...], var[...] = w_img, w_var
         msk[...] = w_msk if w_msk is not None else 0
-    filled |= cov
+        filled[...] = True
 
 
 def template_unit(templates: list[Image] | list[WarpPatch]) -> str:
