@@ -20,24 +20,10 @@ from apbatch.config import load_config
 from apbatch.errors import BadInputError, SchedulerError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_htcondor import condor_split  # noqa: E402
+from test_htcondor import FakeResult, condor_split  # noqa: E402
 from test_pilot_backend import works_of  # noqa: E402
 
 TOKEN = "cd" * 10
-
-
-class Result:
-    def __init__(self, cluster, count):
-        self._cluster, self._count = cluster, count
-
-    def cluster(self):
-        return self._cluster
-
-    def first_proc(self):
-        return 0
-
-    def num_procs(self):
-        return self._count
 
 
 class FakeSchedd:
@@ -58,7 +44,7 @@ class FakeSchedd:
             raise self.fail
         cluster, self.next = self.next, self.next + 1
         self.queue[f"{cluster}.0"] = classad2.ClassAd({"ClusterId": cluster, "ProcId": 0, "JobStatus": 1})
-        return Result(cluster, count)
+        return FakeResult(cluster, count)
 
     def query(self, constraint="True", projection=(), callback=None, limit=-1, opts=None):
         self.calls.append(("query", constraint))

@@ -90,6 +90,8 @@ class BatchLauncher(abc.ABC):
     """
 
     kind: ClassVar[str] = ""
+    backend: Any
+    """The batch backend (`SlurmBackend`, `HTCondorBackend`) a subclass submits through."""
 
     def __init__(self, config: ApbatchConfig, state_dir: Path) -> None:
         settings = config.backend
@@ -124,13 +126,15 @@ class BatchLauncher(abc.ABC):
             Raised if the batch system refuses it.
         """
 
-    @abc.abstractmethod
     def states(self, batch_ids: Sequence[str]) -> dict[str, JobStatus]:
-        """The batch states of those pilot jobs (queue, then history, else UNKNOWN)."""
+        """The batch states of those pilot jobs (queue, then history, else UNKNOWN): the
+        subclass's batch ``backend`` answers, as it does for per-CCD jobs."""
+        return self.backend.status(batch_ids) if batch_ids else {}
 
-    @abc.abstractmethod
     def cancel(self, batch_ids: Sequence[str]) -> None:
-        """Stop those pilot jobs."""
+        """Stop those pilot jobs (the batch ``backend``'s cancel)."""
+        if batch_ids:
+            self.backend.cancel(batch_ids)
 
 
 class SlurmPilotLauncher(BatchLauncher):
@@ -173,13 +177,6 @@ class SlurmPilotLauncher(BatchLauncher):
         job_id = self.backend.parse_job_id(command, self.backend.run(command, input=script).stdout)
         _log.info("submitted pilot %s as Slurm job %s", self.job_name(day_obs), job_id)
         return job_id
-
-    def states(self, batch_ids: Sequence[str]) -> dict[str, JobStatus]:
-        return self.backend.status(batch_ids) if batch_ids else {}
-
-    def cancel(self, batch_ids: Sequence[str]) -> None:
-        if batch_ids:
-            self.backend.cancel(batch_ids)
 
 
 class HTCondorPilotLauncher(BatchLauncher):
@@ -257,13 +254,6 @@ class HTCondorPilotLauncher(BatchLauncher):
         job_id = f"{int(result.cluster())}.{int(result.first_proc())}"
         _log.info("submitted pilot %s as HTCondor job %s", self.job_name(day_obs), job_id)
         return job_id
-
-    def states(self, batch_ids: Sequence[str]) -> dict[str, JobStatus]:
-        return self.backend.status(batch_ids) if batch_ids else {}
-
-    def cancel(self, batch_ids: Sequence[str]) -> None:
-        if batch_ids:
-            self.backend.cancel(batch_ids)
 
 
 def make_launcher(config: ApbatchConfig, state_dir: Path, **deps: Any) -> BatchLauncher | None:
