@@ -73,8 +73,9 @@ def warm_heap(nbytes: int) -> bool:
 
     Only after :func:`keep_freed_memory` succeeded (otherwise the freed block would go back to
     the kernel at once) and only the first time (a process that runs several CCDs, a pilot,
-    keeps its heap warm anyway: a second call could only grow it). Peak memory does not grow
-    when ``nbytes`` is below what the steps allocate beyond the process's size at the call.
+    keeps its heap warm anyway: a second call could only grow it). ``nbytes`` should stay below
+    what the steps allocate beyond the process's size at the call; even then the heap's layout
+    changes (a LATISS job's peak rose by ~90 MB with 24 bytes a pixel).
 
     Returns
     -------

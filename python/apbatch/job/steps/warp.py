@@ -328,17 +328,12 @@ def _warp_band(p: WarpPatch, factors, origin: tuple[float, float], planes: list[
     # boundary rule, so a seam between patches would show
     e = _EDGE_MARGIN
     cy, cx = coords
-    lo_y, hi_y, lo_x, hi_x = e - oy, tny - 1 - e - oy, e - ox, tnx - 1 - e - ox
-    # the usual case, a band well inside one patch: four reductions instead of a coverage image
-    inside = bool(cy.min() >= lo_y and cy.max() <= hi_y and cx.min() >= lo_x and cx.max() <= hi_x)
-    partial = not inside or bool(filled.any())
-    if partial:
-        cov = (cx >= lo_x) & (cx <= hi_x) & (cy >= lo_y) & (cy <= hi_y)
-        cov &= ~filled
-        if not cov.any():
-            return
-        partial = not bool(cov.all())
+    cov = (cx >= e - ox) & (cx <= tnx - 1 - e - ox) & (cy >= e - oy) & (cy <= tny - 1 - e - oy)
+    cov &= ~filled
     del cx, cy
+    if not cov.any():
+        return
+    partial = not bool(cov.all())
     coords[0] += np.float32(oy)
     coords[1] += np.float32(ox)
     if partial:  # only the covered pixels
@@ -357,11 +352,10 @@ def _warp_band(p: WarpPatch, factors, origin: tuple[float, float], planes: list[
     if partial:
         out[cov], var[cov] = w_img, w_var
         msk[cov] = w_msk if w_msk is not None else 0
-        filled |= cov
     else:
         out[...], var[...] = w_img, w_var
         msk[...] = w_msk if w_msk is not None else 0
-        filled[...] = True
+    filled |= cov
 
 
 def template_unit(templates: list[Image] | list[WarpPatch]) -> str:
