@@ -12,7 +12,16 @@ import numpy as np
 from apbatch.image import Image, MaskBits
 from scene_render import render_psf, stamp_half
 
-__all__ = ["EDGE_DISTANCE", "NJY_PER_E", "psf_power", "run_chain", "score", "shot_noise_snr"]
+__all__ = [
+    "EDGE_DISTANCE",
+    "NJY_PER_E",
+    "noise_floor",
+    "psf_power",
+    "run_chain",
+    "score",
+    "shot_noise_snr",
+    "unflagged",
+]
 
 NJY_PER_E = 0.5  # the scene's raw header calibration (tests/steps_scene.py to_raw)
 EDGE_DISTANCE = 25.0  # px from the CCD border: "near the edge" in the edge completeness
@@ -46,6 +55,49 @@ def _completeness(out: dict, name: str, found: np.ndarray, snr: np.ndarray, sel:
         s = sel & (snr >= lo) & (snr < hi)
         out[f"completeness_{name}_{lo}_{hi}"] = float(found[s].mean()) if s.any() else float("nan")
         out[f"n_{name}_{lo}_{hi}"] = int(s.sum())
+
+
+def unflagged(table) -> np.ndarray:
+    """Rows of a DIA table without bad, saturated, cosmic-ray, edge or suspect flags (boolean array)."""
+    if not len(table):
+        return np.zeros(0, bool)
+    flagged = table[_FLAGS].any(axis=1).to_numpy(bool)
+    if "pixelFlags_suspect" in table:
+        flagged = flagged | table["pixelFlags_suspect"].to_numpy(bool)
+    return ~flagged
+
+
+def noise_floor(result: dict, seed: int = 0) -> dict:
+    """False detections of a perfect subtraction: white noise through the same DIA detection.
+
+    Gaussian noise drawn from the difference's variance plane (which then gets each pixel's
+    own noise added, as ISR's Poisson variance holds it), with its data-quality mask
+    (bad, saturated, interpolated, cosmic-ray, edge and no-data bits; not the bits DIA
+    detection sets), measured by ``measure_dia_sources`` with the run's PSF and science image
+    (so the same saturated-star halos are flagged). What is detected is noise alone: the
+    floor under ``false_unflagged`` at the same threshold.
+
+    Returns
+    -------
+    scores : `dict`
+        ``noise_unflagged`` (detections without bad/saturated/cr/edge/suspect flags),
+        ``noise_pos`` and ``noise_neg`` (unflagged positive and negative ones).
+    """
+    from apbatch.job.steps import measure_dia_sources
+
+    diff = result["diff"]
+    rng = np.random.default_rng(1_000_003 + seed)
+    quality = MaskBits.BAD | MaskBits.SAT | MaskBits.INTRP | MaskBits.CR | MaskBits.EDGE | MaskBits.NO_DATA
+    sd = np.sqrt(np.maximum(diff.variance, 0.0, dtype=np.float32))
+    pixels = rng.standard_normal(diff.shape, dtype=np.float32) * sd
+    # the variance plane holds each pixel's own noise, as ISR's (Poisson) does and as the
+    # detection expects (dia_detect.filtered_snr's self_term)
+    var = np.add(diff.variance, pixels, dtype=np.float32)
+    noise = Image(pixels, var, (diff.mask & int(quality)).astype(diff.mask.dtype), diff.wcs)
+    dia = measure_dia_sources(noise, result["psf"], result["calexp"])
+    clean = dia[unflagged(dia)] if len(dia) else dia
+    neg = int((clean["psfFlux"] < 0).sum()) if len(clean) else 0
+    return {"noise_unflagged": int(len(clean)), "noise_pos": int(len(clean)) - neg, "noise_neg": neg}
 
 
 def _median(values: np.ndarray) -> float:
@@ -104,7 +156,14 @@ def run_chain(scene, timer=None) -> dict:
         apcorr = measure_aperture_correction(calexp, psf, sources)
         dia = apply_aperture_correction(dia, apcorr)
     out.update(
-        calexp=calexp, sources=sources, psf=psf, astro=astro, warped=warped, diff=diff, sres=sres, dia=dia,
+        calexp=calexp,
+        sources=sources,
+        psf=psf,
+        astro=astro,
+        warped=warped,
+        diff=diff,
+        sres=sres,
+        dia=dia,
         apcorr=apcorr,
     )
     return out
@@ -182,9 +241,8 @@ def score(scene, result: dict, match_radius: float | None = None) -> dict:
     out["false"] = int(len(false))
     if len(false):
         flagged = false[_FLAGS].any(axis=1)
-        suspect = false["pixelFlags_suspect"] if "pixelFlags_suspect" in false else False
         out["false_clean"] = int(((~flagged) & (false["reliability"] >= 0.5)).sum())
-        out["false_unflagged"] = int((~(flagged | suspect)).sum())
+        out["false_unflagged"] = int(unflagged(false).sum())
         neg = false["psfFlux"] < 0
         out["false_pos"], out["false_neg"] = int((~neg).sum()), int(neg.sum())
     else:

@@ -42,9 +42,29 @@ def test_matched_filter_is_normalised_and_centred():
     flux = 30.0 * 20.0 / np.sqrt((p**2).sum())
     xy = [(x, y) for x in range(50, 800, 100) for y in range(50, 800, 100)]
     _add_stars(img, [q[0] for q in xy], [q[1] for q in xy], [flux] * len(xy), "gauss", SIG)
-    s, _, _ = filtered_snr(img, np.full(img.shape, 400.0, np.float32), np.zeros(img.shape, bool), SIG)
+    # (a constant variance plane holds no pixel's own noise: nothing to take off)
+    flat_var = np.full(img.shape, 400.0, np.float32)
+    s, _, _ = filtered_snr(img, flat_var, np.zeros(img.shape, bool), SIG, self_term=False)
     peaks = [s[y - 1 : y + 2, x - 1 : x + 2].max() for x, y in xy]
     assert np.median(peaks) == pytest.approx(30.0, rel=0.02)
+
+
+def test_poisson_variance_gives_the_noise_its_own_sign_balance():
+    # ISR's variance is the pixels' own value: 1000 e- of sky, Poisson. Without the self term
+    # a pixel that fluctuated low has a smaller variance, so negative excursions gain S/N;
+    # with it the balance is that of the noise under its true (constant) variance: Poisson's
+    # own skew makes positive excursions a little more common
+    rng = np.random.default_rng(5)
+    sky = rng.poisson(1000.0, (3000, 3000)).astype(np.float32)
+    zero = np.zeros(sky.shape, bool)
+
+    def sign_ratio(variance, self_term):
+        s, _, _ = filtered_snr(sky - np.float32(1000.0), variance, zero, SIG, self_term=self_term)
+        return float((s < -3.0).sum() / (s > 3.0).sum())
+
+    exact = sign_ratio(np.full(sky.shape, 1000.0, np.float32), False)
+    assert sign_ratio(sky, True) == pytest.approx(exact, abs=0.04)
+    assert sign_ratio(sky, False) > exact + 0.12
 
 
 def test_noise_spread_leaves_sources_out():
@@ -75,7 +95,7 @@ def test_matched_filter_does_not_reflect_the_image_border():
     hits = 0
     for _ in range(20):
         img = rng.normal(0, 1.0, (n, n)).astype(np.float32)
-        s, _, _ = filtered_snr(img, np.ones((n, n), np.float32), np.zeros((n, n), bool), SIG)
+        s, _, _ = filtered_snr(img, np.ones((n, n), np.float32), np.zeros((n, n), bool), SIG, self_term=False)
         edge = np.concatenate([s[0], s[-1], s[:, 0], s[:, -1]])
         hits += int(edge.std() > 1.15)
     assert hits <= 2

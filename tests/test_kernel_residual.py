@@ -2,7 +2,12 @@
 
 import numpy as np
 import pytest
-from apbatch.job.steps.kernel_residual import add_star_variance, box_fluxes, residual_profile
+from apbatch.job.steps.kernel_residual import (
+    add_measured_variance,
+    add_star_variance,
+    box_fluxes,
+    residual_profile,
+)
 
 
 def _stamps(n=60, half=15, frac=0.0, seed=0):
@@ -69,3 +74,62 @@ def test_box_fluxes_cut_by_the_border():
     img = np.ones((50, 60))
     np.testing.assert_allclose(box_fluxes(img, np.array([30.0, 0.0, 200.0]), np.array([25.0, 0.0, 10.0]), 3),
                                [49.0, 16.0, 0.0])
+
+
+def _gauss(sigma=2.0, half=10):
+    yy, xx = np.mgrid[-half : half + 1, -half : half + 1].astype(float)
+    g = np.exp(-(xx**2 + yy**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def _difference(residual=None, transient=None, variable=0.0, seed=3, shape=(120, 120), star=(60, 60)):
+    """Noise (variance 100) around a star at ``star`` with an optional residual pattern, a
+    transient (dx, dy, flux) beside it and a change of the star's flux ``variable``."""
+    rng = np.random.default_rng(seed)
+    diff = rng.normal(0.0, 10.0, shape)
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]].astype(float)
+    dx, dy = xx - star[0], yy - star[1]
+    r2 = dx * dx + dy * dy
+    if residual == "quadrupole":  # a shape mismatch: lobes of both signs 2-4 px out
+        diff += 400.0 * np.exp(-r2 / 8.0) * (dx * dx - dy * dy) / 4.0
+    elif residual == "ring":  # a width mismatch: a positive ring 5 px out
+        diff += 60.0 * np.exp(-((np.sqrt(r2) - 5.0) ** 2) / 2.0)
+    if transient is not None:
+        tx, ty, f = transient
+        diff += f * np.exp(-((xx - star[0] - tx) ** 2 + (yy - star[1] - ty) ** 2) / 8.0) / (8 * np.pi)
+    diff += variable * np.exp(-r2 / 8.0) / (8 * np.pi)
+    return diff.astype(np.float32), np.full(shape, 100.0, np.float32)
+
+
+def _measured(diff, var):
+    n = add_measured_variance(diff, var, np.zeros(diff.shape, bool), np.array([60.0]), np.array([60.0]),
+                              lambda x, y: _gauss(), 15, coherence=np.pi * 4.0)
+    return n, var
+
+
+@pytest.mark.parametrize("pattern", ["quadrupole", "ring"])
+def test_measured_mismatch_is_added_where_it_is(pattern):
+    n, var = _measured(*_difference(pattern))
+    assert n == 1
+    assert var[60, 63] > 1000.0  # the lobes / ring: many times the noise variance
+    assert var[60, 60] >= var[60, 63]  # non-increasing outwards
+    assert var[60, 78] == pytest.approx(100.0) and var[10, 10] == pytest.approx(100.0)
+
+
+def test_noise_a_variable_star_and_a_transient_beside_it_add_nothing():
+    # a change of the star's own flux is fitted out; a transient 6 px away sits in one eighth
+    # of its rings; noise alone is not significant
+    for kwargs in ({}, {"variable": 2e4}, {"transient": (6.0, 0.0, 3000.0)}):
+        diff, var = _difference(**kwargs)
+        n, var = _measured(diff, var)
+        assert n == 0, kwargs
+        assert (var == 100.0).all(), kwargs
+
+
+def test_stars_at_the_border_or_mostly_masked_are_skipped():
+    diff, var = _difference("quadrupole")
+    bad = np.zeros(diff.shape, bool)
+    bad[40:80, 40:80] = True
+    assert add_measured_variance(diff, var, bad, np.array([60.0, 5.0]), np.array([60.0, 60.0]),
+                                 lambda x, y: _gauss(), 15, coherence=10.0) == 0
+    assert (var == 100.0).all()

@@ -6,14 +6,16 @@ varies across the CCD, a galaxy-rich field and 2" seeing. Each is scored against
 ``bench/bench_steps.py`` does (completeness by TRUE S/N over the difference's valid region,
 sources near the edge included). The asserted bounds are the issue's targets (S/N >= 10: 98%,
 S/N 5-10: 80%, flux within 5%), except for unflagged false detections: a regression guard of 5
-per CCD against the target of 3, which two-seed bench runs miss on some conditions (README,
-"Skies it was not tuned on").
+per CCD against the target of 3 (a mean over CCDs in the bench), and no more than 3 above
+the noise floor: what white noise of the difference's variance gives through the same detection
+(README, "Skies it was not tuned on").
 """
 
 import numpy as np
 import pytest
 from apbatch.job.steps.psf import moffat_psf
 from scene_conditions import CONDITIONS
+from scene_score import noise_floor
 from steps_scene import make_scene, run_chain, score
 
 CASES = ["sky_change_0.3", "dead_amp", "atmospheric_varying", "galaxy_rich", "seeing_2.0"]
@@ -58,3 +60,13 @@ def test_what_each_condition_exercises(scored):
         assert result["psf"].fwhm == pytest.approx(ref, rel=0.05)
     elif name == "seeing_2.0":
         assert result["sres"].kernel_size >= 45
+
+
+def test_false_detections_against_the_noise_floor(scored):
+    """The subtraction adds few false detections to those white noise alone gives at 5 sigma."""
+    name, _, result, s = scored
+    floor = noise_floor(result, seed=1)
+    assert floor["noise_unflagged"] == floor["noise_pos"] + floor["noise_neg"]
+    # ~1-3 peaks per 4k x 4k CCD at 5 sigma, by the grid's bench; never dozens
+    assert floor["noise_unflagged"] <= 8, (name, floor)
+    assert s["false_unflagged"] <= floor["noise_unflagged"] + 3, (name, s, floor)

@@ -9,7 +9,9 @@
 2. :func:`filtered_snr`: the matched filter ``S = (G*D) / sqrt(G^2 * V)`` with a Gaussian ``G``
    of the PSF's sigma, zero outside the image (``mode="constant"``: reflecting the image at
    its border would count border pixels twice in the signal but not in the noise), so that
-   ``S`` is a normalised S/N up to the edge of the valid region. It is rescaled so that its
+   ``S`` is a normalised S/N up to the edge of the valid region. ``V`` is the variance less
+   its pixels' own Poisson noise, which ISR's variance plane holds (``self_term``: the
+   difference times the slope of variance on image, :func:`self_term_slope`). It is rescaled so that its
    robust spread over clean pixels (not zeroed, not in a halo) is 1, and re-centred on the
    median of those pixels.
 3. :func:`find_peaks`: connected regions above +-``threshold``; one peak per region, except
@@ -39,7 +41,7 @@ from .psf import PsfModel
 from .subtract import dilate_bits
 
 __all__ = ["ZERO_BITS", "detection_image", "difference_background", "filtered_snr", "find_peaks",
-           "source_free_spread"]
+           "self_term_slope", "source_free_spread"]
 
 ZERO_BITS = int(MaskBits.BAD | MaskBits.SAT | MaskBits.NO_DATA | MaskBits.EDGE)
 """Mask bits whose pixels are zeroed before filtering and ignored by the measurement."""
@@ -96,7 +98,8 @@ def difference_background(image: np.ndarray, exclude: np.ndarray, box: int = 128
 
 
 def filtered_snr(
-    image: np.ndarray, variance: np.ndarray, zero: np.ndarray, sigma: float, ignore: np.ndarray | None = None
+    image: np.ndarray, variance: np.ndarray, zero: np.ndarray, sigma: float, ignore: np.ndarray | None = None,
+    self_term: bool = True,
 ) -> tuple[np.ndarray, float, float]:
     """Matched-filter S/N image, normalised on clean pixels.
 
@@ -110,6 +113,12 @@ def filtered_snr(
         Gaussian-equivalent PSF sigma, px.
     ignore : `numpy.ndarray`, optional
         Boolean, pixels left out of the normalisation (saturated stars' halos).
+    self_term : `bool`
+        Take each pixel's own noise (``image`` clipped at 4 sigma and at a quarter of the
+        variance, times :func:`self_term_slope`) off the variance first:
+        ``variance`` holds it when it was made from the pixels' values (Poisson, as ISR
+        does), and without this positive noise peaks lose S/N and negative ones gain it
+        (1.35 times as many negative false detections as positive on the grid).
 
     Returns
     -------
@@ -122,6 +131,28 @@ def filtered_snr(
     """
     d = np.where(zero, np.float32(0), image).astype(np.float32, copy=False)
     v = np.where(zero, np.float32(0), variance).astype(np.float32, copy=False)
+    beta = self_term_slope(d, v, zero) if self_term else 0.0
+    if beta > 0:
+        # ISR's variance is the pixel's own value (Poisson), so it holds the pixel's noise: a
+        # pixel that fluctuated up has a larger variance and less S/N, one that fluctuated
+        # down more. The difference is mostly that noise: taking beta times it off leaves
+        # the variance of the expected value. Clipped at 4 sigma per pixel (beyond that a
+        # pixel is a source or a residual, not a fluctuation) and at a quarter of it.
+        # (one clip at the lowest variance's limit, then the few pixels beyond it at their
+        # own: 0.05 s on a 4k x 4k CCD where a per-pixel limit everywhere took 0.18 s)
+        def limit(var):
+            return np.minimum(4.0 * np.sqrt(np.maximum(var, 0.0)), 0.25 * var)
+
+        sample = v[::7, ::7]
+        low = np.float32(limit(float(sample[sample > 0].min()))) if (sample > 0).any() else np.float32(0)
+        own = np.clip(d, -low, low)
+        far = np.flatnonzero((d > low) | (d < -low))
+        if far.size:
+            lim = limit(v.ravel()[far]).astype(np.float32)
+            own.ravel()[far] = np.clip(d.ravel()[far], -lim, lim)
+        own *= np.float32(beta)
+        v -= own
+        del own
     # filtered noise variance: G^2 * V, with G^2 a Gaussian of sigma / sqrt(2) over 4 pi sigma^2
     num, den = parallel.both(
         lambda: ndimage.gaussian_filter(d, sigma, truncate=3.0, output=d, mode="constant"),
@@ -147,6 +178,42 @@ def filtered_snr(
     s /= np.float32(scale)
     s[zero] = 0.0
     return s, scale, offset
+
+
+def self_term_slope(image: np.ndarray, variance: np.ndarray, zero: np.ndarray,
+                    n_sample: int = 100_000) -> float:
+    """How much of a pixel's own value its variance holds: the slope of variance on image.
+
+    On random clean pixels, ``variance`` less the mean of its 8 neighbours (which removes
+    stars, gradients and every smooth structure, and is independent of the pixel's own
+    noise) is regressed on ``image`` (pixels beyond 4 sigma left out). A Poisson variance
+    made from the science pixels gives the science's share of the difference's noise (~0.9
+    with a template 9 visits deep), a variance plane that does not follow the pixels 0.
+
+    Returns
+    -------
+    beta : `float`
+        The slope, within [0, 1]; 0 with fewer than 1000 usable pixels.
+    """
+    ny, nx = image.shape
+    if ny < 3 or nx < 3:
+        return 0.0
+    rng = np.random.default_rng(2468)
+    m = min(n_sample, (ny - 2) * (nx - 2))
+    iy, ix = rng.integers(1, ny - 1, m), rng.integers(1, nx - 1, m)
+    nb = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+    ok = ~zero[iy, ix]
+    for dy, dx in nb:
+        ok &= ~zero[iy + dy, ix + dx]
+    iy, ix = iy[ok], ix[ok]
+    v = variance[iy, ix].astype(float)
+    d = image[iy, ix].astype(float)
+    around = sum(variance[iy + dy, ix + dx].astype(float) for dy, dx in nb) / len(nb)
+    use = (v > 0) & (np.abs(d) < 4 * np.sqrt(np.maximum(v, 0)))
+    if use.sum() < 1000:
+        return 0.0
+    d, dv = d[use], (v - around)[use]
+    return float(np.clip((d * dv).sum() / max(float((d * d).sum()), 1e-30), 0.0, 1.0))
 
 
 def source_free_spread(

@@ -4,9 +4,10 @@ For every amplifier segment, in this order:
 
 1. check the segment (present once, right shape, finite);
 2. flag saturation on the raw ADU (``Amplifier.saturation``, before any subtraction);
-3. subtract the serial overscan: median of each row of the overscan box (its first
-   ``overscan_skip`` columns are skipped because of CTI trailing), smoothed over
-   ``overscan_smooth`` rows; optionally also the parallel overscan, column by column;
+3. subtract the serial overscan: the clipped mean of each row of the overscan box (its first
+   ``overscan_skip`` columns are skipped because of CTI trailing), averaged over
+   ``overscan_smooth`` rows (:func:`overscan_rows`); optionally also the parallel overscan,
+   column by column;
 4. trim to the data box, flip (``flip_x``/``flip_y``) and place it at ``Amplifier.bbox`` of
    the assembled CCD (obs_lsst convention, see ``shared/data/camera/README.md``);
 5. multiply by the gain (ADU -> electrons).
@@ -27,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from scipy import ndimage
 
 from ...errors import BadInputError
 from ...image import Image, MaskBits
@@ -35,6 +35,7 @@ from ...raw import RawExposure
 from . import parallel
 from .amps import AmpHealthConfig, amp_statistics, classify_amps, format_bad_amps, mask_amps
 from .defects import detect_bad_columns, find_cosmic_rays, grow, interpolate_masked
+from .overscan import overscan_rows
 from .snaps import SnapConfig, combine_snaps
 
 __all__ = ["IsrConfig", "run_isr"]
@@ -163,9 +164,7 @@ def _assemble(raw: RawExposure, amps, det, cfg: IsrConfig):
                 "serial overscan has NaN or infinite values",
                 "the raw is corrupt; re-fetch it",
             )
-        row = np.median(ovs, axis=1)
-        if cfg.overscan_smooth > 1:
-            row = ndimage.median_filter(row, size=cfg.overscan_smooth, mode="nearest")
+        row = overscan_rows(ovs, cfg.overscan_smooth)
         # overscan rows are the same rows as the data rows (both start at raw y = 0);
         # write (raw - overscan) * gain straight into the assembled image
         np.subtract(raw_sec, row[y0 - oy0 : y1 - oy0, None], out=dst, casting="unsafe")

@@ -36,7 +36,10 @@ the ``n_residual_stars`` brightest science sources, ``residual_scale`` (3) x ``F
 the residual the fitted kernel leaves on its own stamps (which it fits better than the stars
 between them), measured in rings per unit flux squared
 (:mod:`~apbatch.job.steps.kernel_residual`; a kernel that cannot follow a PSF whose
-ellipticity turns across the CCD left 5-6 sigma lobes 3-8 px from 1e5 e- stars), then
+ellipticity turns across the CCD left 5-6 sigma lobes 3-8 px from 1e5 e- stars), and the
+significant excess each of those stars leaves in the difference itself once a change of its
+own flux is fitted out (``measured_residual``: lobes 5-8 px from 4e5-1e6 e- stars that the
+profile, measured on fainter stamps, underestimated), then
 multiplied by the square of the empirical noise ratio (robust spread of
 ``diff / sqrt(var)``), which absorbs the noise correlation of warping and convolution.
 The template must have the smaller PSF (true of coadd templates); the result says if not.
@@ -54,8 +57,8 @@ import scipy.fft as sfft
 from ...errors import BadInputError
 from ...image import Image, MaskBits
 from .kernel_basis import STAMP_BAD, basis_1d, convolve_terms, fit_kernel, kernel_image, select_stamps
-from .kernel_residual import add_star_variance, box_fluxes
-from .psf import PsfModel
+from .kernel_residual import add_measured_variance, add_star_variance, box_fluxes
+from .psf import PsfModel, gaussian_psf
 
 _log = logging.getLogger(__name__)
 
@@ -90,6 +93,9 @@ class SubtractConfig:
     residual_scale: float = 3.0
     """Factor on the residual measured on the fit stamps (the kernel fits its own stamps better
     than the stars between them)."""
+    measured_residual: bool = True
+    """Also add, around each of those stars, the residual measured in the difference itself
+    beyond a change of the star's flux (:func:`~.kernel_residual.add_measured_variance`)."""
     clip_sigma: float = 3.0
     max_iter: int = 3
     flux_error_floor: float = 0.005
@@ -130,6 +136,8 @@ class SubtractionResult:
     spatial_degree: int = 1
     n_residual_stars: int = 0
     """Bright stars around which the kernel's measured residual was added to the variance."""
+    n_mismatch_stars: int = 0
+    """Of those, stars whose own residual in the difference showed a mismatch (``measured_residual``)."""
 
     @property
     def kernel_size(self) -> int:
@@ -342,6 +350,11 @@ def subtract_images(
         edge = np.zeros(mask.shape, bool)
         edge[:e, :], edge[-e:, :], edge[:, :e], edge[:, -e:] = True, True, True, True
         mask[edge] |= MaskBits.EDGE
+    n_mis = 0
+    if cfg.measured_residual and len(bright):
+        model = sci_sigma if isinstance(sci_sigma, PsfModel) else gaussian_psf(float(sci_sigma), 2 * h + 1)
+        n_mis = add_measured_variance(diff, var, (mask & STAMP_BAD) != 0, bright["x"].to_numpy(),
+                                      bright["y"].to_numpy(), model.image_at, h, np.pi * model.sigma**2)
     # empirical noise rescaling on clean pixels (a random subsample, for speed)
     rng = np.random.default_rng(12345)
     idx = rng.integers(0, diff.size, size=min(diff.size, 400_000))
@@ -351,10 +364,10 @@ def subtract_images(
     var *= np.float32(scale**2)
     res = SubtractionResult(
         n_used, n_rej, float(k0.sum()), float(scale), sigmas, chi2,
-        bool(_sigma(tmpl_sigma) <= _sigma(sci_sigma)), k0, sdeg, n_res,
+        bool(_sigma(tmpl_sigma) <= _sigma(sci_sigma)), k0, sdeg, n_res, n_mis,
     )
     meta = dict(science.metadata)
     meta.update({"DIFFKSUM": res.kernel_sum, "DIFFNSCL": res.noise_scale, "DIFFNSTM": n_used,
                  "DIFFKSIZ": res.kernel_size, "DIFFSDEG": sdeg, "DIFFTPAD": pad,
-                 "DIFFNRES": n_res})
+                 "DIFFNRES": n_res, "DIFFNMIS": n_mis})
     return Image(diff, var, mask, science.wcs, meta), res
