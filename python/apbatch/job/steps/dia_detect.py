@@ -187,8 +187,9 @@ def self_term_slope(image: np.ndarray, variance: np.ndarray, zero: np.ndarray,
     On random clean pixels, ``variance`` less the mean of its 8 neighbours (which removes
     stars, gradients and every smooth structure, and is independent of the pixel's own
     noise) is regressed on ``image`` (pixels beyond 4 sigma left out). A Poisson variance
-    made from the science pixels gives the science's share of the difference's noise (~0.9
-    with a template 9 visits deep), a variance plane that does not follow the pixels 0.
+    made from the science pixels gives about the science's share of the difference's noise
+    (1.00 on the issue-10 grid's CCDs, whose variance the subtraction also rescaled by its
+    noise ratio), a variance plane that does not follow the pixels 0.
 
     Returns
     -------
