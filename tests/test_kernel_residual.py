@@ -8,6 +8,7 @@ from apbatch.job.steps.kernel_residual import (
     box_fluxes,
     residual_profile,
 )
+from apbatch.job.steps.psf import gaussian_psf
 
 
 def _stamps(n=60, half=15, frac=0.0, seed=0):
@@ -76,12 +77,6 @@ def test_box_fluxes_cut_by_the_border():
                                [49.0, 16.0, 0.0])
 
 
-def _gauss(sigma=2.0, half=10):
-    yy, xx = np.mgrid[-half : half + 1, -half : half + 1].astype(float)
-    g = np.exp(-(xx**2 + yy**2) / (2 * sigma**2))
-    return g / g.sum()
-
-
 def _difference(residual=None, transient=None, variable=0.0, seed=3, shape=(120, 120), star=(60, 60)):
     """Noise (variance 100) around a star at ``star`` with an optional residual pattern, a
     transient (dx, dy, flux) beside it and a change of the star's flux ``variable``."""
@@ -103,7 +98,7 @@ def _difference(residual=None, transient=None, variable=0.0, seed=3, shape=(120,
 
 def _measured(diff, var):
     n = add_measured_variance(diff, var, np.zeros(diff.shape, bool), np.array([60.0]), np.array([60.0]),
-                              lambda x, y: _gauss(), 15, coherence=np.pi * 4.0)
+                              gaussian_psf(2.0, 21), 15, coherence=np.pi * 4.0)
     return n, var
 
 
@@ -131,5 +126,5 @@ def test_stars_at_the_border_or_mostly_masked_are_skipped():
     bad = np.zeros(diff.shape, bool)
     bad[40:80, 40:80] = True
     assert add_measured_variance(diff, var, bad, np.array([60.0, 5.0]), np.array([60.0, 60.0]),
-                                 lambda x, y: _gauss(), 15, coherence=10.0) == 0
+                                 gaussian_psf(2.0, 21), 15, coherence=10.0) == 0
     assert (var == 100.0).all()

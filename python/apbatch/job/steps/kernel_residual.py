@@ -20,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import isotonic_regression
 
+from .psf import PsfModel
+
 __all__ = ["add_measured_variance", "add_star_variance", "box_fluxes", "residual_profile"]
 
 
@@ -115,7 +117,7 @@ def add_star_variance(var: np.ndarray, x: np.ndarray, y: np.ndarray, flux: np.nd
 
 
 def add_measured_variance(diff: np.ndarray, var: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray,
-                          psf_at, half: int, coherence: float, detect_sigma: float = 4.0,
+                          psf: PsfModel, half: int, coherence: float, detect_sigma: float = 4.0,
                           min_sigma: float = 2.0, max_share: float = 0.7) -> int:
     """Add each bright star's own measured residual, beyond a change of its flux, to ``var``, in place.
 
@@ -141,8 +143,8 @@ def add_measured_variance(diff: np.ndarray, var: np.ndarray, bad: np.ndarray, x:
         Boolean, pixels left out of the fit and the rings (masked, no data).
     x, y : `numpy.ndarray`
         Stars' positions (px).
-    psf_at : callable
-        ``psf_at(x, y)`` -> the PSF image (sums to 1, centred) at a position.
+    psf : `PsfModel`
+        The science PSF (its model at each star's position, cut or padded to the rings' box).
     half : `int`
         Radius (px) of the rings.
     coherence : `float`
@@ -171,7 +173,7 @@ def add_measured_variance(diff: np.ndarray, var: np.ndarray, bad: np.ndarray, x:
         d, v, ok = diff[box].astype(float), var[box].astype(float), ~bad[box]
         if ok.sum() < 0.8 * ok.size:
             continue
-        p = _centred(psf_at(xc, yc), half)
+        p = psf.stamp(size=2 * half + 1, x=xc, y=yc)
         pw = p[ok]
         r = d - float((pw * d[ok]).sum() / max(float((pw * pw).sum()), 1e-30)) * p
         cells = (ring * 8 + sector)[ok]
@@ -194,15 +196,6 @@ def add_measured_variance(diff: np.ndarray, var: np.ndarray, bad: np.ndarray, x:
         var[box] += add.astype(np.float32)
         n += 1
     return n
-
-
-def _centred(img: np.ndarray, half: int) -> np.ndarray:
-    """``img`` (odd square, centred) cut or zero-padded to ``2 half + 1`` pixels a side."""
-    h = img.shape[0] // 2
-    out = np.zeros((2 * half + 1, 2 * half + 1))
-    k = min(h, half)
-    out[half - k : half + k + 1, half - k : half + k + 1] = img[h - k : h + k + 1, h - k : h + k + 1]
-    return out
 
 
 def box_fluxes(img: np.ndarray, x: np.ndarray, y: np.ndarray, half: int) -> np.ndarray:

@@ -354,7 +354,7 @@ def subtract_images(
     if cfg.measured_residual and len(bright):
         model = sci_sigma if isinstance(sci_sigma, PsfModel) else gaussian_psf(float(sci_sigma), 2 * h + 1)
         n_mis = add_measured_variance(diff, var, (mask & STAMP_BAD) != 0, bright["x"].to_numpy(),
-                                      bright["y"].to_numpy(), model.image_at, h, np.pi * model.sigma**2)
+                                      bright["y"].to_numpy(), model, h, np.pi * model.sigma**2)
     # empirical noise rescaling on clean pixels (a random subsample, for speed)
     rng = np.random.default_rng(12345)
     idx = rng.integers(0, diff.size, size=min(diff.size, 400_000))
