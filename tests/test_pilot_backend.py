@@ -134,6 +134,28 @@ def test_cancelled_item_is_never_claimed(tmp_path):
     assert backend.status([a])[a].state is JobState.CANCELLED
 
 
+def test_apbatch_status_looks_without_starting_pilots(tmp_path):
+    from apbatch.ledger import Ledger
+    from apbatch.script.status import collect_status
+
+    cfg = config(tmp_path)
+    backend = PilotBackend(cfg)
+    works = works_of(1)
+    ledger = Ledger.from_config(cfg)
+    ledger.claim(works)
+    backend._ensure_runner = lambda: None  # type: ignore[method-assign]
+    jobs = backend.submit(works)
+    ledger.record_submitted(jobs, backend.kind)
+    ledger.close()
+    job_id = jobs[0].job_id
+    started = []
+    backend._ensure_runner = lambda: started.append(1)  # type: ignore[method-assign]
+    report = collect_status(cfg, backend=backend, live=True)
+    assert report["live"] and not started  # queued work, no pilot, and the viewer started none
+    # the daemon's poll does start one
+    assert backend.status([job_id])[job_id].state is JobState.PENDING and started == [1]
+
+
 def test_pilot_records_report_a_vanished_pilot_as_lost(tmp_path):
     import socket
 

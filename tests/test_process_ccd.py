@@ -108,10 +108,14 @@ def test_missing_apdb_is_bad_input_before_waiting(site, capsys):
     assert time.monotonic() - t0 < 30  # did not wait for the raw
 
 
-def test_raw_timeout_exits_3_and_writes_nothing(site, capsys):
+def test_raw_timeout_exits_3_and_writes_nothing(site, capsys, monkeypatch):
     from apbatch.config import load_config
+    from apbatch.distributor.client import LocalDistributorClient
     from apbatch.script import apdb as apdb_script
     from lsst.daf.butler import Butler
+
+    closed = []
+    monkeypatch.setattr(LocalDistributorClient, "close", lambda self: closed.append(self), raising=False)
 
     repo = _repo(site)
     apdb_script.create(load_config())
@@ -126,6 +130,7 @@ def test_raw_timeout_exits_3_and_writes_nothing(site, capsys):
     assert butler.query_datasets("preliminary_visit_image", collections="*", find_first=False,
                                  explain=False) == []
     assert not (site / "work" / "alerts").exists()
+    assert len(closed) == 1  # the job closes the distributor client it opened
 
 
 # ------------------------------------------------------------------ the job process: one boundary

@@ -330,6 +330,11 @@ class Backend(abc.ABC):
         return {j: found.get(j) or JobStatus(j, JobState.UNKNOWN, None, "not in the queue nor in history")
                 for j in wanted}
 
+    def observe(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
+        """The states `status` gives, for a viewer (``apbatch status``): a backend whose `status`
+        also repairs (the pilot backend starts a pilot for queued work) does not repair here."""
+        return self.status(job_ids)
+
     def _query_queue(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
         """States of those jobs the scheduler still lists (batch of at most ``batch_size``)."""
         return {}

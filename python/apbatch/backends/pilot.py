@@ -63,7 +63,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -74,8 +74,9 @@ from ..work import CcdWork
 from .base import EXPORTED, Backend, JobState, JobStatus, SubmittedJob, check_visit, render_shell_script
 from .local import LocalBackend, _kill_if_running, _locked, _proc_start_ticks, _write_atomic
 from .pilot_launch import BatchLauncher, make_launcher
+from .pilot_registry import _how, pilot_id, pilot_records, register_pilot
 
-__all__ = ["PilotBackend", "claim_next", "pilot_records"]
+__all__ = ["PilotBackend", "claim_next", "pilot_records", "register_pilot"]
 
 _log = logging.getLogger(__name__)
 
@@ -180,6 +181,10 @@ class PilotBackend(LocalBackend):
             except SchedulerError as exc:  # the states stand; the next status tries again
                 _log.warning("cannot start a pilot for the queued CCDs (will retry): %s", exc)
         return out
+
+    def observe(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
+        """`status` without starting a pilot (``apbatch status`` only looks)."""
+        return super().status(job_ids)
 
     def _query_queue(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
         self._reap()
@@ -293,62 +298,6 @@ class PilotBackend(LocalBackend):
         ended); a batch pilot also ``batch`` (slurm, htcondor) and ``batch_id`` (its job id)."""
         self._reap()
         return sorted(self._pilot_records(), key=lambda r: -float(r.get("started") or 0))[:limit]
-
-
-def pilot_id(pid: int, host: str | None = None) -> str:
-    """``<host>-<pid>``: names a local pilot's record file (a batch pilot's is ``<kind>-<batch id>``)."""
-    return f"{host or socket.gethostname()}-{pid}"
-
-
-def register_pilot(state_dir: Path, record: dict[str, Any]) -> Path:
-    """Write a pilot's record (atomically) to ``pilots/<pilot id>.json``; returns its path.
-
-    The id is ``record["pilot"]`` if given (a batch pilot's), else `pilot_id` of its pid and host.
-    """
-    name = record.get("pilot") or pilot_id(record["pid"], record.get("host"))
-    path = state_dir / "pilots" / f"{name}.json"
-    _write_atomic(path, json.dumps({**record, "pilot": path.stem}))
-    return path
-
-
-def pilot_records(state_dir: Path, batch_states: Callable[[list[str]], dict[str, JobStatus]] | None = None
-                  ) -> list[dict[str, Any]]:
-    """The pilots' records; one whose process is gone without saying so is ``lost``.
-
-    A local pilot on this host lives while its pid has its start ticks; a batch pilot (record
-    with ``batch_id``) while ``batch_states`` says its job is queued, running or held (without
-    ``batch_states`` its record is taken as written).
-    """
-    out: list[dict[str, Any]] = []
-    folder = state_dir / "pilots"
-    if not folder.is_dir():
-        return out
-    for path in folder.glob("*.json"):
-        try:
-            rec = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        here = not rec.get("batch_id") and rec.get("host") == socket.gethostname()
-        if rec.get("state") not in ("ended", "lost") and here \
-                and _proc_start_ticks(int(rec["pid"])) != rec.get("ticks"):
-            rec = {**rec, "state": "lost", "reason": "process gone without ending (killed?)"}
-        out.append(rec)
-    batch = [r for r in out if r.get("batch_id") and r.get("state") not in ("ended", "lost")]
-    if batch and batch_states is not None:
-        states = batch_states([str(r["batch_id"]) for r in batch])
-        for rec in batch:
-            st = states.get(str(rec["batch_id"]))
-            if st is None or st.state.finished or st.state is JobState.UNKNOWN:
-                how = _how(st)
-                rec.update(state="lost", reason=f"{rec['batch']} job {rec['batch_id']} {how} without ending")
-    return out
-
-
-def _how(status: JobStatus | None) -> str:
-    """A batch job's end for a reason line: ``CANCELLED``, ``TIMEOUT: ...``, ``gone``."""
-    if status is None:
-        return "gone"
-    return status.state.name + (f": {status.reason}" if status.reason else "")
 
 
 def _claim_of(job_dir: Path) -> dict[str, Any] | None:

@@ -148,7 +148,7 @@ def _apply_live(config: ApbatchConfig, rows: list[Submission], backend: Backend 
         backend = make_backend(config)
     kind = backend.kind or type(backend).__name__
     ids = [r.job_id for r in rows if r.state.unfinished and r.job_id and r.backend == kind]
-    statuses = backend.status(ids) if ids else {}
+    statuses = backend.observe(ids) if ids else {}  # a viewer: nothing started or retried
     out = []
     for r in rows:
         st = statuses.get(r.job_id or "") if r.backend == kind and r.state.unfinished else None
