@@ -11,16 +11,21 @@ measurement is run and scored against the truth. One row per condition: complete
 S/N over the difference's valid region (>= 10, 5-10, and >= 10 within 25 px of the border),
 pooled over the seeds (found / injected; S/N 5-10 with its 95% Wilson interval: one CCD has
 ~100 transients there, so one seed alone is uncertain by +-8%), false detections (all / without
-bad, saturated, cr, edge or suspect flags: mean and max per CCD over seeds) beside the noise
-floor (``noise``: mean unflagged detections of white noise drawn from the difference's variance
-through the same DIA detection, what a perfect subtraction would give), median flux and S/N
+bad, saturated, cr, edge or suspect flags: mean and max per CCD over seeds; of the unflagged,
+``near`` an object of the scene, where they may be its residual, and ``isol``-ated, noise peaks:
+``scene_score.near_objects``) beside the noise floor (``noise``: mean unflagged detections of
+white noise drawn from the difference's variance through the same DIA detection, what a
+perfect subtraction would give), median flux and S/N
 ratios (measured / true: ``snr`` against the background-limited optimum, ``snr*`` against the
-optimum counting the transient's own shot noise, the S/N a perfect measurement reaches), CPU
-seconds of the chain (median), and whether the targets are met (on the pooled completeness and
-the mean false detections per CCD: noise peaks are Poisson, so the max over seeds grows with the
-number of seeds). A condition whose chain raises prints ``exit <code>: <message>``
-(the job's exit code for apbatch errors) in its row, and the bench goes on. ``--workers 2`` runs
-two (condition, seed) pairs at a time (~15 s each; ~2 GB of memory each).
+optimum counting the transient's own shot noise, the S/N a perfect measurement reaches),
+``alrt10``: completeness at S/N >= 10 counting only transients found by a DIA source the alert
+policy keeps (not in a saturated star's halo: what brokers receive), ``halo%``: median share of
+the valid pixels in saturated stars' halos, CPU seconds of the chain (median), and whether the
+targets are met (on the pooled completeness and the mean false detections per CCD: noise peaks
+are Poisson, so the max over seeds grows with the number of seeds). A condition whose chain
+raises prints ``exit <code>: <message>`` (the job's exit code for apbatch errors) in its row,
+and the bench goes on. ``--workers 2`` runs two (condition, seed) pairs at a time (~15 s each;
+~2 GB of memory each).
 
 ``--timing`` instead prints the per-step CPU and wall time, peak memory and truth scores of
 ``--runs`` default scenes (scene generation is not timed; medians over runs, the machine is
@@ -93,7 +98,7 @@ def run_condition(name: str, seed: int) -> dict:
         return {"condition": name, "seed": seed, "error": f"{head}: {msg}"}
     row = score(scene, result)
     row.update(condition=name, seed=seed, cpu=sum(v[0][0] for v in times.values()))
-    row.update(noise_floor(result, seed))
+    row.update(noise_floor(result, seed, scene.truth))
     return row
 
 
@@ -142,8 +147,9 @@ def _targets(c10, c5, fu_mean, flux, snr_shot) -> str:
 
 HEADER = (
     f"{'condition':22s} {'c>=10%':>7s} {'c5-10% (95%)':>18s} {'edge10%':>8s} {'n_edge':>6s} {'false':>6s} "
-    f"{'f_max':>5s} {'unflag':>6s} {'u_max':>5s} {'noise':>5s} {'+/-':>7s} {'flux':>6s} {'snr':>6s} "
-    f"{'snr*':>6s} {'valid':>6s} {'cpu s':>6s}  targets met"
+    f"{'f_max':>5s} {'unflag':>6s} {'u_max':>5s} {'near':>5s} {'isol':>5s} {'noise':>5s} {'+/-':>7s} "
+    f"{'flux':>6s} {'snr':>6s} "
+    f"{'snr*':>6s} {'alrt10':>6s} {'halo%':>5s} {'valid':>6s} {'cpu s':>6s}  targets met"
 )
 
 
@@ -162,17 +168,21 @@ def table_row(name: str, rows: list[dict]) -> str:
         return (k / n if n else float("nan")), k, n
 
     c10, c5, e10 = frac("valid_10_inf")[0], frac("valid_5_10"), frac("edge_10_inf")
+    a10 = frac("alertable_10_inf")[0] if all("n_alertable_10_inf" in r for r in ok) else float("nan")
     lo, hi = wilson(c5[1], c5[2])
     fa = [r["false"] for r in ok]
     fu = [r["false_unflagged"] for r in ok]
     noise = np.mean([r["noise_unflagged"] for r in ok]) if all("noise_unflagged" in r for r in ok) else np.nan
+    iso = np.mean([r.get("false_isolated", np.nan) for r in ok])
     pos, neg = sum(r["false_pos"] for r in ok), sum(r["false_neg"] for r in ok)
     flux, snr, snr_shot = med("flux_ratio"), med("snr_ratio"), med("snr_ratio_shot")
     c5_text = f"{_fmt(c5[0], True)} ({_fmt(lo, True)}-{_fmt(hi, True)})"
     line = (
         f"{name:22s} {_fmt(c10, True):>7s} {c5_text:>18s} {_fmt(e10[0], True):>8s} {e10[2]:6d} "
-        f"{np.mean(fa):6.2f} {max(fa):5d} {np.mean(fu):6.2f} {max(fu):5d} {noise:5.2f} {f'{pos}/{neg}':>7s} "
-        f"{_fmt(flux):>6s} {_fmt(snr):>6s} {_fmt(snr_shot):>6s} {_fmt(med('valid_fraction')):>6s} "
+        f"{np.mean(fa):6.2f} {max(fa):5d} {np.mean(fu):6.2f} {max(fu):5d} {np.mean(fu) - iso:5.2f} "
+        f"{iso:5.2f} {noise:5.2f} {f'{pos}/{neg}':>7s} "
+        f"{_fmt(flux):>6s} {_fmt(snr):>6s} {_fmt(snr_shot):>6s} {_fmt(a10, True):>6s} "
+        f"{100 * med('halo_fraction'):5.2f} {_fmt(med('valid_fraction')):>6s} "
         f"{med('cpu'):6.1f}  {_targets(c10, c5[0], float(np.mean(fu)), flux, snr_shot)}"
     )
     errors = [r["error"] for r in rows if "error" in r]

@@ -15,12 +15,14 @@ from scene_render import render_psf, stamp_half
 __all__ = [
     "EDGE_DISTANCE",
     "NJY_PER_E",
+    "near_objects",
     "noise_floor",
     "psf_power",
     "run_chain",
     "score",
     "shot_noise_snr",
     "unflagged",
+    "white_noise",
 ]
 
 NJY_PER_E = 0.5  # the scene's raw header calibration (tests/steps_scene.py to_raw)
@@ -67,37 +69,80 @@ def unflagged(table) -> np.ndarray:
     return ~flagged
 
 
-def noise_floor(result: dict, seed: int = 0) -> dict:
+STAR_RADII = ((3e3, 2.0), (3e4, 6.0), (3e5, 15.0), (3e6, 40.0))
+"""Stars at least this bright (e-) reach this many FWHM in :func:`near_objects`."""
+
+
+def near_objects(truth: dict, x, y, fwhm: float) -> np.ndarray:
+    """Which positions lie near something the scene put there (boolean per position).
+
+    Within 3 FWHM of a transient, 4 FWHM of a galaxy, or of a star a radius growing with its
+    flux (:data:`STAR_RADII`: 2 FWHM from 3e3 e- to 40 FWHM from 3e6 e-). A false detection
+    elsewhere is a noise peak; near an object it may be the object's residual.
+    """
+    from scipy.spatial import cKDTree
+
+    xy = np.column_stack([np.asarray(x, float), np.asarray(y, float)])
+    near = np.zeros(len(xy), bool)
+    if not len(xy):
+        return near
+    def get(key):
+        return np.asarray(truth.get(key, ()), float)
+
+    groups = [(get("x"), get("y"), 3.0), (get("galaxy_x"), get("galaxy_y"), 4.0)]
+    flux = get("star_flux")
+    bounds = [f for f, _ in STAR_RADII] + [np.inf]
+    for (lo, k), hi in zip(STAR_RADII, bounds[1:], strict=True):
+        sel = (flux >= lo) & (flux < hi)
+        groups.append((get("star_x")[sel], get("star_y")[sel], k))
+    for gx, gy, k in groups:
+        if len(gx):
+            d, _ = cKDTree(np.column_stack([gx, gy])).query(xy)
+            near |= d <= k * fwhm
+    return near
+
+
+def white_noise(diff: Image, seed: int = 0) -> Image:
+    """A perfect subtraction of ``diff``: Gaussian noise drawn from its variance plane.
+
+    The variance plane then gets each pixel's own noise added, as ISR's Poisson variance holds
+    it (and as :func:`apbatch.job.steps.dia_detect.filtered_snr`'s ``self_term`` expects); the
+    mask keeps the data-quality bits (bad, saturated, interpolated, cosmic-ray, edge and
+    no-data; not the bits DIA detection sets).
+    """
+    rng = np.random.default_rng(1_000_003 + seed)
+    quality = MaskBits.BAD | MaskBits.SAT | MaskBits.INTRP | MaskBits.CR | MaskBits.EDGE | MaskBits.NO_DATA
+    sd = np.sqrt(np.maximum(diff.variance, 0.0, dtype=np.float32))
+    pixels = rng.standard_normal(diff.shape, dtype=np.float32) * sd
+    var = np.add(diff.variance, pixels, dtype=np.float32)
+    return Image(pixels, var, (diff.mask & int(quality)).astype(diff.mask.dtype), diff.wcs)
+
+
+def noise_floor(result: dict, seed: int = 0, truth: dict | None = None) -> dict:
     """False detections of a perfect subtraction: white noise through the same DIA detection.
 
-    Gaussian noise drawn from the difference's variance plane (which then gets each pixel's
-    own noise added, as ISR's Poisson variance holds it), with its data-quality mask
-    (bad, saturated, interpolated, cosmic-ray, edge and no-data bits; not the bits DIA
-    detection sets), measured by ``measure_dia_sources`` with the run's PSF and science image
-    (so the same saturated-star halos are flagged). What is detected is noise alone: the
-    floor under ``false_unflagged`` at the same threshold.
+    :func:`white_noise` of the run's difference, measured by ``measure_dia_sources`` with the
+    run's PSF and science image (so the same saturated-star halos are flagged). What is
+    detected is noise alone: the floor under ``false_unflagged`` at the same threshold.
 
     Returns
     -------
     scores : `dict`
         ``noise_unflagged`` (detections without bad/saturated/cr/edge/suspect flags),
-        ``noise_pos`` and ``noise_neg`` (unflagged positive and negative ones).
+        ``noise_pos`` and ``noise_neg`` (unflagged positive and negative ones); with the
+        scene's ``truth``, ``noise_isolated``: those not :func:`near_objects` (the floor under
+        ``false_isolated``).
     """
     from apbatch.job.steps import measure_dia_sources
 
-    diff = result["diff"]
-    rng = np.random.default_rng(1_000_003 + seed)
-    quality = MaskBits.BAD | MaskBits.SAT | MaskBits.INTRP | MaskBits.CR | MaskBits.EDGE | MaskBits.NO_DATA
-    sd = np.sqrt(np.maximum(diff.variance, 0.0, dtype=np.float32))
-    pixels = rng.standard_normal(diff.shape, dtype=np.float32) * sd
-    # the variance plane holds each pixel's own noise, as ISR's (Poisson) does and as the
-    # detection expects (dia_detect.filtered_snr's self_term)
-    var = np.add(diff.variance, pixels, dtype=np.float32)
-    noise = Image(pixels, var, (diff.mask & int(quality)).astype(diff.mask.dtype), diff.wcs)
-    dia = measure_dia_sources(noise, result["psf"], result["calexp"])
+    dia = measure_dia_sources(white_noise(result["diff"], seed), result["psf"], result["calexp"])
     clean = dia[unflagged(dia)] if len(dia) else dia
     neg = int((clean["psfFlux"] < 0).sum()) if len(clean) else 0
-    return {"noise_unflagged": int(len(clean)), "noise_pos": int(len(clean)) - neg, "noise_neg": neg}
+    out = {"noise_unflagged": int(len(clean)), "noise_pos": int(len(clean)) - neg, "noise_neg": neg}
+    if truth is not None:
+        near = near_objects(truth, clean["x"], clean["y"], float(result["psf"].fwhm)) if len(clean) else []
+        out["noise_isolated"] = int(len(clean) - np.sum(near))
+    return out
 
 
 def _median(values: np.ndarray) -> float:
@@ -194,10 +239,15 @@ def score(scene, result: dict, match_radius: float | None = None) -> dict:
         - ``completeness_valid_*``: by true S/N, over transients whose pixel in the
           difference has neither ``EDGE`` nor ``NO_DATA``; ``completeness_edge_*``: the same,
           for those within :data:`EDGE_DISTANCE` px of the CCD border;
-          ``valid_fraction``: fraction of CCD pixels valid in the difference;
+          ``completeness_alertable_*``: the same as ``valid``, counting only transients found
+          by a DIA source the alert policy keeps (no saturated or suspect flag, e.g. not in a
+          saturated star's halo); ``valid_fraction``: fraction of CCD pixels valid in the
+          difference; ``halo_fraction``: fraction of the valid ones in saturated stars' halos;
         - ``false``: DIA sources farther than ``match_radius + 0.5`` px from every transient;
           ``false_clean``: those without bad/saturated/cr/edge flags and with reliability >= 0.5;
           ``false_unflagged``: those without bad/saturated/cr/edge/suspect flags;
+          ``false_isolated``: of those, the ones not :func:`near_objects` (noise peaks);
+          ``false_list``: ``[x, y, snr, reliability, near]`` of each unflagged one;
           ``false_pos``/``false_neg`` (and ``pos_neg``, the pair): positive and negative ones;
         - ``flux_ratio``: median DIA ``psfFlux`` / true flux (nJy) of found transients with
           true S/N >= 20; ``snr_ratio``: median ``|snr|`` / true S/N of found transients with
@@ -236,17 +286,33 @@ def score(scene, result: dict, match_radius: float | None = None) -> dict:
     border = np.minimum.reduce([tr["x"], tr["y"], nx - 1 - tr["x"], ny - 1 - tr["y"]])
     _completeness(out, "valid", found, tr["snr"], valid)
     _completeness(out, "edge", found, tr["snr"], valid & (border <= EDGE_DISTANCE))
+    # found by a DIA source the alert policy keeps (no saturated/suspect flag): what brokers see
+    if len(dia):
+        from apbatch.job.alert_policy import REJECT_FLAGS
+
+        kept = ~dia[[f for f in REJECT_FLAGS if f in dia]].any(axis=1).to_numpy(bool)
+        _completeness(out, "alertable", found & kept[idx], tr["snr"], valid)
+    else:
+        _completeness(out, "alertable", found, tr["snr"], valid)
     out["valid_fraction"] = float(valid_map.mean())
+    out["halo_fraction"] = float(((diff.mask & int(MaskBits.SUSPECT)) != 0)[valid_map].mean())
     false = dia[d2 > match_radius + 0.5] if len(dia) else dia
     out["false"] = int(len(false))
     if len(false):
         flagged = false[_FLAGS].any(axis=1)
         out["false_clean"] = int(((~flagged) & (false["reliability"] >= 0.5)).sum())
         out["false_unflagged"] = int(unflagged(false).sum())
+        clean = false[unflagged(false)]
+        near = near_objects(tr, clean["x"], clean["y"], float(result["psf"].fwhm))
+        out["false_isolated"] = int((~near).sum())
+        cols = zip(clean["x"], clean["y"], clean["snr"], clean["reliability"], near, strict=True)
+        out["false_list"] = [[round(float(x), 1), round(float(y), 1), round(float(snr), 2),
+                              round(float(rel), 2), bool(n)] for x, y, snr, rel, n in cols]
         neg = false["psfFlux"] < 0
         out["false_pos"], out["false_neg"] = int((~neg).sum()), int(neg.sum())
     else:
         out["false_clean"] = out["false_unflagged"] = out["false_pos"] = out["false_neg"] = 0
+        out["false_isolated"], out["false_list"] = 0, []
     out["pos_neg"] = (out["false_pos"], out["false_neg"])
     real = dia[d2 <= match_radius + 0.5] if len(dia) else dia
     out["true_reliability_ge_0.5"] = float((real["reliability"] >= 0.5).mean()) if len(real) else float("nan")

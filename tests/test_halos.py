@@ -73,6 +73,22 @@ def test_halo_grows_with_flux_and_seeing():
     assert radii[5e7, 10.0] > radii[5e7, 3.5]
 
 
+def test_halo_radius_uses_the_sky_noise_not_the_stars_own_poisson_noise():
+    # ISR's variance plane holds each pixel's Poisson noise: next to a bright star it is the
+    # star's, which grows with its flux; the halo ends where the sky's noise is, so a Poisson
+    # variance plane must give the radius a constant one gives, and it must still grow with flux
+    radii = {}
+    for flux in (1e7, 6e7):
+        img, mask, var = _saturated_science(flux, 4.9)
+        poisson = var + np.maximum(img, 0.0)
+        _, flat = saturated_star_halos(mask, moffat_psf(4.9, 3.0), var, science=img)
+        _, pois = saturated_star_halos(mask, moffat_psf(4.9, 3.0), poisson, science=img)
+        assert pois[0].noise == pytest.approx(30.0, rel=0.03)
+        assert pois[0].radius == pytest.approx(flat[0].radius, rel=0.03)
+        radii[flux] = pois[0].radius
+    assert radii[6e7] > 1.25 * radii[1e7]
+
+
 def test_without_a_science_image_the_fixed_rule_applies():
     mask = np.zeros((200, 200), np.int32)
     mask[95:106, 95:106] = MaskBits.SAT

@@ -65,8 +65,11 @@ def test_what_each_condition_exercises(scored):
 def test_false_detections_against_the_noise_floor(scored):
     """The subtraction adds few false detections to those white noise alone gives at 5 sigma."""
     name, _, result, s = scored
-    floor = noise_floor(result, seed=1)
+    floor = noise_floor(result, seed=1, truth=scored[1].truth)
     assert floor["noise_unflagged"] == floor["noise_pos"] + floor["noise_neg"]
+    assert 0 <= floor["noise_isolated"] <= floor["noise_unflagged"]
+    # near an object (its residual, or noise there): at most 2 per CCD on these seeds
+    assert s["false_unflagged"] - s["false_isolated"] <= 2, (name, s["false_list"])
     # ~1-3 peaks per 4k x 4k CCD at 5 sigma, by the grid's bench; never dozens
     assert floor["noise_unflagged"] <= 8, (name, floor)
     assert s["false_unflagged"] <= floor["noise_unflagged"] + 3, (name, s, floor)

@@ -294,7 +294,9 @@ def test_score_counts_on_a_constructed_result():
     x[:3] = [2.0, 10.0, 15.0]  # near the border
     snr = np.r_[np.full(20, 25.0), np.full(20, 7.0)]
     flux = snr * 100.0
-    truth = {"x": x, "y": y, "snr": snr, "flux": flux}
+    # a 5e3 e- star 2.8 px from the second false detection: that one is near an object
+    truth = {"x": x, "y": y, "snr": snr, "flux": flux,
+             "star_x": [312.0], "star_y": [312.0], "star_flux": [5e3]}
     mask = np.zeros((200, 200), np.int32)
     mask[:, :8] = MaskBits.EDGE  # the first transient (x = 2) is outside the valid region
     diff = Image(np.zeros((200, 200), np.float32), np.ones((200, 200), np.float32), mask)
@@ -334,6 +336,8 @@ def test_score_counts_on_a_constructed_result():
     assert s["completeness_valid_5_10"] == pytest.approx(0.5)
     assert s["n_edge_10_inf"] == 2  # x = 10 and 15 (x = 2 is invalid)
     assert s["false"] == 3 and s["false_unflagged"] == 2 and s["false_clean"] == 2
+    assert s["false_isolated"] == 1 and [row[4] for row in s["false_list"]] == [False, True]
+    assert s["completeness_alertable_10_inf"] == 1.0 and s["halo_fraction"] == 0.0
     assert s["pos_neg"] == (2, 1)
     assert s["flux_ratio"] == pytest.approx(1.02)
     assert s["snr_ratio"] == pytest.approx(0.9)

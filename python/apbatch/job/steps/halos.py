@@ -18,9 +18,12 @@ template's, which :func:`~apbatch.job.steps.subtract.subtract_images` carries ov
    matched-filter S/N of ``max_snr`` (default 1): the filter (a Gaussian of the PSF's
    ``sigma``) turns a level ``L`` into ``S = sqrt(4 pi) sigma L / noise``, so the edge is at
    ``L = max_snr * noise / (sqrt(4 pi) sigma)``, 0.17 of the noise per pixel in 0.7" seeing and
-   0.07 in 2". The whole wing is assumed to be left over: a kernel of limited size cannot
-   broaden a sharp template's wings to a bad-seeing science PSF's, and in 2" seeing that
-   residual made 5-sigma detections 45 px from a 2e7 e- star;
+   0.07 in 2", with ``noise`` the sky's around the star (the median variance over a box 4 times
+   the fit's reach: next to the star the variance plane holds the star's own Poisson noise,
+   which grows with its flux and made every halo ~21 px from 4e6 to 3e7 e-). The whole wing is
+   assumed to be left over: a kernel of limited size cannot broaden a sharp template's wings to
+   a bad-seeing science PSF's, and in 2" seeing that residual made 5-sigma detections 45 px
+   from a 2e7 e- star;
 3. the halo is that disc plus the saturated region widened by ``trail_fwhm`` FWHM (bleed
    trails spill charge beside them, and their residual is as wide as the PSF).
 
@@ -64,7 +67,7 @@ class MoffatTail:
 @dataclasses.dataclass(frozen=True)
 class SaturatedStar:
     """One saturated region: centre (px), core radius, fitted amplitude (e-/px at the centre of the
-    profile; NaN if not fitted), local noise per pixel and the halo radius masked."""
+    profile; NaN if not fitted), the sky's noise per pixel around it and the halo radius masked."""
 
     x: float
     y: float
@@ -187,9 +190,15 @@ def saturated_star_halos(
         y0, y1 = max(int(cy) - reach, 0), min(int(cy) + reach + 1, ny)
         x0, x1 = max(int(cx) - reach, 0), min(int(cx) + reach + 1, nx)
         box = (slice(y0, y1), slice(x0, x1))
-        # the difference's noise about the star (NO_DATA included: a saturated template star's
-        # grown mask, where the variance is still computed)
-        var = variance[box][(mask[box] & int(MaskBits.SAT | MaskBits.BAD)) == 0]
+        # the difference's noise where the halo ends: the sky's, in a box 4 times the fit's
+        # reach (the star's wing holds a few per cent of it). Not the noise next to the star,
+        # which is the star's own Poisson noise and grows with its flux: with it, every halo
+        # had the same ~21 px radius from 4e6 to 3e7 e- (NO_DATA is included: a saturated
+        # template star's grown mask, where the variance is still computed)
+        wide = max(4 * reach, 64)
+        wbox = (slice(max(int(cy) - wide, 0), min(int(cy) + wide + 1, ny)),
+                slice(max(int(cx) - wide, 0), min(int(cx) + wide + 1, nx)))
+        var = variance[wbox][(mask[wbox] & int(MaskBits.SAT | MaskBits.BAD)) == 0]
         noise = float(np.sqrt(np.median(var))) if var.size else typical
         amp = float("nan")
         if science is not None and np.isfinite(noise) and noise > 0:
