@@ -128,3 +128,14 @@ def test_stars_at_the_border_or_mostly_masked_are_skipped():
     assert add_measured_variance(diff, var, bad, np.array([60.0, 5.0]), np.array([60.0, 60.0]),
                                  gaussian_psf(2.0, 21), 15, coherence=10.0) == 0
     assert (var == 100.0).all()
+
+
+def test_a_star_with_a_masked_core_is_measured_on_its_other_rings(recwarn):
+    # a saturated or bad core leaves its inner rings without a usable pixel: no 0/0 there
+    diff, var = _difference("quadrupole")
+    bad = np.zeros(diff.shape, bool)
+    bad[59:62, 59:62] = True
+    n = add_measured_variance(diff, var, bad, np.array([60.0]), np.array([60.0]),
+                              gaussian_psf(2.0, 31), 15, coherence=10.0)
+    assert n == 1 and var[60, 63] > 1000.0
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]

@@ -184,7 +184,8 @@ def add_measured_variance(diff: np.ndarray, var: np.ndarray, bad: np.ndarray, x:
         exc = ex.sum(axis=1) / cnt
         pos = np.maximum(ex, 0.0)
         share = (pos + np.roll(pos, -1, axis=1)).max(axis=1) / np.maximum(pos.sum(axis=1), 1e-30)
-        z = exc / (vm * np.sqrt(2.0 / cnt))
+        noise = vm * np.sqrt(2.0 / cnt)  # a ring with no usable pixel (all masked) has none: z 0
+        z = np.divide(exc, noise, out=np.zeros_like(exc), where=noise > 0)
         spread = share < max_share
         # a mismatch must show in one ring beyond doubt; its weaker rings are then taken too
         if not (spread & (z > detect_sigma)).any():
