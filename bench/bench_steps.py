@@ -148,8 +148,8 @@ def _targets(c10, c5, fu_mean, flux, snr_shot) -> str:
 HEADER = (
     f"{'condition':22s} {'c>=10%':>7s} {'c5-10% (95%)':>18s} {'edge10%':>8s} {'n_edge':>6s} {'false':>6s} "
     f"{'f_max':>5s} {'unflag':>6s} {'u_max':>5s} {'near':>5s} {'isol':>5s} {'noise':>5s} {'+/-':>7s} "
-    f"{'flux':>6s} {'snr':>6s} "
-    f"{'snr*':>6s} {'alrt10':>6s} {'halo%':>5s} {'valid':>6s} {'cpu s':>6s}  targets met"
+    f"{'flux':>6s} {'snr':>6s} {'snr*':>6s} {'alrt10':>6s} {'halo%':>5s} {'valid':>6s} {'cpu s':>6s}  "
+    "targets met"
 )
 
 

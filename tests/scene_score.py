@@ -288,10 +288,9 @@ def score(scene, result: dict, match_radius: float | None = None) -> dict:
     _completeness(out, "edge", found, tr["snr"], valid & (border <= EDGE_DISTANCE))
     # found by a DIA source the alert policy keeps (no saturated/suspect flag): what brokers see
     if len(dia):
-        from apbatch.job.alert_policy import REJECT_FLAGS
+        from apbatch.job.alert_policy import rejected_mask
 
-        kept = ~dia[[f for f in REJECT_FLAGS if f in dia]].any(axis=1).to_numpy(bool)
-        _completeness(out, "alertable", found & kept[idx], tr["snr"], valid)
+        _completeness(out, "alertable", found & ~rejected_mask(dia)[idx], tr["snr"], valid)
     else:
         _completeness(out, "alertable", found, tr["snr"], valid)
     out["valid_fraction"] = float(valid_map.mean())
@@ -301,8 +300,8 @@ def score(scene, result: dict, match_radius: float | None = None) -> dict:
     if len(false):
         flagged = false[_FLAGS].any(axis=1)
         out["false_clean"] = int(((~flagged) & (false["reliability"] >= 0.5)).sum())
-        out["false_unflagged"] = int(unflagged(false).sum())
         clean = false[unflagged(false)]
+        out["false_unflagged"] = int(len(clean))
         near = near_objects(tr, clean["x"], clean["y"], float(result["psf"].fwhm))
         out["false_isolated"] = int((~near).sum())
         cols = zip(clean["x"], clean["y"], clean["snr"], clean["reliability"], near, strict=True)

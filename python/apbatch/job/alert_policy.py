@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["REJECT_FLAGS", "split_alertable"]
+__all__ = ["REJECT_FLAGS", "rejected_mask", "split_alertable"]
 
 REJECT_FLAGS: tuple[str, ...] = ("pixelFlags_saturated", "pixelFlags_suspect")
 
@@ -39,14 +39,27 @@ def split_alertable(
     rejected : `dict` [`str`, `int`]
         Rows left out per flag (a row with two flags counts under both) and ``"total"``.
     """
-    drop = np.zeros(len(dia), bool)
-    rejected: dict[str, int] = {}
-    for flag in reject_flags:
-        if flag in dia.columns:
-            hit = dia[flag].fillna(False).to_numpy(bool)
-            rejected[flag] = int(hit.sum())
-            drop |= hit
+    hits = _flag_hits(dia, reject_flags)
+    drop = _any(hits, len(dia))
+    rejected = {flag: int(hit.sum()) for flag, hit in hits.items()}
     rejected["total"] = int(drop.sum())
     kept = dia[~drop].reset_index(drop=True)
     kept.attrs = dict(dia.attrs)
     return kept, rejected
+
+
+def rejected_mask(dia: pd.DataFrame, reject_flags: tuple[str, ...] = REJECT_FLAGS) -> np.ndarray:
+    """The rows :func:`split_alertable` leaves out, as a boolean array in the table's order."""
+    return _any(_flag_hits(dia, reject_flags), len(dia))
+
+
+def _flag_hits(dia: pd.DataFrame, reject_flags: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Each reject flag the table has, as booleans (a missing value is unset)."""
+    return {flag: dia[flag].fillna(False).to_numpy(bool) for flag in reject_flags if flag in dia.columns}
+
+
+def _any(hits: dict[str, np.ndarray], n: int) -> np.ndarray:
+    drop = np.zeros(n, bool)
+    for hit in hits.values():
+        drop |= hit
+    return drop

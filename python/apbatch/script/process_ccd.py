@@ -325,8 +325,9 @@ def process_ccd(cfg: ApbatchConfig, work: CcdWork, *, timeout: float | None = No
         close = getattr(getattr(opened["deps"], "alerts", None), "close", None)
         if close is not None:
             close()
-        if deps is None and opened["deps"] is not None:  # the client this job opened (an HTTP
-            opened["deps"].distributor.close()           # one's download directory goes)
+        if deps is None and opened["deps"] is not None:
+            # the distributor client this job opened: an HTTP client's download directory goes
+            opened["deps"].distributor.close()
         parallel.shutdown()
         record_stages(cfg, work, clock.to_dict())
         from ..monitoring.job_metrics import publish_job_metrics
