@@ -39,8 +39,12 @@ between them), measured in rings per unit flux squared
 ellipticity turns across the CCD left 5-6 sigma lobes 3-8 px from 1e5 e- stars), and the
 significant excess each of those stars leaves in the difference itself once a change of its
 own flux is fitted out (``measured_residual``: lobes 5-8 px from 4e5-1e6 e- stars that the
-profile, measured on fainter stamps, underestimated), then
-multiplied by the square of the empirical noise ratio (robust spread of
+profile, measured on fainter stamps, underestimated), and each of those objects' own
+mismatch at its core (shift, width, ellipticity: the derivatives of the matched template)
+and in its wing (its level and lopsidedness), fitted where it is significant and a point
+source beside the object does not explain it as well (:mod:`~apbatch.job.steps.mismatch`:
+dipoles at stars' cores and lobes 13-17 px from 1e6 e- stars in the varying atmospheric PSF),
+then multiplied by the square of the empirical noise ratio (robust spread of
 ``diff / sqrt(var)``), which absorbs the noise correlation of warping and convolution.
 The template must have the smaller PSF (true of coadd templates); the result says if not.
 """
@@ -58,6 +62,7 @@ from ...errors import BadInputError
 from ...image import Image, MaskBits
 from .kernel_basis import STAMP_BAD, basis_1d, convolve_terms, fit_kernel, kernel_image, select_stamps
 from .kernel_residual import add_measured_variance, add_star_variance, box_fluxes
+from .mismatch import add_mismatch_variance
 from .psf import PsfModel, gaussian_psf
 
 _log = logging.getLogger(__name__)
@@ -138,6 +143,9 @@ class SubtractionResult:
     """Bright stars around which the kernel's measured residual was added to the variance."""
     n_mismatch_stars: int = 0
     """Of those, stars whose own residual in the difference showed a mismatch (``measured_residual``)."""
+    n_core_mismatch: int = 0
+    """Objects whose fitted mismatch at the core (shift, width, shape) or in the wing was added
+    (:mod:`.mismatch`)."""
 
     @property
     def kernel_size(self) -> int:
@@ -350,11 +358,14 @@ def subtract_images(
         edge = np.zeros(mask.shape, bool)
         edge[:e, :], edge[-e:, :], edge[:, :e], edge[:, -e:] = True, True, True, True
         mask[edge] |= MaskBits.EDGE
-    n_mis = 0
+    n_mis = n_core = 0
     if cfg.measured_residual and len(bright):
         model = sci_sigma if isinstance(sci_sigma, PsfModel) else gaussian_psf(float(sci_sigma), 2 * h + 1)
-        n_mis = add_measured_variance(diff, var, (mask & STAMP_BAD) != 0, bright["x"].to_numpy(),
-                                      bright["y"].to_numpy(), model, h, np.pi * model.sigma**2)
+        bad = (mask & STAMP_BAD) != 0
+        bx, by = bright["x"].to_numpy(), bright["y"].to_numpy()
+        n_mis = add_measured_variance(diff, var, bad, bx, by, model, h, np.pi * model.sigma**2)
+        n_core = add_mismatch_variance(diff, science.image, var, bad, bx, by, model.sigma, model.fwhm,
+                                       np.pi * model.sigma**2)
     # empirical noise rescaling on clean pixels (a random subsample, for speed)
     rng = np.random.default_rng(12345)
     idx = rng.integers(0, diff.size, size=min(diff.size, 400_000))
@@ -364,10 +375,10 @@ def subtract_images(
     var *= np.float32(scale**2)
     res = SubtractionResult(
         n_used, n_rej, float(k0.sum()), float(scale), sigmas, chi2,
-        bool(_sigma(tmpl_sigma) <= _sigma(sci_sigma)), k0, sdeg, n_res, n_mis,
+        bool(_sigma(tmpl_sigma) <= _sigma(sci_sigma)), k0, sdeg, n_res, n_mis, n_core,
     )
     meta = dict(science.metadata)
     meta.update({"DIFFKSUM": res.kernel_sum, "DIFFNSCL": res.noise_scale, "DIFFNSTM": n_used,
                  "DIFFKSIZ": res.kernel_size, "DIFFSDEG": sdeg, "DIFFTPAD": pad,
-                 "DIFFNRES": n_res, "DIFFNMIS": n_mis})
+                 "DIFFNRES": n_res, "DIFFNMIS": n_mis, "DIFFNCOR": n_core})
     return Image(diff, var, mask, science.wcs, meta), res
