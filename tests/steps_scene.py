@@ -202,9 +202,9 @@ def make_scene(
     if n_galaxies:
         gx, gy, gflux, gpar = random_galaxies(side, n_galaxies, nx, ny)
 
-        def sci_psf(x, y, h):
+        def sci_psf(x, y, h, scale=1):
             s, g, t = field(x, y) if field else (sci_sigma, 0.0, 0.0)
-            return render_psf(psf, s, h, beta=beta, shear=g, theta=t)
+            return render_psf(psf, s * scale, h, beta=beta, shear=g, theta=t)
 
         gal = render_galaxies((ny, nx), gx, gy, gflux, gpar, sci_psf)
     else:
