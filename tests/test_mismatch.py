@@ -13,6 +13,17 @@ def _star(x0, y0, sigma=SIGMA, flux=FLUX, shape=(121, 121)):
     return flux * np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * sigma**2)) / (2 * np.pi * sigma**2)
 
 
+def _observe(model, sci, transient, x0, y0, seed):
+    """(difference, science, variance): ``sci`` plus a transient ``(dx, dy, flux)`` from
+    ``(x0, y0)``, less the matched template ``model``, plus noise of variance 100."""
+    if transient is not None:
+        dx, dy, f = transient
+        sci = sci + _star(x0 + dx, y0 + dy, SIGMA, f)
+    rng = np.random.default_rng(seed)
+    diff = (sci - model + rng.normal(0.0, np.sqrt(SKY_VAR), model.shape)).astype(np.float32)
+    return diff, (model + diff).astype(np.float32), np.full(model.shape, SKY_VAR, np.float32)
+
+
 def _scene(shift=0.0, sci_sigma=SIGMA, variable=0.0, transient=None, at=(60.0, 60.0), seed=3):
     """(difference, science, variance): the matched template is a star at ``at``; the science
     is the same star moved by ``shift`` px in x, of width ``sci_sigma``, brighter by ``variable``
@@ -20,12 +31,7 @@ def _scene(shift=0.0, sci_sigma=SIGMA, variable=0.0, transient=None, at=(60.0, 6
     x0, y0 = at
     model = _star(x0, y0)
     sci = _star(x0 + shift, y0, sci_sigma, FLUX + variable)
-    if transient is not None:
-        dx, dy, f = transient
-        sci += _star(x0 + dx, y0 + dy, SIGMA, f)
-    rng = np.random.default_rng(seed)
-    diff = (sci - model + rng.normal(0.0, np.sqrt(SKY_VAR), model.shape)).astype(np.float32)
-    return diff, (model + diff).astype(np.float32), np.full(model.shape, SKY_VAR, np.float32)
+    return _observe(model, sci, transient, x0, y0, seed)
 
 
 def _apply(diff, sci, var, at=(60.0, 60.0), bad=None):
@@ -125,12 +131,7 @@ def _winged(x0=60.0, y0=60.0, lopsided=0.0, transient=None, seed=3):
     model = _star(x0, y0, flux=0.8e6) + wing
     # the wing alone (beyond 2 FWHM) differs, on one side
     sci = model + lopsided * np.where(r2 > 64.0, wing, 0.0) * (1 + np.cos(np.arctan2(yy - y0, xx - x0)))
-    if transient is not None:
-        dx, dy, f = transient
-        sci += _star(x0 + dx, y0 + dy, SIGMA, f)
-    rng = np.random.default_rng(seed)
-    diff = (sci - model + rng.normal(0.0, np.sqrt(SKY_VAR), model.shape)).astype(np.float32)
-    return diff, (model + diff).astype(np.float32), np.full(model.shape, SKY_VAR, np.float32)
+    return _observe(model, sci, transient, x0, y0, seed)
 
 
 def test_a_lopsided_wing_is_no_longer_a_detection():
@@ -174,11 +175,7 @@ def test_a_transient_brighter_than_a_faint_star_beside_it_is_not_its_mismatch():
     # 7000 e- 1.9 px from an 8500 e- star: flux change plus derivatives fit it, but only with a
     # shift of a pixel; a mismatch is a fraction of one (two such transients at S/N 38 were lost)
     model = _star(60.0, 60.0, flux=8500.0)
-    sci = model + _star(61.9, 60.0, flux=7000.0)
-    rng = np.random.default_rng(3)
-    diff = (sci - model + rng.normal(0.0, np.sqrt(SKY_VAR), model.shape)).astype(np.float32)
-    sci = (model + diff).astype(np.float32)
-    var = np.full(model.shape, SKY_VAR, np.float32)
+    diff, sci, var = _observe(model, model, (1.9, 0.0, 7000.0), 60.0, 60.0, 3)
     n, var = _apply(diff, sci, var)
     assert n == 0 and (var == SKY_VAR).all()
     assert _peak_snr(diff, var) > 30.0
