@@ -2,9 +2,9 @@
 
 The matching kernel is one smooth function of the CCD position, fitted on stars. Around a
 single bright object it can still be off: the template's copy of the object sits a few
-hundredths of a pixel away (a compact galaxy, whose centroid the warp and the kernel do not
-move as they move stars'; in real data also differential chromatic refraction), its width and
-ellipticity differ (an atmospheric PSF whose ellipticity turns across the CCD faster than the
+hundredths of a pixel away (differential chromatic refraction moves an object whose colour is
+not the stars'; the test scene's galaxies were moved by a rendering error, since fixed), its
+width and ellipticity differ (an atmospheric PSF whose ellipticity turns across the CCD faster than the
 kernel's polynomial), or its wing does (the same PSF's wing, 2-4 FWHM out). The difference
 then holds dipoles and quadrupoles at the object's core, 5-6 sigma in the matched filter for
 objects of 1e5-4e5 e-, and one-sided lobes in its wing, 5-7 sigma 13-17 px from stars of
