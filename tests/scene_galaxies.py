@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["GALAXY_CORE", "GALAXY_OVERSAMPLE", "fine_core", "random_galaxies", "sersic_raw", "sersic_stamp"]
+__all__ = ["GALAXY_CORE", "GALAXY_OVERSAMPLE", "fine_core", "random_galaxies", "sersic_raw"]
 
 
 def _sersic_mean(n, r_e, q, theta, ys, xs, k) -> np.ndarray:
@@ -24,26 +24,21 @@ def _sersic_mean(n, r_e, q, theta, ys, xs, k) -> np.ndarray:
 
 
 def sersic_raw(n: float, r_e: float, q: float, theta: float, h: int, dx: float, dy: float) -> np.ndarray:
-    """:func:`sersic_stamp` before its normalisation (mean surface brightness per pixel)."""
+    """A Sersic profile (index ``n``, half-light radius ``r_e`` along the major axis, axis ratio
+    ``q``), centred ``(dx, dy)`` from the central pixel: the mean surface brightness per pixel.
+
+    Integrated over each pixel: 3 x 3 samples per pixel, 15 x 15 in the central 5 x 5 pixels and
+    45 x 45 in the central 3 x 3, where a cuspy (n = 4) profile changes faster than 3 samples
+    follow (with 3 x 3 the central pixels' light depended on the sub-pixel phase by up to 26%,
+    so the same galaxy on the science and the template grid differed: residuals no real sky
+    has). Truncated at 5 ``r_e`` (or the stamp); not normalised.
+    """
     g = np.arange(-h, h + 1, dtype=float)
     p = _sersic_mean(n, r_e, q, theta, g - dy, g - dx, 3)
     for c, k in ((min(2, h), 15), (min(1, h), 45)):
         core = np.arange(-c, c + 1, dtype=float)
         p[h - c : h + c + 1, h - c : h + c + 1] = _sersic_mean(n, r_e, q, theta, core - dy, core - dx, k)
     return p
-
-
-def sersic_stamp(n: float, r_e: float, q: float, theta: float, h: int, dx: float, dy: float) -> np.ndarray:
-    """A Sersic profile (index ``n``, half-light radius ``r_e`` along the major axis, axis ratio ``q``).
-
-    Integrated over each pixel: 3 x 3 samples per pixel, 15 x 15 in the central 5 x 5 pixels and
-    45 x 45 in the central 3 x 3, where a cuspy (n = 4) profile changes faster than 3 samples
-    follow (with 3 x 3 the central pixels' light depended on the sub-pixel phase by up to 26%,
-    so the same galaxy on the science and the template grid differed: residuals no real sky
-    has). Truncated at 5 ``r_e`` (or the stamp), normalised to unit sum.
-    """
-    p = sersic_raw(n, r_e, q, theta, h, dx, dy)
-    return p / p.sum()
 
 
 GALAXY_CORE = 3

@@ -20,14 +20,7 @@ import functools
 
 import numpy as np
 from apbatch.image import Image, MaskBits
-from scene_galaxies import (
-    GALAXY_CORE,
-    GALAXY_OVERSAMPLE,
-    fine_core,
-    random_galaxies,
-    sersic_raw,
-    sersic_stamp,
-)
+from scene_galaxies import GALAXY_CORE, GALAXY_OVERSAMPLE, fine_core, sersic_raw
 
 __all__ = [
     "ATM_WING_FRACTION",
@@ -41,10 +34,8 @@ __all__ = [
     "psf_field",
     "psf_fwhm",
     "radial_profile",
-    "random_galaxies",
     "render_galaxies",
     "render_psf",
-    "sersic_stamp",
     "stamp_half",
 ]
 

@@ -30,6 +30,7 @@ import numpy as np
 from apbatch.image import Image, MaskBits
 from apbatch.instruments import get_instrument
 from apbatch.raw import RawExposure, RawMetadata, RawSegment
+from scene_galaxies import random_galaxies
 from scene_render import (
     FULL_WELL,
     FWHM_PER_SIGMA,
@@ -38,7 +39,6 @@ from scene_render import (
     illumination,
     make_template,
     psf_field,
-    random_galaxies,
     render_galaxies,
     render_psf,
 )

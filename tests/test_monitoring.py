@@ -12,6 +12,7 @@ import urllib.request
 import uuid
 
 import pytest
+from apbatch.atomic import write_atomic
 from apbatch.backends.base import JobState, JobStatus
 from apbatch.config import load_config
 from apbatch.dispatcher import Dispatcher
@@ -84,10 +85,8 @@ def test_daemon_metrics_endpoint_counters_move_between_scrapes(tmp_path):
 
         # as a producer must (spool.py): write under another name, then rename to *.json; with
         # settle_time 0 a file written in place can be read half-written (CI saw a.json empty)
-        for name, text in (("a.json", json.dumps(fresh("nextVisit_LSSTComCam.json", time.time()))),
-                           ("b.json", '{"kind": "nextVisit", "groupId": ')):  # b: malformed, dead-lettered
-            (spool / f"{name}.part").write_text(text)
-            (spool / f"{name}.part").rename(spool / name)
+        write_atomic(spool / "a.json", json.dumps(fresh("nextVisit_LSSTComCam.json", time.time())))
+        write_atomic(spool / "b.json", '{"kind": "nextVisit", "groupId": ')  # malformed: dead-lettered
         second = wait_for(lambda: (t := scrape(url)) and value(t, "apbatch_events_dead_lettered_total") == 1
                           and value(t, "apbatch_jobs", state="PENDING") == 9 and t)
         assert value(second, "apbatch_events_received_total", kind="nextVisit") == 1
