@@ -143,7 +143,7 @@ class SubtractionResult:
     """Bright stars around which the kernel's measured residual was added to the variance."""
     n_mismatch_stars: int = 0
     """Of those, stars whose own residual in the difference showed a mismatch (``measured_residual``)."""
-    n_core_mismatch: int = 0
+    n_fitted_mismatch: int = 0
     """Objects whose fitted mismatch at the core (shift, width, shape) or in the wing was added
     (:mod:`.mismatch`)."""
 
@@ -358,14 +358,14 @@ def subtract_images(
         edge = np.zeros(mask.shape, bool)
         edge[:e, :], edge[-e:, :], edge[:, :e], edge[:, -e:] = True, True, True, True
         mask[edge] |= MaskBits.EDGE
-    n_mis = n_core = 0
+    n_mis = n_fit = 0
     if cfg.measured_residual and len(bright):
         model = sci_sigma if isinstance(sci_sigma, PsfModel) else gaussian_psf(float(sci_sigma), 2 * h + 1)
         bad = (mask & STAMP_BAD) != 0
         bx, by = bright["x"].to_numpy(), bright["y"].to_numpy()
         n_mis = add_measured_variance(diff, var, bad, bx, by, model, h, np.pi * model.sigma**2)
-        n_core = add_mismatch_variance(diff, science.image, var, bad, bx, by, model.sigma, model.fwhm,
-                                       np.pi * model.sigma**2)
+        n_fit = add_mismatch_variance(diff, science.image, var, bad, bx, by, model.sigma, model.fwhm,
+                                      np.pi * model.sigma**2)
     # empirical noise rescaling on clean pixels (a random subsample, for speed)
     rng = np.random.default_rng(12345)
     idx = rng.integers(0, diff.size, size=min(diff.size, 400_000))
@@ -375,10 +375,10 @@ def subtract_images(
     var *= np.float32(scale**2)
     res = SubtractionResult(
         n_used, n_rej, float(k0.sum()), float(scale), sigmas, chi2,
-        bool(_sigma(tmpl_sigma) <= _sigma(sci_sigma)), k0, sdeg, n_res, n_mis, n_core,
+        bool(_sigma(tmpl_sigma) <= _sigma(sci_sigma)), k0, sdeg, n_res, n_mis, n_fit,
     )
     meta = dict(science.metadata)
     meta.update({"DIFFKSUM": res.kernel_sum, "DIFFNSCL": res.noise_scale, "DIFFNSTM": n_used,
                  "DIFFKSIZ": res.kernel_size, "DIFFSDEG": sdeg, "DIFFTPAD": pad,
-                 "DIFFNRES": n_res, "DIFFNMIS": n_mis, "DIFFNCOR": n_core})
+                 "DIFFNRES": n_res, "DIFFNMIS": n_mis, "DIFFNFIT": n_fit})
     return Image(diff, var, mask, science.wcs, meta), res
